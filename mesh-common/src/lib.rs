@@ -1,0 +1,291 @@
+//! The contract between mesh's kernel programs (mesh-ebpf) and its agent (mesh-userspace).
+//!
+//! Every map is named here with its size and its `#[repr(C)]` key and value, padded explicitly so
+//! that the kernel and the agent agree byte for byte. Services are chained maps, as in Cilium:
+//!
+//! ```text
+//! FRONTENDS (vip, port, proto) ──► service id ──► SERVICES (backend count, flags)
+//!                                     │
+//!                                     ├─► SLOTS (service id, slot) ──► backend id ──► BACKENDS
+//!                                     └─► MAGLEV (service id) ──► [backend id; MAGLEV_TABLE_SIZE]
+//! ```
+//!
+//! so an endpoint change touches a few entries, never the whole table.
+#![no_std]
+
+/// Bumped whenever a key or value below changes layout. The agent compares it with the pinned
+/// `mesh_meta` map to tell a restart (adopt the pinned maps) from an upgrade (rebuild them).
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Map names: also their file names under the pin directory. The kernel limits them to 15 bytes.
+pub mod map_names {
+    pub const FRONTENDS: &str = "mesh_frontends";
+    pub const SERVICES: &str = "mesh_services";
+    pub const SLOTS: &str = "mesh_slots";
+    pub const BACKENDS: &str = "mesh_backends";
+    pub const MAGLEV: &str = "mesh_maglev";
+    pub const AFFINITY: &str = "mesh_affinity";
+    pub const REVNAT: &str = "mesh_revnat";
+    pub const META: &str = "mesh_meta";
+    /// Service names by id, for `mesh services` while the agent is down. Never read by the
+    /// kernel programs.
+    pub const NAMES: &str = "mesh_names";
+
+    /// The maps that hold service state, which the agent owns and reconciles.
+    pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
+    /// Every map the programs declare.
+    pub const ALL: [&str; 9] =
+        [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES];
+}
+
+/// Program names (the kernel's 15-byte limit applies here too), in attach order.
+pub mod program_names {
+    pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
+    pub const GETPEERNAME4: &str = "mesh_getpeer4";
+    pub const GETPEERNAME6: &str = "mesh_getpeer6";
+
+    pub const ALL: [&str; 8] = [
+        CONNECT4,
+        CONNECT6,
+        SENDMSG4,
+        SENDMSG6,
+        RECVMSG4,
+        RECVMSG6,
+        GETPEERNAME4,
+        GETPEERNAME6,
+    ];
+}
+
+/// Map capacities.
+pub mod sizes {
+    /// (VIP, port, protocol) triples; one per Service port and cluster IP.
+    pub const MAX_FRONTENDS: u32 = 65_536;
+    pub const MAX_SERVICES: u32 = 65_536;
+    /// Backends over all services; a backend entry is per (service, endpoint address, port).
+    pub const MAX_BACKENDS: u32 = 262_144;
+    pub const MAX_SLOTS: u32 = 262_144;
+    /// Services that use Maglev (each holds one table).
+    pub const MAX_MAGLEV: u32 = 1_024;
+    pub const MAX_AFFINITY: u32 = 131_072;
+    /// Reverse translations of live sockets (LRU: a socket that closed ages out).
+    pub const MAX_REVNAT: u32 = 262_144;
+}
+
+/// Entries in a Maglev lookup table. Prime, and well above 100 x the backends a table is meant
+/// for, so each backend's share stays within about 1% of the ideal.
+pub const MAGLEV_TABLE_SIZE: usize = 16_381;
+
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+
+/// `ServiceValue::flags`
+pub mod service_flags {
+    /// `sessionAffinity: ClientIP`: reuse the client's last backend within the timeout.
+    pub const AFFINITY: u32 = 1 << 0;
+    /// `mesh.dev/lb-algorithm: maglev`: pick from the Maglev table instead of at random.
+    pub const MAGLEV: u32 = 1 << 1;
+}
+
+/// An IPv4 or IPv6 address as four 32-bit words holding the address bytes in network order,
+/// which is how `bpf_sock_addr` exposes `user_ip6` (and `user_ip4` as one word). IPv4 addresses
+/// are stored IPv4-mapped (`::ffff:a.b.c.d`), so a dual-stack socket dialling a mapped address
+/// finds the same entry as an IPv4 socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Addr(pub [u32; 4]);
+
+/// The third word of an IPv4-mapped IPv6 address (bytes 00 00 ff ff).
+pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+impl Addr {
+    /// From `bpf_sock_addr::user_ip4` (network-order bytes in a native word).
+    #[inline(always)]
+    pub const fn from_ip4_word(ip4: u32) -> Self {
+        Self([0, 0, V4_MAPPED_WORD, ip4])
+    }
+
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        self.0[0] == 0 && self.0[1] == 0 && self.0[2] == V4_MAPPED_WORD
+    }
+
+    /// The `user_ip4` word of an IPv4-mapped address.
+    #[inline(always)]
+    pub const fn ip4_word(&self) -> u32 {
+        self.0[3]
+    }
+}
+
+/// `mesh_frontends` key: a Service's cluster IP, port and protocol as a client dials it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FrontendKey {
+    pub addr: Addr,
+    /// Network byte order, as in `bpf_sock_addr::user_port`.
+    pub port_be: u16,
+    pub proto: u8,
+    pub _pad: u8,
+}
+
+/// `mesh_frontends` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendValue {
+    pub service_id: u32,
+}
+
+/// `mesh_services` value, keyed by service id (one per Service port and IP family).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    /// Usable backends in `mesh_slots` for this service: slots `0..backend_count`. Zero means
+    /// the service has no usable endpoint and connections are refused.
+    pub backend_count: u32,
+    /// `service_flags`.
+    pub flags: u32,
+    /// `sessionAffinityConfig.clientIP.timeoutSeconds`.
+    pub affinity_timeout_s: u32,
+    pub _pad: u32,
+}
+
+/// `mesh_slots` key: the n-th usable backend of a service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SlotKey {
+    pub service_id: u32,
+    pub slot: u32,
+}
+
+/// `mesh_slots` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotValue {
+    pub backend_id: u32,
+}
+
+/// `mesh_backends` value, keyed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendValue {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    pub _pad: u16,
+    /// The service this backend serves; lets the kernel check that a remembered (affinity)
+    /// backend still belongs to the service it is asked for.
+    pub service_id: u32,
+}
+
+/// `mesh_names` value: `namespace/name:port/protocol (IPv4|IPv6)`, NUL-padded.
+#[repr(C)]
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct ServiceName {
+    pub bytes: [u8; 128],
+}
+
+/// `mesh_maglev` value, keyed by service id.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct MaglevTable {
+    pub backend_ids: [u32; MAGLEV_TABLE_SIZE],
+}
+
+/// `mesh_affinity` key: a client of a `sessionAffinity: ClientIP` service.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    /// The client's network namespace cookie. At connect() time a socket has no source address
+    /// yet; a pod is one network namespace, so this stands for the client IP.
+    pub client: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+/// `mesh_affinity` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub _pad: u32,
+    /// `bpf_ktime_get_ns()` of the last connection that used it.
+    pub last_used_ns: u64,
+}
+
+/// `mesh_revnat` key: a socket (by cookie) and the backend it was sent to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
+}
+
+/// `mesh_revnat` value: the service address the socket dialled.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RevNatValue {
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+
+    // SAFETY: all of these are #[repr(C)], made only of integers, with explicit padding.
+    unsafe impl aya::Pod for Addr {}
+    unsafe impl aya::Pod for FrontendKey {}
+    unsafe impl aya::Pod for FrontendValue {}
+    unsafe impl aya::Pod for ServiceValue {}
+    unsafe impl aya::Pod for SlotKey {}
+    unsafe impl aya::Pod for SlotValue {}
+    unsafe impl aya::Pod for BackendValue {}
+    unsafe impl aya::Pod for MaglevTable {}
+    unsafe impl aya::Pod for ServiceName {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        use core::mem::size_of;
+        assert_eq!(size_of::<FrontendKey>(), 20);
+        assert_eq!(size_of::<ServiceValue>(), 16);
+        assert_eq!(size_of::<SlotKey>(), 8);
+        assert_eq!(size_of::<BackendValue>(), 24);
+        assert_eq!(size_of::<AffinityKey>(), 16);
+        assert_eq!(size_of::<AffinityValue>(), 16);
+        assert_eq!(size_of::<RevNatKey>(), 32);
+        assert_eq!(size_of::<RevNatValue>(), 24);
+    }
+
+    #[test]
+    fn names_fit_the_kernel_limit() {
+        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+
+    #[test]
+    fn ipv4_is_stored_mapped() {
+        let a = Addr::from_ip4_word(u32::from_ne_bytes([10, 96, 0, 10]));
+        assert!(a.is_v4_mapped());
+        let bytes: [u8; 16] = unsafe { core::mem::transmute(a.0) };
+        assert_eq!(bytes, [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 96, 0, 10]);
+    }
+}

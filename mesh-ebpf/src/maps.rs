@@ -1,0 +1,45 @@
+//! The maps, pinned by name under the agent's pin directory so that they outlive the agent.
+//! Names, sizes and layouts come from mesh-common.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap},
+};
+use mesh_common::{
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
+    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, sizes,
+};
+
+/// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
+/// would otherwise reserve max_entries x 64 KiB up front.
+const NO_PREALLOC: u32 = 1;
+
+#[map(name = "mesh_frontends")]
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
+    HashMap::pinned(sizes::MAX_FRONTENDS, 0);
+
+#[map(name = "mesh_services")]
+pub static SERVICES: HashMap<u32, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+
+#[map(name = "mesh_slots")]
+pub static SLOTS: HashMap<SlotKey, SlotValue> = HashMap::pinned(sizes::MAX_SLOTS, 0);
+
+#[map(name = "mesh_backends")]
+pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(sizes::MAX_BACKENDS, 0);
+
+#[map(name = "mesh_maglev")]
+pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(sizes::MAX_MAGLEV, NO_PREALLOC);
+
+#[map(name = "mesh_affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
+
+#[map(name = "mesh_revnat")]
+pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(sizes::MAX_REVNAT, 0);
+
+/// Slot 0 holds the layout version the maps were created with (see `LAYOUT_VERSION`).
+#[map(name = "mesh_meta")]
+pub static META: Array<u32> = Array::pinned(1, 0);
+
+/// Service names for `mesh services`; only the agent reads and writes it.
+#[map(name = "mesh_names")]
+pub static NAMES: HashMap<u32, ServiceName> = HashMap::pinned(sizes::MAX_SERVICES, 0);

@@ -1,0 +1,341 @@
+//! cgroup sock_addr hooks: socket-level load balancing.
+//!
+//! `connect4|6` and `sendmsg4|6` rewrite a Service address (VIP:port) to one of its backends
+//! before the kernel routes anything, so a balanced flow costs one map walk per connection (per
+//! datagram for unconnected UDP) and nothing per packet. `getpeername4|6` and `recvmsg4|6` undo
+//! the rewrite for the application, which keeps seeing the VIP it dialled.
+//!
+//! Kernel quirks (all seen on 5.10 to 6.18):
+//! - Context fields are written with single 4-byte volatile stores; LLVM may merge two adjacent
+//!   stores into one 8-byte store, which the verifier rejects for `bpf_sock_addr`.
+//! - `user_port` holds the port in network byte order in its low 16 bits.
+//! - recvmsg hooks must return 1; returning 0 is rejected at load time.
+//! - `bpf_set_retval` (to pick an errno) only exists from 5.18 on, so a TCP connect to a service
+//!   with no usable endpoint is sent to the loopback port 0 instead, where nothing can listen:
+//!   the caller gets ECONNREFUSED at once, as from kube-proxy's REJECT rule. UDP is rejected
+//!   with EPERM (a sendmsg to port 0 would be EINVAL).
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::bpf_sock_addr,
+    helpers::generated::{
+        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
+    },
+    macros::cgroup_sock_addr,
+    programs::SockAddrContext,
+};
+use mesh_common::{
+    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, service_flags,
+};
+
+use crate::maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, REVNAT, SERVICES, SLOTS};
+
+/// Let the syscall go on (with the address as the program left it).
+const PROCEED: i32 = 1;
+/// Fail the syscall with EPERM.
+const REJECT: i32 = 0;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Family {
+    V4,
+    V6,
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
+    balance(&ctx, Family::V4, true)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
+    balance(&ctx, Family::V6, true)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn mesh_sendmsg4(ctx: SockAddrContext) -> i32 {
+    balance(&ctx, Family::V4, false)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn mesh_sendmsg6(ctx: SockAddrContext) -> i32 {
+    balance(&ctx, Family::V6, false)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn mesh_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_service_address(&ctx, Family::V4);
+    PROCEED
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn mesh_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_service_address(&ctx, Family::V6);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn mesh_getpeer4(ctx: SockAddrContext) -> i32 {
+    restore_service_address(&ctx, Family::V4);
+    PROCEED
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn mesh_getpeer6(ctx: SockAddrContext) -> i32 {
+    restore_service_address(&ctx, Family::V6);
+    PROCEED
+}
+
+/// Rewrite a Service address to a backend. `connect` is true for connect(), false for an
+/// unconnected sendmsg(), which only UDP reaches.
+#[inline(always)]
+fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands sock_addr programs a valid context for their whole run.
+    let proto = unsafe { read_volatile(addr_of!((*sa).protocol)) } as u8;
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
+        return PROCEED;
+    }
+    let vip = read_user_addr(sa, family);
+    let vport_be = read_user_port(sa);
+    let key = FrontendKey {
+        addr: vip,
+        port_be: vport_be,
+        proto,
+        _pad: 0,
+    };
+    // SAFETY: map values are plain integers; a concurrent update can at worst make us read a
+    // value from just before or after it, which the agent's update order makes harmless.
+    let Some(frontend) = (unsafe { FRONTENDS.get(&key) }) else {
+        return PROCEED;
+    };
+    let service_id = frontend.service_id;
+    let Some(service) = (unsafe { SERVICES.get(&service_id) }) else {
+        // The agent writes a service before its frontends and removes it after them, so this
+        // is a torn read during an update; leave the address alone.
+        return PROCEED;
+    };
+
+    let Some(backend) = pick_backend(ctx, service_id, service) else {
+        return refuse(sa, family, proto, connect);
+    };
+    // An IPv4 socket can only reach an IPv4 backend; the agent never pairs families wrongly,
+    // but the verifier-checked program must not trust that.
+    if family == Family::V4 && !backend.addr.is_v4_mapped() {
+        return refuse(sa, family, proto, connect);
+    }
+    let (baddr, bport_be) = (backend.addr, backend.port_be);
+    write_user_addr(sa, family, &baddr);
+    write_user_port(sa, bport_be);
+
+    // Remember what the socket dialled, for getpeername() and recvmsg().
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let rev_key = RevNatKey {
+        cookie,
+        addr: baddr,
+        port_be: bport_be,
+        _pad16: 0,
+        _pad32: 0,
+    };
+    let rev_value = RevNatValue {
+        addr: vip,
+        port_be: vport_be,
+        _pad16: 0,
+        _pad32: 0,
+    };
+    // A full LRU map evicts its oldest entry; failure here only loses the reverse translation.
+    let _ = REVNAT.insert(&rev_key, &rev_value, 0);
+    PROCEED
+}
+
+/// Undo `balance` for getpeername() and recvmsg(): show the VIP instead of the backend.
+#[inline(always)]
+fn restore_service_address(ctx: &SockAddrContext, family: Family) {
+    let sa = ctx.sock_addr;
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let key = RevNatKey {
+        cookie,
+        addr: read_user_addr(sa, family),
+        port_be: read_user_port(sa),
+        _pad16: 0,
+        _pad32: 0,
+    };
+    // SAFETY: plain-integer value, see `balance`.
+    if let Some(original) = unsafe { REVNAT.get(&key) } {
+        let (addr, port_be) = (original.addr, original.port_be);
+        if family == Family::V4 && !addr.is_v4_mapped() {
+            return;
+        }
+        write_user_addr(sa, family, &addr);
+        write_user_port(sa, port_be);
+    }
+}
+
+/// No usable endpoint: fail fast, never hang.
+#[inline(always)]
+fn refuse(sa: *mut bpf_sock_addr, family: Family, proto: u8, connect: bool) -> i32 {
+    if proto != IPPROTO_TCP || !connect {
+        return REJECT;
+    }
+    let loopback = match family {
+        Family::V4 => Addr::from_ip4_word(u32::from_ne_bytes([127, 0, 0, 1])),
+        Family::V6 => Addr([0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])]),
+    };
+    write_user_addr(sa, family, &loopback);
+    write_user_port(sa, 0);
+    PROCEED
+}
+
+#[inline(always)]
+fn pick_backend(
+    ctx: &SockAddrContext,
+    service_id: u32,
+    service: &ServiceValue,
+) -> Option<&'static BackendValue> {
+    if service.backend_count == 0 {
+        return None;
+    }
+    if service.flags & service_flags::AFFINITY == 0 {
+        return pick_fresh(ctx, service_id, service);
+    }
+
+    // sessionAffinity: ClientIP. The client is its network namespace (see AffinityKey).
+    // SAFETY: helpers valid for sock_addr programs (netns cookie: 5.7+).
+    let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = AffinityKey {
+        client,
+        service_id,
+        _pad: 0,
+    };
+    let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
+    if let Some(remembered) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: pointer from a successful lookup; concurrent writers store whole integers.
+        let (backend_id, last_used) = unsafe { ((*remembered).backend_id, (*remembered).last_used_ns) };
+        if now.wrapping_sub(last_used) <= timeout_ns {
+            // SAFETY: plain-integer value.
+            if let Some(backend) = unsafe { BACKENDS.get(&backend_id) } {
+                // A backend id is only reused after its entry was deleted, and an entry names
+                // its service, so a stale id cannot send us to another service's backend.
+                if backend.service_id == service_id {
+                    unsafe { write_volatile(addr_of_mut!((*remembered).last_used_ns), now) };
+                    return Some(backend);
+                }
+            }
+        }
+    }
+    let (backend_id, backend) = pick_fresh_with_id(ctx, service_id, service)?;
+    let _ = AFFINITY.insert(
+        &key,
+        &AffinityValue {
+            backend_id,
+            _pad: 0,
+            last_used_ns: now,
+        },
+        0,
+    );
+    Some(backend)
+}
+
+#[inline(always)]
+fn pick_fresh(
+    ctx: &SockAddrContext,
+    service_id: u32,
+    service: &ServiceValue,
+) -> Option<&'static BackendValue> {
+    pick_fresh_with_id(ctx, service_id, service).map(|(_, backend)| backend)
+}
+
+/// Uniformly at random over the usable slots, or from the service's Maglev table.
+#[inline(always)]
+fn pick_fresh_with_id(
+    ctx: &SockAddrContext,
+    service_id: u32,
+    service: &ServiceValue,
+) -> Option<(u32, &'static BackendValue)> {
+    let backend_id = if service.flags & service_flags::MAGLEV != 0 {
+        // SAFETY: helper valid for sock_addr programs.
+        let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+        let index = mix64(client ^ service_id as u64) % MAGLEV_TABLE_SIZE as u64;
+        // The verifier does not learn bounds from a modulo. Hide the index from LLVM (a
+        // volatile round trip through the stack) so it cannot drop the explicit bound check
+        // the verifier needs before the index touches the map value.
+        let index = unsafe { read_volatile(&index) };
+        if index >= MAGLEV_TABLE_SIZE as u64 {
+            return None;
+        }
+        // SAFETY: plain-integer value.
+        let table = unsafe { MAGLEV.get(&service_id) }?;
+        *table.backend_ids.get(index as usize)?
+    } else {
+        // SAFETY: helper valid everywhere. checked_rem: no panic path for the verifier to reject.
+        let slot = unsafe { bpf_get_prandom_u32() }.checked_rem(service.backend_count)?;
+        // SAFETY: plain-integer values.
+        let picked = unsafe { SLOTS.get(&SlotKey { service_id, slot }) };
+        // The agent shrinks a service by lowering its count before deleting the last slots;
+        // a reader that saw the old count may miss a slot: slot 0 always exists then.
+        let picked = picked.or_else(|| unsafe { SLOTS.get(&SlotKey { service_id, slot: 0 }) })?;
+        picked.backend_id
+    };
+    // SAFETY: plain-integer value.
+    let backend = unsafe { BACKENDS.get(&backend_id) }?;
+    Some((backend_id, backend))
+}
+
+/// A 64-bit finalizer (from MurmurHash3): spreads netns cookies, which are small sequential
+/// numbers, over the Maglev table.
+#[inline(always)]
+fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+#[inline(always)]
+fn read_user_addr(sa: *mut bpf_sock_addr, family: Family) -> Addr {
+    // SAFETY: valid context; 4-byte reads of these fields are always allowed.
+    unsafe {
+        match family {
+            Family::V4 => Addr::from_ip4_word(read_volatile(addr_of!((*sa).user_ip4))),
+            Family::V6 => Addr([
+                read_volatile(addr_of!((*sa).user_ip6[0])),
+                read_volatile(addr_of!((*sa).user_ip6[1])),
+                read_volatile(addr_of!((*sa).user_ip6[2])),
+                read_volatile(addr_of!((*sa).user_ip6[3])),
+            ]),
+        }
+    }
+}
+
+#[inline(always)]
+fn write_user_addr(sa: *mut bpf_sock_addr, family: Family, addr: &Addr) {
+    // SAFETY: valid context; each store is one 4-byte store (see the module comment).
+    unsafe {
+        match family {
+            Family::V4 => write_volatile(addr_of_mut!((*sa).user_ip4), addr.ip4_word()),
+            Family::V6 => {
+                write_volatile(addr_of_mut!((*sa).user_ip6[0]), addr.0[0]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[1]), addr.0[1]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[2]), addr.0[2]);
+                write_volatile(addr_of_mut!((*sa).user_ip6[3]), addr.0[3]);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn read_user_port(sa: *mut bpf_sock_addr) -> u16 {
+    // SAFETY: valid context.
+    unsafe { read_volatile(addr_of!((*sa).user_port)) as u16 }
+}
+
+#[inline(always)]
+fn write_user_port(sa: *mut bpf_sock_addr, port_be: u16) {
+    // SAFETY: valid context.
+    unsafe { write_volatile(addr_of_mut!((*sa).user_port), port_be as u32) }
+}

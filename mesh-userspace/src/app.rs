@@ -1,0 +1,227 @@
+//! `mesh agent`: wires the datapath, the config source, reconciliation and the admin servers,
+//! and takes them down in order on SIGTERM.
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use hyper::{Method, StatusCode};
+use tokio::{signal::unix::SignalKind, sync::watch};
+
+use crate::{
+    admin,
+    ebpf::{loader, maps::PinnedMaps},
+    host, sources,
+    state::{NodeContext, desired_services},
+    sync::Reconciler,
+};
+
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    pub config: PathBuf,
+    /// None: the cgroup v2 root.
+    pub cgroup: Option<PathBuf>,
+    pub node: NodeContext,
+    pub bpffs: PathBuf,
+    pub admin_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    pub keep_datapath: bool,
+}
+
+/// What readiness and the admin API report.
+#[derive(Debug, Default)]
+struct Status {
+    /// A configuration has been applied (or adopted) and is serving.
+    serving: bool,
+    generation: u64,
+    last_applied: Option<SystemTime>,
+    services: usize,
+    /// The newest configuration's problems, when it was rejected.
+    rejected: Option<String>,
+}
+
+struct Agent {
+    opts: AgentOptions,
+    reconciler: Mutex<Reconciler<PinnedMaps>>,
+    status: Mutex<Status>,
+}
+
+impl Agent {
+    /// Reads the configuration and applies it whole, or not at all.
+    fn reload(&self) {
+        let started = std::time::Instant::now();
+        let result = sources::file::load_catalog(&self.opts.config)
+            .map_err(|e| e.to_string())
+            .and_then(|catalog| {
+                let desired = desired_services(&catalog, &self.opts.node);
+                let mut reconciler = self.reconciler.lock().expect("reconciler lock");
+                reconciler.reconcile(&desired).map(|stats| (desired.len(), stats)).map_err(|e| e.to_string())
+            });
+        let mut status = self.status.lock().expect("status lock");
+        match result {
+            Ok((services, stats)) => {
+                status.serving = true;
+                status.generation += 1;
+                status.last_applied = Some(SystemTime::now());
+                status.services = services;
+                status.rejected = None;
+                tracing::info!(
+                    services,
+                    writes = stats.writes,
+                    deletes = stats.deletes,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    generation = status.generation,
+                    "configuration applied"
+                );
+            }
+            Err(errors) => {
+                for line in errors.lines() {
+                    tracing::error!("configuration rejected: {line}");
+                }
+                if status.serving {
+                    tracing::warn!(generation = status.generation, "still serving the last good configuration");
+                }
+                status.rejected = Some(errors);
+            }
+        }
+    }
+
+    fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
+        if path != "/healthz/ready" {
+            return (StatusCode::NOT_FOUND, "not found\n".into());
+        }
+        let status = self.status.lock().expect("status lock");
+        let mut body = String::new();
+        let code = if status.serving {
+            body.push_str(&format!(
+                "ready: {} services from {} (generation {})\n",
+                status.services,
+                self.opts.config.display(),
+                status.generation
+            ));
+            StatusCode::OK
+        } else {
+            body.push_str("not ready: no valid configuration applied yet\n");
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        if let Some(rejected) = &status.rejected {
+            if status.serving {
+                body.push_str("the newest configuration was rejected; serving the last good one:\n");
+            } else {
+                body.push_str("the configuration was rejected:\n");
+            }
+            body.push_str(rejected);
+            body.push('\n');
+        }
+        (code, body)
+    }
+
+    fn admin(&self, method: &Method, path: &str, quit: &watch::Sender<bool>) -> (StatusCode, String) {
+        match (method, path) {
+            (&Method::GET, "/config_dump") => {
+                let image = self.reconciler.lock().expect("reconciler lock").kernel_image();
+                match image {
+                    Ok(image) => {
+                        let status = self.status.lock().expect("status lock");
+                        let dump = serde_json::json!({
+                            "node": self.opts.node.node,
+                            "zone": self.opts.node.zone,
+                            "config": self.opts.config,
+                            "bpffs": self.opts.bpffs,
+                            "generation": status.generation,
+                            "rejected": status.rejected,
+                            "services": image.service_rows(),
+                        });
+                        (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
+                    }
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("reading maps: {e}\n")),
+                }
+            }
+            (&Method::POST, "/quitquitquit") => {
+                let _ = quit.send(true);
+                (StatusCode::OK, "shutting down\n".into())
+            }
+            _ => (StatusCode::NOT_FOUND, "endpoints: GET /config_dump, POST /quitquitquit\n".into()),
+        }
+    }
+}
+
+pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    // Bind first: a port clash must fail before the datapath is touched.
+    let admin_listener = admin::bind(opts.admin_addr).await?;
+    let readiness_listener = admin::bind(opts.readiness_addr).await?;
+
+    let cgroup = match &opts.cgroup {
+        Some(c) => c.clone(),
+        None => host::cgroup2_root().context("finding the cgroup v2 mount")?,
+    };
+    let loaded = loader::load_and_attach(&opts.bpffs, &cgroup)?;
+    tracing::info!(
+        start = ?loaded.start,
+        cgroup = %cgroup.display(),
+        bpffs = %opts.bpffs.display(),
+        node = %opts.node.node,
+        zone = opts.node.zone.as_deref().unwrap_or("-"),
+        "datapath attached"
+    );
+    let maps = PinnedMaps::open(&opts.bpffs)?;
+    let reconciler = Reconciler::new(maps)?;
+    let adopted = !reconciler.kernel_image()?.is_empty();
+    let agent = Arc::new(Agent {
+        opts: opts.clone(),
+        reconciler: Mutex::new(reconciler),
+        status: Mutex::new(Status { serving: adopted, ..Default::default() }),
+    });
+    if adopted {
+        tracing::info!("adopted pinned service state; it serves until the configuration is applied");
+    }
+
+    let (watcher, mut changes) = sources::file::watch(&opts.config, Duration::from_millis(20))
+        .with_context(|| format!("watching {}", opts.config.display()))?;
+    agent.reload();
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (quit_tx, mut quit_rx) = watch::channel(false);
+    let readiness_handler: admin::Handler = {
+        let agent = agent.clone();
+        Arc::new(move |m, p| agent.readiness(m, p))
+    };
+    let admin_handler: admin::Handler = {
+        let agent = agent.clone();
+        Arc::new(move |m, p| agent.admin(m, p, &quit_tx))
+    };
+    let servers = [
+        tokio::spawn(admin::serve(admin_listener, admin_handler, shutdown_rx.clone())),
+        tokio::spawn(admin::serve(readiness_listener, readiness_handler, shutdown_rx)),
+    ];
+    tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, "serving");
+
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            Some(()) = changes.recv() => agent.reload(),
+            _ = sigterm.recv() => { tracing::info!("SIGTERM"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT"); break }
+            _ = quit_rx.changed() => { tracing::info!("/quitquitquit"); break }
+        }
+    }
+
+    drop(watcher);
+    let _ = shutdown_tx.send(true);
+    for server in servers {
+        let _ = server.await;
+    }
+    drop(agent);
+    drop(loaded);
+    if opts.keep_datapath {
+        tracing::info!(bpffs = %opts.bpffs.display(), "--keep-datapath: programs stay attached and maps pinned");
+    } else {
+        loader::teardown(&opts.bpffs).with_context(|| format!("removing pins under {}", opts.bpffs.display()))?;
+        tracing::info!("datapath detached and unpinned");
+    }
+    Ok(())
+}

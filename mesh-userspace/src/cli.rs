@@ -1,0 +1,163 @@
+//! The `mesh` command line.
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use crate::{app, check, ebpf::maps::PinnedMaps, ebpf::Datapath as _, host, state::NodeContext};
+
+#[derive(Debug, Parser)]
+#[command(name = "mesh", version, about = "eBPF-accelerated, sidecarless service mesh")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the node agent: load the kernel programs and keep them in line with the config.
+    Agent(AgentArgs),
+    /// Preflight: can this host run mesh? Exits non-zero naming what is missing.
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the services the kernel balances, read from the pinned maps.
+    Services {
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+    },
+    /// Configuration tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a YAML file or directory as the agent would, without applying it.
+    Validate { path: PathBuf },
+}
+
+#[derive(Debug, clap::Args)]
+struct AgentArgs {
+    /// A multi-document YAML file, or a directory of them, holding v1 Services and
+    /// discovery.k8s.io/v1 EndpointSlices. Watched for changes.
+    #[arg(long)]
+    config: PathBuf,
+    /// The cgroup v2 directory to attach to (default: the cgroup v2 root).
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// This node's name, for internalTrafficPolicy: Local (default: the hostname).
+    #[arg(long)]
+    node: Option<String>,
+    /// This node's zone, for trafficDistribution: PreferClose.
+    #[arg(long)]
+    zone: Option<String>,
+    /// Where programs' links and maps are pinned.
+    #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
+    bpffs: PathBuf,
+    /// Admin API (/config_dump), localhost only by default.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    admin_addr: SocketAddr,
+    /// Readiness probe (/healthz/ready).
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    readiness_addr: SocketAddr,
+    /// On exit, leave programs attached and maps pinned so traffic keeps flowing; the next
+    /// agent adopts them.
+    #[arg(long)]
+    keep_datapath: bool,
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+}
+
+pub fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Agent(args) => {
+            let opts = app::AgentOptions {
+                config: args.config,
+                cgroup: args.cgroup,
+                node: NodeContext { node: args.node.unwrap_or_else(hostname), zone: args.zone },
+                bpffs: args.bpffs,
+                admin_addr: args.admin_addr,
+                readiness_addr: args.readiness_addr,
+                keep_datapath: args.keep_datapath,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(app::run(opts))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Check { json } => {
+            let rows = check::run_checks();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                check::print_table(&rows);
+            }
+            let missing: Vec<&str> = rows.iter().filter(|r| !r.ok).map(|r| r.check.as_str()).collect();
+            if missing.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("missing: {}", missing.join(", "));
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Services { json, bpffs } => {
+            let maps = PinnedMaps::open(&bpffs).with_context(|| format!("is an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display()))?;
+            let rows = maps.read_image()?.service_rows();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!("{:<40} {:<28} {:<5} {:<7} {}", "SERVICE", "FRONTEND", "PROTO", "LB", "BACKENDS");
+                for r in rows {
+                    let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
+                    let lb = match r.affinity_timeout_s {
+                        Some(_) => format!("{}+aff", r.algorithm),
+                        None => r.algorithm.to_owned(),
+                    };
+                    println!(
+                        "{:<40} {:<28} {:<5} {:<7} {}",
+                        r.name,
+                        r.frontend.to_string(),
+                        r.protocol,
+                        lb,
+                        if backends.is_empty() { "(none: refused)".into() } else { backends.join(",") }
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { command: ConfigCommand::Validate { path } } => match crate::sources::file::load_catalog(&path) {
+            Ok(catalog) => {
+                println!("{}: {} Services, {} EndpointSlices: valid", path.display(), catalog.services.len(), catalog.slices.len());
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(errors) => {
+                eprintln!("{errors}");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+    }
+}

@@ -1,0 +1,34 @@
+//! The kernel side as the agent sees it: loading, attaching and pinning the programs
+//! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), and an in-memory
+//! `Datapath` for tests (`fake`).
+pub mod fake;
+pub mod loader;
+pub mod maps;
+
+use crate::sync::{MapImage, Op};
+
+/// Embedded kernel programs, built by build.rs.
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    #[error("map {map}: {op}: {source}")]
+    Map {
+        map: &'static str,
+        op: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("opening pinned map {path}: {source}")]
+    Open {
+        path: std::path::PathBuf,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// Where service state lives: the pinned maps, or a fake in tests.
+pub trait Datapath {
+    fn apply(&mut self, op: &Op) -> Result<(), DatapathError>;
+    fn read_image(&self) -> Result<MapImage, DatapathError>;
+}

@@ -1,0 +1,158 @@
+//! Loads the kernel programs, attaches them to a cgroup and pins programs' links and maps under
+//! the pin directory, so the datapath outlives the agent.
+//!
+//! Restart: maps are pinned by name, so a new agent's programs reuse them; links are pinned as
+//! `link_<program>`, and a new agent swaps its freshly loaded program into the existing link
+//! (BPF_LINK_UPDATE, atomic), so no connect() ever runs without a program attached.
+//! Upgrade: when the pinned `mesh_meta` holds another layout version, the old service maps cannot
+//! be read by the new programs; they are unpinned and rebuilt from configuration.
+use std::{
+    fs,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr,
+        links::{FdLink, PinnedLink},
+    },
+};
+use mesh_common::{LAYOUT_VERSION, map_names, program_names};
+
+use super::PROGRAMS;
+use crate::host;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("pin directory {0}: {1}")]
+    PinDir(PathBuf, #[source] std::io::Error),
+    #[error("cgroup {0}: {1}")]
+    Cgroup(PathBuf, #[source] std::io::Error),
+    #[error("loading the kernel programs: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {0}: {1}")]
+    Program(&'static str, #[source] aya::programs::ProgramError),
+    #[error("program {0}: pinning its link at {1}: {2}")]
+    PinLink(&'static str, PathBuf, String),
+    #[error("map {0}: {1}")]
+    Map(&'static str, #[source] aya::maps::MapError),
+}
+
+/// How the datapath came up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// Nothing was pinned: programs attached fresh, maps empty.
+    Fresh,
+    /// Pinned links and maps found: new programs swapped in, maps kept as they were.
+    Adopted,
+    /// Pinned maps had another layout: rebuilt empty, programs swapped in.
+    Upgraded,
+}
+
+/// The loaded programs. Dropping it does not detach anything: the pins keep the datapath up.
+/// `teardown` takes it down.
+pub struct Loaded {
+    _ebpf: Ebpf,
+    pub start: Start,
+}
+
+fn link_pin(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("link_{program}"))
+}
+
+pub fn load_and_attach(pin_dir: &Path, cgroup: &Path) -> Result<Loaded, LoadError> {
+    host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
+    let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
+
+    let had_links = program_names::ALL.iter().any(|p| link_pin(pin_dir, p).exists());
+    let upgraded = match pinned_layout(pin_dir) {
+        Some(v) if v != LAYOUT_VERSION => {
+            tracing::warn!(pinned = v, ours = LAYOUT_VERSION, "pinned maps have another layout; rebuilding them");
+            for name in map_names::ALL {
+                let _ = fs::remove_file(pin_dir.join(name));
+            }
+            true
+        }
+        _ => false,
+    };
+
+    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(PROGRAMS).map_err(LoadError::Load)?;
+    {
+        let meta = ebpf.map_mut(map_names::META).expect("mesh_meta is declared by the programs");
+        let mut meta: Array<&mut MapData, u32> = Array::try_from(meta).map_err(|e| LoadError::Map(map_names::META, e))?;
+        meta.set(0, &LAYOUT_VERSION, 0).map_err(|e| LoadError::Map(map_names::META, e))?;
+    }
+
+    for name in program_names::ALL {
+        let program: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .expect("every program in program_names is in the object")
+            .try_into()
+            .map_err(|e| LoadError::Program(name, e))?;
+        program.load().map_err(|e| LoadError::Program(name, e))?;
+        let pin = link_pin(pin_dir, name);
+        let adopted = match PinnedLink::from_pin(&pin) {
+            Ok(pinned) => {
+                // Keep the pin file: it is what keeps the link alive after we exit.
+                let fd_link = FdLink::from(pinned);
+                let link = fd_link.try_into().map_err(|e: aya::programs::links::LinkError| {
+                    LoadError::PinLink(name, pin.clone(), e.to_string())
+                })?;
+                Some(program.attach_to_link(link).map_err(|e| LoadError::Program(name, e))?)
+            }
+            Err(_) => None,
+        };
+        let link_id = match adopted {
+            Some(id) => id,
+            // Single: a cgroup bpf_link always coexists with other programs, and the kernel
+            // rejects any attach flag on link creation (EINVAL).
+            None => program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?,
+        };
+        let link = program.take_link(link_id).map_err(|e| LoadError::Program(name, e))?;
+        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
+            LoadError::PinLink(name, pin.clone(), e.to_string())
+        })?;
+        if !pin.exists() {
+            fd_link.pin(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+        }
+    }
+
+    let start = match (had_links, upgraded) {
+        (_, true) => Start::Upgraded,
+        (true, false) => Start::Adopted,
+        (false, false) => Start::Fresh,
+    };
+    Ok(Loaded { _ebpf: ebpf, start })
+}
+
+fn pinned_layout(pin_dir: &Path) -> Option<u32> {
+    let data = MapData::from_pin(pin_dir.join(map_names::META)).ok()?;
+    let map = aya::maps::Map::from_map_data(data).ok()?;
+    let array: Array<MapData, u32> = Array::try_from(map).ok()?;
+    array.get(&0, 0).ok()
+}
+
+/// Detaches the programs and removes every pin, leaving nothing behind. Safe to call when
+/// nothing is pinned.
+pub fn teardown(pin_dir: &Path) -> std::io::Result<()> {
+    // Links first: once their pins are gone (and no process holds them), the programs detach.
+    for name in program_names::ALL {
+        remove_if_exists(&link_pin(pin_dir, name))?;
+    }
+    for name in map_names::ALL {
+        remove_if_exists(&pin_dir.join(name))?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn remove_if_exists(path: &Path) -> std::io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

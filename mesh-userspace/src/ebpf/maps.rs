@@ -1,0 +1,136 @@
+//! The pinned service maps, opened from the pin directory: the agent writes through them, and
+//! `mesh services` reads them while the agent is down.
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap, Map, MapData, MapError};
+use mesh_common::{
+    BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
+    ServiceValue, SlotKey, SlotValue, map_names,
+};
+
+use super::{Datapath, DatapathError};
+use crate::sync::{MapImage, Op};
+
+pub struct PinnedMaps {
+    frontends: HashMap<MapData, FrontendKey, FrontendValue>,
+    services: HashMap<MapData, u32, ServiceValue>,
+    slots: HashMap<MapData, SlotKey, SlotValue>,
+    backends: HashMap<MapData, u32, BackendValue>,
+    maglev: HashMap<MapData, u32, MaglevTable>,
+    names: HashMap<MapData, u32, ServiceName>,
+}
+
+fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).map_err(|source| DatapathError::Open { path: path.clone(), source })?;
+    Map::from_map_data(data).map_err(|source| DatapathError::Open { path, source })
+}
+
+fn open_hash<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> Result<HashMap<MapData, K, V>, DatapathError> {
+    let map = open_map(dir, name)?;
+    HashMap::try_from(map).map_err(|source| DatapathError::Open { path: dir.join(name), source })
+}
+
+/// Number of entries of a pinned hash map, for leak checks and gauges.
+pub fn count_entries<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &str) -> Result<usize, DatapathError> {
+    let map: HashMap<MapData, K, V> = open_hash(dir, name)?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}
+
+impl PinnedMaps {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self {
+            frontends: open_hash(dir, map_names::FRONTENDS)?,
+            services: open_hash(dir, map_names::SERVICES)?,
+            slots: open_hash(dir, map_names::SLOTS)?,
+            backends: open_hash(dir, map_names::BACKENDS)?,
+            maglev: open_hash(dir, map_names::MAGLEV)?,
+            names: open_hash(dir, map_names::NAMES)?,
+        })
+    }
+
+    pub fn pin_path(dir: &Path, name: &str) -> PathBuf {
+        dir.join(name)
+    }
+}
+
+fn map_err(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> DatapathError {
+    move |source| DatapathError::Map { map, op, source }
+}
+
+/// Deleting an entry that is already gone is fine: the state we wanted is there.
+fn ignore_missing(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+fn name_value(name: &str) -> ServiceName {
+    let mut bytes = [0u8; 128];
+    let n = name.len().min(127);
+    bytes[..n].copy_from_slice(&name.as_bytes()[..n]);
+    ServiceName { bytes }
+}
+
+fn name_string(v: &ServiceName) -> String {
+    let end = v.bytes.iter().position(|&b| b == 0).unwrap_or(v.bytes.len());
+    String::from_utf8_lossy(&v.bytes[..end]).into_owned()
+}
+
+impl Datapath for PinnedMaps {
+    fn apply(&mut self, op: &Op) -> Result<(), DatapathError> {
+        use map_names as n;
+        match op {
+            Op::PutBackend(id, v) => self.backends.insert(id, v, 0).map_err(map_err(n::BACKENDS, "insert")),
+            Op::PutMaglev(id, table) => {
+                let mut value = MaglevTable { backend_ids: [0; MAGLEV_TABLE_SIZE] };
+                value.backend_ids.copy_from_slice(table);
+                self.maglev.insert(id, &value, 0).map_err(map_err(n::MAGLEV, "insert"))
+            }
+            Op::PutSlot(k, id) => self.slots.insert(k, &SlotValue { backend_id: *id }, 0).map_err(map_err(n::SLOTS, "insert")),
+            Op::PutService(id, v) => self.services.insert(id, v, 0).map_err(map_err(n::SERVICES, "insert")),
+            Op::PutName(id, name) => self.names.insert(id, &name_value(name), 0).map_err(map_err(n::NAMES, "insert")),
+            Op::PutFrontend(k, id) => {
+                self.frontends.insert(k, &FrontendValue { service_id: *id }, 0).map_err(map_err(n::FRONTENDS, "insert"))
+            }
+            Op::DelFrontend(k) => ignore_missing(self.frontends.remove(k)).map_err(map_err(n::FRONTENDS, "delete")),
+            Op::DelService(id) => ignore_missing(self.services.remove(id)).map_err(map_err(n::SERVICES, "delete")),
+            Op::DelName(id) => ignore_missing(self.names.remove(id)).map_err(map_err(n::NAMES, "delete")),
+            Op::DelMaglev(id) => ignore_missing(self.maglev.remove(id)).map_err(map_err(n::MAGLEV, "delete")),
+            Op::DelSlot(k) => ignore_missing(self.slots.remove(k)).map_err(map_err(n::SLOTS, "delete")),
+            Op::DelBackend(id) => ignore_missing(self.backends.remove(id)).map_err(map_err(n::BACKENDS, "delete")),
+        }
+    }
+
+    fn read_image(&self) -> Result<MapImage, DatapathError> {
+        use map_names as n;
+        let mut image = MapImage::default();
+        for entry in self.frontends.iter() {
+            let (k, v) = entry.map_err(map_err(n::FRONTENDS, "read"))?;
+            image.frontends.insert(k, v.service_id);
+        }
+        for entry in self.services.iter() {
+            let (k, v) = entry.map_err(map_err(n::SERVICES, "read"))?;
+            image.services.insert(k, v);
+        }
+        for entry in self.slots.iter() {
+            let (k, v) = entry.map_err(map_err(n::SLOTS, "read"))?;
+            image.slots.insert(k, v.backend_id);
+        }
+        for entry in self.backends.iter() {
+            let (k, v) = entry.map_err(map_err(n::BACKENDS, "read"))?;
+            image.backends.insert(k, v);
+        }
+        for entry in self.maglev.iter() {
+            let (k, v) = entry.map_err(map_err(n::MAGLEV, "read"))?;
+            image.maglev.insert(k, v.backend_ids.to_vec());
+        }
+        for entry in self.names.iter() {
+            let (k, v) = entry.map_err(map_err(n::NAMES, "read"))?;
+            image.names.insert(k, name_string(&v));
+        }
+        Ok(image)
+    }
+}

@@ -1,0 +1,127 @@
+//! Facts about the host the agent runs on: where cgroup v2 and bpffs are mounted, the kernel
+//! version, capabilities. Read from /proc, never assumed (cgroup v2 may be at
+//! /sys/fs/cgroup or, on hybrid systems, /sys/fs/cgroup/unified).
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+/// Default pin directory.
+pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
+const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+/// Mount points of a filesystem type, from /proc/self/mountinfo.
+pub fn mount_points(fstype: &str) -> io::Result<Vec<PathBuf>> {
+    let text = fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(parse_mount_points(&text, fstype))
+}
+
+fn parse_mount_points(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // "36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue"
+            let (pre, post) = line.split_once(" - ")?;
+            let mount_point = pre.split(' ').nth(4)?;
+            (post.split(' ').next()? == fstype).then(|| PathBuf::from(unescape(mount_point)))
+        })
+        .collect()
+}
+
+/// mountinfo escapes spaces and a few other bytes as \ooo.
+fn unescape(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            let code: String = chars.by_ref().take(3).collect();
+            if let Ok(b) = u8::from_str_radix(&code, 8) {
+                out.push(b as char);
+                continue;
+            }
+            out.push(c);
+            out.push_str(&code);
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The cgroup v2 mount point.
+pub fn cgroup2_root() -> io::Result<PathBuf> {
+    mount_points("cgroup2")?
+        .into_iter()
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo"))
+}
+
+/// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is mounted there,
+/// and creates `dir`.
+pub fn ensure_bpffs_dir(dir: &Path) -> io::Result<()> {
+    let mounts = mount_points("bpf")?;
+    if !mounts.iter().any(|m| dir.starts_with(m)) {
+        if !dir.starts_with(BPFFS_ROOT) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} is not on a bpf filesystem", dir.display()),
+            ));
+        }
+        mount_bpffs(Path::new(BPFFS_ROOT))?;
+    }
+    fs::create_dir_all(dir)
+}
+
+fn mount_bpffs(at: &Path) -> io::Result<()> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt as _;
+    fs::create_dir_all(at)?;
+    let target = CString::new(at.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    // SAFETY: valid NUL-terminated strings; no data argument.
+    let rc = unsafe {
+        libc::mount(c"bpf".as_ptr(), target.as_ptr(), c"bpf".as_ptr(), 0, std::ptr::null())
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// (major, minor, patch) of the running kernel.
+pub fn kernel_version() -> io::Result<(u32, u32, u32)> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit()).filter(|p| !p.is_empty());
+    let mut next = || parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    Ok((next(), next(), next()))
+}
+
+pub const CAP_NET_ADMIN: u32 = 12;
+pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_BPF: u32 = 39;
+
+/// Whether this process has capability `cap` in its effective set.
+pub fn has_capability(cap: u32) -> io::Result<bool> {
+    let status = fs::read_to_string("/proc/self/status")?;
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .ok_or_else(|| io::Error::other("no CapEff in /proc/self/status"))?;
+    Ok(eff & (1 << cap) != 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_and_bpf_mounts() {
+        let info = "24 30 0:22 / /sys rw - sysfs sysfs rw\n\
+                    41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n\
+                    50 24 0:40 / /sys/fs/bpf rw - bpf bpf rw,mode=700\n\
+                    51 24 0:41 / /mnt/with\\040space rw - bpf bpf rw\n";
+        assert_eq!(parse_mount_points(info, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
+        assert_eq!(
+            parse_mount_points(info, "bpf"),
+            vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/mnt/with space")]
+        );
+        assert!(parse_mount_points(info, "cgroup").is_empty());
+    }
+}

@@ -1,0 +1,10 @@
+//! mesh's node agent as a library, so integration tests and tools can drive its parts.
+pub mod admin;
+pub mod app;
+pub mod check;
+pub mod cli;
+pub mod ebpf;
+pub mod host;
+pub mod sources;
+pub mod state;
+pub mod sync;

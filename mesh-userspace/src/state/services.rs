@@ -1,0 +1,231 @@
+//! Which endpoints each Service port may use on this node: kube-proxy's rules (ready endpoints,
+//! terminating-but-serving ones as a fallback, `internalTrafficPolicy: Local`, topology hints
+//! for `trafficDistribution: PreferClose`), applied here once per change so that the kernel only
+//! ever picks from a ready-made list.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use serde::Serialize;
+
+use super::catalog::{Catalog, EndpointSpec, ObjectKey, ServiceSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    /// Accepted in configuration, not balanced: the socket hooks see TCP and UDP only.
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => mesh_common::IPPROTO_TCP,
+            Protocol::Udp => mesh_common::IPPROTO_UDP,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            mesh_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            mesh_common::IPPROTO_UDP => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    #[default]
+    Random,
+    Maglev,
+}
+
+/// Where this agent runs, for node-local and zone rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContext {
+    pub node: String,
+    pub zone: Option<String>,
+}
+
+/// One balanced service: a Service port of one IP family.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LbServiceKey {
+    pub service: ObjectKey,
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub family: Family,
+}
+
+impl fmt::Display for LbServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.service)?;
+        if !self.port_name.is_empty() {
+            write!(f, ":{}", self.port_name)?;
+        }
+        write!(f, "/{} ({})", self.protocol, self.family)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LbService {
+    pub key: LbServiceKey,
+    pub frontend: SocketAddr,
+    pub algorithm: Algorithm,
+    pub affinity_timeout_s: Option<u32>,
+    /// The endpoints this node may use, sorted; empty means connections are refused.
+    pub backends: Vec<BackendSpec>,
+}
+
+/// The balanced services of a catalog as seen from `node`, sorted by key.
+pub fn desired_services(catalog: &Catalog, node: &NodeContext) -> Vec<LbService> {
+    let mut out = Vec::new();
+    for service in catalog.services.values() {
+        for port in &service.ports {
+            if port.protocol == Protocol::Sctp {
+                continue;
+            }
+            for vip in &service.cluster_ips {
+                let family = Family::of(vip);
+                let key = LbServiceKey {
+                    service: service.key.clone(),
+                    port_name: port.name.clone(),
+                    protocol: port.protocol,
+                    family,
+                };
+                let candidates = candidates(catalog, service, &key);
+                let backends = usable(&candidates, service, node)
+                    .into_iter()
+                    .map(|(addr, ep)| BackendSpec { addr, workload: ep.workload.clone() })
+                    .collect();
+                out.push(LbService {
+                    key,
+                    frontend: SocketAddr::new(*vip, port.port),
+                    algorithm: service.algorithm,
+                    affinity_timeout_s: service.affinity_timeout_s,
+                    backends,
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| a.key.cmp(&b.key));
+    out
+}
+
+/// Every endpoint of the service port, with the port number its slices give for the port's
+/// name: the EndpointSlice controller has already resolved `targetPort`, named or not.
+fn candidates<'a>(
+    catalog: &'a Catalog,
+    service: &ServiceSpec,
+    key: &LbServiceKey,
+) -> BTreeMap<SocketAddr, &'a EndpointSpec> {
+    let mut out: BTreeMap<SocketAddr, &EndpointSpec> = BTreeMap::new();
+    let slices = catalog.slices.values().filter(|s| {
+        s.key.namespace == service.key.namespace && s.service == service.key.name && s.family == key.family
+    });
+    for slice in slices {
+        let Some(port) = slice.ports.iter().find(|p| p.name == key.port_name && p.protocol == key.protocol) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let addr = SocketAddr::new(endpoint.addr, port.port);
+            // The same address in two slices (a slice being replaced): the readier one wins.
+            out.entry(addr)
+                .and_modify(|prev| {
+                    if endpoint.ready && !prev.ready {
+                        *prev = endpoint;
+                    }
+                })
+                .or_insert(endpoint);
+        }
+    }
+    out
+}
+
+/// kube-proxy's CategorizeEndpoints, for one node.
+fn usable<'a>(
+    candidates: &BTreeMap<SocketAddr, &'a EndpointSpec>,
+    service: &ServiceSpec,
+    node: &NodeContext,
+) -> Vec<(SocketAddr, &'a EndpointSpec)> {
+    let pick = |f: &dyn Fn(&EndpointSpec) -> bool| -> Vec<(SocketAddr, &'a EndpointSpec)> {
+        candidates.iter().filter(|(_, ep)| f(ep)).map(|(a, ep)| (*a, *ep)).collect()
+    };
+    let fallback = |ep: &EndpointSpec| ep.serving && ep.terminating;
+
+    if service.node_local {
+        let is_local = |ep: &EndpointSpec| ep.node.as_deref() == Some(node.node.as_str());
+        let ready = pick(&|ep| ep.ready && is_local(ep));
+        return if ready.is_empty() { pick(&|ep| fallback(ep) && is_local(ep)) } else { ready };
+    }
+
+    let zone = node.zone.as_deref().filter(|_| service.prefer_same_zone && topology_usable(candidates, node));
+    let in_zone = |ep: &EndpointSpec| match zone {
+        None => true,
+        Some(zone) => ep.zone_hints.as_ref().is_some_and(|h| h.contains(zone)),
+    };
+    let ready = pick(&|ep| ep.ready && in_zone(ep));
+    if ready.is_empty() { pick(&fallback) } else { ready }
+}
+
+/// Zone hints are used only when every ready endpoint has them and one is for this zone;
+/// otherwise a half-hinted slice could send all traffic to a few endpoints.
+fn topology_usable(candidates: &BTreeMap<SocketAddr, &EndpointSpec>, node: &NodeContext) -> bool {
+    let Some(zone) = node.zone.as_deref() else { return false };
+    let mut has_zone = false;
+    for ep in candidates.values().filter(|ep| ep.ready) {
+        match &ep.zone_hints {
+            Some(hints) if !hints.is_empty() => has_zone |= hints.contains(zone),
+            _ => return false,
+        }
+    }
+    has_zone
+}
