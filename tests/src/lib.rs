@@ -1,1 +1,437 @@
+//! Helpers for mesh's privileged integration tests: network namespaces with only loopback,
+//! child cgroups, backends, the agent and the probe client, each an RAII guard that cleans up
+//! and checks it left nothing behind.
+//!
+//! Network safety: every test body runs in a fresh network namespace holding only `lo`, so a
+//! Service VIP (10.96.x.x) the kernel fails to translate has no route and fails locally.
+use std::{
+    ffi::CString,
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::TcpStream,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
+    time::{Duration, Instant},
+};
 
+pub use serde_json::Value;
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+
+/// A name unique to this test process: `mesh-test-<pid>-<n>-<label>`.
+pub fn unique_name(label: &str) -> String {
+    format!("mesh-test-{}-{}-{label}", std::process::id(), NEXT_ID.fetch_add(1, Ordering::Relaxed))
+}
+
+/// The `mesh` binary: $MESH_BIN, or target/<profile>/mesh next to this test binary.
+pub fn mesh_bin() -> PathBuf {
+    bin_path("MESH_BIN", "mesh")
+}
+
+pub fn probe_bin() -> PathBuf {
+    bin_path("MESH_PROBE_BIN", "mesh-probe")
+}
+
+fn bin_path(var: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(var) {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/debug/deps/<test> -> target/debug/<name>
+    let path = exe.parent().and_then(Path::parent).expect("target dir").join(name);
+    assert!(path.exists(), "{} not built (run `cargo xtask test`, or set {var})", path.display());
+    path
+}
+
+/// Runs `f` on a thread of its own in a new network namespace with only loopback up. Processes
+/// spawned from `f` inherit the namespace; it disappears when they and the thread are gone.
+pub fn in_netns<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            assert_root();
+            // SAFETY: unshare affects only this thread's namespaces.
+            let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+            run(Command::new("ip").args(["link", "set", "lo", "up"]));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+pub fn assert_root() {
+    // SAFETY: no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the integration tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)");
+}
+
+/// Runs a command to completion, panicking with its output on failure.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cgroup v2 mount point, from mountinfo.
+pub fn cgroup2_root() -> PathBuf {
+    let info = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .find_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            if post.split(' ').next()? != "cgroup2" {
+                return None;
+            }
+            pre.split(' ').nth(4).map(PathBuf::from)
+        })
+        .expect("no cgroup2 mount")
+}
+
+/// A child cgroup; processes started with `TestCgroup::command` run inside it. Dropping it
+/// kills what is left inside and removes it.
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(label: &str) -> Self {
+        let path = cgroup2_root().join(unique_name(label));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
+    /// A command whose process joins this cgroup before it execs.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let procs = CString::new(self.path.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path");
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (open, write, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let fd = libc::open(procs.as_ptr(), libc::O_WRONLY);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+                libc::close(fd);
+                if n != 1 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+            });
+        }
+        cmd
+    }
+
+    /// Runs `mesh-probe ARGS` inside the cgroup and parses its JSON answer.
+    pub fn probe(&self, args: &[&str]) -> Value {
+        parse_probe(self.command(probe_bin()).args(args))
+    }
+
+    fn pids(&self) -> Vec<i32> {
+        fs::read_to_string(self.path.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            for pid in self.pids() {
+                // SAFETY: plain kill(2).
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            match fs::remove_dir(&self.path) {
+                Ok(()) => return,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    if !std::thread::panicking() {
+                        panic!("cgroup {} leaked: {e}", self.path.display());
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Runs `mesh-probe ARGS` outside any test cgroup.
+pub fn probe_outside(args: &[&str]) -> Value {
+    parse_probe(Command::new(probe_bin()).args(args))
+}
+
+fn parse_probe(cmd: &mut Command) -> Value {
+    let out = run(cmd);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
+}
+
+/// `mesh-probe serve NAME ADDR...` backends; killed on drop.
+pub struct Backend {
+    child: Child,
+}
+
+impl Backend {
+    pub fn start(name: &str, addrs: &[&str]) -> Self {
+        let mut child = Command::new(probe_bin())
+            .arg("serve")
+            .arg(name)
+            .args(addrs)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn backend");
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("backend ready line");
+        assert!(line.contains("serving"), "backend {name} did not start: {line:?}");
+        Self { child }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// How to start an agent.
+pub struct AgentSpec<'a> {
+    pub yaml: &'a str,
+    pub cgroup: &'a TestCgroup,
+    pub node: &'a str,
+    pub zone: Option<&'a str>,
+    pub keep_datapath: bool,
+    /// Reuse this pin directory (to adopt a previous agent's datapath).
+    pub bpffs: Option<PathBuf>,
+}
+
+impl<'a> AgentSpec<'a> {
+    pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
+        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None }
+    }
+}
+
+/// A running `mesh agent`, in the calling thread's network namespace, with its own config
+/// directory and pin directory.
+pub struct Agent {
+    child: Option<Child>,
+    pub bpffs: PathBuf,
+    pub config_dir: PathBuf,
+    pub keep_datapath: bool,
+    log: PathBuf,
+}
+
+pub const ADMIN: &str = "127.0.0.1:15000";
+pub const READINESS: &str = "127.0.0.1:15021";
+
+impl Agent {
+    pub fn start(spec: AgentSpec<'_>) -> Self {
+        let name = unique_name("agent");
+        let bpffs = spec.bpffs.unwrap_or_else(|| PathBuf::from("/sys/fs/bpf").join(&name));
+        let config_dir = std::env::temp_dir().join(&name);
+        fs::create_dir_all(&config_dir).expect("config dir");
+        let log = config_dir.with_extension("log");
+        let mut agent = Self { child: None, bpffs, config_dir, keep_datapath: spec.keep_datapath, log };
+        agent.write_config(spec.yaml);
+        let mut cmd = Command::new(mesh_bin());
+        cmd.arg("agent")
+            .arg("--config")
+            .arg(&agent.config_dir)
+            .arg("--cgroup")
+            .arg(&spec.cgroup.path)
+            .arg("--bpffs")
+            .arg(&agent.bpffs)
+            .args(["--node", spec.node, "--admin-addr", ADMIN, "--readiness-addr", READINESS])
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&agent.log).expect("log file"));
+        if let Some(zone) = spec.zone {
+            cmd.args(["--zone", zone]);
+        }
+        if spec.keep_datapath {
+            cmd.arg("--keep-datapath");
+        }
+        agent.child = Some(cmd.spawn().expect("spawn mesh agent"));
+        agent.wait_ready();
+        agent
+    }
+
+    /// Replaces the configuration atomically (write, then rename), as a ConfigMap update does.
+    pub fn write_config(&self, yaml: &str) {
+        let tmp = self.config_dir.join(".services.yaml.tmp");
+        fs::write(&tmp, yaml).expect("write config");
+        fs::rename(&tmp, self.config_dir.join("services.yaml")).expect("rename config");
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("agent exited with {status}:\n{}", self.log());
+            }
+            if let Ok((200, _)) = http_get(READINESS, "/healthz/ready") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent not ready after 15s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn config_dump(&self) -> Value {
+        let (code, body) = http_get(ADMIN, "/config_dump").expect("GET /config_dump");
+        assert_eq!(code, 200, "{body}");
+        serde_json::from_str(&body).expect("config_dump JSON")
+    }
+
+    pub fn readiness(&self) -> (u16, String) {
+        http_get(READINESS, "/healthz/ready").expect("GET /healthz/ready")
+    }
+
+    /// Backends (sorted) the kernel holds for the service frontend `vip`.
+    pub fn kernel_backends(&self, frontend: &str) -> Option<Vec<String>> {
+        let dump = self.config_dump();
+        let svc = dump["services"].as_array()?.iter().find(|s| s["frontend"] == frontend)?;
+        let mut b: Vec<String> = svc["backends"].as_array()?.iter().map(|b| b.as_str().unwrap_or_default().to_owned()).collect();
+        b.sort();
+        Some(b)
+    }
+
+    /// Waits until the kernel's backends for `frontend` are `expected`.
+    pub fn wait_backends(&self, frontend: &str, expected: &[&str]) {
+        let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
+        expected.sort();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = self.kernel_backends(frontend);
+            if now.as_ref() == Some(&expected) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backends of {frontend} are {now:?}, want {expected:?}\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait. Without --keep-datapath, asserts the pins are gone.
+    pub fn stop(mut self) {
+        self.terminate();
+        if !self.keep_datapath {
+            assert!(!self.bpffs.exists(), "agent left pins behind in {}", self.bpffs.display());
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) of our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let status = child.wait().expect("wait agent");
+            assert!(status.success() || std::thread::panicking(), "agent exited with {status}:\n{}", self.log());
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if !self.keep_datapath {
+            remove_pins(&self.bpffs);
+        }
+        let _ = fs::remove_dir_all(&self.config_dir);
+        let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Removes a pin directory and everything in it (link pins detach their programs).
+pub fn remove_pins(dir: &Path) {
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let code = response.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    Ok((code, body))
+}
+
+/// `names` of a probe answer as (name, count) pairs.
+pub fn names(answer: &Value) -> Vec<(String, u64)> {
+    answer["names"]
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
+        .unwrap_or_default()
+}
+
+/// Total errors in a probe answer.
+pub fn error_count(answer: &Value) -> u64 {
+    answer["errors"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
+}
+
+/// A Service and one EndpointSlice, in Kubernetes' own YAML.
+pub struct ServiceYaml<'a> {
+    pub name: &'a str,
+    pub cluster_ip: &'a str,
+    pub port: u16,
+    pub protocol: &'a str,
+    pub extra_spec: &'a str,
+    pub annotations: &'a str,
+    /// (address, ready, serving, terminating, node, zone hint)
+    pub endpoints: Vec<Endpoint<'a>>,
+    pub target_port: u16,
+}
+
+#[derive(Clone, Copy)]
+pub struct Endpoint<'a> {
+    pub address: &'a str,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: &'a str,
+    pub zone_hint: Option<&'a str>,
+}
+
+impl<'a> Endpoint<'a> {
+    pub fn ready(address: &'a str) -> Self {
+        Self { address, ready: true, serving: true, terminating: false, node: "node-a", zone_hint: None }
+    }
+}
+
+impl ServiceYaml<'_> {
+    pub fn render(&self) -> String {
+        let family = if self.cluster_ip.contains(':') { "IPv6" } else { "IPv4" };
+        let mut y = format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: {n}\n  namespace: test\n  annotations: {{{a}}}\nspec:\n  clusterIP: \"{ip}\"\n  ports:\n  - name: main\n    port: {p}\n    protocol: {proto}\n    targetPort: {tp}\n{extra}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: {n}-1\n  namespace: test\n  labels:\n    kubernetes.io/service-name: {n}\naddressType: {family}\nports:\n- name: main\n  port: {tp}\n  protocol: {proto}\nendpoints:\n",
+            n = self.name,
+            a = self.annotations,
+            ip = self.cluster_ip,
+            p = self.port,
+            tp = self.target_port,
+            proto = self.protocol,
+            extra = self.extra_spec,
+        );
+        for e in &self.endpoints {
+            y.push_str(&format!(
+                "- addresses: [\"{}\"]\n  conditions: {{ready: {}, serving: {}, terminating: {}}}\n  nodeName: {}\n",
+                e.address, e.ready, e.serving, e.terminating, e.node
+            ));
+            if let Some(zone) = e.zone_hint {
+                y.push_str(&format!("  hints:\n    forZones:\n    - name: {zone}\n"));
+            }
+        }
+        y
+    }
+}

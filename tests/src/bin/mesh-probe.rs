@@ -1,0 +1,242 @@
+//! mesh-probe: the client and backend used by the integration tests and the demo.
+//!
+//! ```text
+//! mesh-probe serve NAME ADDR...        TCP and UDP backends answering with NAME (HTTP too)
+//! mesh-probe tcp ADDR COUNT            COUNT connections; JSON tally of backend names/errors
+//! mesh-probe http ADDR COUNT           the same with HTTP GET requests
+//! mesh-probe udp ADDR COUNT            COUNT datagrams from one unconnected socket; checks
+//!                                      every reply comes from ADDR
+//! mesh-probe udp-connected ADDR COUNT  connected UDP socket; checks getpeername() == ADDR
+//! mesh-probe peer ADDR                 connect; print getpeername() and the backend's name
+//! mesh-probe hold ADDR                 connect, print the backend's name, then echo stdin
+//!                                      lines through the connection until stdin closes
+//! mesh-probe loop ADDR STOPFILE        connect repeatedly until STOPFILE exists
+//! ```
+//! Every client command prints one JSON object on stdout.
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
+    path::Path,
+    time::Duration,
+};
+
+use serde_json::json;
+
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let arg = |i: usize| -> &str { args.get(i).map(String::as_str).unwrap_or_else(|| usage()) };
+    let addr = || -> SocketAddr { arg(1).parse().unwrap_or_else(|_| usage()) };
+    let count = || -> usize { arg(2).parse().unwrap_or_else(|_| usage()) };
+    match arg(0) {
+        "serve" => serve(arg(1), &args[2..]),
+        "tcp" => tally(count(), |_| tcp_name(addr())),
+        "http" => tally(count(), |_| http_name(addr())),
+        "udp" => udp(addr(), count()),
+        "udp-connected" => udp_connected(addr(), count()),
+        "peer" => peer(addr()),
+        "hold" => hold(addr()),
+        "loop" => connect_loop(addr(), Path::new(arg(2))),
+        _ => usage(),
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: see the header of tests/src/bin/mesh-probe.rs");
+    std::process::exit(2)
+}
+
+fn error_name(e: &std::io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        _ => format!("{:?}", e.kind()),
+    }
+}
+
+fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+/// One connection: send a line, read the backend's `NAME:line` answer.
+fn tcp_name(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = connect(addr)?;
+    stream.write_all(b"hello\n")?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line)?;
+    Ok(line.trim().split(':').next().unwrap_or_default().to_owned())
+}
+
+fn http_name(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = connect(addr)?;
+    write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+    Ok(body.trim().to_owned())
+}
+
+fn tally(count: usize, mut one: impl FnMut(usize) -> std::io::Result<String>) {
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    for i in 0..count {
+        match one(i) {
+            Ok(name) => *names.entry(name).or_default() += 1,
+            Err(e) => *errors.entry(error_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "names": names, "errors": errors }));
+}
+
+fn udp(addr: SocketAddr, count: usize) {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let socket = UdpSocket::bind(bind).expect("bind");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let mut names: BTreeMap<String, usize> = BTreeMap::new();
+    let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+    let mut sources: BTreeMap<String, usize> = BTreeMap::new();
+    let mut buf = [0u8; 512];
+    for _ in 0..count {
+        let reply = socket.send_to(b"hello", addr).and_then(|_| socket.recv_from(&mut buf));
+        match reply {
+            Ok((n, from)) => {
+                *sources.entry(from.to_string()).or_default() += 1;
+                let text = String::from_utf8_lossy(&buf[..n]);
+                *names.entry(text.split(':').next().unwrap_or_default().to_owned()).or_default() += 1;
+            }
+            Err(e) => *errors.entry(error_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "names": names, "errors": errors, "sources": sources }));
+}
+
+fn udp_connected(addr: SocketAddr, count: usize) {
+    let bind: SocketAddr = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse().expect("literal");
+    let socket = UdpSocket::bind(bind).expect("bind");
+    socket.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let result = socket.connect(addr).and_then(|()| {
+        let peer = socket.peer_addr()?;
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut buf = [0u8; 512];
+        for _ in 0..count {
+            socket.send(b"hello")?;
+            let n = socket.recv(&mut buf)?;
+            let text = String::from_utf8_lossy(&buf[..n]);
+            *names.entry(text.split(':').next().unwrap_or_default().to_owned()).or_default() += 1;
+        }
+        Ok((peer, names))
+    });
+    match result {
+        Ok((peer, names)) => println!("{}", json!({ "peer": peer.to_string(), "names": names })),
+        Err(e) => println!("{}", json!({ "error": error_name(&e) })),
+    }
+}
+
+fn peer(addr: SocketAddr) {
+    let result = connect(addr).and_then(|mut stream| {
+        let peer = stream.peer_addr()?;
+        stream.write_all(b"hello\n")?;
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line)?;
+        Ok((peer, line.trim().split(':').next().unwrap_or_default().to_owned()))
+    });
+    match result {
+        Ok((peer, name)) => println!("{}", json!({ "peer": peer.to_string(), "name": name })),
+        Err(e) => println!("{}", json!({ "error": error_name(&e) })),
+    }
+}
+
+/// Holds one connection open and relays stdin lines through it, printing each answer.
+fn hold(addr: SocketAddr) {
+    let stream = match connect(addr) {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", json!({ "error": error_name(&e) }));
+            return;
+        }
+    };
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        let mut answer = String::new();
+        let ok = writer.write_all(format!("{line}\n").as_bytes()).and_then(|()| reader.read_line(&mut answer));
+        match ok {
+            Ok(n) if n > 0 => println!("{}", json!({ "answer": answer.trim() })),
+            Ok(_) => println!("{}", json!({ "error": "EOF" })),
+            Err(e) => println!("{}", json!({ "error": error_name(&e) })),
+        }
+        std::io::stdout().flush().expect("stdout");
+    }
+}
+
+fn connect_loop(addr: SocketAddr, stop: &Path) {
+    let (mut ok, mut errors) = (0usize, BTreeMap::<String, usize>::new());
+    while !stop.exists() {
+        match tcp_name(addr) {
+            Ok(name) if !name.is_empty() => ok += 1,
+            Ok(_) => *errors.entry("empty answer".into()).or_default() += 1,
+            Err(e) => *errors.entry(error_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "ok": ok, "errors": errors }));
+}
+
+/// TCP and UDP backends named NAME on every ADDR, until killed. TCP answers each line with
+/// `NAME:line`, or an HTTP request with the body `NAME`; UDP answers `NAME:payload`.
+fn serve(name: &str, addrs: &[String]) {
+    let mut threads = Vec::new();
+    for addr in addrs {
+        let addr: SocketAddr = addr.parse().unwrap_or_else(|_| usage());
+        let tcp = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind tcp {addr}: {e}"));
+        let udp = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind udp {addr}: {e}"));
+        let tcp_name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let name = tcp_name.clone();
+                std::thread::spawn(move || answer_tcp(&name, stream));
+            }
+        }));
+        let udp_name = name.to_owned();
+        threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let reply = format!("{udp_name}:{}", String::from_utf8_lossy(&buf[..n]));
+                let _ = udp.send_to(reply.as_bytes(), from);
+            }
+        }));
+    }
+    println!("{}", json!({ "serving": name }));
+    std::io::stdout().flush().expect("stdout");
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn answer_tcp(name: &str, stream: TcpStream) {
+    let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+    let mut writer = stream;
+    let mut line = String::new();
+    while reader.read_line(&mut line).unwrap_or(0) > 0 {
+        if line.starts_with("GET ") {
+            // Skip the headers, answer once, close.
+            let mut header = String::new();
+            while reader.read_line(&mut header).unwrap_or(0) > 0 && header.trim() != "" {
+                header.clear();
+            }
+            let body = format!("{name}\n");
+            let _ = write!(writer, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            return;
+        }
+        if writer.write_all(format!("{name}:{}\n", line.trim()).as_bytes()).is_err() {
+            return;
+        }
+        line.clear();
+    }
+}

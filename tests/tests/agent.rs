@@ -1,0 +1,149 @@
+//! The agent's life cycle: restarts that keep the datapath, bad configuration, the CLI.
+use mesh_tests::*;
+use std::process::Command;
+
+const VIP: &str = "10.96.0.10:80";
+
+fn web(endpoints: Vec<Endpoint<'_>>) -> String {
+    ServiceYaml {
+        name: "web",
+        cluster_ip: "10.96.0.10",
+        port: 80,
+        protocol: "TCP",
+        extra_spec: "",
+        annotations: "",
+        endpoints,
+        target_port: 8080,
+    }
+    .render()
+}
+
+#[test]
+fn restart_with_keep_datapath_loses_no_connection() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let _b2 = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("restart");
+        let yaml = web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")]);
+        let first = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
+        let bpffs = first.bpffs.clone();
+
+        let stop_file = std::env::temp_dir().join(unique_name("stop"));
+        let client = cgroup
+            .command(probe_bin())
+            .args(["loop", VIP, stop_file.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn loop client");
+
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        first.stop();
+        assert!(bpffs.join("mesh_frontends").exists(), "--keep-datapath keeps the maps pinned");
+        // While no agent runs, the kernel keeps balancing, and `mesh services` reads the pins.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let services = run(Command::new(mesh_bin()).args(["services", "--json", "--bpffs", bpffs.to_str().unwrap()]));
+        let services: Value = serde_json::from_str(&services).expect("json");
+        assert_eq!(services[0]["frontend"], VIP, "{services}");
+        assert_eq!(services[0]["backends"].as_array().map(Vec::len), Some(2), "{services}");
+
+        let second = Agent::start(AgentSpec { bpffs: Some(bpffs.clone()), ..AgentSpec::new(&yaml, &cgroup) });
+        assert!(second.log().contains("Adopted"), "second agent adopts the pinned datapath:\n{}", second.log());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        std::fs::write(&stop_file, b"").expect("stop file");
+        let out = client.wait_with_output().expect("client");
+        let _ = std::fs::remove_file(&stop_file);
+        let result: Value = serde_json::from_slice(&out.stdout).expect("client json");
+        assert_eq!(error_count(&result), 0, "no connection may fail across the restart: {result}");
+        assert!(result["ok"].as_u64().unwrap_or(0) > 50, "the client kept connecting: {result}");
+        second.stop();
+        assert!(!bpffs.exists(), "the last agent, without --keep-datapath, removes every pin");
+    });
+}
+
+#[test]
+fn invalid_configuration_is_rejected_whole_and_the_last_good_one_keeps_serving() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("invalid");
+        let good = web(vec![Endpoint::ready("127.0.0.11")]);
+        let agent = Agent::start(AgentSpec::new(&good, &cgroup));
+        let before = agent.config_dump()["services"].clone();
+
+        // A valid new Service next to a broken one: neither may be applied.
+        let bad = format!(
+            "{good}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: test}}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {{name: a, port: 70000}}\n"
+        );
+        agent.write_config(&bad);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let (code, body) = loop {
+            let (code, body) = agent.readiness();
+            if body.contains("rejected") || std::time::Instant::now() > deadline {
+                break (code, body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        };
+        assert_eq!(code, 200, "still ready, on the last good configuration: {body}");
+        assert!(body.contains("Service test/other: spec.ports[0].port"), "names object and field: {body}");
+        assert!(body.contains("services.yaml"), "names the file: {body}");
+        assert_eq!(agent.config_dump()["services"], before, "nothing of the bad configuration applied");
+        let answer = cgroup.probe(&["tcp", VIP, "10"]);
+        assert_eq!(names(&answer), vec![("b1".to_owned(), 10)], "{answer}");
+        assert!(agent.log().contains("configuration rejected"), "{}", agent.log());
+
+        // Fixing it applies it.
+        agent.write_config(&good.replace("127.0.0.11", "127.0.0.12"));
+        agent.wait_backends(VIP, &["127.0.0.12:8080"]);
+        assert!(!agent.readiness().1.contains("rejected"));
+        agent.stop();
+    });
+}
+
+#[test]
+fn removing_every_service_leaves_no_map_entries() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("empty");
+        let agent = Agent::start(AgentSpec::new(&web(vec![Endpoint::ready("127.0.0.11")]), &cgroup));
+        agent.write_config("# nothing\n");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while agent.config_dump()["services"].as_array().map(Vec::len) != Some(0) {
+            assert!(std::time::Instant::now() < deadline, "services not removed: {}", agent.config_dump());
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let services = run(Command::new(mesh_bin()).args(["services", "--json", "--bpffs", agent.bpffs.to_str().unwrap()]));
+        assert_eq!(services.trim(), "[]");
+        agent.stop();
+    });
+}
+
+#[test]
+fn check_reports_every_program_attachable() {
+    assert_root();
+    let out = Command::new(mesh_bin()).args(["check", "--json"]).output().expect("mesh check");
+    let rows: Value = serde_json::from_slice(&out.stdout).expect("json");
+    let rows = rows.as_array().expect("rows");
+    for program in ["mesh_connect4", "mesh_connect6", "mesh_sendmsg4", "mesh_recvmsg6", "mesh_getpeer4"] {
+        let row = rows.iter().find(|r| r["check"] == format!("program {program}")).unwrap_or_else(|| panic!("no row for {program}"));
+        assert_eq!(row["ok"], true, "{row}");
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Nothing left behind by the probe.
+    let leftovers: Vec<_> = std::fs::read_dir(cgroup2_root())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mesh-check-"))
+        .collect();
+    assert!(leftovers.is_empty(), "mesh check left cgroups behind");
+}
+
+#[test]
+fn config_validate_names_file_object_and_field() {
+    let dir = std::env::temp_dir().join(unique_name("validate"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.300\n").unwrap();
+    let out = Command::new(mesh_bin()).args(["config", "validate"]).arg(&file).output().expect("mesh config validate");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.yaml: Service shop/web: spec.clusterIP: not an IP address"), "{err}");
+}
