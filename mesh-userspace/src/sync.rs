@@ -417,3 +417,6 @@ impl MapImage {
         rows
     }
 }
+
+#[cfg(test)]
+mod tests;

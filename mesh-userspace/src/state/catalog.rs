@@ -496,3 +496,6 @@ fn validate_slice(slice: objects::EndpointSlice, ctx: &mut DocContext<'_>) -> Op
     };
     Some(Some(SliceSpec { key, service, family, endpoints, ports }))
 }
+
+#[cfg(test)]
+mod tests;

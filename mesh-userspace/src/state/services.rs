@@ -229,3 +229,6 @@ fn topology_usable(candidates: &BTreeMap<SocketAddr, &EndpointSpec>, node: &Node
     }
     has_zone
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,146 @@
+//! Planning and applying map changes, against the in-memory datapath.
+use std::net::SocketAddr;
+
+use super::*;
+use crate::{
+    ebpf::fake::FakeDatapath,
+    state::{BackendSpec, Family, LbServiceKey, Protocol, catalog::ObjectKey},
+};
+
+fn lb(name: &str, vip: &str, backends: &[&str], algorithm: Algorithm) -> LbService {
+    LbService {
+        key: LbServiceKey {
+            service: ObjectKey { namespace: "ns".into(), name: name.into() },
+            port_name: String::new(),
+            protocol: Protocol::Tcp,
+            family: Family::V4,
+        },
+        frontend: vip.parse().unwrap(),
+        algorithm,
+        affinity_timeout_s: None,
+        backends: backends.iter().map(|b| BackendSpec { addr: b.parse().unwrap(), workload: None }).collect(),
+    }
+}
+
+fn rows(image: &MapImage) -> Vec<(String, Vec<SocketAddr>)> {
+    image.service_rows().into_iter().map(|r| (r.frontend.to_string(), r.backends)).collect()
+}
+
+fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+    list.iter().map(|a| a.parse().unwrap()).collect()
+}
+
+#[test]
+fn a_fresh_plan_builds_the_chain_and_a_second_is_empty() {
+    let desired = [lb("a", "10.96.0.1:80", &["10.0.0.1:8080", "10.0.0.2:8080"], Algorithm::Random)];
+    let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+    let stats = r.reconcile(&desired).unwrap();
+    // 2 backends, 2 slots, 1 service, 1 name, 1 frontend.
+    assert_eq!(stats, SyncStats { writes: 7, deletes: 0 });
+    assert_eq!(rows(&r.kernel_image().unwrap()), [("10.96.0.1:80".into(), addrs(&["10.0.0.1:8080", "10.0.0.2:8080"]))]);
+    assert_eq!(r.reconcile(&desired).unwrap(), SyncStats::default(), "nothing changed, nothing written");
+}
+
+#[test]
+fn writes_come_before_the_frontend_and_deletes_after_it() {
+    let ops = plan(&MapImage::default(), &[lb("a", "10.96.0.1:80", &["10.0.0.1:8080"], Algorithm::Random)]).unwrap();
+    let pos = |f: &dyn Fn(&Op) -> bool| ops.iter().position(f).unwrap();
+    assert!(pos(&|o| matches!(o, Op::PutBackend(..))) < pos(&|o| matches!(o, Op::PutSlot(..))));
+    assert!(pos(&|o| matches!(o, Op::PutSlot(..))) < pos(&|o| matches!(o, Op::PutService(..))));
+    assert!(pos(&|o| matches!(o, Op::PutService(..))) < pos(&|o| matches!(o, Op::PutFrontend(..))));
+
+    let current = {
+        let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+        r.reconcile(&[lb("a", "10.96.0.1:80", &["10.0.0.1:8080"], Algorithm::Random)]).unwrap();
+        r.kernel_image().unwrap()
+    };
+    let ops = plan(&current, &[]).unwrap();
+    assert!(matches!(ops[0], Op::DelFrontend(_)), "the frontend goes first: {ops:?}");
+    assert!(matches!(ops.last(), Some(Op::DelBackend(_))), "backends go last: {ops:?}");
+}
+
+#[test]
+fn removing_one_backend_touches_only_its_entries() {
+    let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+    r.reconcile(&[lb("a", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], Algorithm::Random)]).unwrap();
+    let before = r.kernel_image().unwrap();
+    let logged = r.datapath().log.len();
+    r.reconcile(&[lb("a", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.3:80"], Algorithm::Random)]).unwrap();
+    let after = r.kernel_image().unwrap();
+    let ops = &r.datapath().log[logged..];
+    // Slot of 10.0.0.2 takes 10.0.0.3 (moved from the last slot), the count drops, the last
+    // slot and the backend go: four writes, nothing else.
+    assert_eq!(ops.len(), 4, "{ops:?}");
+    assert_eq!(after.backends.len(), 2);
+    assert_eq!(after.slots.len(), 2);
+    // Surviving backends keep their ids.
+    let id_of = |img: &MapImage, a: &str| img.backends.iter().find(|(_, b)| backend_socket_addr(b).to_string() == a).map(|(i, _)| *i);
+    assert_eq!(id_of(&before, "10.0.0.1:80"), id_of(&after, "10.0.0.1:80"));
+    assert_eq!(id_of(&before, "10.0.0.3:80"), id_of(&after, "10.0.0.3:80"));
+}
+
+#[test]
+fn an_adopted_image_needs_no_writes() {
+    let desired = [
+        lb("a", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80"], Algorithm::Random),
+        lb("b", "10.96.0.2:80", &["10.0.0.3:80"], Algorithm::Maglev),
+    ];
+    let mut first = Reconciler::new(FakeDatapath::default()).unwrap();
+    first.reconcile(&desired).unwrap();
+    // A new agent starts from what the kernel holds.
+    let pinned = FakeDatapath { image: first.kernel_image().unwrap(), ..Default::default() };
+    let mut second = Reconciler::new(pinned).unwrap();
+    assert_eq!(second.reconcile(&desired).unwrap(), SyncStats::default());
+}
+
+#[test]
+fn maglev_services_get_a_full_table_of_their_backend_ids() {
+    let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+    r.reconcile(&[lb("m", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80"], Algorithm::Maglev)]).unwrap();
+    let image = r.kernel_image().unwrap();
+    let (sid, table) = image.maglev.iter().next().expect("a table");
+    assert_eq!(table.len(), MAGLEV_TABLE_SIZE);
+    assert!(table.iter().all(|id| image.backends.get(id).is_some_and(|b| b.service_id == *sid)));
+    assert_ne!(image.services[sid].flags & service_flags::MAGLEV, 0);
+    // Back to random: the table goes.
+    r.reconcile(&[lb("m", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80"], Algorithm::Random)]).unwrap();
+    assert!(r.kernel_image().unwrap().maglev.is_empty());
+}
+
+#[test]
+fn removing_every_service_leaves_empty_maps() {
+    let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+    r.reconcile(&[lb("m", "10.96.0.1:80", &["10.0.0.1:80"], Algorithm::Maglev)]).unwrap();
+    r.reconcile(&[]).unwrap();
+    assert!(r.kernel_image().unwrap().is_empty());
+}
+
+#[test]
+fn two_services_on_one_frontend_are_a_conflict() {
+    let err = plan(&MapImage::default(), &[lb("a", "10.96.0.1:80", &[], Algorithm::Random), lb("b", "10.96.0.1:80", &[], Algorithm::Random)])
+        .unwrap_err();
+    assert_eq!(err.to_string(), "10.96.0.1:80/TCP is claimed by both ns/a/TCP (IPv4) and ns/b/TCP (IPv4)");
+}
+
+#[test]
+fn a_failed_write_leaves_a_consistent_state_and_the_next_attempt_finishes() {
+    let mut r = Reconciler::new(FakeDatapath { fail_at: Some(3), ..Default::default() }).unwrap();
+    let desired = [lb("a", "10.96.0.1:80", &["10.0.0.1:80", "10.0.0.2:80"], Algorithm::Random)];
+    assert!(r.reconcile(&desired).is_err());
+    // No frontend yet: the half-built service is unreachable.
+    assert!(r.kernel_image().unwrap().frontends.is_empty());
+    r.reconcile(&desired).unwrap();
+    assert_eq!(rows(&r.kernel_image().unwrap()).len(), 1);
+}
+
+#[test]
+fn addresses_round_trip_through_the_kernel_format() {
+    for ip in ["10.96.0.1", "fd00::10", "::ffff:10.0.0.1", "127.0.0.1"] {
+        let ip: std::net::IpAddr = ip.parse().unwrap();
+        let back = ip_of(&addr_of(ip));
+        match ip {
+            std::net::IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => assert!(back.is_ipv4()),
+            _ => assert_eq!(back, ip),
+        }
+    }
+}

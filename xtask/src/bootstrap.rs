@@ -1,0 +1,125 @@
+//! Installs what the build needs, each step checked first so a ready machine costs a few
+//! milliseconds: Debian's LLVM 22 (for bpf-linker), the Rust toolchain aya 0.16 needs, the
+//! pinned eBPF nightly with rust-src, and bpf-linker built against LLVM 22. The nightly's LLVM
+//! major must equal bpf-linker's, or linking fails with "Invalid record".
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context as _, bail};
+
+/// Builds the workspace (aya 0.16 needs Rust >= 1.98).
+pub const HOST_TOOLCHAIN: &str = "1.99.1";
+/// Builds the kernel programs; LLVM 22.1. Keep in sync with mesh-userspace/build.rs.
+pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the tests' network namespaces.
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2"];
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()
+}
+
+fn step(n: usize, what: &str, status: &str) {
+    println!("[bootstrap {n}/4] {what}: {status}");
+}
+
+fn succeeds(cmd: &mut Command) -> bool {
+    cmd.output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+fn stdout_of(cmd: &mut Command) -> String {
+    cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+pub fn ensure() -> anyhow::Result<()> {
+    apt_packages()?;
+    toolchain(2, HOST_TOOLCHAIN, &[])?;
+    toolchain(3, EBPF_TOOLCHAIN, &["rust-src"])?;
+    bpf_linker()
+}
+
+fn apt_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) != "install ok installed")
+        .collect();
+    if missing.is_empty() {
+        step(1, "Debian packages", "present");
+        return Ok(());
+    }
+    step(1, "Debian packages", &format!("installing {}", missing.join(" ")));
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn toolchain(n: usize, name: &str, components: &[&str]) -> anyhow::Result<()> {
+    let installed = succeeds(Command::new("rustup").args(["run", name, "rustc", "--version"]));
+    let have_components = installed && {
+        let list = stdout_of(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", name]));
+        components.iter().all(|c| list.lines().any(|l| l.starts_with(c)))
+    };
+    if have_components {
+        step(n, &format!("Rust {name}"), "present");
+        return Ok(());
+    }
+    step(n, &format!("Rust {name}"), "installing (minimal profile)");
+    let mut cmd = Command::new("rustup");
+    cmd.args(["toolchain", "install", name, "--profile", "minimal", "--no-self-update"]);
+    for c in components {
+        cmd.args(["--component", c]);
+    }
+    run(&mut cmd)
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let version = stdout_of(Command::new("bpf-linker").arg("--version"));
+    let path = stdout_of(Command::new("sh").args(["-c", "command -v bpf-linker"]));
+    let llvm22 = !path.trim().is_empty() && stdout_of(Command::new("ldd").arg(path.trim())).contains("libLLVM.so.22");
+    if version.contains(BPF_LINKER_VERSION) && llvm22 {
+        step(4, "bpf-linker", &format!("{} (LLVM 22)", version.trim()));
+        return Ok(());
+    }
+    step(4, "bpf-linker", &format!("building {BPF_LINKER_VERSION} against LLVM 22 (a few minutes, once)"));
+    run(Command::new("rustup")
+        .args(["run", HOST_TOOLCHAIN, "cargo", "install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features", "llvm-22", "--force"])
+        .env("LLVM_PREFIX", LLVM_PREFIX)
+        .env("LLVM_SYS_221_PREFIX", LLVM_PREFIX))
+}
+
+/// `cargo` of the pinned host toolchain, in the workspace, with nothing of the outer cargo's
+/// environment that would pick another toolchain.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new("rustup");
+    cmd.args(["run", HOST_TOOLCHAIN, "cargo"])
+        .current_dir(workspace_root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTDOC")
+        .env_remove("CARGO")
+        .env_remove("RUSTC_WRAPPER");
+    cmd
+}
+
+pub fn build(release: bool) -> anyhow::Result<()> {
+    println!("[build] mesh (agent + kernel programs) and mesh-probe");
+    let mut cmd = cargo();
+    cmd.args(["build", "--bins", "-p", "mesh-userspace", "-p", "mesh-tests"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)
+}
+
+pub fn target_bin(name: &str) -> PathBuf {
+    workspace_root().join("target/debug").join(name)
+}
