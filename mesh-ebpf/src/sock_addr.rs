@@ -14,6 +14,9 @@
 //!   with no usable endpoint is sent to the loopback port 0 instead, where nothing can listen:
 //!   the caller gets ECONNREFUSED at once, as from kube-proxy's REJECT rule. UDP is rejected
 //!   with EPERM (a sendmsg to port 0 would be EINVAL).
+//!
+//! Logging (aya-log) is off unless the agent runs with `--bpf-log`: the level is a load-time
+//! constant, so the verifier removes disabled log statements and the hot path pays nothing.
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
@@ -25,6 +28,7 @@ use aya_ebpf::{
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{debug, trace};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
     MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, service_flags,
@@ -118,6 +122,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     };
 
     let Some(backend) = pick_backend(ctx, service_id, service) else {
+        debug!(ctx, "service {}: no usable endpoint, refused", service_id);
         return refuse(sa, family, proto, connect);
     };
     // An IPv4 socket can only reach an IPv4 backend; the agent never pairs families wrongly,
@@ -128,6 +133,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     let (baddr, bport_be) = (backend.addr, backend.port_be);
     write_user_addr(sa, family, &baddr);
     write_user_port(sa, bport_be);
+    trace!(ctx, "service {}: to backend port {}", service_id, u16::from_be(bport_be));
 
     // Remember what the socket dialled, for getpeername() and recvmsg().
     // SAFETY: helper valid for sock_addr programs.

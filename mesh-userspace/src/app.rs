@@ -29,6 +29,7 @@ pub struct AgentOptions {
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub keep_datapath: bool,
+    pub bpf_log: loader::BpfLogLevel,
 }
 
 /// What readiness and the admin API report.
@@ -122,9 +123,13 @@ impl Agent {
     fn admin(&self, method: &Method, path: &str, quit: &watch::Sender<bool>) -> (StatusCode, String) {
         match (method, path) {
             (&Method::GET, "/config_dump") => {
-                let image = self.reconciler.lock().expect("reconciler lock").kernel_image();
-                match image {
-                    Ok(image) => {
+                let reconciler = self.reconciler.lock().expect("reconciler lock");
+                let read = reconciler.kernel_image().map_err(|e| e.to_string()).and_then(|image| {
+                    reconciler.datapath().occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string())
+                });
+                drop(reconciler);
+                match read {
+                    Ok((image, occupancy)) => {
                         let status = self.status.lock().expect("status lock");
                         let dump = serde_json::json!({
                             "node": self.opts.node.node,
@@ -134,6 +139,7 @@ impl Agent {
                             "generation": status.generation,
                             "rejected": status.rejected,
                             "services": image.service_rows(),
+                            "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
                     }
@@ -158,7 +164,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => host::cgroup2_root().context("finding the cgroup v2 mount")?,
     };
-    let loaded = loader::load_and_attach(&opts.bpffs, &cgroup)?;
+    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.bpf_log)?;
+    if let Some(logger) = loaded.logger.take() {
+        tokio::spawn(forward_kernel_logs(logger));
+    }
     tracing::info!(
         start = ?loaded.start,
         cgroup = %cgroup.display(),
@@ -224,4 +233,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tracing::info!("datapath detached and unpinned");
     }
     Ok(())
+}
+
+/// Copies the kernel programs' log records (aya-log's ring buffer) into the agent's log.
+async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(mut fd) = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) else {
+        tracing::warn!("cannot poll the kernel log ring buffer; --bpf-log has no effect");
+        return;
+    };
+    while let Ok(mut ready) = fd.readable_mut().await {
+        ready.get_inner_mut().flush();
+        ready.clear_ready();
+    }
 }

@@ -70,6 +70,9 @@ struct AgentArgs {
     /// agent adopts them.
     #[arg(long)]
     keep_datapath: bool,
+    /// Log level of the kernel programs (their records join this log). Off costs nothing.
+    #[arg(long, value_enum, default_value = "off")]
+    bpf_log: crate::ebpf::loader::BpfLogLevel,
 }
 
 fn hostname() -> String {
@@ -79,7 +82,8 @@ fn hostname() -> String {
 pub fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info".into()),
+            // Kernel records (target mesh_ebpf) exist only with --bpf-log, which sets their level.
+            tracing_subscriber::EnvFilter::try_from_env("MESH_LOG").unwrap_or_else(|_| "info,mesh_ebpf=trace".into()),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
@@ -104,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 admin_addr: args.admin_addr,
                 readiness_addr: args.readiness_addr,
                 keep_datapath: args.keep_datapath,
+                bpf_log: args.bpf_log,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(app::run(opts))?;

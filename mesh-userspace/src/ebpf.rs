@@ -8,7 +8,7 @@ pub mod maps;
 use crate::sync::{MapImage, Op};
 
 /// Embedded kernel programs, built by build.rs.
-pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));
 
 #[derive(Debug, thiserror::Error)]
 pub enum DatapathError {

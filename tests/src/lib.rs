@@ -203,11 +203,12 @@ pub struct AgentSpec<'a> {
     pub keep_datapath: bool,
     /// Reuse this pin directory (to adopt a previous agent's datapath).
     pub bpffs: Option<PathBuf>,
+    pub extra_args: Vec<&'a str>,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
-        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None }
+        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new() }
     }
 }
 
@@ -250,6 +251,7 @@ impl Agent {
         if spec.keep_datapath {
             cmd.arg("--keep-datapath");
         }
+        cmd.args(&spec.extra_args);
         agent.child = Some(cmd.spawn().expect("spawn mesh agent"));
         agent.wait_ready();
         agent
@@ -288,6 +290,11 @@ impl Agent {
 
     pub fn readiness(&self) -> (u16, String) {
         http_get(READINESS, "/healthz/ready").expect("GET /healthz/ready")
+    }
+
+    /// Entries per map, as `/config_dump` reports them.
+    pub fn map_entries(&self) -> Value {
+        self.config_dump()["map_entries"].clone()
     }
 
     /// Backends (sorted) the kernel holds for the service frontend `vip`.

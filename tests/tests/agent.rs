@@ -147,3 +147,28 @@ fn config_validate_names_file_object_and_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("bad.yaml: Service shop/web: spec.clusterIP: not an IP address"), "{err}");
 }
+
+#[test]
+fn kernel_logging_is_off_by_default_and_reaches_the_agent_log_when_on() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("bpflog");
+        let yaml = web(vec![Endpoint::ready("127.0.0.11")]);
+        let record = "to backend port 8080";
+
+        let quiet = Agent::start(AgentSpec::new(&yaml, &cgroup));
+        cgroup.probe(&["tcp", VIP, "3"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(!quiet.log().contains(record), "{}", quiet.log());
+        quiet.stop();
+
+        let verbose = Agent::start(AgentSpec { extra_args: vec!["--bpf-log", "trace"], ..AgentSpec::new(&yaml, &cgroup) });
+        cgroup.probe(&["tcp", VIP, "3"]);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while verbose.log().matches(record).count() < 3 {
+            assert!(std::time::Instant::now() < deadline, "kernel records missing:\n{}", verbose.log());
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        verbose.stop();
+    });
+}

@@ -163,6 +163,19 @@ fn session_affinity_keeps_a_client_on_one_backend() {
         // Across processes too: the client is the network namespace (the pod).
         let again = cgroup.probe(&["tcp", VIP, "20"]);
         assert_eq!(names(&again)[0].0, names(&answer)[0].0, "{again}");
+        assert_eq!(agent.map_entries()["mesh_affinity"], 1, "one client remembered");
+
+        // Deleting the Service deletes every entry of it, the remembered client included.
+        agent.write_config("# no services\n");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let entries = agent.map_entries();
+            if entries.as_object().unwrap().values().all(|n| n == 0) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "entries left: {entries}");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         agent.stop();
     });
 }
@@ -271,6 +284,8 @@ fn endpoint_removal_applies_to_new_connections_while_established_ones_continue()
         agent.write_config(&service(rest).render());
         agent.wait_backends(VIP, &left.iter().map(String::as_str).collect::<Vec<_>>());
 
+        let entries = agent.map_entries();
+        assert_eq!((entries["mesh_backends"].as_u64(), entries["mesh_slots"].as_u64()), (Some(2), Some(2)), "{entries}");
         let answer = cgroup.probe(&["tcp", VIP, "100"]);
         assert_eq!(error_count(&answer), 0, "{answer}");
         assert!(names(&answer).iter().all(|(n, _)| *n != held_backend), "{held_backend} was removed: {answer}");

@@ -38,6 +38,20 @@ pub enum LoadError {
     PinLink(&'static str, PathBuf, String),
     #[error("map {0}: {1}")]
     Map(&'static str, #[source] aya::maps::MapError),
+    #[error("kernel program logging: {0}")]
+    Log(#[source] aya_log::Error),
+}
+
+/// Log level of the kernel programs (aya-log): 0 (off) to 5 (trace), aya-log's numbering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BpfLogLevel {
+    #[default]
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
 }
 
 /// How the datapath came up.
@@ -56,13 +70,15 @@ pub enum Start {
 pub struct Loaded {
     _ebpf: Ebpf,
     pub start: Start,
+    /// Reads the programs' log records when `--bpf-log` is on.
+    pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
 
 fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))
 }
 
-pub fn load_and_attach(pin_dir: &Path, cgroup: &Path) -> Result<Loaded, LoadError> {
+pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
     let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
 
@@ -78,7 +94,17 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path) -> Result<Loaded, LoadErro
         _ => false,
     };
 
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(pin_dir).load(PROGRAMS).map_err(LoadError::Load)?;
+    // The log level is a load-time constant: the verifier drops disabled log statements.
+    let level = log_level as u8;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global(aya_log::LEVEL, &level, true)
+        .load(PROGRAMS)
+        .map_err(LoadError::Load)?;
+    let logger = match log_level {
+        BpfLogLevel::Off => None,
+        _ => Some(aya_log::EbpfLogger::init(&mut ebpf).map_err(LoadError::Log)?),
+    };
     {
         let meta = ebpf.map_mut(map_names::META).expect("mesh_meta is declared by the programs");
         let mut meta: Array<&mut MapData, u32> = Array::try_from(meta).map_err(|e| LoadError::Map(map_names::META, e))?;
@@ -124,7 +150,7 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path) -> Result<Loaded, LoadErro
         (true, false) => Start::Adopted,
         (false, false) => Start::Fresh,
     };
-    Ok(Loaded { _ebpf: ebpf, start })
+    Ok(Loaded { _ebpf: ebpf, start, logger })
 }
 
 fn pinned_layout(pin_dir: &Path) -> Option<u32> {

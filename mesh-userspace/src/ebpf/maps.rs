@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError};
 use mesh_common::{
-    BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
     ServiceValue, SlotKey, SlotValue, map_names,
 };
 
@@ -18,6 +18,8 @@ pub struct PinnedMaps {
     backends: HashMap<MapData, u32, BackendValue>,
     maglev: HashMap<MapData, u32, MaglevTable>,
     names: HashMap<MapData, u32, ServiceName>,
+    /// Kernel-written; the agent only sweeps out the entries of deleted services.
+    affinity: HashMap<MapData, AffinityKey, AffinityValue>,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
@@ -46,6 +48,7 @@ impl PinnedMaps {
             backends: open_hash(dir, map_names::BACKENDS)?,
             maglev: open_hash(dir, map_names::MAGLEV)?,
             names: open_hash(dir, map_names::NAMES)?,
+            affinity: open_hash(dir, map_names::AFFINITY)?,
         })
     }
 
@@ -79,6 +82,35 @@ fn name_string(v: &ServiceName) -> String {
     String::from_utf8_lossy(&v.bytes[..end]).into_owned()
 }
 
+impl PinnedMaps {
+    /// Removes the session-affinity entries of a deleted service, so that the LRU map holds
+    /// only live clients (and a reused service id starts clean).
+    fn forget_affinity(&mut self, service_id: u32) -> Result<(), DatapathError> {
+        let stale: Vec<AffinityKey> =
+            self.affinity.keys().filter_map(Result::ok).filter(|k| k.service_id == service_id).collect();
+        for key in stale {
+            ignore_missing(self.affinity.remove(&key)).map_err(map_err(map_names::AFFINITY, "delete"))?;
+        }
+        Ok(())
+    }
+
+    /// Entries per map, for `/config_dump` and leak checks.
+    pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
+        let image = self.read_image()?;
+        Ok([
+            (map_names::FRONTENDS, image.frontends.len()),
+            (map_names::SERVICES, image.services.len()),
+            (map_names::SLOTS, image.slots.len()),
+            (map_names::BACKENDS, image.backends.len()),
+            (map_names::MAGLEV, image.maglev.len()),
+            (map_names::NAMES, image.names.len()),
+            (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
+        ]
+        .into_iter()
+        .collect())
+    }
+}
+
 impl Datapath for PinnedMaps {
     fn apply(&mut self, op: &Op) -> Result<(), DatapathError> {
         use map_names as n;
@@ -96,7 +128,10 @@ impl Datapath for PinnedMaps {
                 self.frontends.insert(k, &FrontendValue { service_id: *id }, 0).map_err(map_err(n::FRONTENDS, "insert"))
             }
             Op::DelFrontend(k) => ignore_missing(self.frontends.remove(k)).map_err(map_err(n::FRONTENDS, "delete")),
-            Op::DelService(id) => ignore_missing(self.services.remove(id)).map_err(map_err(n::SERVICES, "delete")),
+            Op::DelService(id) => {
+                ignore_missing(self.services.remove(id)).map_err(map_err(n::SERVICES, "delete"))?;
+                self.forget_affinity(*id)
+            }
             Op::DelName(id) => ignore_missing(self.names.remove(id)).map_err(map_err(n::NAMES, "delete")),
             Op::DelMaglev(id) => ignore_missing(self.maglev.remove(id)).map_err(map_err(n::MAGLEV, "delete")),
             Op::DelSlot(k) => ignore_missing(self.slots.remove(k)).map_err(map_err(n::SLOTS, "delete")),
