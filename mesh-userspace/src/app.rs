@@ -15,7 +15,7 @@ use crate::{
     admin,
     ebpf::{loader, maps::PinnedMaps},
     host, sources,
-    state::{NodeContext, desired_services},
+    state::{Catalog, NodeContext, desired_services},
     sync::Reconciler,
 };
 
@@ -48,13 +48,28 @@ struct Agent {
     opts: AgentOptions,
     reconciler: Mutex<Reconciler<PinnedMaps>>,
     status: Mutex<Status>,
+    /// The sources last applied or rejected, to skip events that changed nothing.
+    last_sources: Mutex<Option<Vec<(PathBuf, String)>>>,
 }
 
 impl Agent {
     /// Reads the configuration and applies it whole, or not at all.
     fn reload(&self) {
         let started = std::time::Instant::now();
-        let result = sources::file::load_catalog(&self.opts.config)
+        let sources = match sources::file::read_sources(&self.opts.config) {
+            Ok(sources) => sources,
+            Err(e) => return self.reject(e.to_string()),
+        };
+        {
+            // Watch events also fire for files we skip and for rewrites with equal content.
+            let mut last = self.last_sources.lock().expect("sources lock");
+            if last.as_ref() == Some(&sources) {
+                tracing::debug!("configuration unchanged");
+                return;
+            }
+            *last = Some(sources.clone());
+        }
+        let result = Catalog::from_sources(sources.iter().map(|(p, t)| (p.as_path(), t.as_str())))
             .map_err(|e| e.to_string())
             .and_then(|catalog| {
                 let desired = desired_services(&catalog, &self.opts.node);
@@ -79,15 +94,21 @@ impl Agent {
                 );
             }
             Err(errors) => {
-                for line in errors.lines() {
-                    tracing::error!("configuration rejected: {line}");
-                }
-                if status.serving {
-                    tracing::warn!(generation = status.generation, "still serving the last good configuration");
-                }
-                status.rejected = Some(errors);
+                drop(status);
+                self.reject(errors);
             }
         }
+    }
+
+    fn reject(&self, errors: String) {
+        let mut status = self.status.lock().expect("status lock");
+        for line in errors.lines() {
+            tracing::error!("configuration rejected: {line}");
+        }
+        if status.serving {
+            tracing::warn!(generation = status.generation, "still serving the last good configuration");
+        }
+        status.rejected = Some(errors);
     }
 
     fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
@@ -183,6 +204,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         opts: opts.clone(),
         reconciler: Mutex::new(reconciler),
         status: Mutex::new(Status { serving: adopted, ..Default::default() }),
+        last_sources: Mutex::new(None),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -237,7 +259,10 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
 
 /// Copies the kernel programs' log records (aya-log's ring buffer) into the agent's log.
 async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
-    let Ok(mut fd) = tokio::io::unix::AsyncFd::with_interest(logger, tokio::io::Interest::READABLE) else {
+    // SAFETY: the logger owns its ring buffer's descriptor, which stays open and the same for
+    // as long as the AsyncFd owns the logger.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) };
+    let Ok(mut fd) = registered else {
         tracing::warn!("cannot poll the kernel log ring buffer; --bpf-log has no effect");
         return;
     };

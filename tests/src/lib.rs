@@ -204,11 +204,13 @@ pub struct AgentSpec<'a> {
     /// Reuse this pin directory (to adopt a previous agent's datapath).
     pub bpffs: Option<PathBuf>,
     pub extra_args: Vec<&'a str>,
+    /// Wait for readiness 200 (true) or only for the readiness endpoint to answer (false).
+    pub wait_ready: bool,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
-        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new() }
+        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true }
     }
 }
 
@@ -253,7 +255,7 @@ impl Agent {
         }
         cmd.args(&spec.extra_args);
         agent.child = Some(cmd.spawn().expect("spawn mesh agent"));
-        agent.wait_ready();
+        agent.wait_ready(spec.wait_ready);
         agent
     }
 
@@ -268,14 +270,16 @@ impl Agent {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    fn wait_ready(&mut self) {
+    fn wait_ready(&mut self, ready: bool) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited with {status}:\n{}", self.log());
             }
-            if let Ok((200, _)) = http_get(READINESS, "/healthz/ready") {
-                return;
+            match http_get(READINESS, "/healthz/ready") {
+                Ok((200, _)) => return,
+                Ok(_) if !ready => return,
+                _ => {}
             }
             assert!(Instant::now() < deadline, "agent not ready after 15s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));

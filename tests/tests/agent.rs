@@ -172,3 +172,44 @@ fn kernel_logging_is_off_by_default_and_reaches_the_agent_log_when_on() {
         verbose.stop();
     });
 }
+
+#[test]
+fn restart_with_another_cgroup_moves_the_datapath_there() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let old = TestCgroup::new("old");
+        let new = TestCgroup::new("new");
+        let yaml = web(vec![Endpoint::ready("127.0.0.11")]);
+        let first = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &old) });
+        let bpffs = first.bpffs.clone();
+        first.stop();
+        assert_eq!(names(&old.probe(&["tcp", VIP, "2"])), vec![("b1".to_owned(), 2)]);
+
+        let second = Agent::start(AgentSpec { bpffs: Some(bpffs), ..AgentSpec::new(&yaml, &new) });
+        assert!(second.log().contains("attached to another cgroup"), "{}", second.log());
+        assert_eq!(names(&new.probe(&["tcp", VIP, "2"])), vec![("b1".to_owned(), 2)]);
+        assert_eq!(old.probe(&["tcp", VIP, "1"])["errors"]["ENETUNREACH"], 1, "the old cgroup is no longer balanced");
+        second.stop();
+    });
+}
+
+#[test]
+fn an_agent_started_on_a_bad_configuration_is_not_ready_until_it_is_fixed() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("unready");
+        let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec: {clusterIP: 10.96.0.10, sessionAffinity: Sticky}\n";
+        let agent = Agent::start(AgentSpec { wait_ready: false, ..AgentSpec::new(bad, &cgroup) });
+        let (code, body) = agent.readiness();
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("Service test/web: spec.sessionAffinity: must be None or ClientIP"), "{body}");
+        // Nothing is balanced yet: the VIP is unknown to the kernel.
+        assert_eq!(cgroup.probe(&["tcp", VIP, "1"])["errors"]["ENETUNREACH"], 1);
+
+        agent.write_config(&web(vec![Endpoint::ready("127.0.0.11")]));
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        assert_eq!(agent.readiness().0, 200);
+        assert_eq!(names(&cgroup.probe(&["tcp", VIP, "3"])), vec![("b1".to_owned(), 3)]);
+        agent.stop();
+    });
+}

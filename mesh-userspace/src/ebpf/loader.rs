@@ -8,6 +8,7 @@
 //! be read by the new programs; they are unpinned and rebuilt from configuration.
 use std::{
     fs,
+    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
 };
 
@@ -81,6 +82,8 @@ fn link_pin(dir: &Path, program: &str) -> PathBuf {
 pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
     let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
+    let cgroup_id = cgroup_dir.metadata().map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?.ino();
+    forget_links_of_other_cgroups(pin_dir, cgroup_id);
 
     let had_links = program_names::ALL.iter().any(|p| link_pin(pin_dir, p).exists());
     let upgraded = match pinned_layout(pin_dir) {
@@ -151,6 +154,44 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) ->
         (false, false) => Start::Fresh,
     };
     Ok(Loaded { _ebpf: ebpf, start, logger })
+}
+
+/// A pinned link attached to another cgroup (the agent was restarted with another --cgroup) is
+/// unpinned, which detaches it, so that the programs are attached where they were asked to be.
+fn forget_links_of_other_cgroups(pin_dir: &Path, cgroup_id: u64) {
+    for name in program_names::ALL {
+        let pin = link_pin(pin_dir, name);
+        if let Some(pinned_on) = pinned_link_cgroup_id(&pin)
+            && pinned_on != cgroup_id
+        {
+            tracing::warn!(program = name, pinned_on, cgroup_id, "pinned link is attached to another cgroup; moving it");
+            let _ = fs::remove_file(&pin);
+        }
+    }
+}
+
+/// The cgroup id a pinned cgroup link is attached to, from the link's fdinfo (5.8+).
+fn pinned_link_cgroup_id(pin: &Path) -> Option<u64> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
+    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    // SAFETY: attr outlives the call and is the layout the kernel expects for BPF_OBJ_GET.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, std::mem::size_of::<ObjGet>()) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a new descriptor we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).ok()?;
+    info.lines().find_map(|l| l.strip_prefix("cgroup_id:")).and_then(|v| v.trim().parse().ok())
 }
 
 fn pinned_layout(pin_dir: &Path) -> Option<u32> {
