@@ -314,15 +314,10 @@ impl Agent {
     pub fn wait_backends(&self, frontend: &str, expected: &[&str]) {
         let mut expected: Vec<String> = expected.iter().map(|s| s.to_string()).collect();
         expected.sort();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = self.kernel_backends(frontend);
-            if now.as_ref() == Some(&expected) {
-                return;
-            }
-            assert!(Instant::now() < deadline, "backends of {frontend} are {now:?}, want {expected:?}\n{}", self.log());
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        wait_until(
+            || self.kernel_backends(frontend).as_ref() == Some(&expected),
+            || format!("backends of {frontend} are {:?}, want {expected:?}\n{}", self.kernel_backends(frontend), self.log()),
+        );
     }
 
     /// SIGTERM and wait. Without --keep-datapath, asserts the pins are gone.
@@ -387,6 +382,20 @@ pub fn names(answer: &Value) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
+/// The backend names of a probe answer, sorted.
+pub fn backend_names(answer: &Value) -> Vec<String> {
+    names(answer).into_iter().map(|(n, _)| n).collect()
+}
+
+/// Polls `done` every 10 ms for up to 5 s; panics with `what()` if it never holds.
+pub fn wait_until(mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(Instant::now() < deadline, "gave up after 5 s: {}", what());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Total errors in a probe answer.
 pub fn error_count(answer: &Value) -> u64 {
     answer["errors"].as_object().map(|m| m.values().filter_map(Value::as_u64).sum()).unwrap_or(0)
@@ -421,7 +430,21 @@ impl<'a> Endpoint<'a> {
     }
 }
 
-impl ServiceYaml<'_> {
+impl<'a> ServiceYaml<'a> {
+    /// The tests' usual Service: `test/web`, TCP 10.96.0.10:80 to target port 8080.
+    pub fn web(endpoints: Vec<Endpoint<'a>>) -> Self {
+        Self {
+            name: "web",
+            cluster_ip: "10.96.0.10",
+            port: 80,
+            protocol: "TCP",
+            extra_spec: "",
+            annotations: "",
+            endpoints,
+            target_port: 8080,
+        }
+    }
+
     pub fn render(&self) -> String {
         let family = if self.cluster_ip.contains(':') { "IPv6" } else { "IPv4" };
         let mut y = format!(

@@ -5,17 +5,7 @@ use std::process::Command;
 const VIP: &str = "10.96.0.10:80";
 
 fn web(endpoints: Vec<Endpoint<'_>>) -> String {
-    ServiceYaml {
-        name: "web",
-        cluster_ip: "10.96.0.10",
-        port: 80,
-        protocol: "TCP",
-        extra_spec: "",
-        annotations: "",
-        endpoints,
-        target_port: 8080,
-    }
-    .render()
+    ServiceYaml::web(endpoints).render()
 }
 
 #[test]
@@ -74,14 +64,8 @@ fn invalid_configuration_is_rejected_whole_and_the_last_good_one_keeps_serving()
             "{good}\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: other, namespace: test}}\nspec:\n  clusterIP: 10.96.0.20\n  ports:\n  - {{name: a, port: 70000}}\n"
         );
         agent.write_config(&bad);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        let (code, body) = loop {
-            let (code, body) = agent.readiness();
-            if body.contains("rejected") || std::time::Instant::now() > deadline {
-                break (code, body);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        };
+        wait_until(|| agent.readiness().1.contains("rejected"), || format!("{:?}", agent.readiness()));
+        let (code, body) = agent.readiness();
         assert_eq!(code, 200, "still ready, on the last good configuration: {body}");
         assert!(body.contains("Service test/other: spec.ports[0].port"), "names object and field: {body}");
         assert!(body.contains("services.yaml"), "names the file: {body}");
@@ -104,11 +88,10 @@ fn removing_every_service_leaves_no_map_entries() {
         let cgroup = TestCgroup::new("empty");
         let agent = Agent::start(AgentSpec::new(&web(vec![Endpoint::ready("127.0.0.11")]), &cgroup));
         agent.write_config("# nothing\n");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while agent.config_dump()["services"].as_array().map(Vec::len) != Some(0) {
-            assert!(std::time::Instant::now() < deadline, "services not removed: {}", agent.config_dump());
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until(
+            || agent.config_dump()["services"].as_array().map(Vec::len) == Some(0),
+            || format!("services not removed: {}", agent.config_dump()),
+        );
         let services = run(Command::new(mesh_bin()).args(["services", "--json", "--bpffs", agent.bpffs.to_str().unwrap()]));
         assert_eq!(services.trim(), "[]");
         agent.stop();
@@ -164,11 +147,7 @@ fn kernel_logging_is_off_by_default_and_reaches_the_agent_log_when_on() {
 
         let verbose = Agent::start(AgentSpec { extra_args: vec!["--bpf-log", "trace"], ..AgentSpec::new(&yaml, &cgroup) });
         cgroup.probe(&["tcp", VIP, "3"]);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while verbose.log().matches(record).count() < 3 {
-            assert!(std::time::Instant::now() < deadline, "kernel records missing:\n{}", verbose.log());
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        wait_until(|| verbose.log().matches(record).count() >= 3, || format!("kernel records missing:\n{}", verbose.log()));
         verbose.stop();
     });
 }

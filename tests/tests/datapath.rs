@@ -13,16 +13,7 @@ fn three_backends() -> [Backend; 3] {
 }
 
 fn service(endpoints: Vec<Endpoint<'_>>) -> ServiceYaml<'_> {
-    ServiceYaml {
-        name: "web",
-        cluster_ip: "10.96.0.10",
-        port: 80,
-        protocol: "TCP",
-        extra_spec: "",
-        annotations: "",
-        endpoints,
-        target_port: 8080,
-    }
+    ServiceYaml::web(endpoints)
 }
 
 fn ready3() -> Vec<Endpoint<'static>> {
@@ -124,8 +115,7 @@ fn internal_traffic_policy_local_uses_only_this_nodes_endpoints() {
         svc.extra_spec = "  internalTrafficPolicy: Local";
         let agent = Agent::start(AgentSpec { node: "node-a", ..AgentSpec::new(&svc.render(), &cgroup) });
         let answer = cgroup.probe(&["tcp", VIP, "60"]);
-        let got: Vec<String> = names(&answer).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(got, vec!["b1", "b3"], "node-b's endpoint must not be used: {answer}");
+        assert_eq!(backend_names(&answer), ["b1", "b3"], "node-b's endpoint must not be used: {answer}");
         agent.stop();
     });
 }
@@ -143,8 +133,7 @@ fn prefer_close_keeps_traffic_in_the_zone() {
         svc.extra_spec = "  trafficDistribution: PreferClose";
         let agent = Agent::start(AgentSpec { zone: Some("zone-2"), ..AgentSpec::new(&svc.render(), &cgroup) });
         let answer = cgroup.probe(&["tcp", VIP, "60"]);
-        let got: Vec<String> = names(&answer).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(got, vec!["b2", "b3"], "zone-2's endpoints only: {answer}");
+        assert_eq!(backend_names(&answer), ["b2", "b3"], "zone-2's endpoints only: {answer}");
         agent.stop();
     });
 }
@@ -167,15 +156,10 @@ fn session_affinity_keeps_a_client_on_one_backend() {
 
         // Deleting the Service deletes every entry of it, the remembered client included.
         agent.write_config("# no services\n");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let entries = agent.map_entries();
-            if entries.as_object().unwrap().values().all(|n| n == 0) {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "entries left: {entries}");
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_until(
+            || agent.map_entries().as_object().unwrap().values().all(|n| n == 0),
+            || format!("entries left: {}", agent.map_entries()),
+        );
         agent.stop();
     });
 }
@@ -214,8 +198,8 @@ fn ipv6_services_balance_and_show_the_vip() {
         // Two IPv6 Services whose endpoints are ::1 on different ports.
         let yaml = format!(
             "{}\n---\n{}",
-            ServiceYaml { name: "v6a", cluster_ip: "fd00:96::10", port: 80, protocol: "TCP", extra_spec: "", annotations: "", endpoints: vec![Endpoint::ready("::1")], target_port: 8081 }.render(),
-            ServiceYaml { name: "v6b", cluster_ip: "fd00:96::11", port: 80, protocol: "TCP", extra_spec: "", annotations: "", endpoints: vec![Endpoint::ready("::1")], target_port: 8082 }.render(),
+            ServiceYaml { name: "v6a", cluster_ip: "fd00:96::10", target_port: 8081, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }.render(),
+            ServiceYaml { name: "v6b", cluster_ip: "fd00:96::11", target_port: 8082, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }.render(),
         );
         let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
         let a = cgroup.probe(&["tcp", "[fd00:96::10]:80", "10"]);
