@@ -8,7 +8,10 @@
 //! be read by the new programs; they are unpinned and rebuilt from configuration.
 use std::{
     fs,
-    os::unix::fs::MetadataExt as _,
+    os::{
+        fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
     path::{Path, PathBuf},
 };
 
@@ -16,8 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, MapData},
     programs::{
-        CgroupAttachMode, CgroupSockAddr,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, Program,
+        links::{FdLink, LinkError},
     },
 };
 use mesh_common::{LAYOUT_VERSION, map_names, program_names};
@@ -115,37 +118,7 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) ->
     }
 
     for name in program_names::ALL {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .expect("every program in program_names is in the object")
-            .try_into()
-            .map_err(|e| LoadError::Program(name, e))?;
-        program.load().map_err(|e| LoadError::Program(name, e))?;
-        let pin = link_pin(pin_dir, name);
-        let adopted = match PinnedLink::from_pin(&pin) {
-            Ok(pinned) => {
-                // Keep the pin file: it is what keeps the link alive after we exit.
-                let fd_link = FdLink::from(pinned);
-                let link = fd_link.try_into().map_err(|e: aya::programs::links::LinkError| {
-                    LoadError::PinLink(name, pin.clone(), e.to_string())
-                })?;
-                Some(program.attach_to_link(link).map_err(|e| LoadError::Program(name, e))?)
-            }
-            Err(_) => None,
-        };
-        let link_id = match adopted {
-            Some(id) => id,
-            // Single: a cgroup bpf_link always coexists with other programs, and the kernel
-            // rejects any attach flag on link creation (EINVAL).
-            None => program.attach(&cgroup_dir, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?,
-        };
-        let link = program.take_link(link_id).map_err(|e| LoadError::Program(name, e))?;
-        let fd_link: FdLink = link.try_into().map_err(|e: aya::programs::links::LinkError| {
-            LoadError::PinLink(name, pin.clone(), e.to_string())
-        })?;
-        if !pin.exists() {
-            fd_link.pin(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
-        }
+        attach_or_adopt(&mut ebpf, name, pin_dir, &cgroup_dir)?;
     }
 
     let start = match (had_links, upgraded) {
@@ -155,6 +128,81 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) ->
     };
     Ok(Loaded { _ebpf: ebpf, start, logger })
 }
+
+/// Loads program `name` and makes its pinned cgroup link run it: a link pinned by an earlier
+/// agent gets the new program swapped in atomically (BPF_LINK_UPDATE); otherwise the program is
+/// attached and its link pinned.
+fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
+    let pin = link_pin(pin_dir, name);
+    let program = ebpf.program_mut(name).expect("every program in program_names is in the object");
+    let pin_error = |e: String| LoadError::PinLink(name, pin.clone(), e);
+    // Single: a cgroup bpf_link always coexists with other programs, and the kernel rejects
+    // any attach flag on link creation (EINVAL).
+    let fd_link: Option<FdLink> = match program {
+        Program::CgroupSockAddr(p) => {
+            p.load().map_err(|e| LoadError::Program(name, e))?;
+            if let Some(link) = open_pinned(&pin) {
+                update_link(&link, p.fd().map_err(|e| LoadError::Program(name, e))?.as_fd()).map_err(|e| pin_error(e.to_string()))?;
+                None
+            } else {
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
+                let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
+                Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
+            }
+        }
+        Program::SockOps(p) => {
+            p.load().map_err(|e| LoadError::Program(name, e))?;
+            if let Some(link) = open_pinned(&pin) {
+                update_link(&link, p.fd().map_err(|e| LoadError::Program(name, e))?.as_fd()).map_err(|e| pin_error(e.to_string()))?;
+                None
+            } else {
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
+                let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
+                Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
+            }
+        }
+        other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
+    };
+    if let Some(fd_link) = fd_link {
+        fd_link.pin(&pin).map_err(|e| pin_error(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// BPF_OBJ_GET: a descriptor for a pinned object, if the pin exists.
+fn open_pinned(pin: &Path) -> Option<OwnedFd> {
+    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
+    // SAFETY: attr outlives the call and has the layout of union bpf_attr for BPF_OBJ_GET.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, std::mem::size_of::<ObjGet>()) };
+    // SAFETY: on success a new descriptor that we own.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// BPF_LINK_UPDATE: make `link` run `program` instead, atomically (5.7+).
+fn update_link(link: &OwnedFd, program: BorrowedFd<'_>) -> std::io::Result<()> {
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = LinkUpdate { link_fd: link.as_raw_fd() as u32, new_prog_fd: program.as_raw_fd() as u32, flags: 0, old_prog_fd: 0 };
+    // SAFETY: attr outlives the call and has the layout of union bpf_attr for BPF_LINK_UPDATE.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_UPDATE, &attr, std::mem::size_of::<LinkUpdate>()) };
+    if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(()) }
+}
+
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_UPDATE: libc::c_long = 29;
 
 /// A pinned link attached to another cgroup (the agent was restarted with another --cgroup) is
 /// unpinned, which detaches it, so that the programs are attached where they were asked to be.
@@ -172,25 +220,8 @@ fn forget_links_of_other_cgroups(pin_dir: &Path, cgroup_id: u64) {
 
 /// The cgroup id a pinned cgroup link is attached to, from the link's fdinfo (5.8+).
 fn pinned_link_cgroup_id(pin: &Path) -> Option<u64> {
-    use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).ok()?;
-    // union bpf_attr for BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let attr = ObjGet { pathname: path.as_ptr() as u64, bpf_fd: 0, file_flags: 0 };
-    const BPF_OBJ_GET: libc::c_long = 7;
-    // SAFETY: attr outlives the call and is the layout the kernel expects for BPF_OBJ_GET.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, &attr, std::mem::size_of::<ObjGet>()) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a new descriptor we own.
-    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
-    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", std::os::fd::AsRawFd::as_raw_fd(&fd))).ok()?;
+    let fd = open_pinned(pin)?;
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
     info.lines().find_map(|l| l.strip_prefix("cgroup_id:")).and_then(|v| v.trim().parse().ok())
 }
 
