@@ -15,7 +15,7 @@
 
 /// Bumped whenever a key or value below changes layout. The agent compares it with the pinned
 /// `mesh_meta` map to tell a restart (adopt the pinned maps) from an upgrade (rebuild them).
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Map names: also their file names under the pin directory. The kernel limits them to 15 bytes.
 pub mod map_names {
@@ -30,12 +30,20 @@ pub mod map_names {
     /// Service names by id, for `mesh services` while the agent is down. Never read by the
     /// kernel programs.
     pub const NAMES: &str = "mesh_names";
+    /// Live TCP connections of the attached cgroup, by socket cookie (sock_ops).
+    pub const CONNS: &str = "mesh_conns";
+    /// Ring buffer of connection open/close records (`ConnEvent`).
+    pub const EVENTS: &str = "mesh_events";
+    /// Per-CPU counters of what the kernel had to drop (`drop_counters`).
+    pub const DROPS: &str = "mesh_drops";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
-    /// Every map the programs declare.
-    pub const ALL: [&str; 9] =
-        [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES];
+    /// Every map the programs declare, pinned.
+    pub const ALL: [&str; 12] = [
+        FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS, EVENTS,
+        DROPS,
+    ];
 }
 
 /// Program names (the kernel's 15-byte limit applies here too), in attach order.
@@ -48,8 +56,12 @@ pub mod program_names {
     pub const RECVMSG6: &str = "mesh_recvmsg6";
     pub const GETPEERNAME4: &str = "mesh_getpeer4";
     pub const GETPEERNAME6: &str = "mesh_getpeer6";
+    /// sock_ops: per-connection counters. Named apart from its section ("sockops"): aya
+    /// confuses a function and a section of the same name.
+    pub const SOCKOPS: &str = "mesh_sockops";
 
-    pub const ALL: [&str; 8] = [
+    /// The programs attached to the cgroup, in attach order.
+    pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
         SENDMSG4,
@@ -58,6 +70,7 @@ pub mod program_names {
         RECVMSG6,
         GETPEERNAME4,
         GETPEERNAME6,
+        SOCKOPS,
     ];
 }
 
@@ -74,6 +87,19 @@ pub mod sizes {
     pub const MAX_AFFINITY: u32 = 131_072;
     /// Reverse translations of live sockets (LRU: a socket that closed ages out).
     pub const MAX_REVNAT: u32 = 262_144;
+    /// Live TCP connections tracked at once; entries are allocated on insert.
+    pub const MAX_CONNS: u32 = 262_144;
+    /// Bytes of the connection event ring buffer (about 7,000 records).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+}
+
+/// Indexes of the `mesh_drops` per-CPU array.
+pub mod drop_counters {
+    /// A connection record did not fit in the ring buffer (the agent was too slow or down).
+    pub const EVENTS: u32 = 0;
+    /// A new connection could not be tracked (`mesh_conns` full).
+    pub const CONNS: u32 = 1;
+    pub const COUNT: u32 = 2;
 }
 
 /// Entries in a Maglev lookup table. Prime, and well above 100 x the backends a table is meant
@@ -234,7 +260,71 @@ pub struct RevNatValue {
     pub addr: Addr,
     pub port_be: u16,
     pub _pad16: u16,
+    /// The service the socket was balanced for, for the connection record.
+    pub service_id: u32,
+}
+
+/// `ConnValue::direction`
+pub mod direction {
+    /// This socket connect()ed (the client side).
+    pub const OUTBOUND: u8 = 1;
+    /// This socket was accept()ed (the server side).
+    pub const INBOUND: u8 = 2;
+}
+
+/// `mesh_conns` value, keyed by socket cookie: one TCP connection of the attached cgroup.
+/// Counters are the kernel's own (tcp_sock), refreshed on state changes and at most once a
+/// second from RTT samples, and exact in the close record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    /// `bpf_ktime_get_ns()` when the connection was established.
+    pub start_ns: u64,
+    pub updated_ns: u64,
+    /// Bytes sent and acknowledged by the peer.
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Payload bytes that bypassed TCP through same-node redirection (sk_msg).
+    pub redirected_sent: u64,
+    pub redirected_received: u64,
+    pub local: Addr,
+    pub remote: Addr,
+    /// The Service address dialled (outbound connections balanced by mesh), else zero.
+    pub service_addr: Addr,
+    /// Ports in host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub service_port: u16,
+    /// `direction::*`
+    pub direction: u8,
+    pub _pad8: u8,
+    pub segs_in: u32,
+    pub segs_out: u32,
+    pub retransmits: u32,
+    /// Smoothed RTT in microseconds (the kernel keeps it x8; this is the real value).
+    pub srtt_us: u32,
+    /// The service id the connection was balanced for, 0 if none.
+    pub service_id: u32,
     pub _pad32: u32,
+}
+
+/// `ConnEvent::kind`
+pub mod conn_event {
+    pub const OPENED: u32 = 1;
+    pub const CLOSED: u32 = 2;
+}
+
+/// A record in `mesh_events`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnEvent {
+    /// `conn_event::*`
+    pub kind: u32,
+    pub _pad: u32,
+    pub cookie: u64,
+    /// `bpf_ktime_get_ns()` of the event.
+    pub at_ns: u64,
+    pub conn: ConnValue,
 }
 
 #[cfg(feature = "user")]
@@ -255,6 +345,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for ConnEvent {}
 }
 
 #[cfg(test)]
@@ -272,6 +364,8 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);
+        assert_eq!(size_of::<ConnValue>(), 128);
+        assert_eq!(size_of::<ConnEvent>(), 152);
     }
 
     #[test]

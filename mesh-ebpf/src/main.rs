@@ -8,6 +8,8 @@
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sock_ops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

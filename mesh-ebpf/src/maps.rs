@@ -2,10 +2,10 @@
 //! Names, sizes and layouts come from mesh-common.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
     RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, sizes,
 };
 
@@ -43,3 +43,25 @@ pub static META: Array<u32> = Array::pinned(1, 0);
 /// Service names for `mesh services`; only the agent reads and writes it.
 #[map(name = "mesh_names")]
 pub static NAMES: HashMap<u32, ServiceName> = HashMap::pinned(sizes::MAX_SERVICES, 0);
+
+/// Live connections by socket cookie; entries allocated on insert (most of the capacity is
+/// usually unused).
+#[map(name = "mesh_conns")]
+pub static CONNS: HashMap<u64, ConnValue> = HashMap::pinned(sizes::MAX_CONNS, NO_PREALLOC);
+
+/// Connection open/close records for the agent (5.8+).
+#[map(name = "mesh_events")]
+pub static EVENTS: RingBuf = RingBuf::pinned(sizes::EVENTS_BYTES, 0);
+
+/// What had to be dropped, per CPU (no atomics needed; 5.10 has no fetch-add results).
+#[map(name = "mesh_drops")]
+pub static DROPS: PerCpuArray<u64> = PerCpuArray::pinned(drop_counters::COUNT, 0);
+
+/// Counts one drop of kind `index` (`drop_counters::*`).
+#[inline(always)]
+pub fn count_drop(index: u32) {
+    if let Some(n) = DROPS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot, touched only by this CPU with preemption off.
+        unsafe { *n += 1 };
+    }
+}

@@ -149,7 +149,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         addr: vip,
         port_be: vport_be,
         _pad16: 0,
-        _pad32: 0,
+        service_id,
     };
     // A full LRU map evicts its oldest entry; failure here only loses the reverse translation.
     let _ = REVNAT.insert(&rev_key, &rev_value, 0);

@@ -2,7 +2,7 @@
 //! attached to a scratch cgroup, then removed), not a guess from the kernel version.
 use std::{fs, path::Path};
 
-use aya::{EbpfLoader, programs::{CgroupAttachMode, CgroupSockAddr}};
+use aya::EbpfLoader;
 use mesh_common::program_names;
 use serde::Serialize;
 
@@ -77,16 +77,14 @@ fn probe_programs(cgroup_root: &Path, pins: &Path) -> Vec<CheckRow> {
         let cgroup = fs::File::open(&scratch).map_err(|e| e.to_string())?;
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins).load(PROGRAMS).map_err(|e| format!("loading: {e}"))?;
         for name in program_names::ALL {
-            let attached = (|| -> Result<String, String> {
-                let program: &mut CgroupSockAddr =
-                    ebpf.program_mut(name).ok_or("not in the object")?.try_into().map_err(|e| format!("{e}"))?;
-                program.load().map_err(|e| format!("load: {e:?}"))?;
-                let id = program.attach(&cgroup, CgroupAttachMode::Single).map_err(|e| format!("attach: {e}"))?;
-                program.detach(id).map_err(|e| format!("detach: {e}"))?;
-                Ok("loads and attaches".into())
-            })();
+            let attached = crate::ebpf::loader::attach_or_adopt(&mut ebpf, name, pins, &cgroup)
+                .map(|()| "loads and attaches".to_owned())
+                .map_err(|e| format!("{e:#}"));
             rows.push(row(format!("program {name}"), attached));
         }
+        // Unpinning the links detaches the programs from the scratch cgroup.
+        drop(ebpf);
+        let _ = crate::ebpf::loader::teardown(pins);
         Ok(())
     })();
     if let Err(e) = result {

@@ -132,7 +132,7 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) ->
 /// Loads program `name` and makes its pinned cgroup link run it: a link pinned by an earlier
 /// agent gets the new program swapped in atomically (BPF_LINK_UPDATE); otherwise the program is
 /// attached and its link pinned.
-fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
+pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
     let pin = link_pin(pin_dir, name);
     let program = ebpf.program_mut(name).expect("every program in program_names is in the object");
     let pin_error = |e: String| LoadError::PinLink(name, pin.clone(), e);
