@@ -281,8 +281,9 @@ pub struct ConnValue {
     /// `bpf_ktime_get_ns()` when the connection was established.
     pub start_ns: u64,
     pub updated_ns: u64,
-    /// Bytes sent and acknowledged by the peer.
+    /// Payload bytes sent and acknowledged by the peer.
     pub bytes_sent: u64,
+    /// Payload bytes received.
     pub bytes_received: u64,
     /// Payload bytes that bypassed TCP through same-node redirection (sk_msg).
     pub redirected_sent: u64,
@@ -297,7 +298,9 @@ pub struct ConnValue {
     pub service_port: u16,
     /// `direction::*`
     pub direction: u8,
-    pub _pad8: u8,
+    /// `fin::*`: which FINs were seen, to count payload bytes only (a FIN, like a SYN, takes a
+    /// sequence number and so counts in the kernel's byte counters).
+    pub fins: u8,
     pub segs_in: u32,
     pub segs_out: u32,
     pub retransmits: u32,
@@ -305,7 +308,17 @@ pub struct ConnValue {
     pub srtt_us: u32,
     /// The service id the connection was balanced for, 0 if none.
     pub service_id: u32,
-    pub _pad32: u32,
+    /// The kernel's `bytes_acked` at establishment: 1 for the SYN of a connect()ed socket, 0
+    /// for an accept()ed one. Subtracted to count payload only.
+    pub acked_at_start: u32,
+}
+
+/// `ConnValue::fins`
+pub mod fin {
+    /// This side sent a FIN (it entered FIN_WAIT1 or LAST_ACK).
+    pub const SENT: u8 = 1;
+    /// The peer's FIN arrived.
+    pub const RECEIVED: u8 = 2;
 }
 
 /// `ConnEvent::kind`

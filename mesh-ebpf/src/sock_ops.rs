@@ -1,5 +1,9 @@
 //! sock_ops: per-connection counters for every TCP connection of the attached cgroup.
 //!
+//! Byte counts are payload only: the kernel's counters also include the SYN and each FIN
+//! (one sequence number each), which the program subtracts, tracking FINs through the state
+//! callbacks.
+//!
 //! A connection gets an entry in `mesh_conns` (keyed by socket cookie) and an OPENED record
 //! when it is established, and a CLOSED record with its final counters when it reaches
 //! TCP_CLOSE, at which point the entry is deleted: the map never holds dead connections.
@@ -17,13 +21,14 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
         bpf_sock_ops,
     },
     helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{Addr, ConnEvent, ConnValue, RevNatKey, conn_event, direction, drop_counters};
+use mesh_common::{Addr, ConnEvent, ConnValue, RevNatKey, conn_event, direction, drop_counters, fin};
 
 use crate::maps::{CONNS, EVENTS, REVNAT, count_drop};
 
@@ -41,7 +46,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, direction::OUTBOUND),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, direction::INBOUND),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => closed(&ctx),
+        BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
         BPF_SOCK_OPS_RTT_CB => refresh_live(&ctx),
         _ => {}
     }
@@ -109,6 +114,8 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             conn.service_id = original.service_id;
         }
     }
+    // SAFETY: valid context; a full socket in this callback.
+    conn.acked_at_start = unsafe { (*ops).bytes_acked } as u32;
     read_counters(ops, &mut conn, start);
     if CONNS.insert(&cookie, &conn, 0).is_err() {
         count_drop(drop_counters::CONNS);
@@ -118,14 +125,28 @@ fn established(ctx: &SockOpsContext, dir: u8) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
+/// Notes FINs on the way to TCP_CLOSE; at TCP_CLOSE, sends the final record and forgets the
+/// connection.
 #[inline(always)]
-fn closed(ctx: &SockOpsContext) {
+fn state_changed(ctx: &SockOpsContext) {
+    let (old, new) = (ctx.arg(0), ctx.arg(1));
     let cookie = cookie(ctx);
     let Some(conn) = CONNS.get_ptr_mut(&cookie) else { return };
-    let at = now();
-    // SAFETY: pointer from a successful lookup, used before the entry is deleted; counters are
-    // updated in place to keep the stack small (the verifier allows 512 bytes).
+    // SAFETY: pointer from a successful lookup; this socket's callbacks run under its lock.
+    // Counters are updated in place to keep the stack small (the verifier allows 512 bytes).
     unsafe {
+        match new {
+            BPF_TCP_FIN_WAIT1 | BPF_TCP_LAST_ACK => (*conn).fins |= fin::SENT,
+            BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING => (*conn).fins |= fin::RECEIVED,
+            // The full socket leaves FIN_WAIT2 or CLOSING for TIME_WAIT (seen here as CLOSE)
+            // when the peer's FIN arrives; a FIN_WAIT2 timeout would also get here, off by one.
+            BPF_TCP_CLOSE if old == BPF_TCP_FIN_WAIT2 => (*conn).fins |= fin::RECEIVED,
+            _ => {}
+        }
+        if new != BPF_TCP_CLOSE {
+            return;
+        }
+        let at = now();
         read_counters(ctx.ops, &mut *conn, at);
         emit(conn_event::CLOSED, cookie, at, &*conn);
     }
@@ -151,8 +172,17 @@ fn read_counters(ops: *mut bpf_sock_ops, conn: &mut ConnValue, at: u64) {
     // SAFETY: the context is valid for the program's run; these fields are readable for full
     // sockets, which every callback handled here has.
     unsafe {
-        conn.bytes_sent = (*ops).bytes_acked;
-        conn.bytes_received = (*ops).bytes_received;
+        // Payload only: the kernel's counters also count the SYN and FINs, one each.
+        let mut acked = (*ops).bytes_acked.saturating_sub(conn.acked_at_start as u64);
+        if conn.fins & fin::SENT != 0 && (*ops).snd_una == (*ops).snd_nxt {
+            acked = acked.saturating_sub(1);
+        }
+        let mut received = (*ops).bytes_received;
+        if conn.fins & fin::RECEIVED != 0 {
+            received = received.saturating_sub(1);
+        }
+        conn.bytes_sent = acked;
+        conn.bytes_received = received;
         conn.segs_in = (*ops).segs_in;
         conn.segs_out = (*ops).segs_out;
         conn.retransmits = (*ops).total_retrans;

@@ -11,12 +11,19 @@ use anyhow::Context as _;
 use hyper::{Method, StatusCode};
 use tokio::{signal::unix::SignalKind, sync::watch};
 
+use mesh_common::drop_counters;
+
 use crate::{
     admin,
     ebpf::{loader, maps::PinnedMaps},
     host, sources,
-    state::{Catalog, NodeContext, desired_services},
-    sync::Reconciler,
+    state::{Catalog, LbService, NodeContext, desired_services},
+    sync::{MapImage, Reconciler, frontend_key},
+    telemetry::{
+        self, FlowLog, Telemetry,
+        identity::{Identities, Named},
+        metrics::{DropLabels, MapLabels},
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -30,6 +37,9 @@ pub struct AgentOptions {
     pub readiness_addr: SocketAddr,
     pub keep_datapath: bool,
     pub bpf_log: loader::BpfLogLevel,
+    /// Prometheus `/metrics`.
+    pub metrics_addr: SocketAddr,
+    pub flow_log: FlowLog,
 }
 
 /// What readiness and the admin API report.
@@ -50,6 +60,7 @@ struct Agent {
     status: Mutex<Status>,
     /// The sources last applied or rejected, to skip events that changed nothing.
     last_sources: Mutex<Option<Vec<(PathBuf, String)>>>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Agent {
@@ -74,7 +85,9 @@ impl Agent {
             .and_then(|catalog| {
                 let desired = desired_services(&catalog, &self.opts.node);
                 let mut reconciler = self.reconciler.lock().expect("reconciler lock");
-                reconciler.reconcile(&desired).map(|stats| (desired.len(), stats)).map_err(|e| e.to_string())
+                let stats = reconciler.reconcile(&desired).map_err(|e| e.to_string())?;
+                self.update_identities(&catalog, &desired, reconciler.image());
+                Ok((desired.len(), stats))
             });
         let mut status = self.status.lock().expect("status lock");
         match result {
@@ -98,6 +111,40 @@ impl Agent {
                 self.reject(errors);
             }
         }
+    }
+
+    /// Names for the metric labels of connections to the services just applied.
+    fn update_identities(&self, catalog: &Catalog, desired: &[LbService], image: &MapImage) {
+        let services = desired
+            .iter()
+            .filter_map(|svc| {
+                let sid = image.frontends.get(&frontend_key(svc.frontend, svc.key.protocol.ip_proto()))?;
+                Some((*sid, Named { name: svc.key.service.name.clone(), namespace: svc.key.service.namespace.clone() }))
+            })
+            .collect();
+        let mut identities = self.telemetry.identities.write().expect("identities lock");
+        identities.services = services;
+        identities.workloads = Identities::workloads_of(catalog);
+    }
+
+    fn metrics(&self, method: &Method, path: &str) -> (StatusCode, String) {
+        if method != Method::GET || !matches!(path, "/metrics" | "/stats/prometheus") {
+            return (StatusCode::NOT_FOUND, "GET /metrics\n".into());
+        }
+        let metrics = &self.telemetry.metrics;
+        {
+            let reconciler = self.reconciler.lock().expect("reconciler lock");
+            let maps = reconciler.datapath();
+            if let Ok(occupancy) = maps.occupancy() {
+                for (map, n) in occupancy {
+                    metrics.map_entries.get_or_create(&MapLabels { map: map.to_owned() }).set(n as i64);
+                }
+            }
+            for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS)] {
+                metrics.dropped.get_or_create(&DropLabels { reason: reason.to_owned() }).set(maps.drops(index) as i64);
+            }
+        }
+        (StatusCode::OK, metrics.encode())
     }
 
     fn reject(&self, errors: String) {
@@ -180,6 +227,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
     let readiness_listener = admin::bind(opts.readiness_addr).await?;
+    let metrics_listener = admin::bind(opts.metrics_addr).await?;
+    let telemetry = Arc::new(Telemetry::new(&opts.flow_log).context("opening the flow log")?);
 
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
@@ -205,6 +254,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         reconciler: Mutex::new(reconciler),
         status: Mutex::new(Status { serving: adopted, ..Default::default() }),
         last_sources: Mutex::new(None),
+        telemetry: telemetry.clone(),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -213,6 +263,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (watcher, mut changes) = sources::file::watch(&opts.config, Duration::from_millis(20))
         .with_context(|| format!("watching {}", opts.config.display()))?;
     agent.reload();
+    let telemetry_task = tokio::spawn(telemetry::run(telemetry, opts.bpffs.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (quit_tx, mut quit_rx) = watch::channel(false);
@@ -224,11 +275,16 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         let agent = agent.clone();
         Arc::new(move |m, p| agent.admin(m, p, &quit_tx))
     };
+    let metrics_handler: admin::Handler = {
+        let agent = agent.clone();
+        Arc::new(move |m, p| agent.metrics(m, p))
+    };
     let servers = [
         tokio::spawn(admin::serve(admin_listener, admin_handler, shutdown_rx.clone())),
-        tokio::spawn(admin::serve(readiness_listener, readiness_handler, shutdown_rx)),
+        tokio::spawn(admin::serve(readiness_listener, readiness_handler, shutdown_rx.clone())),
+        tokio::spawn(admin::serve(metrics_listener, metrics_handler, shutdown_rx)),
     ];
-    tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, "serving");
+    tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
 
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
@@ -242,6 +298,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     }
 
     drop(watcher);
+    telemetry_task.abort();
     let _ = shutdown_tx.send(true);
     for server in servers {
         let _ = server.await;

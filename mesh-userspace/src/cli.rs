@@ -29,6 +29,16 @@ enum Command {
         #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+    /// Print live TCP connections of the attached cgroup, read from the pinned maps.
+    Conns {
+        #[arg(long)]
+        json: bool,
+        /// Redraw every second until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -70,6 +80,12 @@ struct AgentArgs {
     /// agent adopts them.
     #[arg(long)]
     keep_datapath: bool,
+    /// Prometheus metrics (/metrics).
+    #[arg(long, default_value = "0.0.0.0:15020")]
+    metrics_addr: SocketAddr,
+    /// Write a JSON line per closed connection to this file, or `-` for stdout.
+    #[arg(long, default_value = "off")]
+    flow_log: crate::telemetry::FlowLog,
     /// Log level of the kernel programs (their records join this log). Off costs nothing.
     #[arg(long, value_enum, default_value = "off")]
     bpf_log: crate::ebpf::loader::BpfLogLevel,
@@ -109,6 +125,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 readiness_addr: args.readiness_addr,
                 keep_datapath: args.keep_datapath,
                 bpf_log: args.bpf_log,
+                metrics_addr: args.metrics_addr,
+                flow_log: args.flow_log,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(app::run(opts))?;
@@ -154,6 +172,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Conns { json, watch, bpffs } => loop {
+            let rows = crate::telemetry::conns::rows(&bpffs)
+                .map_err(|e| anyhow::anyhow!("{e} (is an agent running, or was it stopped with --keep-datapath?)"))?;
+            if watch {
+                print!("\x1b[2J\x1b[H");
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                crate::telemetry::conns::print_table(&rows);
+            }
+            if !watch {
+                return Ok(ExitCode::SUCCESS);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        },
         Command::Config { command: ConfigCommand::Validate { path } } => match crate::sources::file::load_catalog(&path) {
             Ok(catalog) => {
                 println!("{}: {} Services, {} EndpointSlices: valid", path.display(), catalog.services.len(), catalog.slices.len());

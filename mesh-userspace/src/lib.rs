@@ -8,3 +8,4 @@ pub mod host;
 pub mod sources;
 pub mod state;
 pub mod sync;
+pub mod telemetry;

@@ -366,6 +366,11 @@ impl<D: crate::ebpf::Datapath> Reconciler<D> {
         Ok(stats)
     }
 
+    /// What the kernel holds, as last written (no map reads).
+    pub fn image(&self) -> &MapImage {
+        &self.current
+    }
+
     /// The kernel's view, read back from the datapath.
     pub fn kernel_image(&self) -> Result<MapImage, SyncError> {
         Ok(self.datapath.read_image()?)

@@ -173,7 +173,16 @@ pub struct Backend {
 
 impl Backend {
     pub fn start(name: &str, addrs: &[&str]) -> Self {
-        let mut child = Command::new(probe_bin())
+        Self::spawn(Command::new(probe_bin()), name, addrs)
+    }
+
+    /// A backend whose sockets belong to `cgroup` (a server on a meshed node).
+    pub fn start_in(cgroup: &TestCgroup, name: &str, addrs: &[&str]) -> Self {
+        Self::spawn(cgroup.command(probe_bin()), name, addrs)
+    }
+
+    fn spawn(mut cmd: Command, name: &str, addrs: &[&str]) -> Self {
+        let mut child = cmd
             .arg("serve")
             .arg(name)
             .args(addrs)
@@ -226,6 +235,7 @@ pub struct Agent {
 
 pub const ADMIN: &str = "127.0.0.1:15000";
 pub const READINESS: &str = "127.0.0.1:15021";
+pub const METRICS: &str = "127.0.0.1:15020";
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Self {
@@ -244,7 +254,7 @@ impl Agent {
             .arg(&spec.cgroup.path)
             .arg("--bpffs")
             .arg(&agent.bpffs)
-            .args(["--node", spec.node, "--admin-addr", ADMIN, "--readiness-addr", READINESS])
+            .args(["--node", spec.node, "--admin-addr", ADMIN, "--readiness-addr", READINESS, "--metrics-addr", METRICS])
             .stdout(Stdio::null())
             .stderr(fs::File::create(&agent.log).expect("log file"));
         if let Some(zone) = spec.zone {
@@ -294,6 +304,18 @@ impl Agent {
 
     pub fn readiness(&self) -> (u16, String) {
         http_get(READINESS, "/healthz/ready").expect("GET /healthz/ready")
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        let (code, body) = http_get(METRICS, "/metrics").expect("GET /metrics");
+        assert_eq!(code, 200, "{body}");
+        body
+    }
+
+    /// Sum of the samples of `name` whose labels contain every `key="value"` of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_value(&self.metrics(), name, labels)
     }
 
     /// Entries per map, as `/config_dump` reports them.
@@ -380,6 +402,19 @@ pub fn names(answer: &Value) -> Vec<(String, u64)> {
         .as_object()
         .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
         .unwrap_or_default()
+}
+
+/// Sum of the samples of `name` in Prometheus text whose labels include all of `labels`.
+pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
+            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
+                .then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// The backend names of a probe answer, sorted.

@@ -2,9 +2,9 @@
 //! `mesh services` reads them while the agent is down.
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError};
+use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
     ServiceValue, SlotKey, SlotValue, map_names,
 };
 
@@ -20,6 +20,9 @@ pub struct PinnedMaps {
     names: HashMap<MapData, u32, ServiceName>,
     /// Kernel-written; the agent only sweeps out the entries of deleted services.
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
+    /// Kernel-written; read for occupancy.
+    conns: HashMap<MapData, u64, ConnValue>,
+    drops: PerCpuArray<MapData, u64>,
 }
 
 fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
@@ -49,6 +52,9 @@ impl PinnedMaps {
             maglev: open_hash(dir, map_names::MAGLEV)?,
             names: open_hash(dir, map_names::NAMES)?,
             affinity: open_hash(dir, map_names::AFFINITY)?,
+            conns: open_hash(dir, map_names::CONNS)?,
+            drops: PerCpuArray::try_from(open_map(dir, map_names::DROPS)?)
+                .map_err(|source| DatapathError::Open { path: dir.join(map_names::DROPS), source })?,
         })
     }
 
@@ -94,6 +100,11 @@ impl PinnedMaps {
         Ok(())
     }
 
+    /// The kernel's drop counters (`drop_counters::*`), summed over CPUs.
+    pub fn drops(&self, index: u32) -> u64 {
+        self.drops.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
+    }
+
     /// Entries per map, for `/config_dump` and leak checks.
     pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
         let image = self.read_image()?;
@@ -105,6 +116,7 @@ impl PinnedMaps {
             (map_names::MAGLEV, image.maglev.len()),
             (map_names::NAMES, image.names.len()),
             (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
+            (map_names::CONNS, self.conns.keys().filter(Result::is_ok).count()),
         ]
         .into_iter()
         .collect())

@@ -1,0 +1,189 @@
+//! L4 telemetry from the kernel's connection records: Istio-compatible Prometheus metrics, a
+//! JSON flow log of closed connections, and the live connection table behind `mesh conns`.
+//!
+//! The kernel writes an OPENED and a CLOSED record per connection to a ring buffer; byte
+//! counters of long-lived connections are also read from `mesh_conns` every few seconds, so
+//! counters grow while a connection lives, as Istio's do, and end exact at close.
+pub mod conns;
+pub mod identity;
+pub mod metrics;
+
+use std::{
+    collections::HashMap,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use aya::maps::{MapData, RingBuf};
+use mesh_common::{ConnEvent, ConnValue, conn_event, map_names};
+
+use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
+
+/// How often live connections' byte counters are folded into the metrics.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Where closed-connection records go, one JSON object a line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FlowLog {
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for FlowLog {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "" | "off" => FlowLog::Off,
+            "-" | "stdout" => FlowLog::Stdout,
+            path => FlowLog::File(path.into()),
+        })
+    }
+}
+
+/// Bytes already counted for a live connection, to add only the difference.
+#[derive(Debug, Default, Clone, Copy)]
+struct Reported {
+    sent: u64,
+    received: u64,
+}
+
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub identities: RwLock<Identities>,
+    reported: Mutex<HashMap<u64, Reported>>,
+    flow_log: Mutex<Option<Box<dyn Write + Send>>>,
+}
+
+impl Telemetry {
+    pub fn new(flow_log: &FlowLog) -> std::io::Result<Self> {
+        let writer: Option<Box<dyn Write + Send>> = match flow_log {
+            FlowLog::Off => None,
+            FlowLog::Stdout => Some(Box::new(std::io::stdout())),
+            FlowLog::File(path) => Some(Box::new(std::io::LineWriter::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
+            ))),
+        };
+        Ok(Self {
+            metrics: Metrics::default(),
+            identities: RwLock::new(Identities::default()),
+            reported: Mutex::new(HashMap::new()),
+            flow_log: Mutex::new(writer),
+        })
+    }
+
+    /// Folds one kernel record into the metrics (and the flow log, for CLOSED).
+    pub fn record(&self, event: &ConnEvent) {
+        let labels = self.identities.read().expect("identities lock").labels(&event.conn);
+        match event.kind {
+            conn_event::OPENED => {
+                self.metrics.opened.get_or_create(&labels).inc();
+                self.reported.lock().expect("reported lock").insert(event.cookie, Reported::default());
+            }
+            conn_event::CLOSED => {
+                self.add_bytes(event.cookie, &event.conn, &labels, true);
+                self.metrics.closed.get_or_create(&labels).inc();
+                self.write_flow(event, &labels);
+            }
+            _ => {}
+        }
+    }
+
+    /// Adds the bytes a connection moved since they were last counted.
+    fn add_bytes(&self, cookie: u64, conn: &ConnValue, labels: &metrics::TcpLabels, closing: bool) {
+        let mut reported = self.reported.lock().expect("reported lock");
+        let before = if closing { reported.remove(&cookie) } else { reported.get(&cookie).copied() }.unwrap_or_default();
+        // Istio's point of view: "sent" is the response (server to client), "received" the
+        // request, whichever side reports.
+        let (sent, received) = istio_bytes(conn);
+        self.metrics.sent_bytes.get_or_create(labels).inc_by(sent.saturating_sub(before.sent));
+        self.metrics.received_bytes.get_or_create(labels).inc_by(received.saturating_sub(before.received));
+        if !closing {
+            reported.insert(cookie, Reported { sent, received });
+        }
+    }
+
+    /// Counts the bytes of live connections (see SCAN_INTERVAL).
+    pub fn scan_live(&self, pin_dir: &Path) {
+        let Ok(rows) = conns::read(pin_dir) else { return };
+        let identities = self.identities.read().expect("identities lock");
+        for (cookie, conn) in rows {
+            let labels = identities.labels(&conn);
+            self.add_bytes(cookie, &conn, &labels, false);
+        }
+    }
+
+    fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {
+        let mut flow_log = self.flow_log.lock().expect("flow log lock");
+        let Some(writer) = flow_log.as_mut() else { return };
+        let row = ConnRow::new(event.cookie, &event.conn, event.at_ns);
+        let line = serde_json::json!({
+            "event": "tcp_close",
+            "reporter": labels.reporter,
+            "source_workload": labels.source_workload,
+            "destination_service": labels.destination_service,
+            "destination_workload": labels.destination_workload,
+            "connection": row,
+        });
+        if writeln!(writer, "{line}").is_err() {
+            tracing::warn!("flow log write failed; disabling the flow log");
+            *flow_log = None;
+        }
+    }
+}
+
+/// (sent, received) in Istio's sense for a connection seen from either side.
+fn istio_bytes(conn: &ConnValue) -> (u64, u64) {
+    let out = conn.bytes_sent + conn.redirected_sent;
+    let inn = conn.bytes_received + conn.redirected_received;
+    if conn.direction == mesh_common::direction::OUTBOUND { (inn, out) } else { (out, inn) }
+}
+
+/// Reads connection records from the pinned ring buffer until the task is dropped, and scans
+/// live connections every SCAN_INTERVAL.
+pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
+    let ring = match open_events(&pin_dir) {
+        Ok(ring) => ring,
+        Err(e) => {
+            tracing::error!("connection records unavailable: {e}");
+            return;
+        }
+    };
+    // SAFETY: the ring buffer owns its descriptor, open and unchanged while the AsyncFd owns it.
+    let registered = unsafe { tokio::io::unix::AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let Ok(mut ring) = registered else {
+        tracing::error!("cannot poll the connection ring buffer");
+        return;
+    };
+    let mut scan = tokio::time::interval(SCAN_INTERVAL);
+    loop {
+        tokio::select! {
+            ready = ring.readable_mut() => {
+                let Ok(mut ready) = ready else { return };
+                drain(ready.get_inner_mut(), &telemetry);
+                ready.clear_ready();
+            }
+            _ = scan.tick() => telemetry.scan_live(&pin_dir),
+        }
+    }
+}
+
+fn drain(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) {
+    while let Some(item) = ring.next() {
+        if item.len() < size_of::<ConnEvent>() {
+            continue;
+        }
+        // SAFETY: the kernel writes whole ConnEvents; read_unaligned copies it out.
+        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnEvent>()) };
+        telemetry.record(&event);
+    }
+}
+
+fn open_events(pin_dir: &Path) -> Result<RingBuf<MapData>, String> {
+    let path = pin_dir.join(map_names::EVENTS);
+    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let map = aya::maps::Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
+    RingBuf::try_from(map).map_err(|e| format!("{}: {e}", path.display()))
+}

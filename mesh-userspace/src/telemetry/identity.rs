@@ -1,0 +1,108 @@
+//! Who is on each end of a connection, for metric labels: Services by the id the kernel
+//! recorded, workloads by IP address from the EndpointSlices' `targetRef`s.
+use std::{collections::HashMap, net::IpAddr};
+
+use mesh_common::{ConnValue, direction};
+
+use super::metrics::TcpLabels;
+use crate::{state::Catalog, sync::ip_of};
+
+const UNKNOWN: &str = "unknown";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub namespace: String,
+}
+
+#[derive(Debug, Default)]
+pub struct Identities {
+    /// service id → the Service.
+    pub services: HashMap<u32, Named>,
+    /// endpoint IP → its workload.
+    pub workloads: HashMap<IpAddr, Named>,
+}
+
+impl Identities {
+    /// Workloads of every endpoint of `catalog` that names its pod.
+    pub fn workloads_of(catalog: &Catalog) -> HashMap<IpAddr, Named> {
+        let mut out = HashMap::new();
+        for slice in catalog.slices.values() {
+            for ep in &slice.endpoints {
+                if let Some(pod) = &ep.workload {
+                    out.insert(ep.addr, Named { name: workload_of_pod(pod), namespace: slice.key.namespace.clone() });
+                }
+            }
+        }
+        out
+    }
+
+    /// The labels of a connection, with bounded values: names from configuration or
+    /// "unknown", never addresses or ports.
+    pub fn labels(&self, c: &ConnValue) -> TcpLabels {
+        let outbound = c.direction == direction::OUTBOUND;
+        let (client, server) = if outbound { (ip_of(&c.local), ip_of(&c.remote)) } else { (ip_of(&c.remote), ip_of(&c.local)) };
+        let source = self.workloads.get(&client);
+        let destination = self.workloads.get(&server);
+        let service = self.services.get(&c.service_id).filter(|_| c.service_id != 0);
+        let name = |n: Option<&Named>| n.map_or_else(|| UNKNOWN.to_owned(), |n| n.name.clone());
+        let namespace = |n: Option<&Named>| n.map_or_else(|| UNKNOWN.to_owned(), |n| n.namespace.clone());
+        TcpLabels {
+            reporter: if outbound { "source" } else { "destination" }.to_owned(),
+            source_workload: name(source),
+            source_workload_namespace: namespace(source),
+            destination_service: service
+                .map_or_else(|| UNKNOWN.to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace)),
+            destination_service_name: name(service),
+            destination_service_namespace: namespace(service),
+            destination_workload: name(destination),
+            destination_workload_namespace: namespace(destination),
+        }
+    }
+}
+
+/// A pod's workload name, as Istio derives it without the pod object: a Deployment's pod
+/// `web-7d4f8b9c6-x2x9k` is `web`, a StatefulSet's `db-0` is `db`; anything else is itself.
+pub fn workload_of_pod(pod: &str) -> String {
+    let parts: Vec<&str> = pod.split('-').collect();
+    let alnum = |s: &str, lens: std::ops::RangeInclusive<usize>| lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    match parts.as_slice() {
+        [head @ .., hash, id] if head.len() >= 1 && alnum(hash, 6..=10) && alnum(id, 5..=5) => head.join("-"),
+        [head @ .., ordinal] if head.len() >= 1 && !ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()) => head.join("-"),
+        _ => pod.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_names_drop_controller_suffixes() {
+        assert_eq!(workload_of_pod("web-7d4f8b9c6-x2x9k"), "web");
+        assert_eq!(workload_of_pod("my-api-5c9d7b8f4d-abcde"), "my-api");
+        assert_eq!(workload_of_pod("db-0"), "db");
+        assert_eq!(workload_of_pod("standalone"), "standalone");
+    }
+
+    #[test]
+    fn labels_come_from_configuration_or_are_unknown() {
+        let mut ids = Identities::default();
+        ids.services.insert(7, Named { name: "web".into(), namespace: "shop".into() });
+        ids.workloads.insert("10.0.0.2".parse().unwrap(), Named { name: "web".into(), namespace: "shop".into() });
+        let conn = ConnValue {
+            direction: direction::OUTBOUND,
+            local: crate::sync::addr_of("10.0.0.1".parse().unwrap()),
+            remote: crate::sync::addr_of("10.0.0.2".parse().unwrap()),
+            service_id: 7,
+            ..Default::default()
+        };
+        let l = ids.labels(&conn);
+        assert_eq!(l.reporter, "source");
+        assert_eq!(l.destination_service, "web.shop.svc.cluster.local");
+        assert_eq!(l.destination_workload, "web");
+        assert_eq!(l.source_workload, "unknown");
+        let unbalanced = ids.labels(&ConnValue { service_id: 0, ..conn });
+        assert_eq!(unbalanced.destination_service, "unknown");
+    }
+}

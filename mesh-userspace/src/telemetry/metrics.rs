@@ -1,0 +1,75 @@
+//! The Prometheus registry: Istio's TCP metrics (same names and labels, so existing dashboards
+//! and Kiali work) and mesh's own health as `mesh_*`.
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Labels of the TCP metrics. Every value is a name from configuration or "unknown": label
+/// cardinality is bounded by the number of services and workloads.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MapLabels {
+    pub map: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub opened: Family<TcpLabels, Counter>,
+    pub closed: Family<TcpLabels, Counter>,
+    pub sent_bytes: Family<TcpLabels, Counter>,
+    pub received_bytes: Family<TcpLabels, Counter>,
+    pub map_entries: Family<MapLabels, Gauge>,
+    /// Totals of the kernel's per-CPU drop counters, set at scrape time.
+    pub dropped: Family<DropLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let opened = Family::<TcpLabels, Counter>::default();
+        let closed = Family::<TcpLabels, Counter>::default();
+        let sent_bytes = Family::<TcpLabels, Counter>::default();
+        let received_bytes = Family::<TcpLabels, Counter>::default();
+        let map_entries = Family::<MapLabels, Gauge>::default();
+        let dropped = Family::<DropLabels, Gauge>::default();
+        // prometheus-client appends `_total` to counters.
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", closed.clone());
+        registry.register("istio_tcp_sent_bytes", "Bytes sent in responses (server to client)", sent_bytes.clone());
+        registry.register("istio_tcp_received_bytes", "Bytes received in requests (client to server)", received_bytes.clone());
+        registry.register("mesh_map_entries", "Entries in each pinned map", map_entries.clone());
+        registry.register(
+            "mesh_kernel_dropped_records",
+            "Records the kernel could not keep: reason=events (ring buffer full), conns (connection map full)",
+            dropped.clone(),
+        );
+        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped }
+    }
+}
+
+impl Metrics {
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
+        out
+    }
+}

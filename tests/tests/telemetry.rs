@@ -1,0 +1,163 @@
+//! L4 telemetry from the kernel's connection records: metrics, flow log, `mesh conns`.
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+};
+
+use mesh_tests::*;
+
+const VIP: &str = "10.96.0.10:80";
+const SERVICE: (&str, &str) = ("destination_service", "web.test.svc.cluster.local");
+
+fn ready3() -> Vec<Endpoint<'static>> {
+    vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12"), Endpoint::ready("127.0.0.13")]
+}
+
+fn three_backends() -> [Backend; 3] {
+    [
+        Backend::start("b1", &["127.0.0.11:8080"]),
+        Backend::start("b2", &["127.0.0.12:8080"]),
+        Backend::start("b3", &["127.0.0.13:8080"]),
+    ]
+}
+
+#[test]
+fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("metrics");
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(ready3()).render(), &cgroup));
+        let answer = cgroup.probe(&["tcp", VIP, "50"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+
+        let source = [("reporter", "source"), SERVICE];
+        wait_until(
+            || agent.metric("istio_tcp_connections_closed_total", &source) == 50.0,
+            || agent.metrics(),
+        );
+        assert_eq!(agent.metric("istio_tcp_connections_opened_total", &source), 50.0);
+        // Each connection: request "hello\n" (6 bytes), response "bN:hello\n" (9 bytes).
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &source), 50.0 * 6.0, "{}", agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_sent_bytes_total", &source), 50.0 * 9.0, "{}", agent.metrics());
+        // Workloads come from the EndpointSlice; the backends have no targetRef here.
+        assert_eq!(agent.metric("istio_tcp_connections_closed_total", &[("destination_workload", "unknown")]), 50.0);
+        assert_eq!(agent.metric("mesh_kernel_dropped_records", &[("reason", "events")]), 0.0);
+
+        // Traffic to no Service is counted too, as destination_service="unknown".
+        cgroup.probe(&["tcp", "127.0.0.12:8080", "4"]);
+        wait_until(
+            || agent.metric("istio_tcp_connections_closed_total", &[("destination_service", "unknown")]) == 4.0,
+            || agent.metrics(),
+        );
+        agent.stop();
+    });
+}
+
+#[test]
+fn thousands_of_short_connections_leave_no_connection_entries() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("churn");
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(ready3()).render(), &cgroup));
+        let answer = cgroup.probe(&["tcp", VIP, "3000"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        wait_until(
+            || agent.metric("istio_tcp_connections_closed_total", &[SERVICE]) == 3000.0,
+            || agent.metrics(),
+        );
+        // Every close deleted its entry: nothing lingers for dead connections.
+        assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
+        assert_eq!(agent.metric("mesh_kernel_dropped_records", &[]), 0.0);
+        agent.stop();
+    });
+}
+
+#[test]
+fn the_flow_log_has_one_line_per_closed_connection() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("flowlog");
+        let log = std::env::temp_dir().join(unique_name("flows.jsonl"));
+        let log_arg = log.to_str().unwrap().to_owned();
+        let yaml = ServiceYaml::web(ready3()).render();
+        let agent = Agent::start(AgentSpec { extra_args: vec!["--flow-log", &log_arg], ..AgentSpec::new(&yaml, &cgroup) });
+        cgroup.probe(&["tcp", VIP, "20"]);
+        let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+        wait_until(|| lines().lines().count() == 20, || lines());
+        for line in lines().lines() {
+            let flow: Value = serde_json::from_str(line).expect("JSON line");
+            assert_eq!(flow["event"], "tcp_close");
+            assert_eq!(flow["destination_service"], SERVICE.1);
+            assert_eq!(flow["connection"]["service_address"], VIP, "{flow}");
+            assert_eq!(flow["connection"]["bytes_sent"], 6, "{flow}");
+            assert_eq!(flow["connection"]["bytes_received"], 9, "{flow}");
+        }
+        agent.stop();
+        let _ = std::fs::remove_file(&log);
+    });
+}
+
+#[test]
+fn mesh_conns_shows_live_connections_even_without_the_agent() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("conns");
+        let yaml = ServiceYaml::web(ready3()).render();
+        let agent = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
+        let bpffs = agent.bpffs.clone();
+        let mut held = cgroup
+            .command(probe_bin())
+            .args(["hold", VIP])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("hold");
+        let mut stdin = held.stdin.take().unwrap();
+        let mut stdout = BufReader::new(held.stdout.take().unwrap());
+        let mut ask = |line: &str| {
+            writeln!(stdin, "{line}").unwrap();
+            let mut answer = String::new();
+            stdout.read_line(&mut answer).unwrap();
+            answer
+        };
+        let first = ask("one");
+        let backend = format!("127.0.0.1{}:8080", &serde_json::from_str::<Value>(&first).unwrap()["answer"].as_str().unwrap()[1..2]);
+        agent.stop();
+
+        let conns = || -> Value {
+            serde_json::from_str(&run(Command::new(mesh_bin()).args(["conns", "--json", "--bpffs", bpffs.to_str().unwrap()]))).unwrap()
+        };
+        let rows = conns();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!(rows[0]["direction"], "outbound");
+        assert_eq!(rows[0]["service_address"], VIP);
+        assert_eq!(rows[0]["destination"], backend);
+        // Counters refresh from RTT samples at most once a second.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        ask("two");
+        wait_until(|| conns()[0]["bytes_sent"].as_u64() == Some(8), || conns().to_string());
+        drop(stdin);
+        held.wait().unwrap();
+        remove_pins(&bpffs);
+    });
+}
+
+#[test]
+fn servers_in_the_cgroup_report_inbound_connections_as_destination() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("inbound");
+        let _server = Backend::start_in(&cgroup, "s1", &["127.0.0.21:9000"]);
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(vec![]).render(), &cgroup));
+        // The client is outside the cgroup: only the server's side is tracked.
+        let answer = probe_outside(&["tcp", "127.0.0.21:9000", "10"]);
+        assert_eq!(names(&answer), vec![("s1".to_owned(), 10)], "{answer}");
+        let destination = [("reporter", "destination")];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &destination) == 10.0, || agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_connections_opened_total", &[("reporter", "source")]), 0.0);
+        // Istio's sense: sent = response ("s1:hello\n"), received = request ("hello\n").
+        assert_eq!(agent.metric("istio_tcp_sent_bytes_total", &destination), 10.0 * 9.0, "{}", agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &destination), 10.0 * 6.0, "{}", agent.metrics());
+        agent.stop();
+    });
+}
