@@ -366,11 +366,21 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        if !self.keep_datapath {
+        // A failed test must not leave a kept datapath behind either.
+        if !self.keep_datapath || std::thread::panicking() {
             remove_pins(&self.bpffs);
         }
         let _ = fs::remove_dir_all(&self.config_dir);
         let _ = fs::remove_file(&self.log);
+    }
+}
+
+/// Removes a pin directory when dropped: for tests that keep a datapath across agents.
+pub struct PinsGuard(pub PathBuf);
+
+impl Drop for PinsGuard {
+    fn drop(&mut self) {
+        remove_pins(&self.0);
     }
 }
 

@@ -17,6 +17,7 @@ fn restart_with_keep_datapath_loses_no_connection() {
         let yaml = web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")]);
         let first = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
         let bpffs = first.bpffs.clone();
+        let _pins = PinsGuard(bpffs.clone());
 
         let stop_file = std::env::temp_dir().join(unique_name("stop"));
         let client = cgroup
@@ -161,6 +162,7 @@ fn restart_with_another_cgroup_moves_the_datapath_there() {
         let yaml = web(vec![Endpoint::ready("127.0.0.11")]);
         let first = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &old) });
         let bpffs = first.bpffs.clone();
+        let _pins = PinsGuard(bpffs.clone());
         first.stop();
         assert_eq!(names(&old.probe(&["tcp", VIP, "2"])), vec![("b1".to_owned(), 2)]);
 

@@ -105,6 +105,7 @@ fn mesh_conns_shows_live_connections_even_without_the_agent() {
         let yaml = ServiceYaml::web(ready3()).render();
         let agent = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
         let bpffs = agent.bpffs.clone();
+        let _pins = PinsGuard(bpffs.clone());
         let mut held = cgroup
             .command(probe_bin())
             .args(["hold", VIP])
@@ -139,7 +140,6 @@ fn mesh_conns_shows_live_connections_even_without_the_agent() {
         wait_until(|| conns()[0]["bytes_sent"].as_u64() == Some(8), || conns().to_string());
         drop(stdin);
         held.wait().unwrap();
-        remove_pins(&bpffs);
     });
 }
 
