@@ -122,9 +122,7 @@ impl Agent {
                 Some((*sid, Named { name: svc.key.service.name.clone(), namespace: svc.key.service.namespace.clone() }))
             })
             .collect();
-        let mut identities = self.telemetry.identities.write().expect("identities lock");
-        identities.services = services;
-        identities.workloads = Identities::workloads_of(catalog);
+        self.telemetry.set_identities(Identities { services, workloads: Identities::workloads_of(catalog) });
     }
 
     fn metrics(&self, method: &Method, path: &str) -> (StatusCode, String) {

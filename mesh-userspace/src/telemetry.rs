@@ -17,6 +17,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use prometheus_client::metrics::counter::Counter;
 use mesh_common::{ConnEvent, ConnValue, conn_event, map_names};
 
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
@@ -52,10 +53,33 @@ struct Reported {
 
 pub struct Telemetry {
     pub metrics: Metrics,
-    pub identities: RwLock<Identities>,
+    identities: RwLock<Identities>,
+    /// Counters resolved per (direction, service, client, server): the labels of a connection
+    /// are computed once per peer pair, not per record.
+    series: Mutex<HashMap<SeriesKey, Arc<Series>>>,
     reported: Mutex<HashMap<u64, Reported>>,
     flow_log: Mutex<Option<Box<dyn Write + Send>>>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct SeriesKey {
+    direction: u8,
+    service_id: u32,
+    local: mesh_common::Addr,
+    remote: mesh_common::Addr,
+}
+
+/// The counters of one label set (prometheus-client counters share their value when cloned).
+struct Series {
+    labels: metrics::TcpLabels,
+    opened: Counter,
+    closed: Counter,
+    sent: Counter,
+    received: Counter,
+}
+
+/// Past this many cached series the cache starts over (peer pairs are unbounded in theory).
+const MAX_CACHED_SERIES: usize = 65_536;
 
 impl Telemetry {
     pub fn new(flow_log: &FlowLog) -> std::io::Result<Self> {
@@ -69,37 +93,65 @@ impl Telemetry {
         Ok(Self {
             metrics: Metrics::default(),
             identities: RwLock::new(Identities::default()),
+            series: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
             flow_log: Mutex::new(writer),
         })
     }
 
+    /// Replaces the names used for labels.
+    pub fn set_identities(&self, identities: Identities) {
+        *self.identities.write().expect("identities lock") = identities;
+        self.series.lock().expect("series lock").clear();
+    }
+
+    fn series(&self, conn: &ConnValue) -> Arc<Series> {
+        let key = SeriesKey { direction: conn.direction, service_id: conn.service_id, local: conn.local, remote: conn.remote };
+        let mut cache = self.series.lock().expect("series lock");
+        if let Some(series) = cache.get(&key) {
+            return series.clone();
+        }
+        if cache.len() >= MAX_CACHED_SERIES {
+            cache.clear();
+        }
+        let labels = self.identities.read().expect("identities lock").labels(conn);
+        let m = &self.metrics;
+        let series = Arc::new(Series {
+            opened: m.opened.get_or_create(&labels).clone(),
+            closed: m.closed.get_or_create(&labels).clone(),
+            sent: m.sent_bytes.get_or_create(&labels).clone(),
+            received: m.received_bytes.get_or_create(&labels).clone(),
+            labels,
+        });
+        cache.insert(key, series.clone());
+        series
+    }
+
     /// Folds one kernel record into the metrics (and the flow log, for CLOSED).
     pub fn record(&self, event: &ConnEvent) {
-        let labels = self.identities.read().expect("identities lock").labels(&event.conn);
+        let series = self.series(&event.conn);
         match event.kind {
-            conn_event::OPENED => {
-                self.metrics.opened.get_or_create(&labels).inc();
-                self.reported.lock().expect("reported lock").insert(event.cookie, Reported::default());
-            }
+            // Nothing to remember yet: a connection's bytes are first counted by the live scan
+            // (if it lives that long) or at close.
+            conn_event::OPENED => drop(series.opened.inc()),
             conn_event::CLOSED => {
-                self.add_bytes(event.cookie, &event.conn, &labels, true);
-                self.metrics.closed.get_or_create(&labels).inc();
-                self.write_flow(event, &labels);
+                self.add_bytes(event.cookie, &event.conn, &series, true);
+                series.closed.inc();
+                self.write_flow(event, &series.labels);
             }
             _ => {}
         }
     }
 
     /// Adds the bytes a connection moved since they were last counted.
-    fn add_bytes(&self, cookie: u64, conn: &ConnValue, labels: &metrics::TcpLabels, closing: bool) {
+    fn add_bytes(&self, cookie: u64, conn: &ConnValue, series: &Series, closing: bool) {
         let mut reported = self.reported.lock().expect("reported lock");
         let before = if closing { reported.remove(&cookie) } else { reported.get(&cookie).copied() }.unwrap_or_default();
         // Istio's point of view: "sent" is the response (server to client), "received" the
         // request, whichever side reports.
         let (sent, received) = istio_bytes(conn);
-        self.metrics.sent_bytes.get_or_create(labels).inc_by(sent.saturating_sub(before.sent));
-        self.metrics.received_bytes.get_or_create(labels).inc_by(received.saturating_sub(before.received));
+        series.sent.inc_by(sent.saturating_sub(before.sent));
+        series.received.inc_by(received.saturating_sub(before.received));
         if !closing {
             reported.insert(cookie, Reported { sent, received });
         }
@@ -108,10 +160,9 @@ impl Telemetry {
     /// Counts the bytes of live connections (see SCAN_INTERVAL).
     pub fn scan_live(&self, pin_dir: &Path) {
         let Ok(rows) = conns::read(pin_dir) else { return };
-        let identities = self.identities.read().expect("identities lock");
         for (cookie, conn) in rows {
-            let labels = identities.labels(&conn);
-            self.add_bytes(cookie, &conn, &labels, false);
+            let series = self.series(&conn);
+            self.add_bytes(cookie, &conn, &series, false);
         }
     }
 

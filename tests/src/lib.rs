@@ -182,16 +182,15 @@ impl Backend {
     }
 
     fn spawn(mut cmd: Command, name: &str, addrs: &[&str]) -> Self {
-        let mut child = cmd
-            .arg("serve")
-            .arg(name)
-            .args(addrs)
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("spawn backend");
+        Self::spawn_raw(cmd.arg("serve").arg(name).args(addrs))
+    }
+
+    /// Any server that prints a line containing "serving" once it listens.
+    pub fn spawn_raw(cmd: &mut Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("backend ready line");
-        assert!(line.contains("serving"), "backend {name} did not start: {line:?}");
+        BufReader::new(child.stdout.as_mut().expect("stdout")).read_line(&mut line).expect("server ready line");
+        assert!(line.contains("serving"), "{cmd:?} did not start: {line:?}");
         Self { child }
     }
 }

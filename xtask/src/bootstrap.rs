@@ -123,3 +123,7 @@ pub fn build(release: bool) -> anyhow::Result<()> {
 pub fn target_bin(name: &str) -> PathBuf {
     workspace_root().join("target/debug").join(name)
 }
+
+pub fn release_bin(name: &str) -> PathBuf {
+    workspace_root().join("target/release").join(name)
+}

@@ -1,6 +1,7 @@
 //! `cargo xtask`: every step a fresh machine needs, done idempotently with a line of progress
 //! each. Runs on the machine's default Rust; the project itself builds with the pinned
 //! toolchains that `bootstrap` installs.
+mod bench;
 mod bootstrap;
 mod demo;
 mod test;
@@ -25,6 +26,11 @@ enum Command {
     Test,
     /// Balance real connections over three backends, change the endpoints, watch it follow.
     Demo,
+    /// Benchmarks, as ratios against a baseline in the same run (`l4`).
+    Bench {
+        #[arg(default_value = "l4")]
+        suite: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +47,11 @@ fn main() -> anyhow::Result<()> {
             bootstrap::ensure()?;
             bootstrap::build(false)?;
             demo::run()?;
+        }
+        Command::Bench { suite } => {
+            bootstrap::ensure()?;
+            bootstrap::build(true)?;
+            bench::run(&suite)?;
         }
     }
     Ok(())

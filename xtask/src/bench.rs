@@ -1,0 +1,168 @@
+//! `cargo xtask bench l4`: what the kernel datapath costs, as ratios against a baseline in the
+//! same run. In a network namespace of its own, one client and one server pinned to their own
+//! core; variants interleaved trial by trial so drift hits all alike; medians reported.
+//!
+//! - direct: client and server outside the mesh cgroup (no program runs);
+//! - meshed: both in the cgroup, the client dials the server's own address (sock_ops counts
+//!   the connection on both ends, the agent turns the records into metrics);
+//! - vip: both in the cgroup, the client dials the Service VIP (socket LB on top of meshed).
+//!
+//! vip/meshed is what socket-level balancing costs (the targets); vip/direct is the whole
+//! mesh, per-connection telemetry included.
+use std::{collections::BTreeMap, fs, process::Command};
+
+use anyhow::Context as _;
+use mesh_tests::{Agent, AgentSpec, Backend, Endpoint, ServiceYaml, TestCgroup, in_netns};
+use serde_json::{Value, json};
+
+use crate::bootstrap::{release_bin, workspace_root};
+
+const TRIALS: usize = 5;
+const SECS: &str = "1";
+const DIRECT: &str = "127.0.0.31:7000";
+const MESHED: &str = "127.0.0.32:7000";
+const VIP: &str = "10.96.0.50:80";
+
+struct Case {
+    name: &'static str,
+    args: &'static [&'static str],
+    /// The JSON field compared.
+    metric: &'static str,
+    unit: &'static str,
+    higher_is_better: bool,
+}
+
+const CASES: &[Case] = &[
+    Case { name: "rr 1B", args: &["rr", "1", SECS], metric: "ops_per_s", unit: "round trips/s", higher_is_better: true },
+    Case { name: "rr 1B p50", args: &["rr", "1", SECS], metric: "p50_us", unit: "us", higher_is_better: false },
+    Case { name: "rr 1KiB", args: &["rr", "1024", SECS], metric: "ops_per_s", unit: "round trips/s", higher_is_better: true },
+    Case { name: "bulk 64KiB", args: &["bulk", "65536", SECS], metric: "bytes_per_s", unit: "MiB/s", higher_is_better: true },
+    Case { name: "connect+close", args: &["crr", SECS], metric: "ops_per_s", unit: "conns/s", higher_is_better: true },
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Variant {
+    Direct,
+    Meshed,
+    Vip,
+}
+
+const VARIANTS: [Variant; 3] = [Variant::Direct, Variant::Meshed, Variant::Vip];
+
+impl Variant {
+    fn name(self) -> &'static str {
+        match self {
+            Variant::Direct => "direct",
+            Variant::Meshed => "meshed",
+            Variant::Vip => "vip",
+        }
+    }
+}
+
+pub fn run(suite: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`");
+    // SAFETY: plain geteuid(2).
+    anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
+    // SAFETY: single-threaded at this point.
+    unsafe {
+        std::env::set_var("MESH_BIN", release_bin("mesh"));
+        std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
+    }
+    let results = in_netns(measure);
+    let report = report(&results);
+    let dir = workspace_root().join("target/bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("l4.json");
+    fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| path.display().to_string())?;
+    println!("\n[bench] results written to {}", path.display());
+    Ok(())
+}
+
+/// (case, variant) → one value per trial.
+type Results = BTreeMap<(&'static str, Variant), Vec<f64>>;
+
+fn measure() -> Results {
+    let cgroup = TestCgroup::new("bench");
+    let bench = release_bin("mesh-bench");
+    let _direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
+    let _meshed = Backend::spawn_raw(cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", MESHED]));
+    let service = ServiceYaml {
+        name: "bench",
+        cluster_ip: "10.96.0.50",
+        target_port: 7000,
+        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.32")])
+    };
+    let agent = Agent::start(AgentSpec::new(&service.render(), &cgroup));
+    println!("[bench] {TRIALS} trials of {SECS}s per case and variant; client on CPU 0, server on CPU 1");
+
+    let mut results = Results::new();
+    for case in CASES {
+        for trial in 0..TRIALS {
+            for variant in VARIANTS {
+                let (mut cmd, target) = match variant {
+                    Variant::Direct => (Command::new("taskset"), DIRECT),
+                    Variant::Meshed => (cgroup.command("taskset"), MESHED),
+                    Variant::Vip => (cgroup.command("taskset"), VIP),
+                };
+                cmd.args(["-c", "0"]).arg(&bench).arg(case.args[0]).arg(target).args(&case.args[1..]);
+                let out = mesh_tests::run(&mut cmd);
+                let value: Value = serde_json::from_str(out.trim()).expect("bench JSON");
+                let v = value[case.metric].as_f64().expect("metric");
+                results.entry((case.name, variant)).or_default().push(v);
+            }
+            print!("\r[bench] {:<14} trial {}/{TRIALS}", case.name, trial + 1);
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        }
+        println!();
+    }
+    agent.stop();
+    results
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn report(results: &Results) -> Value {
+    println!(
+        "\n{:<14} {:>12} {:>12} {:>12} {:>10} {:>10}  unit",
+        "case", "direct", "meshed", "vip", "vip/meshed", "vip/direct"
+    );
+    let mut cases = serde_json::Map::new();
+    for case in CASES {
+        let scale = if case.unit == "MiB/s" { 1.0 / (1024.0 * 1024.0) } else { 1.0 };
+        let value = |v: Variant| median(&results[&(case.name, v)]) * scale;
+        // A ratio above 1 is better than the baseline, whichever way the metric points.
+        let ratio = |a: f64, b: f64| if case.higher_is_better { a / b } else { b / a };
+        let (direct, meshed, vip) = (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip));
+        println!(
+            "{:<14} {:>12.1} {:>12.1} {:>12.1} {:>10.3} {:>10.3}  {}",
+            case.name,
+            direct,
+            meshed,
+            vip,
+            ratio(vip, meshed),
+            ratio(vip, direct),
+            case.unit
+        );
+        let trials: serde_json::Map<String, Value> =
+            VARIANTS.iter().map(|v| (v.name().to_owned(), json!(results[&(case.name, *v)]))).collect();
+        cases.insert(
+            case.name.to_owned(),
+            json!({
+                "unit": case.unit,
+                "higher_is_better": case.higher_is_better,
+                "direct": direct,
+                "meshed": meshed,
+                "vip": vip,
+                "vip_vs_meshed": ratio(vip, meshed),
+                "vip_vs_direct": ratio(vip, direct),
+                "trials": trials,
+            }),
+        );
+    }
+    println!("\ntargets (vip/meshed): >= 0.97 for round trips and bulk, >= 0.95 for connect+close");
+    json!({ "suite": "l4", "trials": TRIALS, "seconds_per_trial": SECS, "cases": cases })
+}
