@@ -36,13 +36,17 @@ pub mod map_names {
     pub const EVENTS: &str = "mesh_events";
     /// Per-CPU counters of what the kernel had to drop (`drop_counters`).
     pub const DROPS: &str = "mesh_drops";
+    /// Same-node redirection: local TCP sockets of the cgroup by `SockKey` (sk_msg target).
+    pub const SOCKHASH: &str = "mesh_sockhash";
+    /// `SockKey` → socket cookie, so sk_msg can count redirected bytes per connection.
+    pub const SOCK_COOKIES: &str = "mesh_sockcook";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS, EVENTS,
-        DROPS,
+        DROPS, SOCKHASH, SOCK_COOKIES,
     ];
 }
 
@@ -60,7 +64,16 @@ pub mod program_names {
     /// confuses a function and a section of the same name.
     pub const SOCKOPS: &str = "mesh_sockops";
 
-    /// The programs attached to the cgroup, in attach order.
+    /// sock_ops: puts local sockets into the sockhash for same-node redirection (5.15+: it
+    /// keys sockets by network namespace cookie).
+    pub const SOCKMAP: &str = "mesh_sockmap";
+    /// sk_msg on the sockhash: moves payload socket to socket past TCP/IP (5.15+).
+    pub const REDIRECT: &str = "mesh_redirect";
+    /// The optional same-node redirection programs, in attach order (sk_msg first, so that
+    /// sockets inserted by sock_ops get it).
+    pub const REDIRECTION: [&str; 2] = [REDIRECT, SOCKMAP];
+
+    /// The programs always attached to the cgroup, in attach order.
     pub const ALL: [&str; 9] = [
         CONNECT4,
         CONNECT6,
@@ -91,6 +104,8 @@ pub mod sizes {
     pub const MAX_CONNS: u32 = 262_144;
     /// Bytes of the connection event ring buffer (about 7,000 records).
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Local sockets eligible for redirection.
+    pub const MAX_SOCKHASH: u32 = 65_536;
 }
 
 /// Indexes of the `mesh_drops` per-CPU array.
@@ -321,6 +336,36 @@ pub mod fin {
     pub const RECEIVED: u8 = 2;
 }
 
+/// `mesh_sockhash` and `mesh_sockcook` key: one end of a TCP connection, as seen by its own
+/// socket. The peer's key swaps local and remote. The network namespace cookie keeps two pods
+/// whose connections share a 4-tuple (both on 127.0.0.1, say) apart.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local: Addr,
+    pub remote: Addr,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u32,
+}
+
+impl SockKey {
+    /// The key of the other end of the same connection.
+    #[inline(always)]
+    pub const fn peer(&self) -> Self {
+        Self {
+            netns: self.netns,
+            local: self.remote,
+            remote: self.local,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            _pad: 0,
+        }
+    }
+}
+
 /// `ConnEvent::kind`
 pub mod conn_event {
     pub const OPENED: u32 = 1;
@@ -360,6 +405,7 @@ mod pod {
     unsafe impl aya::Pod for RevNatValue {}
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for ConnEvent {}
+    unsafe impl aya::Pod for SockKey {}
 }
 
 #[cfg(test)]
@@ -379,6 +425,7 @@ mod tests {
         assert_eq!(size_of::<RevNatValue>(), 24);
         assert_eq!(size_of::<ConnValue>(), 128);
         assert_eq!(size_of::<ConnEvent>(), 152);
+        assert_eq!(size_of::<SockKey>(), 48);
     }
 
     #[test]

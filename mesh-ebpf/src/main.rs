@@ -10,6 +10,8 @@ mod maps;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
+#[cfg(target_arch = "bpf")]
+mod sk_msg;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

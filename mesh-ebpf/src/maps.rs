@@ -2,10 +2,10 @@
 //! Names, sizes and layouts come from mesh-common.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, SockKey, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
     RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, sizes,
 };
 
@@ -65,3 +65,12 @@ pub fn count_drop(index: u32) {
         unsafe { *n += 1 };
     }
 }
+
+/// Local sockets for same-node redirection; the sk_msg program is attached to this map.
+#[map(name = "mesh_sockhash")]
+pub static SOCKHASH: SockHash<SockKey> = SockHash::pinned(sizes::MAX_SOCKHASH, 0);
+
+/// Socket cookies by `SockKey`, so sk_msg (which has no cookie helper on older kernels) can
+/// count redirected bytes in `mesh_conns`.
+#[map(name = "mesh_sockcook")]
+pub static SOCK_COOKIES: HashMap<SockKey, u64> = HashMap::pinned(sizes::MAX_SOCKHASH, 0);

@@ -22,15 +22,17 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
-        bpf_sock_ops,
+        BPF_ANY, bpf_sock_ops,
     },
-    helpers::generated::{bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{Addr, ConnEvent, ConnValue, RevNatKey, conn_event, direction, drop_counters, fin};
+use mesh_common::{
+    Addr, ConnEvent, ConnValue, RevNatKey, SockKey, conn_event, direction, drop_counters, fin,
+};
 
-use crate::maps::{CONNS, EVENTS, REVNAT, count_drop};
+use crate::maps::{CONNS, EVENTS, REVNAT, SOCK_COOKIES, SOCKHASH, count_drop};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -68,38 +70,14 @@ fn now() -> u64 {
 #[inline(always)]
 fn established(ctx: &SockOpsContext, dir: u8) {
     let ops = ctx.ops;
-    let (local, remote) = if ctx.family() == AF_INET {
-        (Addr::from_ip4_word(ctx.local_ip4()), Addr::from_ip4_word(ctx.remote_ip4()))
-    } else {
-        // One constant-offset load per word: the verifier rejects loads through a context
-        // pointer with a computed offset, which a copy of the whole array compiles to.
-        // SAFETY: valid context for the program's run.
-        unsafe {
-            (
-                Addr([
-                    read_volatile(addr_of!((*ops).local_ip6[0])),
-                    read_volatile(addr_of!((*ops).local_ip6[1])),
-                    read_volatile(addr_of!((*ops).local_ip6[2])),
-                    read_volatile(addr_of!((*ops).local_ip6[3])),
-                ]),
-                Addr([
-                    read_volatile(addr_of!((*ops).remote_ip6[0])),
-                    read_volatile(addr_of!((*ops).remote_ip6[1])),
-                    read_volatile(addr_of!((*ops).remote_ip6[2])),
-                    read_volatile(addr_of!((*ops).remote_ip6[3])),
-                ]),
-            )
-        }
-    };
-    let raw = ctx.remote_port();
-    let remote_port_be = if raw >> 16 != 0 { (raw >> 16) as u16 } else { raw as u16 };
+    let (local, remote, local_port, remote_port_be) = endpoints(ctx);
     let cookie = cookie(ctx);
     let start = now();
     let mut conn = ConnValue {
         start_ns: start,
         local,
         remote,
-        local_port: ctx.local_port() as u16,
+        local_port,
         remote_port: u16::from_be(remote_port_be),
         direction: dir,
         ..ConnValue::default()
@@ -165,6 +143,78 @@ fn refresh_live(ctx: &SockOpsContext) {
             read_counters(ctx.ops, &mut *conn, at);
         }
     }
+}
+
+/// (local address, remote address, local port in host order, remote port in network order).
+#[inline(always)]
+fn endpoints(ctx: &SockOpsContext) -> (Addr, Addr, u16, u16) {
+    let ops = ctx.ops;
+    let (local, remote) = if ctx.family() == AF_INET {
+        (Addr::from_ip4_word(ctx.local_ip4()), Addr::from_ip4_word(ctx.remote_ip4()))
+    } else {
+        // One constant-offset load per word: the verifier rejects loads through a context
+        // pointer with a computed offset, which a copy of the whole array compiles to.
+        // SAFETY: valid context for the program's run.
+        unsafe {
+            (
+                Addr([
+                    read_volatile(addr_of!((*ops).local_ip6[0])),
+                    read_volatile(addr_of!((*ops).local_ip6[1])),
+                    read_volatile(addr_of!((*ops).local_ip6[2])),
+                    read_volatile(addr_of!((*ops).local_ip6[3])),
+                ]),
+                Addr([
+                    read_volatile(addr_of!((*ops).remote_ip6[0])),
+                    read_volatile(addr_of!((*ops).remote_ip6[1])),
+                    read_volatile(addr_of!((*ops).remote_ip6[2])),
+                    read_volatile(addr_of!((*ops).remote_ip6[3])),
+                ]),
+            )
+        }
+    };
+    let raw = ctx.remote_port();
+    let remote_port_be = if raw >> 16 != 0 { (raw >> 16) as u16 } else { raw as u16 };
+    (local, remote, ctx.local_port() as u16, remote_port_be)
+}
+
+/// Same-node redirection, part one: established sockets of the cgroup go into the sockhash
+/// (where the sk_msg program finds a connection's peer) and their cookies into
+/// `mesh_sockcook`; at close the cookie entry goes (the kernel drops the sockhash entry
+/// itself). Loaded only with redirection on; needs bpf_get_netns_cookie in sock_ops (5.15+).
+#[sock_ops]
+pub fn mesh_sockmap(ctx: SockOpsContext) -> u32 {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
+        return 1;
+    }
+    let op = ctx.op();
+    let established = op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB || op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB;
+    let closing = op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE;
+    if !established && !closing {
+        return 1;
+    }
+    let (local, remote, local_port, remote_port_be) = endpoints(&ctx);
+    let mut key = SockKey {
+        // SAFETY: helper valid for sock_ops programs from 5.15 on.
+        netns: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
+        local,
+        remote,
+        local_port,
+        remote_port: u16::from_be(remote_port_be),
+        _pad: 0,
+    };
+    if closing {
+        let _ = SOCK_COOKIES.remove(&key);
+        return 1;
+    }
+    let cookie = cookie(&ctx);
+    // SAFETY: the context is a valid bpf_sock_ops for the program's run.
+    if SOCKHASH.update(&mut key, unsafe { &mut *ctx.ops }, BPF_ANY as u64).is_ok() {
+        let _ = SOCK_COOKIES.insert(&key, &cookie, 0);
+    }
+    // The close callback needs the state flag (mesh_sockops sets it too).
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    1
 }
 
 #[inline(always)]

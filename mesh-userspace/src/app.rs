@@ -40,6 +40,8 @@ pub struct AgentOptions {
     /// Prometheus `/metrics`.
     pub metrics_addr: SocketAddr,
     pub flow_log: FlowLog,
+    /// Same-node redirection (sockhash + sk_msg).
+    pub sockmap: bool,
 }
 
 /// What readiness and the admin API report.
@@ -232,7 +234,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => host::cgroup2_root().context("finding the cgroup v2 mount")?,
     };
-    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.bpf_log)?;
+    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.bpf_log, opts.sockmap)?;
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_kernel_logs(logger));
     }
@@ -242,6 +244,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         bpffs = %opts.bpffs.display(),
         node = %opts.node.node,
         zone = opts.node.zone.as_deref().unwrap_or("-"),
+        sockmap = loaded.redirecting,
         "datapath attached"
     );
     let maps = PinnedMaps::open(&opts.bpffs)?;

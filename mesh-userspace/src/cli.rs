@@ -6,6 +6,10 @@ use clap::{Parser, Subcommand};
 
 use crate::{app, check, ebpf::maps::PinnedMaps, ebpf::Datapath as _, host, state::NodeContext};
 
+/// Off until `cargo xtask bench l4` shows redirection pays on this kind of machine (see the
+/// README's benchmark section).
+const SOCKMAP_DEFAULT: bool = false;
+
 #[derive(Debug, Parser)]
 #[command(name = "mesh", version, about = "eBPF-accelerated, sidecarless service mesh")]
 pub struct Cli {
@@ -86,6 +90,10 @@ struct AgentArgs {
     /// Write a JSON line per closed connection to this file, or `-` for stdout.
     #[arg(long, default_value = "off")]
     flow_log: crate::telemetry::FlowLog,
+    /// Same-node redirection: payload between two local sockets of the cgroup goes socket to
+    /// socket past TCP/IP (sockhash + sk_msg, kernel 5.15+).
+    #[arg(long, action = clap::ArgAction::Set, default_value_t = SOCKMAP_DEFAULT)]
+    sockmap: bool,
     /// Log level of the kernel programs (their records join this log). Off costs nothing.
     #[arg(long, value_enum, default_value = "off")]
     bpf_log: crate::ebpf::loader::BpfLogLevel,
@@ -127,6 +135,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 bpf_log: args.bpf_log,
                 metrics_addr: args.metrics_addr,
                 flow_log: args.flow_log,
+                sockmap: args.sockmap,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(app::run(opts))?;

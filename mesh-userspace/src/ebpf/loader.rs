@@ -17,13 +17,13 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::{Array, MapData, SockHash},
     programs::{
-        CgroupAttachMode, Program,
+        CgroupAttachMode, Program, SkMsg,
         links::{FdLink, LinkError},
     },
 };
-use mesh_common::{LAYOUT_VERSION, map_names, program_names};
+use mesh_common::{LAYOUT_VERSION, SockKey, map_names, program_names};
 
 use super::PROGRAMS;
 use crate::host;
@@ -76,13 +76,20 @@ pub struct Loaded {
     pub start: Start,
     /// Reads the programs' log records when `--bpf-log` is on.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
+    /// Same-node redirection (sockhash + sk_msg) is attached.
+    pub redirecting: bool,
 }
 
 fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))
 }
 
-pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) -> Result<Loaded, LoadError> {
+pub fn load_and_attach(
+    pin_dir: &Path,
+    cgroup: &Path,
+    log_level: BpfLogLevel,
+    redirection: bool,
+) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
     let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
     let cgroup_id = cgroup_dir.metadata().map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?.ino();
@@ -120,13 +127,28 @@ pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel) ->
     for name in program_names::ALL {
         attach_or_adopt(&mut ebpf, name, pin_dir, &cgroup_dir)?;
     }
+    let redirecting = if redirection {
+        match attach_redirection(&mut ebpf, pin_dir, &cgroup_dir) {
+            Ok(()) => true,
+            Err(e) => {
+                // Older kernels lack bpf_get_netns_cookie in sock_ops/sk_msg (5.15+): run
+                // without redirection rather than not at all.
+                tracing::warn!("same-node redirection unavailable, continuing without it: {e}");
+                detach_redirection(pin_dir);
+                false
+            }
+        }
+    } else {
+        detach_redirection(pin_dir);
+        false
+    };
 
     let start = match (had_links, upgraded) {
         (_, true) => Start::Upgraded,
         (true, false) => Start::Adopted,
         (false, false) => Start::Fresh,
     };
-    Ok(Loaded { _ebpf: ebpf, start, logger })
+    Ok(Loaded { _ebpf: ebpf, start, logger, redirecting })
 }
 
 /// Loads program `name` and makes its pinned cgroup link run it: a link pinned by an earlier
@@ -167,6 +189,48 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
         fd_link.pin(&pin).map_err(|e| pin_error(e.to_string()))?;
     }
     Ok(())
+}
+
+/// Same-node redirection: the sk_msg program on the sockhash, then the sock_ops program that
+/// fills it. An sk_msg attachment is a link (pinned like the others) from 6.10 on; before, it
+/// belongs to the pinned map and a new attach replaces it.
+fn attach_redirection(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
+    let name = program_names::REDIRECT;
+    let sockhash = ebpf.map(map_names::SOCKHASH).expect("mesh_sockhash is declared by the programs");
+    let sockhash: SockHash<&MapData, SockKey> =
+        SockHash::try_from(sockhash).map_err(|e| LoadError::Map(map_names::SOCKHASH, e))?;
+    let map_fd = sockhash.fd().try_clone().map_err(|e| LoadError::Map(map_names::SOCKHASH, e.into()))?;
+    let program: &mut SkMsg = ebpf
+        .program_mut(name)
+        .expect("mesh_redirect is in the object")
+        .try_into()
+        .map_err(|e| LoadError::Program(name, e))?;
+    program.load().map_err(|e| LoadError::Program(name, e))?;
+    let pin = link_pin(pin_dir, name);
+    if let Some(link) = open_pinned(&pin) {
+        update_link(&link, program.fd().map_err(|e| LoadError::Program(name, e))?.as_fd())
+            .map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+    } else {
+        let id = program.attach(&map_fd).map_err(|e| LoadError::Program(name, e))?;
+        let link = program.take_link(id).map_err(|e| LoadError::Program(name, e))?;
+        if crate::host::kernel_version().is_ok_and(|v| v >= (6, 10, 0)) {
+            let fd_link = FdLink::try_from(link).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+            fd_link.pin(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+        } else {
+            // A pre-6.10 attachment lives with the pinned map; dropping its handle would
+            // detach it.
+            std::mem::forget(link);
+        }
+    }
+    attach_or_adopt(ebpf, program_names::SOCKMAP, pin_dir, cgroup)
+}
+
+/// Takes redirection down: unpinning the sock_ops link stops new sockets from entering the
+/// sockhash; established pairs keep going as they were.
+fn detach_redirection(pin_dir: &Path) {
+    for name in program_names::REDIRECTION {
+        let _ = fs::remove_file(link_pin(pin_dir, name));
+    }
 }
 
 /// BPF_OBJ_GET: a descriptor for a pinned object, if the pin exists.
@@ -236,7 +300,7 @@ fn pinned_layout(pin_dir: &Path) -> Option<u32> {
 /// nothing is pinned.
 pub fn teardown(pin_dir: &Path) -> std::io::Result<()> {
     // Links first: once their pins are gone (and no process holds them), the programs detach.
-    for name in program_names::ALL {
+    for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()) {
         remove_if_exists(&link_pin(pin_dir, name))?;
     }
     for name in map_names::ALL {
