@@ -214,11 +214,13 @@ pub struct AgentSpec<'a> {
     pub extra_args: Vec<&'a str>,
     /// Wait for readiness 200 (true) or only for the readiness endpoint to answer (false).
     pub wait_ready: bool,
+    /// Admin on this port, metrics on +20, readiness on +21 (two agents in one namespace).
+    pub port_base: u16,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
-        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true }
+        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true, port_base: 15000 }
     }
 }
 
@@ -226,15 +228,15 @@ impl<'a> AgentSpec<'a> {
 /// directory and pin directory.
 pub struct Agent {
     child: Option<Child>,
+    admin: String,
+    readiness: String,
+    metrics: String,
     pub bpffs: PathBuf,
     pub config_dir: PathBuf,
     pub keep_datapath: bool,
     log: PathBuf,
 }
 
-pub const ADMIN: &str = "127.0.0.1:15000";
-pub const READINESS: &str = "127.0.0.1:15021";
-pub const METRICS: &str = "127.0.0.1:15020";
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Self {
@@ -243,7 +245,17 @@ impl Agent {
         let config_dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&config_dir).expect("config dir");
         let log = config_dir.with_extension("log");
-        let mut agent = Self { child: None, bpffs, config_dir, keep_datapath: spec.keep_datapath, log };
+        let port = |offset: u16| format!("127.0.0.1:{}", spec.port_base + offset);
+        let mut agent = Self {
+            child: None,
+            admin: port(0),
+            readiness: port(21),
+            metrics: port(20),
+            bpffs,
+            config_dir,
+            keep_datapath: spec.keep_datapath,
+            log,
+        };
         agent.write_config(spec.yaml);
         let mut cmd = Command::new(mesh_bin());
         cmd.arg("agent")
@@ -253,7 +265,8 @@ impl Agent {
             .arg(&spec.cgroup.path)
             .arg("--bpffs")
             .arg(&agent.bpffs)
-            .args(["--node", spec.node, "--admin-addr", ADMIN, "--readiness-addr", READINESS, "--metrics-addr", METRICS])
+            .args(["--node", spec.node])
+            .args(["--admin-addr", &agent.admin, "--readiness-addr", &agent.readiness, "--metrics-addr", &agent.metrics])
             .stdout(Stdio::null())
             .stderr(fs::File::create(&agent.log).expect("log file"));
         if let Some(zone) = spec.zone {
@@ -285,7 +298,7 @@ impl Agent {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited with {status}:\n{}", self.log());
             }
-            match http_get(READINESS, "/healthz/ready") {
+            match http_get(&self.readiness, "/healthz/ready") {
                 Ok((200, _)) => return,
                 Ok(_) if !ready => return,
                 _ => {}
@@ -296,18 +309,18 @@ impl Agent {
     }
 
     pub fn config_dump(&self) -> Value {
-        let (code, body) = http_get(ADMIN, "/config_dump").expect("GET /config_dump");
+        let (code, body) = http_get(&self.admin, "/config_dump").expect("GET /config_dump");
         assert_eq!(code, 200, "{body}");
         serde_json::from_str(&body).expect("config_dump JSON")
     }
 
     pub fn readiness(&self) -> (u16, String) {
-        http_get(READINESS, "/healthz/ready").expect("GET /healthz/ready")
+        http_get(&self.readiness, "/healthz/ready").expect("GET /healthz/ready")
     }
 
     /// The Prometheus text of `/metrics`.
     pub fn metrics(&self) -> String {
-        let (code, body) = http_get(METRICS, "/metrics").expect("GET /metrics");
+        let (code, body) = http_get(&self.metrics, "/metrics").expect("GET /metrics");
         assert_eq!(code, 200, "{body}");
         body
     }

@@ -5,7 +5,9 @@
 //! - direct: client and server outside the mesh cgroup (no program runs);
 //! - meshed: both in the cgroup, the client dials the server's own address (sock_ops counts
 //!   the connection on both ends, the agent turns the records into metrics);
-//! - vip: both in the cgroup, the client dials the Service VIP (socket LB on top of meshed).
+//! - vip: both in the cgroup, the client dials the Service VIP (socket LB on top of meshed);
+//! - sockmap: as vip, in a second cgroup whose agent runs with --sockmap true (same-node
+//!   redirection past TCP/IP).
 //!
 //! vip/meshed is what socket-level balancing costs (the targets); vip/direct is the whole
 //! mesh, per-connection telemetry included.
@@ -22,6 +24,8 @@ const SECS: &str = "1";
 const DIRECT: &str = "127.0.0.31:7000";
 const MESHED: &str = "127.0.0.32:7000";
 const VIP: &str = "10.96.0.50:80";
+const REDIRECTED: &str = "127.0.0.33:7000";
+const VIP_REDIRECTED: &str = "10.96.0.51:80";
 
 struct Case {
     name: &'static str,
@@ -45,9 +49,10 @@ enum Variant {
     Direct,
     Meshed,
     Vip,
+    Sockmap,
 }
 
-const VARIANTS: [Variant; 3] = [Variant::Direct, Variant::Meshed, Variant::Vip];
+const VARIANTS: [Variant; 4] = [Variant::Direct, Variant::Meshed, Variant::Vip, Variant::Sockmap];
 
 impl Variant {
     fn name(self) -> &'static str {
@@ -55,6 +60,7 @@ impl Variant {
             Variant::Direct => "direct",
             Variant::Meshed => "meshed",
             Variant::Vip => "vip",
+            Variant::Sockmap => "sockmap",
         }
     }
 }
@@ -93,6 +99,19 @@ fn measure() -> Results {
         ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.32")])
     };
     let agent = Agent::start(AgentSpec::new(&service.render(), &cgroup));
+    let redirect_cgroup = TestCgroup::new("bench-sockmap");
+    let _redirected = Backend::spawn_raw(redirect_cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", REDIRECTED]));
+    let redirected_service = ServiceYaml {
+        name: "bench-sockmap",
+        cluster_ip: "10.96.0.51",
+        target_port: 7000,
+        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.33")])
+    };
+    let redirect_agent = Agent::start(AgentSpec {
+        extra_args: vec!["--sockmap", "true"],
+        port_base: 16000,
+        ..AgentSpec::new(&redirected_service.render(), &redirect_cgroup)
+    });
     println!("[bench] {TRIALS} trials of {SECS}s per case and variant; client on CPU 0, server on CPU 1");
 
     let mut results = Results::new();
@@ -103,6 +122,7 @@ fn measure() -> Results {
                     Variant::Direct => (Command::new("taskset"), DIRECT),
                     Variant::Meshed => (cgroup.command("taskset"), MESHED),
                     Variant::Vip => (cgroup.command("taskset"), VIP),
+                    Variant::Sockmap => (redirect_cgroup.command("taskset"), VIP_REDIRECTED),
                 };
                 cmd.args(["-c", "0"]).arg(&bench).arg(case.args[0]).arg(target).args(&case.args[1..]);
                 let out = mesh_tests::run(&mut cmd);
@@ -116,6 +136,7 @@ fn measure() -> Results {
         println!();
     }
     agent.stop();
+    redirect_agent.stop();
     results
 }
 
@@ -127,8 +148,8 @@ fn median(values: &[f64]) -> f64 {
 
 fn report(results: &Results) -> Value {
     println!(
-        "\n{:<14} {:>12} {:>12} {:>12} {:>10} {:>10}  unit",
-        "case", "direct", "meshed", "vip", "vip/meshed", "vip/direct"
+        "\n{:<14} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10}  unit",
+        "case", "direct", "meshed", "vip", "sockmap", "vip/meshed", "vip/direct", "sockmap/vip"
     );
     let mut cases = serde_json::Map::new();
     for case in CASES {
@@ -136,15 +157,18 @@ fn report(results: &Results) -> Value {
         let value = |v: Variant| median(&results[&(case.name, v)]) * scale;
         // A ratio above 1 is better than the baseline, whichever way the metric points.
         let ratio = |a: f64, b: f64| if case.higher_is_better { a / b } else { b / a };
-        let (direct, meshed, vip) = (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip));
+        let (direct, meshed, vip, sockmap) =
+            (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip), value(Variant::Sockmap));
         println!(
-            "{:<14} {:>12.1} {:>12.1} {:>12.1} {:>10.3} {:>10.3}  {}",
+            "{:<14} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3}  {}",
             case.name,
             direct,
             meshed,
             vip,
+            sockmap,
             ratio(vip, meshed),
             ratio(vip, direct),
+            ratio(sockmap, vip),
             case.unit
         );
         let trials: serde_json::Map<String, Value> =
@@ -157,12 +181,15 @@ fn report(results: &Results) -> Value {
                 "direct": direct,
                 "meshed": meshed,
                 "vip": vip,
+                "sockmap": sockmap,
                 "vip_vs_meshed": ratio(vip, meshed),
+                "sockmap_vs_vip": ratio(sockmap, vip),
                 "vip_vs_direct": ratio(vip, direct),
                 "trials": trials,
             }),
         );
     }
     println!("\ntargets (vip/meshed): >= 0.97 for round trips and bulk, >= 0.95 for connect+close");
+    println!("sockmap pays if sockmap/vip >= 1.30 for rr 1B p50 (30% lower latency) and >= 1.0 for bulk");
     json!({ "suite": "l4", "trials": TRIALS, "seconds_per_trial": SECS, "cases": cases })
 }

@@ -24,6 +24,9 @@ pub struct ConnRow {
     /// Payload bytes from this socket (TCP, plus same-node redirected).
     pub bytes_sent: u64,
     pub bytes_received: u64,
+    /// Of those, the bytes that went socket to socket (same-node redirection).
+    pub redirected_sent: u64,
+    pub redirected_received: u64,
     pub segs_in: u32,
     pub segs_out: u32,
     pub retransmits: u32,
@@ -47,6 +50,8 @@ impl ConnRow {
             service_id: c.service_id,
             bytes_sent: c.bytes_sent + c.redirected_sent,
             bytes_received: c.bytes_received + c.redirected_received,
+            redirected_sent: c.redirected_sent,
+            redirected_received: c.redirected_received,
             segs_in: c.segs_in,
             segs_out: c.segs_out,
             retransmits: c.retransmits,

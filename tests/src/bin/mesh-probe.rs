@@ -11,6 +11,12 @@
 //! mesh-probe hold ADDR                 connect, print the backend's name, then echo stdin
 //!                                      lines through the connection until stdin closes
 //! mesh-probe loop ADDR STOPFILE        connect repeatedly until STOPFILE exists
+//! mesh-probe echo-serve ADDR           per connection: read to EOF, send it all back, close
+//! mesh-probe echo-check ADDR SIZE...   per SIZE: send SIZE random bytes, half-close, check
+//!                                      the echo is identical
+//! mesh-probe abort-serve ADDR N        per connection: read N bytes, then close (unread
+//!                                      data makes that a reset)
+//! mesh-probe send-until-error ADDR N   send up to N bytes; report how it ended
 //! ```
 //! Every client command prints one JSON object on stdout.
 use std::{
@@ -39,6 +45,10 @@ fn main() {
         "peer" => peer(addr()),
         "hold" => hold(addr()),
         "loop" => connect_loop(addr(), Path::new(arg(2))),
+        "echo-serve" => echo_serve(addr()),
+        "echo-check" => echo_check(addr(), &args[2..]),
+        "abort-serve" => abort_serve(addr(), count()),
+        "send-until-error" => send_until_error(addr(), count()),
         _ => usage(),
     }
 }
@@ -54,6 +64,8 @@ fn error_name(e: &std::io::Error) -> String {
         Some(libc::ENETUNREACH) => "ENETUNREACH".into(),
         Some(libc::EPERM) => "EPERM".into(),
         Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) => "ETIMEDOUT".into(),
+        Some(libc::EPIPE) => "EPIPE".into(),
+        Some(libc::ECONNRESET) => "ECONNRESET".into(),
         _ => format!("{:?}", e.kind()),
     }
 }
@@ -238,5 +250,100 @@ fn answer_tcp(name: &str, stream: TcpStream) {
             return;
         }
         line.clear();
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so both ends can know the payload.
+fn payload(size: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..size)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+        })
+        .collect()
+}
+
+fn echo_serve(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    println!("{}", json!({ "serving": addr.to_string() }));
+    std::io::stdout().flush().expect("stdout");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut stream = stream;
+            let mut all = Vec::new();
+            if stream.read_to_end(&mut all).is_ok() {
+                let _ = stream.write_all(&all);
+            }
+        });
+    }
+}
+
+/// For each size: a fresh connection, the payload sent from one thread while another reads
+/// the echo (both directions in flight at once), a half-close after the last byte.
+fn echo_check(addr: SocketAddr, sizes: &[String]) {
+    let mut results = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        let size: usize = size.parse().unwrap_or_else(|_| usage());
+        let sent = payload(size, 0x5eed + i as u64);
+        let outcome = connect(addr).and_then(|stream| {
+            stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+            let mut writer = stream.try_clone()?;
+            let to_send = sent.clone();
+            let sender = std::thread::spawn(move || -> std::io::Result<()> {
+                writer.write_all(&to_send)?;
+                writer.shutdown(std::net::Shutdown::Write)
+            });
+            let mut echoed = Vec::with_capacity(size);
+            let mut reader = stream;
+            reader.read_to_end(&mut echoed)?;
+            sender.join().expect("sender thread")?;
+            Ok(echoed)
+        });
+        results.push(match outcome {
+            Ok(echoed) if echoed == sent => json!({ "size": size, "ok": true }),
+            Ok(echoed) => {
+                let first_diff = echoed.iter().zip(&sent).position(|(a, b)| a != b);
+                json!({ "size": size, "ok": false, "echoed": echoed.len(), "first_difference": first_diff })
+            }
+            Err(e) => json!({ "size": size, "ok": false, "error": error_name(&e) }),
+        });
+    }
+    println!("{}", json!({ "results": results }));
+}
+
+fn abort_serve(addr: SocketAddr, read_first: usize) {
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    println!("{}", json!({ "serving": addr.to_string() }));
+    std::io::stdout().flush().expect("stdout");
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; read_first];
+            let mut stream = stream;
+            let _ = stream.read_exact(&mut buf);
+            // Dropping with unread data in the queue sends a reset.
+        });
+    }
+}
+
+fn send_until_error(addr: SocketAddr, total: usize) {
+    let result = connect(addr).and_then(|mut stream| {
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+        let chunk = payload(64 * 1024, 7);
+        let mut sent = 0usize;
+        while sent < total {
+            match stream.write(&chunk) {
+                Ok(n) => sent += n,
+                Err(e) => return Ok((sent, Some(e))),
+            }
+        }
+        Ok((sent, None))
+    });
+    match result {
+        Ok((sent, None)) => println!("{}", json!({ "sent": sent, "error": null })),
+        Ok((sent, Some(e))) => println!("{}", json!({ "sent": sent, "error": error_name(&e) })),
+        Err(e) => println!("{}", json!({ "sent": 0, "error": error_name(&e) })),
     }
 }
