@@ -148,7 +148,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 check::print_table(&rows);
             }
-            let missing: Vec<&str> = rows.iter().filter(|r| !r.ok).map(|r| r.check.as_str()).collect();
+            let missing: Vec<&str> = rows.iter().filter(|r| !r.ok && !r.optional).map(|r| r.check.as_str()).collect();
             if missing.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {

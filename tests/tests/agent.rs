@@ -109,6 +109,13 @@ fn check_reports_every_program_attachable() {
         let row = rows.iter().find(|r| r["check"] == format!("program {program}")).unwrap_or_else(|| panic!("no row for {program}"));
         assert_eq!(row["ok"], true, "{row}");
     }
+    let redirection = rows.iter().find(|r| r["check"] == "same-node redirection").expect("redirection row");
+    assert_eq!(redirection["optional"], true);
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut version = release.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+    if (version.next().unwrap(), version.next().unwrap()) >= (5, 15) {
+        assert_eq!(redirection["ok"], true, "{redirection}");
+    }
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // Nothing left behind by the probe.
     let leftovers: Vec<_> = std::fs::read_dir(cgroup2_root())

@@ -194,7 +194,7 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
 /// Same-node redirection: the sk_msg program on the sockhash, then the sock_ops program that
 /// fills it. An sk_msg attachment is a link (pinned like the others) from 6.10 on; before, it
 /// belongs to the pinned map and a new attach replaces it.
-fn attach_redirection(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
+pub(crate) fn attach_redirection(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
     let name = program_names::REDIRECT;
     let sockhash = ebpf.map(map_names::SOCKHASH).expect("mesh_sockhash is declared by the programs");
     let sockhash: SockHash<&MapData, SockKey> =
