@@ -14,18 +14,18 @@
 use std::{collections::BTreeMap, fs, process::Command};
 
 use anyhow::Context as _;
-use mesh_tests::{Agent, AgentSpec, Backend, Endpoint, ServiceYaml, TestCgroup, in_netns};
+use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, in_netns};
 use serde_json::{Value, json};
 
 use crate::bootstrap::{release_bin, workspace_root};
 
-const TRIALS: usize = 5;
+const TRIALS: usize = 7;
 const SECS: &str = "1";
 const DIRECT: &str = "127.0.0.31:7000";
 const MESHED: &str = "127.0.0.32:7000";
-const VIP: &str = "10.96.0.50:80";
+const VIP: &str = "10.96.0.50:7000";
 const REDIRECTED: &str = "127.0.0.33:7000";
-const VIP_REDIRECTED: &str = "10.96.0.51:80";
+const VIP_REDIRECTED: &str = "10.96.0.51:7000";
 
 struct Case {
     name: &'static str,
@@ -92,25 +92,14 @@ fn measure() -> Results {
     let bench = release_bin("mesh-bench");
     let _direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
     let _meshed = Backend::spawn_raw(cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", MESHED]));
-    let service = ServiceYaml {
-        name: "bench",
-        cluster_ip: "10.96.0.50",
-        target_port: 7000,
-        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.32")])
-    };
-    let agent = Agent::start(AgentSpec::new(&service.render(), &cgroup));
+    let agent = Agent::start(AgentSpec::new(&bench_service("bench", "10.96.0.50", "127.0.0.32"), &cgroup));
     let redirect_cgroup = TestCgroup::new("bench-sockmap");
     let _redirected = Backend::spawn_raw(redirect_cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", REDIRECTED]));
-    let redirected_service = ServiceYaml {
-        name: "bench-sockmap",
-        cluster_ip: "10.96.0.51",
-        target_port: 7000,
-        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.33")])
-    };
+    let redirected_service = bench_service("bench-sockmap", "10.96.0.51", "127.0.0.33");
     let redirect_agent = Agent::start(AgentSpec {
         extra_args: vec!["--sockmap", "true"],
         port_base: 16000,
-        ..AgentSpec::new(&redirected_service.render(), &redirect_cgroup)
+        ..AgentSpec::new(&redirected_service, &redirect_cgroup)
     });
     println!("[bench] {TRIALS} trials of {SECS}s per case and variant; client on CPU 0, server on CPU 1");
 
@@ -140,6 +129,18 @@ fn measure() -> Results {
     results
 }
 
+/// A Service with the bench server's two ports (7000, and 7001 for connect+close).
+fn bench_service(name: &str, vip: &str, backend: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\n\
+         spec: {{clusterIP: {vip}, ports: [{{name: main, port: 7000}}, {{name: crr, port: 7001}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: main, port: 7000}}, {{name: crr, port: 7001}}]\n\
+         endpoints: [{{addresses: [{backend}]}}]\n"
+    )
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -155,21 +156,24 @@ fn report(results: &Results) -> Value {
     for case in CASES {
         let scale = if case.unit == "MiB/s" { 1.0 / (1024.0 * 1024.0) } else { 1.0 };
         let value = |v: Variant| median(&results[&(case.name, v)]) * scale;
-        // A ratio above 1 is better than the baseline, whichever way the metric points.
-        let ratio = |a: f64, b: f64| if case.higher_is_better { a / b } else { b / a };
+        // Ratios are medians of per-trial ratios: the variants of one trial ran back to back,
+        // so drift of the machine (a VM's neighbours) cancels out. Above 1 is better than the
+        // baseline, whichever way the metric points.
+        let ratio = |a: Variant, b: Variant| {
+            let pairs: Vec<f64> = results[&(case.name, a)]
+                .iter()
+                .zip(&results[&(case.name, b)])
+                .map(|(x, y)| if case.higher_is_better { x / y } else { y / x })
+                .collect();
+            median(&pairs)
+        };
         let (direct, meshed, vip, sockmap) =
             (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip), value(Variant::Sockmap));
+        let (vip_meshed, vip_direct, sockmap_vip) =
+            (ratio(Variant::Vip, Variant::Meshed), ratio(Variant::Vip, Variant::Direct), ratio(Variant::Sockmap, Variant::Vip));
         println!(
             "{:<14} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>10.3} {:>10.3} {:>10.3}  {}",
-            case.name,
-            direct,
-            meshed,
-            vip,
-            sockmap,
-            ratio(vip, meshed),
-            ratio(vip, direct),
-            ratio(sockmap, vip),
-            case.unit
+            case.name, direct, meshed, vip, sockmap, vip_meshed, vip_direct, sockmap_vip, case.unit
         );
         let trials: serde_json::Map<String, Value> =
             VARIANTS.iter().map(|v| (v.name().to_owned(), json!(results[&(case.name, *v)]))).collect();
@@ -182,9 +186,9 @@ fn report(results: &Results) -> Value {
                 "meshed": meshed,
                 "vip": vip,
                 "sockmap": sockmap,
-                "vip_vs_meshed": ratio(vip, meshed),
-                "sockmap_vs_vip": ratio(sockmap, vip),
-                "vip_vs_direct": ratio(vip, direct),
+                "vip_vs_meshed": vip_meshed,
+                "sockmap_vs_vip": sockmap_vip,
+                "vip_vs_direct": vip_direct,
                 "trials": trials,
             }),
         );

@@ -1,7 +1,8 @@
 //! mesh-bench: the load generator and server of `cargo xtask bench l4`.
 //!
 //! ```text
-//! mesh-bench serve ADDR              server for every mode below, until killed
+//! mesh-bench serve ADDR              server for every mode below, until killed (crr on
+//!                                    ADDR's port + 1)
 //! mesh-bench rr ADDR SIZE SECS       one connection, SIZE-byte request/response round trips
 //! mesh-bench bulk ADDR CHUNK SECS    one connection, CHUNK-byte writes, server counts
 //! mesh-bench crr ADDR SECS           connect + close (abortive), as fast as possible
@@ -38,18 +39,25 @@ fn usage() -> ! {
 }
 
 fn serve(addr: SocketAddr) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-    println!("{}", json!({ "serving": addr.to_string() }));
+    let listener = listen(addr);
+    // Connection-rate clients get a listener of their own that only accepts and closes, so
+    // the server never falls behind and overflows its accept queue (which would stall
+    // clients for a one-second SYN retransmit and measure that instead of the datapath).
+    let crr_addr = SocketAddr::new(addr.ip(), addr.port() + 1);
+    let crr = listen(crr_addr);
+    std::thread::spawn(move || for stream in crr.incoming() {
+        drop(stream);
+    });
+    println!("{}", json!({ "serving": addr.to_string(), "connect_close": crr_addr.to_string() }));
     std::io::stdout().flush().unwrap();
     for stream in listener.incoming().flatten() {
-        let mut stream = stream;
-        let mut mode = [0u8; 1];
-        // Connection-rate clients close without a byte: nothing to spawn for them.
-        if stream.read(&mut mode).unwrap_or(0) == 0 {
-            continue;
-        }
         std::thread::spawn(move || {
+            let mut stream = stream;
             let _ = stream.set_nodelay(true);
+            let mut mode = [0u8; 1];
+            if stream.read_exact(&mut mode).is_err() {
+                return;
+            }
             match mode[0] {
                 RR => echo(stream),
                 BULK => sink(stream),
@@ -57,6 +65,15 @@ fn serve(addr: SocketAddr) {
             }
         });
     }
+}
+
+/// A listener with a deep accept queue (std's is 128).
+fn listen(addr: SocketAddr) -> TcpListener {
+    use std::os::fd::AsRawFd as _;
+    let listener = TcpListener::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    // SAFETY: listen(2) again on a listening socket only resizes its queue.
+    unsafe { libc::listen(listener.as_raw_fd(), 4096) };
+    listener
 }
 
 /// RR: a 4-byte size, then echo messages of that size until EOF.
@@ -130,6 +147,8 @@ fn bulk(addr: SocketAddr, chunk: usize, secs: Duration) {
 }
 
 fn crr(addr: SocketAddr, secs: Duration) {
+    // The server's connect+close listener is on the next port.
+    let addr = SocketAddr::new(addr.ip(), addr.port() + 1);
     let start = Instant::now();
     let mut n = 0u64;
     while start.elapsed() < secs {
