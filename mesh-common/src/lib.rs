@@ -102,8 +102,9 @@ pub mod sizes {
     pub const MAX_REVNAT: u32 = 262_144;
     /// Live TCP connections tracked at once; entries are allocated on insert.
     pub const MAX_CONNS: u32 = 262_144;
-    /// Bytes of the connection event ring buffer (about 7,000 records).
-    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Bytes of the connection event ring buffer (about 26,000 records: over a second of
+    /// connection churn at full speed between the agent's drains).
+    pub const EVENTS_BYTES: u32 = 4 << 20;
     /// Local sockets eligible for redirection.
     pub const MAX_SOCKHASH: u32 = 65_536;
 }

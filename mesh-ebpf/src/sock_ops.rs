@@ -22,14 +22,14 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
         BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
         BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
-        BPF_ANY, bpf_sock_ops,
+        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use mesh_common::{
-    Addr, ConnEvent, ConnValue, RevNatKey, SockKey, conn_event, direction, drop_counters, fin,
+    Addr, ConnEvent, ConnValue, RevNatKey, SockKey, conn_event, direction, drop_counters, fin, sizes,
 };
 
 use crate::maps::{CONNS, EVENTS, REVNAT, SOCK_COOKIES, SOCKHASH, count_drop};
@@ -257,5 +257,13 @@ fn emit(kind: u32, cookie: u64, at_ns: u64, conn: &ConnValue) {
         (*event).at_ns = at_ns;
         (*event).conn = *conn;
     }
-    entry.submit(0);
+    // Wake the agent only once a quarter of the ring has filled (it also drains on a short
+    // timer): a wakeup per record costs a context switch per connection end, which at tens of
+    // thousands of connections a second took a fifth of the connection rate.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= (sizes::EVENTS_BYTES / 4) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags as u64);
 }

@@ -24,6 +24,9 @@ use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
 
 /// How often live connections' byte counters are folded into the metrics.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the ring buffer is drained without being woken: the kernel wakes the agent only
+/// when a quarter of the ring is full, so that records are read in batches.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where closed-connection records go, one JSON object a line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,6 +212,7 @@ pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
         return;
     };
     let mut scan = tokio::time::interval(SCAN_INTERVAL);
+    let mut drain_tick = tokio::time::interval(DRAIN_INTERVAL);
     loop {
         tokio::select! {
             ready = ring.readable_mut() => {
@@ -216,6 +220,7 @@ pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
                 drain(ready.get_inner_mut(), &telemetry);
                 ready.clear_ready();
             }
+            _ = drain_tick.tick() => drain(ring.get_mut(), &telemetry),
             _ = scan.tick() => telemetry.scan_live(&pin_dir),
         }
     }
