@@ -160,29 +160,25 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
     let pin_error = |e: String| LoadError::PinLink(name, pin.clone(), e);
     // Single: a cgroup bpf_link always coexists with other programs, and the kernel rejects
     // any attach flag on link creation (EINVAL).
+    // aya's program types share these methods without a common trait: one body for each.
+    macro_rules! load_and_link {
+        ($p:expr) => {{
+            let p = $p;
+            p.load().map_err(|e| LoadError::Program(name, e))?;
+            if let Some(link) = open_pinned(&pin) {
+                let fd = p.fd().map_err(|e| LoadError::Program(name, e))?;
+                update_link(&link, fd.as_fd()).map_err(|e| pin_error(e.to_string()))?;
+                None
+            } else {
+                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
+                let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
+                Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
+            }
+        }};
+    }
     let fd_link: Option<FdLink> = match program {
-        Program::CgroupSockAddr(p) => {
-            p.load().map_err(|e| LoadError::Program(name, e))?;
-            if let Some(link) = open_pinned(&pin) {
-                update_link(&link, p.fd().map_err(|e| LoadError::Program(name, e))?.as_fd()).map_err(|e| pin_error(e.to_string()))?;
-                None
-            } else {
-                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
-                let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
-                Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
-            }
-        }
-        Program::SockOps(p) => {
-            p.load().map_err(|e| LoadError::Program(name, e))?;
-            if let Some(link) = open_pinned(&pin) {
-                update_link(&link, p.fd().map_err(|e| LoadError::Program(name, e))?.as_fd()).map_err(|e| pin_error(e.to_string()))?;
-                None
-            } else {
-                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
-                let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
-                Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
-            }
-        }
+        Program::CgroupSockAddr(p) => load_and_link!(p),
+        Program::SockOps(p) => load_and_link!(p),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     };
     if let Some(fd_link) = fd_link {
