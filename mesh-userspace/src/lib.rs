@@ -5,6 +5,7 @@ pub mod check;
 pub mod cli;
 pub mod ebpf;
 pub mod host;
+pub mod proxy;
 pub mod sources;
 pub mod state;
 pub mod sync;

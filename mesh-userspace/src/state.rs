@@ -6,6 +6,7 @@
 //! endpoints each Service port may use, following kube-proxy's rules.
 pub mod catalog;
 pub mod objects;
+pub mod routes;
 pub mod services;
 
 pub use catalog::{Catalog, ConfigError};

@@ -12,6 +12,7 @@ use serde::Deserialize as _;
 
 use super::{
     objects::{self, IntOrString},
+    routes::{self, RouteSpec},
     services::{Algorithm, Family, Protocol},
 };
 
@@ -130,11 +131,13 @@ pub struct SliceSpec {
     pub ports: Vec<SlicePortSpec>,
 }
 
-/// Every Service and EndpointSlice of a configuration, validated as a whole.
+/// Every Service, EndpointSlice and (Service-attached) HTTPRoute of a configuration,
+/// validated as a whole.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Catalog {
     pub services: BTreeMap<ObjectKey, ServiceSpec>,
     pub slices: BTreeMap<ObjectKey, SliceSpec>,
+    pub routes: BTreeMap<ObjectKey, RouteSpec>,
 }
 
 impl Catalog {
@@ -216,7 +219,10 @@ impl Catalog {
                     self.slices.insert(spec.key.clone(), spec);
                 }
             }
-            (_, "List" | "ServiceList" | "EndpointSliceList") => {
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
+                self.add_route(value, ctx, seen);
+            }
+            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList") => {
                 // `kubectl get -o yaml` wraps objects in a List.
                 let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
                 let list_object = ctx.object.clone();
@@ -229,6 +235,38 @@ impl Catalog {
                 ctx.error("apiVersion", &format!("{kind} must be {}, got {api_version:?}", if kind == "Service" { "v1" } else { "discovery.k8s.io/v1" }));
             }
             _ => tracing::debug!(file = %ctx.file.display(), %kind, "skipping object of a kind mesh does not use"),
+        }
+    }
+}
+
+impl Catalog {
+    fn add_route(
+        &mut self,
+        value: serde_yaml::Value,
+        ctx: &mut DocContext<'_>,
+        seen: &mut BTreeMap<(&'static str, ObjectKey), PathBuf>,
+    ) {
+        let Some(meta) = ctx.parse::<objects::Metadata>(value.clone()) else { return };
+        let Some(key) = ctx.name_object("HTTPRoute", &meta.metadata) else { return };
+        // The generated type checks apiVersion; HTTPRoute v1beta1 is field-compatible.
+        let mut value = value;
+        if let Some(map) = value.as_mapping_mut() {
+            map.insert("apiVersion".into(), "gateway.networking.k8s.io/v1".into());
+        }
+        let Some(route) = ctx.parse::<gateway_api::experimental::httproutes::HttpRoute>(value) else { return };
+        match routes::validate(route, key.clone(), meta.metadata.creation_timestamp) {
+            Ok(Some(spec)) => {
+                if let Some(prev) = seen.insert(("HTTPRoute", key.clone()), ctx.file.to_owned()) {
+                    ctx.error("metadata.name", &format!("defined twice (also in {})", prev.display()));
+                }
+                self.routes.insert(key, spec);
+            }
+            Ok(None) => tracing::debug!(route = %key, "HTTPRoute has no Service parent; not for mesh"),
+            Err(errors) => {
+                for e in errors {
+                    ctx.error(&e.field, &e.message);
+                }
+            }
         }
     }
 }

@@ -13,6 +13,14 @@ pub struct ObjectMeta {
     pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    pub creation_timestamp: Option<String>,
+}
+
+/// Any object's metadata, read before the object itself.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub metadata: ObjectMeta,
 }
 
 /// The `apiVersion` and `kind` every document starts with.

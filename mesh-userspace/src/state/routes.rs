@@ -1,0 +1,298 @@
+//! Gateway API HTTPRoutes attached to Services (GAMMA: a parentRef of kind Service), validated
+//! into the form the proxy matches requests against.
+//!
+//! Only what the spec makes a Route's own business is rejected here (a bad regex, a path that
+//! does not start with "/", a weight out of range): the whole configuration is then refused.
+//! References to Services that do not exist are accepted, as the spec says: requests routed to
+//! them get a 500.
+use std::{fmt, time::Duration};
+
+use gateway_api::experimental::httproutes::{
+    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+
+use super::catalog::ObjectKey;
+
+/// A compiled regular expression, compared by its pattern.
+#[derive(Clone)]
+pub struct Pattern(pub regex::Regex);
+
+impl fmt::Debug for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "/{}/", self.0.as_str())
+    }
+}
+
+impl PartialEq for Pattern {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for Pattern {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    /// Element-wise: "/foo" matches "/foo" and "/foo/bar", not "/foobar". Stored without a
+    /// trailing slash ("/" stays "/").
+    Prefix(String),
+    RegularExpression(Pattern),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValueMatch {
+    Exact(String),
+    RegularExpression(Pattern),
+}
+
+impl ValueMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            ValueMatch::Exact(v) => v == value,
+            ValueMatch::RegularExpression(p) => p.0.is_match(value),
+        }
+    }
+}
+
+/// One `matches[]` entry: every condition must hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MatchSpec {
+    pub path: PathMatch,
+    pub method: Option<String>,
+    /// Header names lower-cased (HTTP header names are case-insensitive).
+    pub headers: Vec<(String, ValueMatch)>,
+    pub query: Vec<(String, ValueMatch)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendRefSpec {
+    pub service: ObjectKey,
+    pub port: Option<u16>,
+    /// 0 takes no traffic.
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RetrySpec {
+    pub codes: Vec<u16>,
+    pub attempts: Option<u32>,
+    pub backoff: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    /// Never empty: a rule without matches matches every request (prefix "/").
+    pub matches: Vec<MatchSpec>,
+    pub backends: Vec<BackendRefSpec>,
+    pub request_timeout: Option<Duration>,
+    pub backend_timeout: Option<Duration>,
+    pub retry: Option<RetrySpec>,
+}
+
+/// A validated HTTPRoute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub key: ObjectKey,
+    /// `metadata.creationTimestamp` (RFC 3339), the first tie-breaker between routes.
+    pub created: Option<String>,
+    /// The Services it attaches to.
+    pub parents: Vec<ObjectKey>,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A problem in one field, relative to the route.
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), message: message.into() }
+}
+
+/// Regular expressions match the whole value, as Envoy-based implementations do.
+fn pattern(value: &str, field: &str) -> Result<Pattern, FieldError> {
+    regex::Regex::new(&format!("^(?:{value})$"))
+        .map(Pattern)
+        .map_err(|e| err(field, format!("not a valid regular expression: {e}")))
+}
+
+fn duration(value: &str, field: &str) -> Result<Duration, FieldError> {
+    value
+        .parse::<gateway_api::Duration>()
+        .map(|d| Duration::from_millis(d.as_millis() as u64))
+        .map_err(|e| err(field, format!("not a Gateway API duration (like 10s or 500ms): {e}")))
+}
+
+/// Validates an HTTPRoute whose key is `key`. A route with no Service parent is not for mesh:
+/// `Ok(None)`.
+pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Result<Option<RouteSpec>, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let parents: Vec<ObjectKey> = route
+        .spec
+        .parent_refs
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.kind.as_deref() == Some("Service") && matches!(p.group.as_deref(), Some("") | Some("core") | None))
+        .map(|p| ObjectKey { namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()), name: p.name })
+        .collect();
+    let mut rules = Vec::new();
+    for (i, rule) in route.spec.rules.unwrap_or_default().into_iter().enumerate() {
+        match validate_rule(rule, &format!("spec.rules[{i}]"), &key) {
+            Ok(rule) => rules.push(rule),
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    if parents.is_empty() {
+        return Ok(None);
+    }
+    if rules.is_empty() {
+        // The spec's default: one rule, match everything, no backends (so 500s).
+        rules.push(RuleSpec { matches: vec![catch_all()], backends: Vec::new(), request_timeout: None, backend_timeout: None, retry: None });
+    }
+    Ok(Some(RouteSpec { key, created, parents, rules }))
+}
+
+fn catch_all() -> MatchSpec {
+    MatchSpec { path: PathMatch::Prefix("/".into()), method: None, headers: Vec::new(), query: Vec::new() }
+}
+
+fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<RuleSpec, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut matches = Vec::new();
+    for (j, m) in rule.matches.unwrap_or_default().into_iter().enumerate() {
+        match validate_match(m, &format!("{field}.matches[{j}]")) {
+            Ok(m) => matches.push(m),
+            Err(e) => errors.push(e),
+        }
+    }
+    if matches.is_empty() {
+        matches.push(catch_all());
+    }
+    let mut backends = Vec::new();
+    for (j, b) in rule.backend_refs.unwrap_or_default().into_iter().enumerate() {
+        let f = format!("{field}.backendRefs[{j}]");
+        if b.kind.as_deref().is_some_and(|k| k != "Service") {
+            errors.push(err(format!("{f}.kind"), "mesh routes to Services only"));
+            continue;
+        }
+        let weight = match b.weight.unwrap_or(1) {
+            w @ 0..=1_000_000 => w as u32,
+            w => {
+                errors.push(err(format!("{f}.weight"), format!("must be between 0 and 1000000, got {w}")));
+                continue;
+            }
+        };
+        let port = match b.port {
+            None => None,
+            Some(p @ 1..=65535) => Some(p as u16),
+            Some(p) => {
+                errors.push(err(format!("{f}.port"), format!("must be between 1 and 65535, got {p}")));
+                continue;
+            }
+        };
+        backends.push(BackendRefSpec {
+            service: ObjectKey { namespace: b.namespace.unwrap_or_else(|| key.namespace.clone()), name: b.name },
+            port,
+            weight,
+        });
+    }
+    let (mut request_timeout, mut backend_timeout) = (None, None);
+    if let Some(t) = rule.timeouts {
+        if let Some(v) = t.request {
+            match duration(&v, &format!("{field}.timeouts.request")) {
+                Ok(d) => request_timeout = Some(d),
+                Err(e) => errors.push(e),
+            }
+        }
+        if let Some(v) = t.backend_request {
+            match duration(&v, &format!("{field}.timeouts.backendRequest")) {
+                Ok(d) => backend_timeout = Some(d),
+                Err(e) => errors.push(e),
+            }
+        }
+        if let (Some(r), Some(b)) = (request_timeout, backend_timeout)
+            && b > r
+            && !r.is_zero()
+        {
+            errors.push(err(format!("{field}.timeouts.backendRequest"), "must not be longer than timeouts.request"));
+        }
+    }
+    let mut retry = None;
+    if let Some(r) = rule.retry {
+        let mut spec = RetrySpec::default();
+        for (j, code) in r.codes.unwrap_or_default().into_iter().enumerate() {
+            match code {
+                c @ 500..=599 => spec.codes.push(c as u16),
+                c => errors.push(err(format!("{field}.retry.codes[{j}]"), format!("must be a 5xx status code, got {c}"))),
+            }
+        }
+        match r.attempts {
+            None => {}
+            Some(a @ 0..=100) => spec.attempts = Some(a as u32),
+            Some(a) => errors.push(err(format!("{field}.retry.attempts"), format!("must be between 0 and 100, got {a}"))),
+        }
+        if let Some(b) = r.backoff {
+            match duration(&b, &format!("{field}.retry.backoff")) {
+                Ok(d) => spec.backoff = Some(d),
+                Err(e) => errors.push(e),
+            }
+        }
+        retry = Some(spec);
+    }
+    if errors.is_empty() { Ok(RuleSpec { matches, backends, request_timeout, backend_timeout, retry }) } else { Err(errors) }
+}
+
+fn validate_match(m: HttpRouteRulesMatches, field: &str) -> Result<MatchSpec, FieldError> {
+    let path = match m.path {
+        None => PathMatch::Prefix("/".into()),
+        Some(p) => {
+            let value = p.value.unwrap_or_else(|| "/".into());
+            let f = format!("{field}.path.value");
+            match p.r#type.unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix) {
+                HttpRouteRulesMatchesPathType::RegularExpression => PathMatch::RegularExpression(pattern(&value, &f)?),
+                kind => {
+                    if !value.starts_with('/') {
+                        return Err(err(f, format!("must start with \"/\", got {value:?}")));
+                    }
+                    if value.contains("//") || value.contains('?') || value.contains('#') {
+                        return Err(err(f, format!("must be a plain path (no \"//\", \"?\" or \"#\"), got {value:?}")));
+                    }
+                    if kind == HttpRouteRulesMatchesPathType::Exact {
+                        PathMatch::Exact(value)
+                    } else {
+                        let trimmed = value.trim_end_matches('/');
+                        PathMatch::Prefix(if trimmed.is_empty() { "/".into() } else { trimmed.to_owned() })
+                    }
+                }
+            }
+        }
+    };
+    let mut headers = Vec::new();
+    for (k, h) in m.headers.unwrap_or_default().into_iter().enumerate() {
+        let f = format!("{field}.headers[{k}].value");
+        let value = match h.r#type {
+            Some(HttpRouteRulesMatchesHeadersType::RegularExpression) => ValueMatch::RegularExpression(pattern(&h.value, &f)?),
+            _ => ValueMatch::Exact(h.value),
+        };
+        headers.push((h.name.to_ascii_lowercase(), value));
+    }
+    let mut query = Vec::new();
+    for (k, q) in m.query_params.unwrap_or_default().into_iter().enumerate() {
+        let f = format!("{field}.queryParams[{k}].value");
+        let value = match q.r#type {
+            Some(HttpRouteRulesMatchesQueryParamsType::RegularExpression) => ValueMatch::RegularExpression(pattern(&q.value, &f)?),
+            _ => ValueMatch::Exact(q.value),
+        };
+        query.push((q.name, value));
+    }
+    let method = m.method.map(|method| {
+        serde_json::to_value(&method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+    });
+    Ok(MatchSpec { path, method, headers, query })
+}
