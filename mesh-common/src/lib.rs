@@ -15,7 +15,7 @@
 
 /// Bumped whenever a key or value below changes layout. The agent compares it with the pinned
 /// `mesh_meta` map to tell a restart (adopt the pinned maps) from an upgrade (rebuild them).
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Map names: also their file names under the pin directory. The kernel limits them to 15 bytes.
 pub mod map_names {
@@ -40,13 +40,17 @@ pub mod map_names {
     pub const SOCKHASH: &str = "mesh_sockhash";
     /// `SockKey` → socket cookie, so sk_msg can count redirected bytes per connection.
     pub const SOCK_COOKIES: &str = "mesh_sockcook";
+    /// Slot 0: where L7 Services' connections are sent (the agent's outbound listener).
+    pub const PROXY: &str = "mesh_proxy";
+    /// Client (address, port) of a captured connection → the Service address it dialled.
+    pub const L7_ORIGINAL: &str = "mesh_l7orig";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS, EVENTS,
-        DROPS, SOCKHASH, SOCK_COOKIES,
+        DROPS, SOCKHASH, SOCK_COOKIES, PROXY, L7_ORIGINAL,
     ];
 }
 
@@ -131,6 +135,9 @@ pub mod service_flags {
     pub const AFFINITY: u32 = 1 << 0;
     /// `mesh.dev/lb-algorithm: maglev`: pick from the Maglev table instead of at random.
     pub const MAGLEV: u32 = 1 << 1;
+    /// L7-managed (an HTTPRoute attaches, or `mesh.dev/l7: "true"`): TCP connections go to the
+    /// agent's outbound listener (`mesh_proxy`) instead of a backend.
+    pub const L7: u32 = 1 << 2;
 }
 
 /// An IPv4 or IPv6 address as four 32-bit words holding the address bytes in network order,
@@ -280,6 +287,28 @@ pub struct RevNatValue {
     pub service_id: u32,
 }
 
+/// `mesh_proxy` value: the agent's outbound listener. Port 0: no proxy running.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ProxyAddr {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
+}
+
+/// `mesh_l7orig` key: the client end of a captured connection, as the proxy sees its peer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub addr: Addr,
+    /// Host byte order.
+    pub port: u16,
+    pub _pad16: u16,
+    pub _pad32: u32,
+}
+
 /// `ConnValue::direction`
 pub mod direction {
     /// This socket connect()ed (the client side).
@@ -407,6 +436,8 @@ mod pod {
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for ProxyAddr {}
+    unsafe impl aya::Pod for PeerKey {}
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, SockKey, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, PeerKey, ProxyAddr, SockKey, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
     RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, sizes,
 };
 
@@ -74,3 +74,12 @@ pub static SOCKHASH: SockHash<SockKey> = SockHash::pinned(sizes::MAX_SOCKHASH, 0
 /// count redirected bytes in `mesh_conns`.
 #[map(name = "mesh_sockcook")]
 pub static SOCK_COOKIES: HashMap<SockKey, u64> = HashMap::pinned(sizes::MAX_SOCKHASH, 0);
+
+/// The agent's outbound listener, for L7 Services.
+#[map(name = "mesh_proxy")]
+pub static PROXY: Array<ProxyAddr> = Array::pinned(1, 0);
+
+/// Captured connections' Service addresses, by client end (LRU: entries of connections the
+/// agent never saw close age out).
+#[map(name = "mesh_l7orig")]
+pub static L7_ORIGINAL: LruHashMap<PeerKey, RevNatValue> = LruHashMap::pinned(sizes::MAX_CONNS, 0);

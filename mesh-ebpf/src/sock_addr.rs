@@ -34,7 +34,7 @@ use mesh_common::{
     MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, service_flags,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, REVNAT, SERVICES, SLOTS};
+use crate::maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, SERVICES, SLOTS};
 
 /// Let the syscall go on (with the address as the program left it).
 const PROCEED: i32 = 1;
@@ -121,16 +121,27 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         return PROCEED;
     };
 
-    let Some(backend) = pick_backend(ctx, service_id, service) else {
-        debug!(ctx, "service {}: no usable endpoint, refused", service_id);
-        return refuse(sa, family, proto, connect);
+    let (baddr, bport_be) = if service.flags & service_flags::L7 != 0 && proto == IPPROTO_TCP {
+        // L7-managed: to the agent's proxy, which reads the Service address back from
+        // mesh_l7orig (filled by sock_ops once the connection is established).
+        match PROXY.get(0) {
+            Some(proxy) if proxy.port_be != 0 && (family == Family::V6 || proxy.addr.is_v4_mapped()) => {
+                (proxy.addr, proxy.port_be)
+            }
+            _ => return refuse(sa, family, proto, connect),
+        }
+    } else {
+        let Some(backend) = pick_backend(ctx, service_id, service) else {
+            debug!(ctx, "service {}: no usable endpoint, refused", service_id);
+            return refuse(sa, family, proto, connect);
+        };
+        // An IPv4 socket can only reach an IPv4 backend; the agent never pairs families
+        // wrongly, but the verifier-checked program must not trust that.
+        if family == Family::V4 && !backend.addr.is_v4_mapped() {
+            return refuse(sa, family, proto, connect);
+        }
+        (backend.addr, backend.port_be)
     };
-    // An IPv4 socket can only reach an IPv4 backend; the agent never pairs families wrongly,
-    // but the verifier-checked program must not trust that.
-    if family == Family::V4 && !backend.addr.is_v4_mapped() {
-        return refuse(sa, family, proto, connect);
-    }
-    let (baddr, bport_be) = (backend.addr, backend.port_be);
     write_user_addr(sa, family, &baddr);
     write_user_port(sa, bport_be);
     trace!(ctx, "service {}: to backend port {}", service_id, u16::from_be(bport_be));

@@ -29,10 +29,11 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    Addr, ConnEvent, ConnValue, RevNatKey, SockKey, conn_event, direction, drop_counters, fin, sizes,
+    Addr, ConnEvent, ConnValue, PeerKey, RevNatKey, SockKey, conn_event, direction, drop_counters, fin,
+    sizes,
 };
 
-use crate::maps::{CONNS, EVENTS, REVNAT, SOCK_COOKIES, SOCKHASH, count_drop};
+use crate::maps::{CONNS, EVENTS, L7_ORIGINAL, PROXY, REVNAT, SOCK_COOKIES, SOCKHASH, count_drop};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -90,6 +91,14 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             conn.service_addr = original.addr;
             conn.service_port = u16::from_be(original.port_be);
             conn.service_id = original.service_id;
+            // Captured for the proxy? Tell it which Service the client dialled.
+            if let Some(proxy) = PROXY.get(0)
+                && proxy.port_be == remote_port_be
+                && proxy.addr == remote
+            {
+                let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
+                let _ = L7_ORIGINAL.insert(&peer, original, 0);
+            }
         }
     }
     // SAFETY: valid context; a full socket in this callback.

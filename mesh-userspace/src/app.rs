@@ -1,6 +1,7 @@
 //! `mesh agent`: wires the datapath, the config source, reconciliation and the admin servers,
 //! and takes them down in order on SIGTERM.
 use std::{
+    collections::HashMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -17,7 +18,11 @@ use crate::{
     admin,
     ebpf::{loader, maps::PinnedMaps},
     host, sources,
-    state::{Catalog, LbService, NodeContext, desired_services},
+    proxy::{
+        self,
+        outbound::{L7State, Outbound},
+    },
+    state::{Catalog, LbService, NodeContext, catalog::ObjectKey, desired_services},
     sync::{MapImage, Reconciler, frontend_key},
     telemetry::{
         self, FlowLog, Telemetry,
@@ -42,6 +47,8 @@ pub struct AgentOptions {
     pub flow_log: FlowLog,
     /// Same-node redirection (sockhash + sk_msg).
     pub sockmap: bool,
+    /// The outbound proxy for L7 Services (connections are sent here by the kernel).
+    pub outbound_addr: SocketAddr,
 }
 
 /// What readiness and the admin API report.
@@ -63,6 +70,7 @@ struct Agent {
     /// The sources last applied or rejected, to skip events that changed nothing.
     last_sources: Mutex<Option<Vec<(PathBuf, String)>>>,
     telemetry: Arc<Telemetry>,
+    outbound: Arc<Outbound>,
 }
 
 impl Agent {
@@ -88,8 +96,11 @@ impl Agent {
                 let desired = desired_services(&catalog, &self.opts.node);
                 let mut reconciler = self.reconciler.lock().expect("reconciler lock");
                 let stats = reconciler.reconcile(&desired).map_err(|e| e.to_string())?;
-                self.update_identities(&catalog, &desired, reconciler.image());
-                Ok((desired.len(), stats))
+                let by_id = service_ids(&desired, reconciler.image());
+                self.update_identities(&catalog, &by_id);
+                let services = desired.len();
+                *self.outbound.state.write().expect("l7 state lock") = Arc::new(L7State { catalog, services: desired, by_id });
+                Ok((services, stats))
             });
         let mut status = self.status.lock().expect("status lock");
         match result {
@@ -116,13 +127,10 @@ impl Agent {
     }
 
     /// Names for the metric labels of connections to the services just applied.
-    fn update_identities(&self, catalog: &Catalog, desired: &[LbService], image: &MapImage) {
-        let services = desired
+    fn update_identities(&self, catalog: &Catalog, by_id: &HashMap<u32, ObjectKey>) {
+        let services = by_id
             .iter()
-            .filter_map(|svc| {
-                let sid = image.frontends.get(&frontend_key(svc.frontend, svc.key.protocol.ip_proto()))?;
-                Some((*sid, Named { name: svc.key.service.name.clone(), namespace: svc.key.service.namespace.clone() }))
-            })
+            .map(|(sid, key)| (*sid, Named { name: key.name.clone(), namespace: key.namespace.clone() }))
             .collect();
         self.telemetry.set_identities(Identities { services, workloads: Identities::workloads_of(catalog) });
     }
@@ -223,11 +231,23 @@ impl Agent {
     }
 }
 
+/// Kernel service id → the Service, for every balanced service just applied.
+fn service_ids(desired: &[LbService], image: &MapImage) -> HashMap<u32, ObjectKey> {
+    desired
+        .iter()
+        .filter_map(|svc| {
+            let sid = image.frontends.get(&frontend_key(svc.frontend, svc.key.protocol.ip_proto()))?;
+            Some((*sid, svc.key.service.clone()))
+        })
+        .collect()
+}
+
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
     let readiness_listener = admin::bind(opts.readiness_addr).await?;
     let metrics_listener = admin::bind(opts.metrics_addr).await?;
+    let outbound_listener = admin::bind(opts.outbound_addr).await?;
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).context("opening the flow log")?);
 
     let cgroup = match &opts.cgroup {
@@ -247,6 +267,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         sockmap = loaded.redirecting,
         "datapath attached"
     );
+    loader::set_proxy(&opts.bpffs, opts.outbound_addr)?;
+    let outbound = Arc::new(Outbound::new(&opts.bpffs).map_err(anyhow::Error::msg)?);
     let maps = PinnedMaps::open(&opts.bpffs)?;
     let reconciler = Reconciler::new(maps)?;
     let adopted = !reconciler.kernel_image()?.is_empty();
@@ -256,6 +278,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         status: Mutex::new(Status { serving: adopted, ..Default::default() }),
         last_sources: Mutex::new(None),
         telemetry: telemetry.clone(),
+        outbound: outbound.clone(),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -283,7 +306,8 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let servers = [
         tokio::spawn(admin::serve(admin_listener, admin_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve(readiness_listener, readiness_handler, shutdown_rx.clone())),
-        tokio::spawn(admin::serve(metrics_listener, metrics_handler, shutdown_rx)),
+        tokio::spawn(admin::serve(metrics_listener, metrics_handler, shutdown_rx.clone())),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, shutdown_rx)),
     ];
     tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
 

@@ -84,6 +84,10 @@ struct AgentArgs {
     /// agent adopts them.
     #[arg(long)]
     keep_datapath: bool,
+    /// The outbound proxy: connections to L7 Services (an HTTPRoute attaches, or
+    /// mesh.dev/l7: "true") are sent here. On Kubernetes use an address pods can reach.
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    outbound_addr: SocketAddr,
     /// Prometheus metrics (/metrics).
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
@@ -136,6 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr: args.metrics_addr,
                 flow_log: args.flow_log,
                 sockmap: args.sockmap,
+                outbound_addr: args.outbound_addr,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
             runtime.block_on(app::run(opts))?;
@@ -165,9 +170,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{:<40} {:<28} {:<5} {:<7} {}", "SERVICE", "FRONTEND", "PROTO", "LB", "BACKENDS");
                 for r in rows {
                     let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
-                    let lb = match r.affinity_timeout_s {
-                        Some(_) => format!("{}+aff", r.algorithm),
-                        None => r.algorithm.to_owned(),
+                    let lb = match (r.l7, r.affinity_timeout_s) {
+                        (true, _) => "l7".to_owned(),
+                        (false, Some(_)) => format!("{}+aff", r.algorithm),
+                        (false, None) => r.algorithm.to_owned(),
                     };
                     println!(
                         "{:<40} {:<28} {:<5} {:<7} {}",

@@ -229,6 +229,9 @@ pub fn plan(current: &MapImage, desired: &[LbService]) -> Result<Vec<Op>, PlanEr
         if svc.affinity_timeout_s.is_some() {
             flags |= service_flags::AFFINITY;
         }
+        if svc.l7 {
+            flags |= service_flags::L7;
+        }
         target.services.insert(
             sid,
             ServiceValue {
@@ -390,6 +393,8 @@ pub struct ServiceRow {
     pub protocol: String,
     pub algorithm: &'static str,
     pub affinity_timeout_s: Option<u32>,
+    /// Connections go to the agent's proxy (HTTPRoutes decide the backend).
+    pub l7: bool,
     /// In slot order.
     pub backends: Vec<SocketAddr>,
 }
@@ -414,6 +419,7 @@ impl MapImage {
                         .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
                     algorithm: if svc.flags & service_flags::MAGLEV != 0 { "maglev" } else { "random" },
                     affinity_timeout_s: (svc.flags & service_flags::AFFINITY != 0).then_some(svc.affinity_timeout_s),
+                    l7: svc.flags & service_flags::L7 != 0,
                     backends,
                 })
             })

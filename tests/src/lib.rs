@@ -267,6 +267,8 @@ impl Agent {
             .arg(&agent.bpffs)
             .args(["--node", spec.node])
             .args(["--admin-addr", &agent.admin, "--readiness-addr", &agent.readiness, "--metrics-addr", &agent.metrics])
+            .arg("--outbound-addr")
+            .arg(format!("127.0.0.1:{}", spec.port_base + 1))
             .stdout(Stdio::null())
             .stderr(fs::File::create(&agent.log).expect("log file"));
         if let Some(zone) = spec.zone {

@@ -23,7 +23,7 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use mesh_common::{LAYOUT_VERSION, SockKey, map_names, program_names};
+use mesh_common::{LAYOUT_VERSION, ProxyAddr, SockKey, map_names, program_names};
 
 use super::PROGRAMS;
 use crate::host;
@@ -227,6 +227,15 @@ fn detach_redirection(pin_dir: &Path) {
     for name in program_names::REDIRECTION {
         let _ = fs::remove_file(link_pin(pin_dir, name));
     }
+}
+
+/// Tells the kernel where L7 Services' connections go (`mesh_proxy`).
+pub fn set_proxy(pin_dir: &Path, addr: std::net::SocketAddr) -> Result<(), LoadError> {
+    let map = MapData::from_pin(pin_dir.join(map_names::PROXY)).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
+    let map = aya::maps::Map::from_map_data(map).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
+    let mut proxy: Array<MapData, ProxyAddr> = Array::try_from(map).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
+    let value = ProxyAddr { addr: crate::sync::addr_of(addr.ip()), port_be: addr.port().to_be(), _pad16: 0, _pad32: 0 };
+    proxy.set(0, &value, 0).map_err(|e| LoadError::Map(map_names::PROXY, e))
 }
 
 /// BPF_OBJ_GET: a descriptor for a pinned object, if the pin exists.

@@ -16,6 +16,8 @@ use super::{
     services::{Algorithm, Family, Protocol},
 };
 
+/// The annotation that makes a Service L7-managed without an HTTPRoute.
+pub const L7_ANNOTATION: &str = "mesh.dev/l7";
 /// The annotation that picks the balancing algorithm of a Service.
 pub const LB_ALGORITHM_ANNOTATION: &str = "mesh.dev/lb-algorithm";
 /// The label that ties an EndpointSlice to its Service.
@@ -98,6 +100,8 @@ pub struct ServiceSpec {
     /// `trafficDistribution: PreferClose` (or its newer name PreferSameZone).
     pub prefer_same_zone: bool,
     pub algorithm: Algorithm,
+    /// `mesh.dev/l7: "true"`: proxied even without an HTTPRoute.
+    pub l7: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,6 +357,15 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
         }
     };
 
+    let l7 = match service.metadata.annotations.get(L7_ANNOTATION).map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => {
+            ctx.error(&format!("metadata.annotations[{L7_ANNOTATION:?}]"), &format!("must be \"true\" or \"false\", got {other:?}"));
+            false
+        }
+    };
+
     // ExternalName services are DNS aliases, headless ones have no VIP: nothing to balance.
     let balanced = spec.type_.as_deref() != Some("ExternalName");
     let mut cluster_ips = Vec::new();
@@ -449,6 +462,7 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
         node_local,
         prefer_same_zone,
         algorithm,
+        l7,
     })
 }
 

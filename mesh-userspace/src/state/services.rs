@@ -121,6 +121,8 @@ pub struct LbService {
     pub frontend: SocketAddr,
     pub algorithm: Algorithm,
     pub affinity_timeout_s: Option<u32>,
+    /// TCP connections go to the agent's proxy (an HTTPRoute attaches, or mesh.dev/l7).
+    pub l7: bool,
     /// The endpoints this node may use, sorted; empty means connections are refused.
     pub backends: Vec<BackendSpec>,
 }
@@ -150,6 +152,8 @@ pub fn desired_services(catalog: &Catalog, node: &NodeContext) -> Vec<LbService>
                     key,
                     frontend: SocketAddr::new(*vip, port.port),
                     algorithm: service.algorithm,
+                    l7: port.protocol == Protocol::Tcp
+                        && (service.l7 || catalog.routes.values().any(|r| r.parents.contains(&service.key))),
                     affinity_timeout_s: service.affinity_timeout_s,
                     backends,
                 });

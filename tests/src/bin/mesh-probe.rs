@@ -4,6 +4,7 @@
 //! mesh-probe serve NAME ADDR...        TCP and UDP backends answering with NAME (HTTP too)
 //! mesh-probe tcp ADDR COUNT            COUNT connections; JSON tally of backend names/errors
 //! mesh-probe http ADDR COUNT           the same with HTTP GET requests
+//! mesh-probe get ADDR PATH COUNT [H:V] GET PATH (with header H: V); tally bodies/statuses
 //! mesh-probe udp ADDR COUNT            COUNT datagrams from one unconnected socket; checks
 //!                                      every reply comes from ADDR
 //! mesh-probe udp-connected ADDR COUNT  connected UDP socket; checks getpeername() == ADDR
@@ -39,7 +40,12 @@ fn main() {
     match arg(0) {
         "serve" => serve(arg(1), &args[2..]),
         "tcp" => tally(count(), |_| tcp_name(addr())),
-        "http" => tally(count(), |_| http_name(addr())),
+        "http" => tally(count(), |_| http_get(addr(), "/", None)),
+        "get" => {
+            let n: usize = arg(3).parse().unwrap_or_else(|_| usage());
+            let header = args.get(4).and_then(|h| h.split_once(':'));
+            tally(n, |_| http_get(addr(), arg(2), header))
+        }
         "udp" => udp(addr(), count()),
         "udp-connected" => udp_connected(addr(), count()),
         "peer" => peer(addr()),
@@ -85,13 +91,16 @@ fn tcp_name(addr: SocketAddr) -> std::io::Result<String> {
     Ok(line.trim().split(':').next().unwrap_or_default().to_owned())
 }
 
-fn http_name(addr: SocketAddr) -> std::io::Result<String> {
+/// One HTTP/1.1 GET: the body (a backend's name) on 200, else "HTTP <status>".
+fn http_get(addr: SocketAddr, path: &str, header: Option<(&str, &str)>) -> std::io::Result<String> {
     let mut stream = connect(addr)?;
-    write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let extra = header.map(|(n, v)| format!("{n}: {v}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
+    let status = response.split(' ').nth(1).unwrap_or_default().to_owned();
     let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
-    Ok(body.trim().to_owned())
+    Ok(if status == "200" { body.trim().to_owned() } else { format!("HTTP {status}") })
 }
 
 fn tally(count: usize, mut one: impl FnMut(usize) -> std::io::Result<String>) {

@@ -1,0 +1,82 @@
+//! L7 Services: connections captured by the kernel into the agent's proxy and routed by
+//! HTTPRoutes to the chosen Service's endpoints.
+use mesh_tests::*;
+
+const VIP: &str = "10.96.0.10:80";
+
+fn config(route_rules: &str) -> String {
+    let web = ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]).render();
+    let v2 = ServiceYaml { name: "web-v2", cluster_ip: "10.96.0.20", ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]) }.render();
+    let empty = ServiceYaml { name: "empty", cluster_ip: "10.96.0.30", ..ServiceYaml::web(vec![]) }.render();
+    format!(
+        "{web}---\n{v2}---\n{empty}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\n\
+         metadata: {{name: web-split, namespace: test}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n{route_rules}"
+    )
+}
+
+const RULES: &str = "  - matches: [{path: {type: PathPrefix, value: /v2}}]\n    backendRefs: [{name: web-v2, port: 80}]\n\
+                     \x20 - matches: [{headers: [{name: x-canary, value: \"true\"}]}]\n    backendRefs: [{name: web-v2, port: 80}]\n\
+                     \x20 - matches: [{path: {type: PathPrefix, value: /empty}}]\n    backendRefs: [{name: empty, port: 80}]\n\
+                     \x20 - matches: [{path: {type: Exact, value: /}}]\n    backendRefs: [{name: web, port: 80}]\n";
+
+#[test]
+fn httproutes_send_each_request_to_the_service_its_rule_names() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let _b2 = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7");
+        let agent = Agent::start(AgentSpec::new(&config(RULES), &cgroup));
+        for (path, header, want) in [
+            ("/", None, "b1"),
+            ("/v2", None, "b2"),
+            ("/v2/items", None, "b2"),
+            // The exact "/" rule outranks a header-only rule (Gateway API precedence)...
+            ("/", Some("x-canary:true"), "b1"),
+            // ...which takes every other path carrying the header.
+            ("/home", Some("x-canary:true"), "b2"),
+            ("/empty/x", None, "HTTP 503"),
+            ("/nowhere", None, "HTTP 404"),
+        ] {
+            let mut args = vec!["get", VIP, path, "10"];
+            args.extend(header);
+            let answer = cgroup.probe(&args);
+            assert_eq!(names(&answer), vec![(want.to_owned(), 10)], "GET {path} {header:?}: {answer}");
+        }
+        // A Service without a route stays plain L4: straight to its endpoint.
+        let plain = cgroup.probe(&["get", "10.96.0.20:80", "/anything", "5"]);
+        assert_eq!(names(&plain), vec![("b2".to_owned(), 5)], "{plain}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn a_route_change_applies_to_the_next_request() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let _b2 = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-change");
+        let agent = Agent::start(AgentSpec::new(&config(RULES), &cgroup));
+        assert_eq!(names(&cgroup.probe(&["get", VIP, "/", "3"])), vec![("b1".to_owned(), 3)]);
+        // Everything to v2 now.
+        agent.write_config(&config("  - backendRefs: [{name: web-v2, port: 80}]\n"));
+        wait_until(
+            || names(&cgroup.probe(&["get", VIP, "/", "1"])) == vec![("b2".to_owned(), 1)],
+            || agent.log(),
+        );
+        agent.stop();
+    });
+}
+
+#[test]
+fn services_show_which_services_are_l7() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("l7-services");
+        let agent = Agent::start(AgentSpec::new(&config(RULES), &cgroup));
+        let services = agent.config_dump()["services"].clone();
+        let l7 = |vip: &str| services.as_array().unwrap().iter().find(|s| s["frontend"] == vip).unwrap()["l7"].clone();
+        assert_eq!(l7(VIP), true, "{services}");
+        assert_eq!(l7("10.96.0.20:80"), false, "{services}");
+        agent.stop();
+    });
+}
