@@ -268,7 +268,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "datapath attached"
     );
     loader::set_proxy(&opts.bpffs, opts.outbound_addr)?;
-    let outbound = Arc::new(Outbound::new(&opts.bpffs).map_err(anyhow::Error::msg)?);
+    let outbound = Arc::new(Outbound::new(&opts.bpffs, telemetry.clone()).map_err(anyhow::Error::msg)?);
     let maps = PinnedMaps::open(&opts.bpffs)?;
     let reconciler = Reconciler::new(maps)?;
     let adopted = !reconciler.kernel_image()?.is_empty();

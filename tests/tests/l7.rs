@@ -46,6 +46,14 @@ fn httproutes_send_each_request_to_the_service_its_rule_names() {
         // A Service without a route stays plain L4: straight to its endpoint.
         let plain = cgroup.probe(&["get", "10.96.0.20:80", "/anything", "5"]);
         assert_eq!(names(&plain), vec![("b2".to_owned(), 5)], "{plain}");
+
+        // Istio's request metrics, labelled by the Service the rule chose.
+        let requests = |labels: &[(&str, &str)]| agent.metric("istio_requests_total", labels);
+        assert_eq!(requests(&[("destination_service", "web-v2.test.svc.cluster.local"), ("response_code", "200")]), 30.0);
+        assert_eq!(requests(&[("destination_service", "web.test.svc.cluster.local"), ("response_code", "200")]), 20.0);
+        assert_eq!(requests(&[("response_code", "404"), ("response_flags", "NR")]), 10.0);
+        assert_eq!(requests(&[("destination_service", "empty.test.svc.cluster.local"), ("response_code", "503"), ("response_flags", "UH")]), 10.0);
+        assert_eq!(agent.metric("istio_request_duration_milliseconds_count", &[]), 70.0, "{}", agent.metrics());
         agent.stop();
     });
 }

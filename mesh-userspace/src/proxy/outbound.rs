@@ -27,6 +27,7 @@ use super::router::{RequestParts, Router, pick_backend};
 use crate::{
     state::{Catalog, LbService, catalog::ObjectKey},
     sync::addr_of,
+    telemetry::{Telemetry, identity::Named},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -55,18 +56,20 @@ impl L7State {
 
 pub struct Outbound {
     pub state: RwLock<Arc<L7State>>,
+    telemetry: Arc<Telemetry>,
     original: Mutex<BpfHashMap<MapData, PeerKey, RevNatValue>>,
     client: Client<HttpConnector, hyper::body::Incoming>,
 }
 
 impl Outbound {
-    pub fn new(pin_dir: &Path) -> Result<Self, String> {
+    pub fn new(pin_dir: &Path, telemetry: Arc<Telemetry>) -> Result<Self, String> {
         let path = pin_dir.join(map_names::L7_ORIGINAL);
         let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
         let map = Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
         let original = BpfHashMap::try_from(map).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Self {
             state: RwLock::new(Arc::new(L7State::default())),
+            telemetry,
             original: Mutex::new(original),
             client: Client::builder(TokioExecutor::new()).build_http(),
         })
@@ -81,7 +84,23 @@ impl Outbound {
         Some(value.service_id)
     }
 
+    /// Proxies one request and counts it.
     async fn handle(self: Arc<Self>, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+        let started = std::time::Instant::now();
+        let mut outcome = Outcome { backend: None, endpoint: None, flags: "-" };
+        let response = self.forward(service, req, &mut outcome).await;
+        let backend = outcome.backend.map(|k| Named { name: k.name, namespace: k.namespace });
+        self.telemetry.record_request(
+            backend.as_ref(),
+            outcome.endpoint.map(|e| e.ip()),
+            response.status().as_u16(),
+            outcome.flags,
+            started.elapsed().as_secs_f64() * 1000.0,
+        );
+        response
+    }
+
+    async fn forward(&self, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
         };
@@ -91,16 +110,21 @@ impl Outbound {
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
         let router = Router::for_service(&state.catalog, &service);
         let Some(matched) = router.route(&parts) else {
+            outcome.flags = "NR";
             return reply(StatusCode::NOT_FOUND, "no route\n");
         };
         let Some(backend) = pick_backend(&matched.rule.backends, fastrand::u32(..)) else {
+            outcome.flags = "NR";
             return reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight\n");
         };
+        outcome.backend = Some(backend.service.clone());
         let endpoints = state.endpoints(&backend.service, backend.port);
         if endpoints.is_empty() {
+            outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         }
         let endpoint = endpoints[fastrand::usize(..endpoints.len())];
+        outcome.endpoint = Some(endpoint);
         let timeout = matched.rule.request_timeout.filter(|t| !t.is_zero());
         drop(parts);
 
@@ -114,15 +138,28 @@ impl Outbound {
         let response = match timeout {
             Some(t) => match tokio::time::timeout(t, upstream).await {
                 Ok(r) => r,
-                Err(_) => return reply(StatusCode::GATEWAY_TIMEOUT, "request timeout\n"),
+                Err(_) => {
+                    outcome.flags = "UT";
+                    return reply(StatusCode::GATEWAY_TIMEOUT, "request timeout\n");
+                }
             },
             None => upstream.await,
         };
         match response {
             Ok(response) => response.map(BodyExt::boxed),
-            Err(e) => reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n")),
+            Err(e) => {
+                outcome.flags = "UF";
+                reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
+            }
         }
     }
+}
+
+/// What happened to a request, for its metric labels.
+struct Outcome {
+    backend: Option<ObjectKey>,
+    endpoint: Option<SocketAddr>,
+    flags: &'static str,
 }
 
 fn reply(status: StatusCode, text: &str) -> Response<Body> {

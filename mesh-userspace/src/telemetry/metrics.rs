@@ -2,7 +2,7 @@
 //! and Kiali work) and mesh's own health as `mesh_*`.
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
 
@@ -18,6 +18,24 @@ pub struct TcpLabels {
     pub destination_service_namespace: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
+}
+
+/// Labels of the HTTP metrics of the outbound proxy; bounded like `TcpLabels` (status codes
+/// and response flags are small sets).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub reporter: String,
+    pub source_workload: String,
+    pub source_workload_namespace: String,
+    pub destination_service: String,
+    pub destination_service_name: String,
+    pub destination_service_namespace: String,
+    pub destination_workload: String,
+    pub destination_workload_namespace: String,
+    pub response_code: String,
+    /// Envoy's: "-" none, "NR" no route, "UH" no healthy upstream, "UF" upstream connection
+    /// failure, "UT" upstream timeout.
+    pub response_flags: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -39,6 +57,8 @@ pub struct Metrics {
     pub map_entries: Family<MapLabels, Gauge>,
     /// Totals of the kernel's per-CPU drop counters, set at scrape time.
     pub dropped: Family<DropLabels, Gauge>,
+    pub requests: Family<HttpLabels, Counter>,
+    pub request_duration: Family<HttpLabels, Histogram>,
 }
 
 impl Default for Metrics {
@@ -61,7 +81,18 @@ impl Default for Metrics {
             "Records the kernel could not keep: reason=events (ring buffer full), conns (connection map full)",
             dropped.clone(),
         );
-        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped }
+        let requests = Family::<HttpLabels, Counter>::default();
+        // Istio's buckets, in milliseconds.
+        let request_duration = Family::<HttpLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0])
+        });
+        registry.register("istio_requests", "HTTP requests through the outbound proxy", requests.clone());
+        registry.register(
+            "istio_request_duration_milliseconds",
+            "HTTP request duration through the outbound proxy",
+            request_duration.clone(),
+        );
+        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped, requests, request_duration }
     }
 }
 
