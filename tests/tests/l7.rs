@@ -88,3 +88,35 @@ fn services_show_which_services_are_l7() {
         agent.stop();
     });
 }
+
+#[test]
+fn filters_redirect_rewrite_and_edit_headers() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("l7-filters");
+        let rules = "  - matches: [{path: {type: PathPrefix, value: /old}}]\n    filters: [{type: RequestRedirect, requestRedirect: {path: {type: ReplaceFullPath, replaceFullPath: /new}, statusCode: 301}}]\n\
+                     \x20 - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters:\n\
+                     \x20   - {type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v1}}}\n\
+                     \x20   - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Mesh, value: routed}]}}\n\
+                     \x20   backendRefs: [{name: web, port: 80}]\n";
+        let agent = Agent::start(AgentSpec::new(&config(rules), &cgroup));
+        assert_eq!(names(&cgroup.probe(&["get", VIP, "/old/page", "3"])), vec![("HTTP 301".to_owned(), 3)]);
+        let rewritten = cgroup.probe(&["get", VIP, "/api/items?x=1", "3", "x-probe-echo:1"]);
+        assert_eq!(names(&rewritten), vec![("b1 /v1/items?x=1 routed".to_owned(), 3)], "{rewritten}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn bad_filters_are_rejected_naming_the_field() {
+    let dir = std::env::temp_dir().join(unique_name("filters"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("route.yaml");
+    let rules = "  - matches: [{path: {type: Exact, value: /x}}]\n    filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /y}}}]\n";
+    std::fs::write(&file, config(rules)).unwrap();
+    let out = std::process::Command::new(mesh_bin()).args(["config", "validate"]).arg(&file).output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("HTTPRoute test/web-split: spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch needs every match"), "{err}");
+}

@@ -33,6 +33,8 @@ pub struct Matched<'r> {
     pub route: &'r ObjectKey,
     pub rule_index: usize,
     pub rule: &'r RuleSpec,
+    /// The match that held (ReplacePrefixMatch needs its prefix).
+    pub matched: &'r MatchSpec,
 }
 
 struct Candidate<'r> {
@@ -89,6 +91,7 @@ impl<'r> Router<'r> {
             route: &c.route.key,
             rule_index: c.rule_index,
             rule: &c.route.rules[c.rule_index],
+            matched: c.m,
         })
     }
 }

@@ -81,6 +81,29 @@ pub struct RetrySpec {
     pub backoff: Option<Duration>,
 }
 
+/// Header edits of a RequestHeaderModifier or ResponseHeaderModifier filter.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct HeaderEdits {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathModifier {
+    Full(String),
+    /// Replaces the matched PathPrefix.
+    Prefix(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilterSpec {
+    RequestHeaders(HeaderEdits),
+    ResponseHeaders(HeaderEdits),
+    Redirect { scheme: Option<String>, hostname: Option<String>, path: Option<PathModifier>, port: Option<u16>, status: u16 },
+    Rewrite { hostname: Option<String>, path: Option<PathModifier> },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSpec {
     /// Never empty: a rule without matches matches every request (prefix "/").
@@ -89,6 +112,7 @@ pub struct RuleSpec {
     pub request_timeout: Option<Duration>,
     pub backend_timeout: Option<Duration>,
     pub retry: Option<RetrySpec>,
+    pub filters: Vec<FilterSpec>,
 }
 
 /// A validated HTTPRoute.
@@ -153,7 +177,14 @@ pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Re
     }
     if rules.is_empty() {
         // The spec's default: one rule, match everything, no backends (so 500s).
-        rules.push(RuleSpec { matches: vec![catch_all()], backends: Vec::new(), request_timeout: None, backend_timeout: None, retry: None });
+        rules.push(RuleSpec {
+            matches: vec![catch_all()],
+            backends: Vec::new(),
+            request_timeout: None,
+            backend_timeout: None,
+            retry: None,
+            filters: Vec::new(),
+        });
     }
     Ok(Some(RouteSpec { key, created, parents, rules }))
 }
@@ -196,6 +227,10 @@ fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<R
                 continue;
             }
         };
+        if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+            errors.push(err(format!("{f}.filters"), "filters on a backendRef are not supported yet; put them on the rule"));
+            continue;
+        }
         backends.push(BackendRefSpec {
             service: ObjectKey { namespace: b.namespace.unwrap_or_else(|| key.namespace.clone()), name: b.name },
             port,
@@ -245,7 +280,21 @@ fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<R
         }
         retry = Some(spec);
     }
-    if errors.is_empty() { Ok(RuleSpec { matches, backends, request_timeout, backend_timeout, retry }) } else { Err(errors) }
+    let mut filters = Vec::new();
+    for (j, f) in rule.filters.unwrap_or_default().into_iter().enumerate() {
+        match validate_filter(f, &format!("{field}.filters[{j}]"), &matches) {
+            Ok(f) => filters.push(f),
+            Err(e) => errors.push(e),
+        }
+    }
+    if filters.iter().any(|f| matches!(f, FilterSpec::Redirect { .. })) && filters.iter().any(|f| matches!(f, FilterSpec::Rewrite { .. })) {
+        errors.push(err(format!("{field}.filters"), "RequestRedirect and URLRewrite cannot be used together"));
+    }
+    if errors.is_empty() {
+        Ok(RuleSpec { matches, backends, request_timeout, backend_timeout, retry, filters })
+    } else {
+        Err(errors)
+    }
 }
 
 fn validate_match(m: HttpRouteRulesMatches, field: &str) -> Result<MatchSpec, FieldError> {
@@ -295,4 +344,90 @@ fn validate_match(m: HttpRouteRulesMatches, field: &str) -> Result<MatchSpec, Fi
         serde_json::to_value(&method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
     });
     Ok(MatchSpec { path, method, headers, query })
+}
+
+fn edits(set: Vec<(String, String)>, add: Vec<(String, String)>, remove: Vec<String>) -> HeaderEdits {
+    let lower = |v: Vec<(String, String)>| v.into_iter().map(|(n, v)| (n.to_ascii_lowercase(), v)).collect();
+    HeaderEdits { set: lower(set), add: lower(add), remove: remove.into_iter().map(|n| n.to_ascii_lowercase()).collect() }
+}
+
+fn path_modifier(full: Option<String>, prefix: Option<String>, is_full: bool, field: &str, matches: &[MatchSpec]) -> Result<PathModifier, FieldError> {
+    if is_full {
+        let value = full.ok_or_else(|| err(format!("{field}.replaceFullPath"), "required for ReplaceFullPath"))?;
+        return Ok(PathModifier::Full(value));
+    }
+    let value = prefix.ok_or_else(|| err(format!("{field}.replacePrefixMatch"), "required for ReplacePrefixMatch"))?;
+    if !matches.iter().all(|m| matches!(m.path, PathMatch::Prefix(_))) {
+        return Err(err(format!("{field}.type"), "ReplacePrefixMatch needs every match of the rule to be a PathPrefix"));
+    }
+    Ok(PathModifier::Prefix(value))
+}
+
+fn validate_filter(
+    f: gateway_api::experimental::httproutes::HttpRouteRulesFilters,
+    field: &str,
+    matches: &[MatchSpec],
+) -> Result<FilterSpec, FieldError> {
+    use gateway_api::experimental::httproutes::{
+        HttpRouteRulesFiltersRequestRedirectPathType as RedirectPath, HttpRouteRulesFiltersRequestRedirectScheme as Scheme,
+        HttpRouteRulesFiltersType as Type, HttpRouteRulesFiltersUrlRewritePathType as RewritePath,
+    };
+    let missing = |what: &str| err(format!("{field}.{what}"), format!("required for type {:?}", f.r#type));
+    match f.r#type {
+        Type::RequestHeaderModifier => {
+            let m = f.request_header_modifier.clone().ok_or_else(|| missing("requestHeaderModifier"))?;
+            Ok(FilterSpec::RequestHeaders(edits(
+                m.set.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                m.add.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                m.remove.unwrap_or_default(),
+            )))
+        }
+        Type::ResponseHeaderModifier => {
+            let m = f.response_header_modifier.clone().ok_or_else(|| missing("responseHeaderModifier"))?;
+            Ok(FilterSpec::ResponseHeaders(edits(
+                m.set.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                m.add.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                m.remove.unwrap_or_default(),
+            )))
+        }
+        Type::RequestRedirect => {
+            let r = f.request_redirect.clone().ok_or_else(|| missing("requestRedirect"))?;
+            let status = match r.status_code.unwrap_or(302) {
+                s @ (301 | 302 | 303 | 307 | 308) => s as u16,
+                s => return Err(err(format!("{field}.requestRedirect.statusCode"), format!("must be 301, 302, 303, 307 or 308, got {s}"))),
+            };
+            let port = match r.port {
+                None => None,
+                Some(p @ 1..=65535) => Some(p as u16),
+                Some(p) => return Err(err(format!("{field}.requestRedirect.port"), format!("must be between 1 and 65535, got {p}"))),
+            };
+            let path = match r.path {
+                None => None,
+                Some(p) => Some(path_modifier(
+                    p.replace_full_path,
+                    p.replace_prefix_match,
+                    p.r#type == RedirectPath::ReplaceFullPath,
+                    &format!("{field}.requestRedirect.path"),
+                    matches,
+                )?),
+            };
+            let scheme = r.scheme.map(|s| if s == Scheme::Https { "https" } else { "http" }.to_owned());
+            Ok(FilterSpec::Redirect { scheme, hostname: r.hostname, path, port, status })
+        }
+        Type::UrlRewrite => {
+            let r = f.url_rewrite.clone().ok_or_else(|| missing("urlRewrite"))?;
+            let path = match r.path {
+                None => None,
+                Some(p) => Some(path_modifier(
+                    p.replace_full_path,
+                    p.replace_prefix_match,
+                    p.r#type == RewritePath::ReplaceFullPath,
+                    &format!("{field}.urlRewrite.path"),
+                    matches,
+                )?),
+            };
+            Ok(FilterSpec::Rewrite { hostname: r.hostname, path })
+        }
+        other => Err(err(format!("{field}.type"), format!("filter {other:?} is not supported"))),
+    }
 }

@@ -4,7 +4,7 @@
 //! mesh-probe serve NAME ADDR...        TCP and UDP backends answering with NAME (HTTP too)
 //! mesh-probe tcp ADDR COUNT            COUNT connections; JSON tally of backend names/errors
 //! mesh-probe http ADDR COUNT           the same with HTTP GET requests
-//! mesh-probe get ADDR PATH COUNT [H:V] GET PATH (with header H: V); tally bodies/statuses
+//! mesh-probe get ADDR PATH COUNT [H:V,..] GET PATH (with headers); tally bodies/statuses
 //! mesh-probe udp ADDR COUNT            COUNT datagrams from one unconnected socket; checks
 //!                                      every reply comes from ADDR
 //! mesh-probe udp-connected ADDR COUNT  connected UDP socket; checks getpeername() == ADDR
@@ -40,11 +40,12 @@ fn main() {
     match arg(0) {
         "serve" => serve(arg(1), &args[2..]),
         "tcp" => tally(count(), |_| tcp_name(addr())),
-        "http" => tally(count(), |_| http_get(addr(), "/", None)),
+        "http" => tally(count(), |_| http_get(addr(), "/", &[])),
         "get" => {
             let n: usize = arg(3).parse().unwrap_or_else(|_| usage());
-            let header = args.get(4).and_then(|h| h.split_once(':'));
-            tally(n, |_| http_get(addr(), arg(2), header))
+            let headers: Vec<(&str, &str)> =
+                args.get(4).map(|h| h.split(',').filter_map(|kv| kv.split_once(':')).collect()).unwrap_or_default();
+            tally(n, |_| http_get(addr(), arg(2), &headers))
         }
         "udp" => udp(addr(), count()),
         "udp-connected" => udp_connected(addr(), count()),
@@ -92,9 +93,9 @@ fn tcp_name(addr: SocketAddr) -> std::io::Result<String> {
 }
 
 /// One HTTP/1.1 GET: the body (a backend's name) on 200, else "HTTP <status>".
-fn http_get(addr: SocketAddr, path: &str, header: Option<(&str, &str)>) -> std::io::Result<String> {
+fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> std::io::Result<String> {
     let mut stream = connect(addr)?;
-    let extra = header.map(|(n, v)| format!("{n}: {v}\r\n")).unwrap_or_default();
+    let extra: String = headers.iter().map(|(n, v)| format!("{n}: {v}\r\n")).collect();
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
@@ -246,12 +247,20 @@ fn answer_tcp(name: &str, stream: TcpStream) {
     let mut line = String::new();
     while reader.read_line(&mut line).unwrap_or(0) > 0 {
         if line.starts_with("GET ") {
-            // Skip the headers, answer once, close.
+            // Read the headers, answer once, close. With x-probe-echo, the body also shows
+            // the path and the x-mesh header the backend received.
+            let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
+            let (mut echo, mut x_mesh) = (false, "-".to_owned());
             let mut header = String::new();
             while reader.read_line(&mut header).unwrap_or(0) > 0 && header.trim() != "" {
+                let lower = header.trim().to_ascii_lowercase();
+                echo |= lower.starts_with("x-probe-echo:");
+                if let Some(v) = lower.strip_prefix("x-mesh:") {
+                    x_mesh = v.trim().to_owned();
+                }
                 header.clear();
             }
-            let body = format!("{name}\n");
+            let body = if echo { format!("{name} {path} {x_mesh}\n") } else { format!("{name}\n") };
             let _ = write!(writer, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             return;
         }
