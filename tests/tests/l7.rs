@@ -120,3 +120,50 @@ fn bad_filters_are_rejected_naming_the_field() {
     assert!(!out.status.success());
     assert!(err.contains("HTTPRoute test/web-split: spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch needs every match"), "{err}");
 }
+
+/// `web` with two endpoints, each a backend named `a`/`b` (statusNNN answers NNN), an HTTPRoute
+/// retrying 503s, and `annotations` on the Service.
+fn retry_config(annotations: &str, attempts: u32) -> String {
+    let web = ServiceYaml {
+        annotations,
+        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")])
+    }
+    .render();
+    format!(
+        "{web}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: retry, namespace: test}}\n\
+         spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n    \
+         retry: {{codes: [503], attempts: {attempts}, backoff: 1ms}}\n"
+    )
+}
+
+#[test]
+fn a_failed_request_is_retried_on_a_healthy_endpoint() {
+    in_netns(|| {
+        let _bad = Backend::start("status503", &["127.0.0.11:8080"]);
+        let _good = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-retry");
+        let agent = Agent::start(AgentSpec::new(&retry_config("", 1), &cgroup));
+        let answer = cgroup.probe(&["get", VIP, "/", "40"]);
+        assert_eq!(names(&answer), vec![("b2".to_owned(), 40)], "every 503 retried on the other endpoint: {answer}");
+        let retries = agent.metric("mesh_retries_total", &[("destination_service", "web.test.svc.cluster.local")]);
+        assert!(retries > 0.0 && retries < 40.0, "about half the requests hit the failing endpoint first: {retries}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn the_retry_budget_caps_amplification_when_every_endpoint_fails() {
+    in_netns(|| {
+        let _a = Backend::start("status503", &["127.0.0.11:8080"]);
+        let _b = Backend::start("status503", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-budget");
+        // No ratio, 1 retry a second: 10 retries per 10 s window, whatever the traffic.
+        let annotations = "mesh.dev/retry-budget-ratio: \"0\", mesh.dev/retry-budget-min-per-second: \"1\"";
+        let agent = Agent::start(AgentSpec::new(&retry_config(annotations, 3), &cgroup));
+        let answer = cgroup.probe(&["get", VIP, "/", "50"]);
+        assert_eq!(names(&answer), vec![("HTTP 503".to_owned(), 50)], "{answer}");
+        // Without the budget, 3 retries each would be 150.
+        assert_eq!(agent.metric("mesh_retries_total", &[]), 10.0, "{}", agent.metrics());
+        agent.stop();
+    });
+}

@@ -11,6 +11,7 @@ use std::{
     net::SocketAddr,
     path::Path,
     sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
 };
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
@@ -31,7 +32,7 @@ use crate::{
         routes::{FilterSpec, HeaderEdits, MatchSpec, PathMatch, PathModifier},
     },
     sync::addr_of,
-    telemetry::{Telemetry, identity::Named},
+    telemetry::{Telemetry, identity::Named, metrics::RetryLabels},
 };
 
 type Body = BoxBody<Bytes, hyper::Error>;
@@ -62,7 +63,8 @@ pub struct Outbound {
     pub state: RwLock<Arc<L7State>>,
     telemetry: Arc<Telemetry>,
     original: Mutex<BpfHashMap<MapData, PeerKey, RevNatValue>>,
-    client: Client<HttpConnector, hyper::body::Incoming>,
+    client: Client<HttpConnector, Body>,
+    budgets: Mutex<HashMap<ObjectKey, Arc<RetryBudget>>>,
 }
 
 impl Outbound {
@@ -76,6 +78,7 @@ impl Outbound {
             telemetry,
             original: Mutex::new(original),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            budgets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -105,6 +108,7 @@ impl Outbound {
     }
 
     async fn forward(&self, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {
+        let started = Instant::now();
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
         };
@@ -131,9 +135,7 @@ impl Outbound {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         }
-        let endpoint = endpoints[fastrand::usize(..endpoints.len())];
-        outcome.endpoint = Some(endpoint);
-        let timeout = matched.rule.request_timeout.filter(|t| !t.is_zero());
+        let deadline = matched.rule.request_timeout.filter(|t| !t.is_zero()).map(|t| started + t);
         drop(parts);
 
         let (mut head, body) = req.into_parts();
@@ -153,34 +155,188 @@ impl Outbound {
             }
         }
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        head.uri = match format!("http://{endpoint}{path}{query}").parse() {
-            Ok(uri) => uri,
-            Err(_) => return reply(StatusCode::BAD_REQUEST, "bad request target\n"),
-        };
-        let upstream = self.client.request(Request::from_parts(head, body));
-        let response = match timeout {
-            Some(t) => match tokio::time::timeout(t, upstream).await {
-                Ok(r) => r,
-                Err(_) => {
-                    outcome.flags = "UT";
-                    return reply(StatusCode::GATEWAY_TIMEOUT, "request timeout\n");
-                }
+        let target = format!("{path}{query}");
+
+        // A request is replayed (retried) only when its body is known small: buffered whole.
+        let replayable = match body_length(&head.headers) {
+            Some(n) if n <= MAX_REPLAY_BODY => match http_body_util::Limited::new(body, MAX_REPLAY_BODY as usize).collect().await {
+                Ok(collected) => Some(collected.to_bytes()),
+                Err(_) => return reply(StatusCode::BAD_REQUEST, "request body shorter or longer than its Content-Length\n"),
             },
-            None => upstream.await,
+            _ => {
+                // Streamed as it comes: one attempt.
+                let mut stream_body = Some(body.boxed());
+                return self
+                    .attempts(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, &backend.service, |_| {
+                        stream_body.take()
+                    })
+                    .await;
+            }
         };
-        match response {
-            Ok(mut response) => {
-                for filter in filters {
-                    if let FilterSpec::ResponseHeaders(edits) = filter {
-                        apply_edits(response.headers_mut(), edits);
+        let bytes = replayable.unwrap_or_default();
+        self.attempts(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, &backend.service, |_| {
+            Some(Full::new(bytes.clone()).map_err(|never: Infallible| match never {}).boxed())
+        })
+        .await
+    }
+
+    /// Sends the request, retrying on another endpoint in the safe cases: the body can be
+    /// replayed (`next_body` gives it again), the failure happened before a response (connect
+    /// failure, reset) or the response code is one the route's `retry` names, the deadline
+    /// leaves room, and the backend Service's retry budget allows it.
+    #[expect(clippy::too_many_arguments, reason = "one request's context, used once")]
+    async fn attempts(
+        &self,
+        head: &hyper::http::request::Parts,
+        target: &str,
+        endpoints: &[SocketAddr],
+        rule: &crate::state::routes::RuleSpec,
+        deadline: Option<Instant>,
+        filters: &[FilterSpec],
+        outcome: &mut Outcome,
+        service: &ObjectKey,
+        mut next_body: impl FnMut(usize) -> Option<Body>,
+    ) -> Response<Body> {
+        let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
+        // Without a `retry` block, only a failure before any response is retried, once.
+        let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
+        let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
+        let budget = self.budget(service);
+        budget.record_request();
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
+            let pool = if fresh.is_empty() { endpoints } else { &fresh };
+            let endpoint = pool[fastrand::usize(..pool.len())];
+            tried.push(endpoint);
+            outcome.endpoint = Some(endpoint);
+            let Some(body) = next_body(attempt) else {
+                return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
+            };
+            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+                return reply(StatusCode::BAD_REQUEST, "bad request target\n");
+            };
+            let mut request = Request::new(body);
+            *request.method_mut() = head.method.clone();
+            *request.uri_mut() = uri;
+            *request.headers_mut() = head.headers.clone();
+            let now = Instant::now();
+            let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
+            let sent = self.client.request(request);
+            let result = match limit {
+                Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        outcome.flags = "UT";
+                        return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
                     }
+                },
+                None => sent.await,
+            };
+            let failed = match result {
+                Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
+                    outcome.flags = "-";
+                    for filter in filters {
+                        if let FilterSpec::ResponseHeaders(edits) = filter {
+                            apply_edits(response.headers_mut(), edits);
+                        }
+                    }
+                    return response.map(BodyExt::boxed);
                 }
-                response.map(BodyExt::boxed)
+                Ok(response) => response.map(BodyExt::boxed),
+                Err(e) => {
+                    outcome.flags = "UF";
+                    reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
+                }
+            };
+            let time_left = deadline.is_none_or(|d| d.saturating_duration_since(Instant::now()) > backoff);
+            if attempt >= max_retries as usize || !time_left || !budget.try_retry() {
+                return failed;
             }
-            Err(e) => {
-                outcome.flags = "UF";
-                reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
-            }
+            attempt += 1;
+            self.telemetry.metrics.retries.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    fn budget(&self, service: &ObjectKey) -> Arc<RetryBudget> {
+        let state = self.state.read().expect("l7 state lock").clone();
+        let (ratio, min_per_second) = state
+            .catalog
+            .services
+            .get(service)
+            .map_or((DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_MIN_PER_SECOND), |s| (s.retry_budget_ratio, s.retry_budget_min_per_second));
+        let mut budgets = self.budgets.lock().expect("budgets lock");
+        budgets
+            .entry(service.clone())
+            .and_modify(|b| {
+                if b.ratio != ratio || b.min_per_second != min_per_second {
+                    *b = Arc::new(RetryBudget::new(ratio, min_per_second));
+                }
+            })
+            .or_insert_with(|| Arc::new(RetryBudget::new(ratio, min_per_second)))
+            .clone()
+    }
+}
+
+fn fqdn(service: &ObjectKey) -> String {
+    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+}
+
+/// The body length a request announces: Some(0) for none, None when chunked (unknown).
+fn body_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    if headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    match headers.get(hyper::header::CONTENT_LENGTH) {
+        None => Some(0),
+        Some(v) => v.to_str().ok()?.parse().ok(),
+    }
+}
+
+/// Bodies up to this size are buffered so that the request can be retried.
+const MAX_REPLAY_BODY: u64 = 64 * 1024;
+const DEFAULT_RETRIES: u32 = 2;
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: f64 = 10.0;
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Linkerd-style retry budget: over a 10 s window, retries may add at most `ratio` of the
+/// requests plus `min_per_second`, so a failing backend cannot multiply its load.
+pub struct RetryBudget {
+    ratio: f64,
+    min_per_second: f64,
+    window: Mutex<(Instant, u64, u64)>,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, min_per_second: f64) -> Self {
+        Self { ratio, min_per_second, window: Mutex::new((Instant::now(), 0, 0)) }
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, (Instant, u64, u64)> {
+        let mut w = self.window.lock().expect("budget lock");
+        if w.0.elapsed() >= BUDGET_WINDOW {
+            *w = (Instant::now(), 0, 0);
+        }
+        w
+    }
+
+    pub fn record_request(&self) {
+        self.current().1 += 1;
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn try_retry(&self) -> bool {
+        let mut w = self.current();
+        let allowed = self.ratio * w.1 as f64 + self.min_per_second * BUDGET_WINDOW.as_secs_f64();
+        if (w.2 as f64) < allowed {
+            w.2 += 1;
+            true
+        } else {
+            false
         }
     }
 }

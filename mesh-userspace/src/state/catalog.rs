@@ -87,7 +87,7 @@ pub struct ServicePortSpec {
 }
 
 /// A Service, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceSpec {
     pub key: ObjectKey,
     /// Empty for headless and ExternalName services, which mesh does not balance.
@@ -102,6 +102,10 @@ pub struct ServiceSpec {
     pub algorithm: Algorithm,
     /// `mesh.dev/l7: "true"`: proxied even without an HTTPRoute.
     pub l7: bool,
+    /// `mesh.dev/retry-budget-ratio` (default 0.2) and `mesh.dev/retry-budget-min-per-second`
+    /// (default 10): retries to this Service may add at most ratio x requests + min per second.
+    pub retry_budget_ratio: f64,
+    pub retry_budget_min_per_second: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +141,7 @@ pub struct SliceSpec {
 
 /// Every Service, EndpointSlice and (Service-attached) HTTPRoute of a configuration,
 /// validated as a whole.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Catalog {
     pub services: BTreeMap<ObjectKey, ServiceSpec>,
     pub slices: BTreeMap<ObjectKey, SliceSpec>,
@@ -366,6 +370,21 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
         }
     };
 
+    let mut budget = |name: &str, default: f64, max: f64| -> f64 {
+        match service.metadata.annotations.get(name) {
+            None => default,
+            Some(v) => match v.parse::<f64>() {
+                Ok(x) if (0.0..=max).contains(&x) => x,
+                _ => {
+                    ctx.error(&format!("metadata.annotations[{name:?}]"), &format!("must be a number from 0 to {max}, got {v:?}"));
+                    default
+                }
+            },
+        }
+    };
+    let retry_budget_ratio = budget("mesh.dev/retry-budget-ratio", 0.2, 1.0);
+    let retry_budget_min_per_second = budget("mesh.dev/retry-budget-min-per-second", 10.0, 1_000_000.0);
+
     // ExternalName services are DNS aliases, headless ones have no VIP: nothing to balance.
     let balanced = spec.type_.as_deref() != Some("ExternalName");
     let mut cluster_ips = Vec::new();
@@ -463,6 +482,8 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
         prefer_same_zone,
         algorithm,
         l7,
+        retry_budget_ratio,
+        retry_budget_min_per_second,
     })
 }
 

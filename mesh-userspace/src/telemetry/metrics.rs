@@ -39,6 +39,11 @@ pub struct HttpLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    pub destination_service: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MapLabels {
     pub map: String,
 }
@@ -59,6 +64,7 @@ pub struct Metrics {
     pub dropped: Family<DropLabels, Gauge>,
     pub requests: Family<HttpLabels, Counter>,
     pub request_duration: Family<HttpLabels, Histogram>,
+    pub retries: Family<RetryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,7 +98,9 @@ impl Default for Metrics {
             "HTTP request duration through the outbound proxy",
             request_duration.clone(),
         );
-        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped, requests, request_duration }
+        let retries = Family::<RetryLabels, Counter>::default();
+        registry.register("mesh_retries", "Requests the outbound proxy retried", retries.clone());
+        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped, requests, request_duration, retries }
     }
 }
 

@@ -261,7 +261,9 @@ fn answer_tcp(name: &str, stream: TcpStream) {
                 header.clear();
             }
             let body = if echo { format!("{name} {path} {x_mesh}\n") } else { format!("{name}\n") };
-            let _ = write!(writer, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            // A backend named statusNNN answers every request with that status.
+            let status = name.strip_prefix("status").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200);
+            let _ = write!(writer, "HTTP/1.1 {status} Status\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
             return;
         }
         if writer.write_all(format!("{name}:{}\n", line.trim()).as_bytes()).is_err() {
