@@ -167,3 +167,59 @@ fn the_retry_budget_caps_amplification_when_every_endpoint_fails() {
         agent.stop();
     });
 }
+
+/// `web` with endpoints .11 and .12 behind an HTTPRoute without retries.
+fn two_endpoints(annotations: &str) -> String {
+    let web = ServiceYaml {
+        annotations,
+        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")])
+    }
+    .render();
+    format!(
+        "{web}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: plain, namespace: test}}\n\
+         spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n"
+    )
+}
+
+#[test]
+fn a_slow_endpoint_gets_clearly_less_traffic() {
+    in_netns(|| {
+        let _slow = Backend::start("slow40", &["127.0.0.11:8080"]);
+        let _fast = Backend::start("fast", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-ewma");
+        let agent = Agent::start(AgentSpec::new(&two_endpoints(""), &cgroup));
+        let answer = cgroup.probe(&["get", VIP, "/", "100"]);
+        let fast = names(&answer).into_iter().find(|(n, _)| n == "fast").map_or(0, |(_, c)| c);
+        // Random choice would give the slow one about half; peak EWMA learns after one request.
+        assert!(fast >= 90, "the fast endpoint should take most requests: {answer}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn a_failing_endpoint_is_ejected_and_later_readmitted() {
+    in_netns(|| {
+        let bad = Backend::start("status500", &["127.0.0.11:8080"]);
+        let _good = Backend::start("good", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-eject");
+        let annotations = "mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"1500\"";
+        let agent = Agent::start(AgentSpec::new(&two_endpoints(annotations), &cgroup));
+        // Until three failures in a row eject it, some requests fail; then none do.
+        let first = cgroup.probe(&["get", VIP, "/", "60"]);
+        assert_eq!(agent.metric("mesh_endpoint_ejections_total", &[]), 1.0, "{first}");
+        let failures = names(&first).into_iter().find(|(n, _)| n == "HTTP 500").map_or(0, |(_, c)| c);
+        assert!((3..=6).contains(&failures), "about three failures before ejection: {first}");
+        let ejected = cgroup.probe(&["get", VIP, "/", "30"]);
+        assert_eq!(names(&ejected), vec![("good".to_owned(), 30)], "{ejected}");
+
+        // The endpoint recovers; once the ejection is over, live traffic finds it again.
+        drop(bad);
+        let _fixed = Backend::start("fixed", &["127.0.0.11:8080"]);
+        std::thread::sleep(std::time::Duration::from_millis(1800));
+        wait_until(
+            || names(&cgroup.probe(&["get", VIP, "/", "10"])).iter().any(|(n, _)| n == "fixed"),
+            || agent.metrics(),
+        );
+        agent.stop();
+    });
+}

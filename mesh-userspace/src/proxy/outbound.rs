@@ -24,7 +24,10 @@ use hyper_util::{
 use mesh_common::{PeerKey, RevNatValue, map_names};
 use tokio::{net::TcpListener, sync::watch};
 
-use super::router::{RequestParts, Router, pick_backend};
+use super::{
+    balancer::{Balancer, EjectionPolicy, Verdict},
+    router::{RequestParts, Router, pick_backend},
+};
 use crate::{
     state::{
         Catalog, LbService,
@@ -64,7 +67,7 @@ pub struct Outbound {
     telemetry: Arc<Telemetry>,
     original: Mutex<BpfHashMap<MapData, PeerKey, RevNatValue>>,
     client: Client<HttpConnector, Body>,
-    budgets: Mutex<HashMap<ObjectKey, Arc<RetryBudget>>>,
+    per_service: Mutex<HashMap<ObjectKey, (Arc<RetryBudget>, Arc<Balancer>)>>,
 }
 
 impl Outbound {
@@ -78,7 +81,7 @@ impl Outbound {
             telemetry,
             original: Mutex::new(original),
             client: Client::builder(TokioExecutor::new()).build_http(),
-            budgets: Mutex::new(HashMap::new()),
+            per_service: Mutex::new(HashMap::new()),
         })
     }
 
@@ -201,39 +204,51 @@ impl Outbound {
         // Without a `retry` block, only a failure before any response is retried, once.
         let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
         let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
-        let budget = self.budget(service);
+        let (budget, balancer, policy) = self.service_state(service);
         budget.record_request();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
         loop {
             let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
             let pool = if fresh.is_empty() { endpoints } else { &fresh };
-            let endpoint = pool[fastrand::usize(..pool.len())];
+            let endpoint = balancer.pick(pool);
             tried.push(endpoint);
             outcome.endpoint = Some(endpoint);
+            let now = Instant::now();
+            // Every way out of this attempt reports to the balancer (in-flight counts, latency,
+            // failures for ejection).
+            let finish = |failed: bool| {
+                if balancer.finish(endpoint, now.elapsed(), failed, endpoints, &policy) == Verdict::Ejected {
+                    tracing::warn!(%endpoint, service = %service, "endpoint ejected after consecutive failures");
+                    self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
+                }
+            };
             let Some(body) = next_body(attempt) else {
+                finish(false);
                 return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
             };
             let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+                finish(false);
                 return reply(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let mut request = Request::new(body);
             *request.method_mut() = head.method.clone();
             *request.uri_mut() = uri;
             *request.headers_mut() = head.headers.clone();
-            let now = Instant::now();
             let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
             let sent = self.client.request(request);
             let result = match limit {
                 Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
                     Ok(r) => r,
                     Err(_) => {
+                        finish(true);
                         outcome.flags = "UT";
                         return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
                     }
                 },
                 None => sent.await,
             };
+            finish(result.as_ref().map_or(true, |r| r.status().is_server_error()));
             let failed = match result {
                 Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
                     outcome.flags = "-";
@@ -260,23 +275,22 @@ impl Outbound {
         }
     }
 
-    fn budget(&self, service: &ObjectKey) -> Arc<RetryBudget> {
+    /// The retry budget, balancer and ejection policy of a backend Service; rebuilt when its
+    /// annotations change.
+    fn service_state(&self, service: &ObjectKey) -> (Arc<RetryBudget>, Arc<Balancer>, EjectionPolicy) {
         let state = self.state.read().expect("l7 state lock").clone();
-        let (ratio, min_per_second) = state
-            .catalog
-            .services
-            .get(service)
-            .map_or((DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_MIN_PER_SECOND), |s| (s.retry_budget_ratio, s.retry_budget_min_per_second));
-        let mut budgets = self.budgets.lock().expect("budgets lock");
-        budgets
-            .entry(service.clone())
-            .and_modify(|b| {
-                if b.ratio != ratio || b.min_per_second != min_per_second {
-                    *b = Arc::new(RetryBudget::new(ratio, min_per_second));
-                }
-            })
-            .or_insert_with(|| Arc::new(RetryBudget::new(ratio, min_per_second)))
-            .clone()
+        let spec = state.catalog.services.get(service);
+        let (ratio, min_per_second) =
+            spec.map_or((DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_MIN_PER_SECOND), |s| (s.retry_budget_ratio, s.retry_budget_min_per_second));
+        let policy = spec.map_or_else(EjectionPolicy::default, |s| s.outlier);
+        let mut per_service = self.per_service.lock().expect("per-service lock");
+        let entry = per_service.entry(service.clone()).or_insert_with(|| {
+            (Arc::new(RetryBudget::new(ratio, min_per_second)), Arc::new(Balancer::default()))
+        });
+        if entry.0.ratio != ratio || entry.0.min_per_second != min_per_second {
+            entry.0 = Arc::new(RetryBudget::new(ratio, min_per_second));
+        }
+        (entry.0.clone(), entry.1.clone(), policy)
     }
 }
 

@@ -106,6 +106,9 @@ pub struct ServiceSpec {
     /// (default 10): retries to this Service may add at most ratio x requests + min per second.
     pub retry_budget_ratio: f64,
     pub retry_budget_min_per_second: f64,
+    /// `mesh.dev/outlier-consecutive-failures` (5), `mesh.dev/outlier-base-ejection-ms`
+    /// (10000), `mesh.dev/outlier-max-ejected-percent` (50).
+    pub outlier: crate::proxy::balancer::EjectionPolicy,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -384,6 +387,11 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
     };
     let retry_budget_ratio = budget("mesh.dev/retry-budget-ratio", 0.2, 1.0);
     let retry_budget_min_per_second = budget("mesh.dev/retry-budget-min-per-second", 10.0, 1_000_000.0);
+    let outlier = crate::proxy::balancer::EjectionPolicy {
+        consecutive_failures: budget("mesh.dev/outlier-consecutive-failures", 5.0, 1000.0).max(1.0) as u32,
+        base_ejection: std::time::Duration::from_millis(budget("mesh.dev/outlier-base-ejection-ms", 10_000.0, 3_600_000.0) as u64),
+        max_ejected_share: budget("mesh.dev/outlier-max-ejected-percent", 50.0, 100.0) / 100.0,
+    };
 
     // ExternalName services are DNS aliases, headless ones have no VIP: nothing to balance.
     let balanced = spec.type_.as_deref() != Some("ExternalName");
@@ -484,6 +492,7 @@ fn validate_service(service: objects::Service, ctx: &mut DocContext<'_>) -> Opti
         l7,
         retry_budget_ratio,
         retry_budget_min_per_second,
+        outlier,
     })
 }
 

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub requests: Family<HttpLabels, Counter>,
     pub request_duration: Family<HttpLabels, Histogram>,
     pub retries: Family<RetryLabels, Counter>,
+    pub ejections: Family<RetryLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -100,7 +101,21 @@ impl Default for Metrics {
         );
         let retries = Family::<RetryLabels, Counter>::default();
         registry.register("mesh_retries", "Requests the outbound proxy retried", retries.clone());
-        Self { registry, opened, closed, sent_bytes, received_bytes, map_entries, dropped, requests, request_duration, retries }
+        let ejections = Family::<RetryLabels, Counter>::default();
+        registry.register("mesh_endpoint_ejections", "Endpoints ejected after consecutive failures", ejections.clone());
+        Self {
+            registry,
+            opened,
+            closed,
+            sent_bytes,
+            received_bytes,
+            map_entries,
+            dropped,
+            requests,
+            request_duration,
+            retries,
+            ejections,
+        }
     }
 }
 

@@ -261,6 +261,10 @@ fn answer_tcp(name: &str, stream: TcpStream) {
                 header.clear();
             }
             let body = if echo { format!("{name} {path} {x_mesh}\n") } else { format!("{name}\n") };
+            // A backend named slowNN waits NN ms before answering.
+            if let Some(ms) = name.strip_prefix("slow").and_then(|m| m.parse::<u64>().ok()) {
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             // A backend named statusNNN answers every request with that status.
             let status = name.strip_prefix("status").and_then(|c| c.parse::<u16>().ok()).unwrap_or(200);
             let _ = write!(writer, "HTTP/1.1 {status} Status\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
