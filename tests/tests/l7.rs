@@ -223,3 +223,38 @@ fn a_failing_endpoint_is_ejected_and_later_readmitted() {
         agent.stop();
     });
 }
+
+#[test]
+fn trace_context_is_propagated_with_a_new_parent_span() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("l7-trace");
+        let agent = Agent::start(AgentSpec::new(&config(RULES), &cgroup));
+        let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let answer = cgroup.probe(&["get", VIP, "/", "1", &format!("x-probe-echo:trace,traceparent:{incoming}")]);
+        let seen = names(&answer)[0].0.clone();
+        let trace = seen.split(' ').nth(3).unwrap_or_default();
+        assert!(trace.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && !trace.contains("00f067aa0ba902b7"), "{seen}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn an_expired_deadline_answers_504_and_is_not_retried() {
+    in_netns(|| {
+        let _slow = Backend::start("slow300", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("l7-deadline");
+        let web = ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]).render();
+        let yaml = format!(
+            "{web}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: deadline, namespace: test}}\n\
+             spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n    \
+             timeouts: {{request: 100ms}}\n    retry: {{codes: [503, 504], attempts: 3}}\n"
+        );
+        let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
+        let answer = cgroup.probe(&["get", VIP, "/", "3"]);
+        assert_eq!(names(&answer), vec![("HTTP 504".to_owned(), 3)], "{answer}");
+        assert_eq!(agent.metric("mesh_retries_total", &[]), 0.0);
+        assert_eq!(agent.metric("istio_requests_total", &[("response_code", "504"), ("response_flags", "UT")]), 3.0);
+        agent.stop();
+    });
+}

@@ -157,6 +157,7 @@ impl Outbound {
                 _ => {}
             }
         }
+        propagate_trace(&mut head.headers);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
 
@@ -355,6 +356,32 @@ impl RetryBudget {
     }
 }
 
+/// W3C trace context: a request without a valid `traceparent` starts a trace; one with it
+/// keeps its trace id and flags and gets this hop's span as parent.
+fn propagate_trace(headers: &mut hyper::HeaderMap) {
+    let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
+    let (trace_id, flags) = incoming.unwrap_or_else(|| (format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)), "01".to_owned()));
+    let span_id = format!("{:016x}", fastrand::u64(1..));
+    if let Ok(value) = format!("00-{trace_id}-{span_id}-{flags}").parse() {
+        headers.insert("traceparent", value);
+    }
+}
+
+/// (trace id, flags) of a version-00 traceparent; None when malformed or all-zero.
+fn parse_traceparent(value: &str) -> Option<(String, String)> {
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+    match parts.as_slice() {
+        [version, trace, parent, flags]
+            if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0') && parent.bytes().any(|b| b != b'0') =>
+        {
+            Some(((*trace).to_owned(), (*flags).to_owned()))
+        }
+        _ => None,
+    }
+}
+
 /// RequestHeaderModifier / ResponseHeaderModifier: set replaces, add appends, remove removes.
 /// Invalid names or values are skipped (validation keeps them out in practice).
 fn apply_edits(headers: &mut hyper::HeaderMap, edits: &HeaderEdits) {
@@ -432,6 +459,25 @@ mod tests {
             ("/foo", "/foo/bar", "/xyz/", "/xyz/bar"),
         ] {
             assert_eq!(modify_path(path, &prefix(matched), &PathModifier::Prefix(replacement.into())), want, "{path} {matched}->{replacement}");
+        }
+    }
+
+    #[test]
+    fn trace_context_continues_or_starts_a_trace() {
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
+        propagate_trace(&mut headers);
+        let out = headers["traceparent"].to_str().unwrap().to_owned();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"), "{out}");
+        assert!(!out.contains("00f067aa0ba902b7"), "a new parent span: {out}");
+
+        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
+            let mut headers = hyper::HeaderMap::new();
+            headers.insert("traceparent", bad.parse().unwrap());
+            propagate_trace(&mut headers);
+            let out = headers["traceparent"].to_str().unwrap().to_owned();
+            let old_trace = bad.get(3..35).unwrap_or(bad);
+            assert!(parse_traceparent(&out).is_some() && !out.contains(old_trace), "{bad} -> {out}");
         }
     }
 

@@ -250,17 +250,26 @@ fn answer_tcp(name: &str, stream: TcpStream) {
             // Read the headers, answer once, close. With x-probe-echo, the body also shows
             // the path and the x-mesh header the backend received.
             let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
-            let (mut echo, mut x_mesh) = (false, "-".to_owned());
+            let (mut echo, mut echo_trace, mut x_mesh, mut trace) = (false, false, "-".to_owned(), "-".to_owned());
             let mut header = String::new();
             while reader.read_line(&mut header).unwrap_or(0) > 0 && header.trim() != "" {
                 let lower = header.trim().to_ascii_lowercase();
                 echo |= lower.starts_with("x-probe-echo:");
+                echo_trace |= lower.starts_with("x-probe-echo: trace");
                 if let Some(v) = lower.strip_prefix("x-mesh:") {
                     x_mesh = v.trim().to_owned();
                 }
+                if let Some(v) = lower.strip_prefix("traceparent:") {
+                    trace = v.trim().to_owned();
+                }
                 header.clear();
             }
-            let body = if echo { format!("{name} {path} {x_mesh}\n") } else { format!("{name}\n") };
+            let body = if echo {
+                let trace = if echo_trace { format!(" {trace}") } else { String::new() };
+                format!("{name} {path} {x_mesh}{trace}\n")
+            } else {
+                format!("{name}\n")
+            };
             // A backend named slowNN waits NN ms before answering.
             if let Some(ms) = name.strip_prefix("slow").and_then(|m| m.parse::<u64>().ok()) {
                 std::thread::sleep(Duration::from_millis(ms));
