@@ -258,3 +258,19 @@ fn an_expired_deadline_answers_504_and_is_not_retried() {
         agent.stop();
     });
 }
+
+#[test]
+fn http2_and_grpc_timeouts_pass_through_the_proxy() {
+    in_netns(|| {
+        let _h2 = Backend::spawn_raw(std::process::Command::new(probe_bin()).args(["serve-h2", "g1", "127.0.0.11:8080"]));
+        let cgroup = TestCgroup::new("l7-h2");
+        let agent = Agent::start(AgentSpec::new(&config("  - backendRefs: [{name: web, port: 80}]\n"), &cgroup));
+        // h2c on both sides: the backend sees HTTP/2 and the client's grpc-timeout.
+        let answer = cgroup.probe(&["get-h2", VIP, "/pkg.Service/Method", "5", "grpc-timeout:5S,content-type:application/grpc"]);
+        assert_eq!(names(&answer), vec![("g1 HTTP/2.0 5S".to_owned(), 5)], "{answer}");
+        // A grpc-timeout too short to be met answers 504 at once.
+        let expired = cgroup.probe(&["get-h2", VIP, "/pkg.Service/Method", "2", "grpc-timeout:1n"]);
+        assert_eq!(names(&expired), vec![("HTTP 504".to_owned(), 2)], "{expired}");
+        agent.stop();
+    });
+}

@@ -16,10 +16,11 @@ use std::{
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
 };
 use mesh_common::{PeerKey, RevNatValue, map_names};
 use tokio::{net::TcpListener, sync::watch};
@@ -67,6 +68,8 @@ pub struct Outbound {
     telemetry: Arc<Telemetry>,
     original: Mutex<BpfHashMap<MapData, PeerKey, RevNatValue>>,
     client: Client<HttpConnector, Body>,
+    /// HTTP/2 with prior knowledge (h2c), for requests that came in over HTTP/2 (gRPC).
+    h2_client: Client<HttpConnector, Body>,
     per_service: Mutex<HashMap<ObjectKey, (Arc<RetryBudget>, Arc<Balancer>)>>,
 }
 
@@ -81,6 +84,7 @@ impl Outbound {
             telemetry,
             original: Mutex::new(original),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            h2_client: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
             per_service: Mutex::new(HashMap::new()),
         })
     }
@@ -138,7 +142,9 @@ impl Outbound {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         }
-        let deadline = matched.rule.request_timeout.filter(|t| !t.is_zero()).map(|t| started + t);
+        // The route's request timeout, or the client's own grpc-timeout if sooner.
+        let grpc = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let deadline = [matched.rule.request_timeout.filter(|t| !t.is_zero()), grpc].into_iter().flatten().min().map(|t| started + t);
         drop(parts);
 
         let (mut head, body) = req.into_parts();
@@ -233,11 +239,13 @@ impl Outbound {
                 return reply(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let mut request = Request::new(body);
+            *request.version_mut() = head.version;
             *request.method_mut() = head.method.clone();
             *request.uri_mut() = uri;
             *request.headers_mut() = head.headers.clone();
             let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
-            let sent = self.client.request(request);
+            let client = if head.version == hyper::Version::HTTP_2 { &self.h2_client } else { &self.client };
+            let sent = client.request(request);
             let result = match limit {
                 Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
                     Ok(r) => r,
@@ -356,6 +364,24 @@ impl RetryBudget {
     }
 }
 
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m milli, u micro, n nano).
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// W3C trace context: a request without a valid `traceparent` starts a trace; one with it
 /// keeps its trace id and flags and gets this hop's span as parent.
 fn propagate_trace(headers: &mut hyper::HeaderMap) {
@@ -463,6 +489,16 @@ mod tests {
     }
 
     #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "S", "10", "10x", "123456789S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn trace_context_continues_or_starts_a_trace() {
         let mut headers = hyper::HeaderMap::new();
         headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
@@ -526,7 +562,8 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown:
                         let service = service.clone();
                         async move { Ok::<_, Infallible>(outbound.handle(service, req).await) }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades().await;
+                    // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
+                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
                 });
             }
             _ = shutdown.changed() => return,

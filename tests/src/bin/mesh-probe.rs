@@ -12,6 +12,8 @@
 //! mesh-probe hold ADDR                 connect, print the backend's name, then echo stdin
 //!                                      lines through the connection until stdin closes
 //! mesh-probe loop ADDR STOPFILE        connect repeatedly until STOPFILE exists
+//! mesh-probe serve-h2 NAME ADDR        HTTP/2 (h2c) server: body "NAME HTTP/2.0 <grpc-timeout|->"
+//! mesh-probe get-h2 ADDR PATH COUNT [H:V,..]  the same as get, over HTTP/2 prior knowledge
 //! mesh-probe echo-serve ADDR           per connection: read to EOF, send it all back, close
 //! mesh-probe echo-check ADDR SIZE...   per SIZE: send SIZE random bytes, half-close, check
 //!                                      the echo is identical
@@ -52,6 +54,15 @@ fn main() {
         "peer" => peer(addr()),
         "hold" => hold(addr()),
         "loop" => connect_loop(addr(), Path::new(arg(2))),
+        "serve-h2" => h2::serve(arg(1), arg(2).parse().unwrap_or_else(|_| usage())),
+        "get-h2" => {
+            let n: usize = arg(3).parse().unwrap_or_else(|_| usage());
+            let headers: Vec<(String, String)> = args
+                .get(4)
+                .map(|h| h.split(',').filter_map(|kv| kv.split_once(':')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect())
+                .unwrap_or_default();
+            h2::get(addr(), arg(2), n, &headers)
+        }
         "echo-serve" => echo_serve(addr()),
         "echo-check" => echo_check(addr(), &args[2..]),
         "abort-serve" => abort_serve(addr(), count()),
@@ -378,5 +389,71 @@ fn send_until_error(addr: SocketAddr, total: usize) {
         Ok((sent, None)) => println!("{}", json!({ "sent": sent, "error": null })),
         Ok((sent, Some(e))) => println!("{}", json!({ "sent": sent, "error": error_name(&e) })),
         Err(e) => println!("{}", json!({ "sent": 0, "error": error_name(&e) })),
+    }
+}
+
+/// HTTP/2 with prior knowledge (h2c), as gRPC speaks it, on a small tokio runtime.
+mod h2 {
+    use std::{collections::BTreeMap, convert::Infallible, net::SocketAddr};
+
+    use http_body_util::{BodyExt as _, Empty, Full};
+    use hyper::{Request, Response, body::Bytes, service::service_fn};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use serde_json::json;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
+    }
+
+    pub fn serve(name: &str, addr: SocketAddr) {
+        let name = name.to_owned();
+        runtime().block_on(async move {
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+            println!("{}", json!({ "serving": addr.to_string() }));
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let name = name.clone();
+                tokio::spawn(async move {
+                    let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let grpc = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).unwrap_or("-").to_owned();
+                        let body = format!("{name} {:?} {grpc}", req.version());
+                        async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+    }
+
+    pub fn get(addr: SocketAddr, path: &str, count: usize, headers: &[(String, String)]) {
+        let mut names: BTreeMap<String, usize> = BTreeMap::new();
+        let mut errors: BTreeMap<String, usize> = BTreeMap::new();
+        runtime().block_on(async {
+            for _ in 0..count {
+                let result = async {
+                    let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+                    let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    tokio::spawn(conn);
+                    let mut request = Request::builder().uri(format!("http://{addr}{path}"));
+                    for (k, v) in headers {
+                        request = request.header(k.as_str(), v.as_str());
+                    }
+                    let response = sender.send_request(request.body(Empty::<Bytes>::new()).unwrap()).await.map_err(|e| e.to_string())?;
+                    let status = response.status().as_u16();
+                    let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+                    Ok::<_, String>(if status == 200 { String::from_utf8_lossy(&body).trim().to_owned() } else { format!("HTTP {status}") })
+                }
+                .await;
+                match result {
+                    Ok(name) => *names.entry(name).or_default() += 1,
+                    Err(e) => *errors.entry(e).or_default() += 1,
+                }
+            }
+        });
+        println!("{}", json!({ "names": names, "errors": errors }));
     }
 }
