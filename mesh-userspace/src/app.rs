@@ -231,6 +231,18 @@ impl Agent {
     }
 }
 
+/// The proxy holds two descriptors per proxied connection: use all the hard limit allows.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: valid rlimit buffers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 /// Kernel service id → the Service, for every balanced service just applied.
 fn service_ids(desired: &[LbService], image: &MapImage) -> HashMap<u32, ObjectKey> {
     desired
@@ -243,6 +255,7 @@ fn service_ids(desired: &[LbService], image: &MapImage) -> HashMap<u32, ObjectKe
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    raise_fd_limit();
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
     let readiness_listener = admin::bind(opts.readiness_addr).await?;

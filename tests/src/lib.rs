@@ -320,6 +320,12 @@ impl Agent {
         http_get(&self.readiness, "/healthz/ready").expect("GET /healthz/ready")
     }
 
+    /// The agent's open file descriptors.
+    pub fn open_fds(&self) -> usize {
+        let pid = self.child.as_ref().expect("running agent").id();
+        fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+    }
+
     /// The Prometheus text of `/metrics`.
     pub fn metrics(&self) -> String {
         let (code, body) = http_get(&self.metrics, "/metrics").expect("GET /metrics");

@@ -114,7 +114,7 @@ impl Outbound {
         response
     }
 
-    async fn forward(&self, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {
+    async fn forward(&self, service: Option<ObjectKey>, mut req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {
         let started = Instant::now();
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
@@ -147,6 +147,7 @@ impl Outbound {
         let deadline = [matched.rule.request_timeout.filter(|t| !t.is_zero()), grpc].into_iter().flatten().min().map(|t| started + t);
         drop(parts);
 
+        let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut head, body) = req.into_parts();
         let mut path = head.uri.path().to_owned();
         for filter in filters {
@@ -166,6 +167,10 @@ impl Outbound {
         propagate_trace(&mut head.headers);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
+
+        if let Some(client_side) = upgrade {
+            return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
+        }
 
         // A request is replayed (retried) only when its body is known small: buffered whole.
         let replayable = match body_length(&head.headers) {
@@ -284,6 +289,42 @@ impl Outbound {
         }
     }
 
+    /// Upgrade (WebSocket and the like): one attempt; on 101 both connections are spliced and
+    /// bytes pass through untouched until either side closes.
+    async fn upgrade(
+        &self,
+        head: hyper::http::request::Parts,
+        body: hyper::body::Incoming,
+        target: &str,
+        endpoints: &[SocketAddr],
+        client_side: hyper::upgrade::OnUpgrade,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
+        let endpoint = endpoints[fastrand::usize(..endpoints.len())];
+        outcome.endpoint = Some(endpoint);
+        let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+            return reply(StatusCode::BAD_REQUEST, "bad request target\n");
+        };
+        let mut request = Request::from_parts(head, body.boxed());
+        *request.uri_mut() = uri;
+        let mut response = match self.client.request(request).await {
+            Ok(r) => r,
+            Err(e) => {
+                outcome.flags = "UF";
+                return reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"));
+            }
+        };
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let upstream_side = hyper::upgrade::on(&mut response);
+            tokio::spawn(async move {
+                if let (Ok(client), Ok(upstream)) = (client_side.await, upstream_side.await) {
+                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(client), &mut TokioIo::new(upstream)).await;
+                }
+            });
+        }
+        response.map(BodyExt::boxed)
+    }
+
     /// The retry budget, balancer and ejection policy of a backend Service; rebuilt when its
     /// annotations change.
     fn service_state(&self, service: &ObjectKey) -> (Arc<RetryBudget>, Arc<Balancer>, EjectionPolicy) {
@@ -305,6 +346,14 @@ impl Outbound {
 
 fn fqdn(service: &ObjectKey) -> String {
     format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+}
+
+fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
+    headers.contains_key(hyper::header::UPGRADE)
+        && headers
+            .get_all(hyper::header::CONNECTION)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
 /// The body length a request announces: Some(0) for none, None when chunked (unknown).

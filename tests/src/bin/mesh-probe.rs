@@ -14,6 +14,11 @@
 //! mesh-probe loop ADDR STOPFILE        connect repeatedly until STOPFILE exists
 //! mesh-probe serve-h2 NAME ADDR        HTTP/2 (h2c) server: body "NAME HTTP/2.0 <grpc-timeout|->"
 //! mesh-probe get-h2 ADDR PATH COUNT [H:V,..]  the same as get, over HTTP/2 prior knowledge
+//! mesh-probe hold-many ADDR N STOPFILE  N connections at once, a keep-alive GET on each;
+//!                                      prints a line, holds them until STOPFILE exists
+//! mesh-probe raw ADDR KIND             send a malformed request (garbage, huge-header) and
+//!                                      print the status line that comes back
+//! mesh-probe upgrade ADDR             GET with Upgrade, then a line through the upgraded stream
 //! mesh-probe echo-serve ADDR           per connection: read to EOF, send it all back, close
 //! mesh-probe echo-check ADDR SIZE...   per SIZE: send SIZE random bytes, half-close, check
 //!                                      the echo is identical
@@ -63,6 +68,9 @@ fn main() {
                 .unwrap_or_default();
             h2::get(addr(), arg(2), n, &headers)
         }
+        "upgrade" => upgrade(addr()),
+        "raw" => raw(addr(), arg(2)),
+        "hold-many" => hold_many(addr(), count(), Path::new(arg(3))),
         "echo-serve" => echo_serve(addr()),
         "echo-check" => echo_check(addr(), &args[2..]),
         "abort-serve" => abort_serve(addr(), count()),
@@ -262,10 +270,12 @@ fn answer_tcp(name: &str, stream: TcpStream) {
             // the path and the x-mesh header the backend received.
             let path = line.split(' ').nth(1).unwrap_or_default().to_owned();
             let (mut echo, mut echo_trace, mut x_mesh, mut trace) = (false, false, "-".to_owned(), "-".to_owned());
+            let mut upgrade = false;
             let mut header = String::new();
             while reader.read_line(&mut header).unwrap_or(0) > 0 && header.trim() != "" {
                 let lower = header.trim().to_ascii_lowercase();
                 echo |= lower.starts_with("x-probe-echo:");
+                upgrade |= lower.starts_with("upgrade:");
                 echo_trace |= lower.starts_with("x-probe-echo: trace");
                 if let Some(v) = lower.strip_prefix("x-mesh:") {
                     x_mesh = v.trim().to_owned();
@@ -281,6 +291,12 @@ fn answer_tcp(name: &str, stream: TcpStream) {
             } else {
                 format!("{name}\n")
             };
+            if upgrade {
+                // Switch protocols, then answer lines like the plain TCP backend.
+                let _ = write!(writer, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: probe\r\n\r\n");
+                line.clear();
+                continue;
+            }
             // A backend named slowNN waits NN ms before answering.
             if let Some(ms) = name.strip_prefix("slow").and_then(|m| m.parse::<u64>().ok()) {
                 std::thread::sleep(Duration::from_millis(ms));
@@ -455,5 +471,74 @@ mod h2 {
             }
         });
         println!("{}", json!({ "names": names, "errors": errors }));
+    }
+}
+
+fn upgrade(addr: SocketAddr) {
+    let result = connect(addr).and_then(|mut stream| {
+        write!(stream, "GET /ws HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: probe\r\n\r\n")?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        let mut header = String::new();
+        while reader.read_line(&mut header)? > 0 && header.trim() != "" {
+            header.clear();
+        }
+        stream.write_all(b"through\n")?;
+        let mut answer = String::new();
+        reader.read_line(&mut answer)?;
+        Ok((status.trim().to_owned(), answer.trim().to_owned()))
+    });
+    match result {
+        Ok((status, answer)) => println!("{}", json!({ "status": status, "answer": answer })),
+        Err(e) => println!("{}", json!({ "error": error_name(&e) })),
+    }
+}
+
+fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
+    let mut streams = Vec::with_capacity(n);
+    let mut connect_errors = 0;
+    for _ in 0..n {
+        match connect(addr) {
+            Ok(s) => streams.push(s),
+            Err(_) => connect_errors += 1,
+        }
+    }
+    let mut ok = 0;
+    for stream in &mut streams {
+        let answered = (|| -> std::io::Result<bool> {
+            write!(stream, "GET / HTTP/1.1\r\nHost: {addr}\r\n\r\n")?;
+            let mut reader = BufReader::new(stream.try_clone()?);
+            let mut status = String::new();
+            reader.read_line(&mut status)?;
+            Ok(status.contains(" 200 "))
+        })();
+        if answered.unwrap_or(false) {
+            ok += 1;
+        }
+    }
+    println!("{}", json!({ "held": streams.len(), "ok": ok, "connect_errors": connect_errors }));
+    std::io::stdout().flush().expect("stdout");
+    while !stop.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn raw(addr: SocketAddr, kind: &str) {
+    let request = match kind {
+        "garbage" => "THIS IS NOT HTTP\r\n\r\n".to_owned(),
+        "huge-header" => format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20)),
+        _ => usage(),
+    };
+    let result = connect(addr).and_then(|mut stream| {
+        // The server may answer and close before it has read everything: ignore write errors.
+        let _ = stream.write_all(request.as_bytes());
+        let mut status = String::new();
+        BufReader::new(stream).read_line(&mut status)?;
+        Ok(status.trim().to_owned())
+    });
+    match result {
+        Ok(status) => println!("{}", json!({ "status": status })),
+        Err(e) => println!("{}", json!({ "error": error_name(&e) })),
     }
 }
