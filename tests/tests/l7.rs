@@ -199,18 +199,20 @@ fn a_slow_endpoint_gets_clearly_less_traffic() {
 #[test]
 fn a_failing_endpoint_is_ejected_and_later_readmitted() {
     in_netns(|| {
+        // The healthy endpoint is the slower one, so the balancer prefers the failing one
+        // until ejection takes it out.
         let bad = Backend::start("status500", &["127.0.0.11:8080"]);
-        let _good = Backend::start("good", &["127.0.0.12:8080"]);
+        let _good = Backend::start("slow20", &["127.0.0.12:8080"]);
         let cgroup = TestCgroup::new("l7-eject");
         let annotations = "mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"1500\"";
         let agent = Agent::start(AgentSpec::new(&two_endpoints(annotations), &cgroup));
         // Until three failures in a row eject it, some requests fail; then none do.
-        let first = cgroup.probe(&["get", VIP, "/", "60"]);
+        let first = cgroup.probe(&["get", VIP, "/", "20"]);
         assert_eq!(agent.metric("mesh_endpoint_ejections_total", &[]), 1.0, "{first}");
         let failures = names(&first).into_iter().find(|(n, _)| n == "HTTP 500").map_or(0, |(_, c)| c);
         assert!((3..=6).contains(&failures), "about three failures before ejection: {first}");
-        let ejected = cgroup.probe(&["get", VIP, "/", "30"]);
-        assert_eq!(names(&ejected), vec![("good".to_owned(), 30)], "{ejected}");
+        let ejected = cgroup.probe(&["get", VIP, "/", "10"]);
+        assert_eq!(names(&ejected), vec![("slow20".to_owned(), 10)], "{ejected}");
 
         // The endpoint recovers; once the ejection is over, live traffic finds it again.
         drop(bad);

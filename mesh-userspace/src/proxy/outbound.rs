@@ -221,6 +221,11 @@ impl Outbound {
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
         loop {
+            // A deadline already passed fails at once: no attempt can meet it.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                outcome.flags = "UT";
+                return reply(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded\n");
+            }
             let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
             let pool = if fresh.is_empty() { endpoints } else { &fresh };
             let endpoint = balancer.pick(pool);
