@@ -335,3 +335,24 @@ fn malformed_and_oversized_requests_get_a_4xx() {
         agent.stop();
     });
 }
+
+#[test]
+fn a_route_change_does_not_drop_requests_in_flight() {
+    in_netns(|| {
+        let _slow = Backend::start("slow600", &["127.0.0.11:8080"]);
+        let _b2 = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-inflight");
+        let agent = Agent::start(AgentSpec::new(&config("  - backendRefs: [{name: web, port: 80}]\n"), &cgroup));
+        let in_flight = cgroup.command(probe_bin()).args(["get", VIP, "/", "3"]).stdout(std::process::Stdio::piped()).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        agent.write_config(&config("  - backendRefs: [{name: web-v2, port: 80}]\n"));
+        wait_until(|| names(&cgroup.probe(&["get", VIP, "/", "1"])) == vec![("b2".to_owned(), 1)], || agent.log());
+        let out = in_flight.wait_with_output().unwrap();
+        let answer: Value = serde_json::from_slice(&out.stdout).unwrap();
+        // The first request was under way during the change and completed on the old route.
+        let slow = names(&answer).into_iter().find(|(n, _)| n == "slow600").map_or(0, |(_, c)| c);
+        assert!(slow >= 1 && error_count(&answer) == 0, "{answer}");
+        assert!(names(&answer).iter().all(|(n, _)| n == "slow600" || n == "b2"), "{answer}");
+        agent.stop();
+    });
+}
