@@ -356,3 +356,26 @@ fn a_route_change_does_not_drop_requests_in_flight() {
         agent.stop();
     });
 }
+
+#[test]
+fn grpc_routes_send_each_method_to_its_service() {
+    in_netns(|| {
+        let _g1 = Backend::spawn_raw(std::process::Command::new(probe_bin()).args(["serve-h2", "g1", "127.0.0.11:8080"]));
+        let _g2 = Backend::spawn_raw(std::process::Command::new(probe_bin()).args(["serve-h2", "g2", "127.0.0.12:8080"]));
+        let cgroup = TestCgroup::new("l7-grpc");
+        let web = ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]).render();
+        let v2 = ServiceYaml { name: "web-v2", cluster_ip: "10.96.0.20", ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]) }.render();
+        let yaml = format!(
+            "{web}---\n{v2}---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: greeter, namespace: test}}\n\
+             spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n\
+             \x20 - matches: [{{method: {{service: pkg.Greeter}}}}]\n    backendRefs: [{{name: web-v2, port: 80}}]\n\
+             \x20 - backendRefs: [{{name: web, port: 80}}]\n"
+        );
+        let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
+        let greeter = cgroup.probe(&["get-h2", VIP, "/pkg.Greeter/Hello", "4", "content-type:application/grpc"]);
+        assert_eq!(names(&greeter), vec![("g2 HTTP/2.0 -".to_owned(), 4)], "{greeter}");
+        let other = cgroup.probe(&["get-h2", VIP, "/pkg.Store/Get", "4", "content-type:application/grpc"]);
+        assert_eq!(names(&other), vec![("g1 HTTP/2.0 -".to_owned(), 4)], "{other}");
+        agent.stop();
+    });
+}

@@ -231,9 +231,21 @@ impl Catalog {
                 }
             }
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
-                self.add_route(value, ctx, seen);
+                self.add_route("HTTPRoute", value, ctx, seen);
             }
-            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList") => {
+            ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
+                // A GRPCRoute is an HTTPRoute over gRPC's paths (/service/method): translated,
+                // it takes the same validation, router and proxy.
+                let Some(meta) = ctx.parse::<objects::Metadata>(value.clone()) else { return };
+                if ctx.name_object("GRPCRoute", &meta.metadata).is_none() {
+                    return;
+                }
+                match routes::grpc_as_http(value) {
+                    Ok(value) => self.add_route("GRPCRoute", value, ctx, seen),
+                    Err(e) => ctx.error(&e.field, &e.message),
+                }
+            }
+            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList") => {
                 // `kubectl get -o yaml` wraps objects in a List.
                 let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
                 let list_object = ctx.object.clone();
@@ -253,12 +265,13 @@ impl Catalog {
 impl Catalog {
     fn add_route(
         &mut self,
+        kind: &'static str,
         value: serde_yaml::Value,
         ctx: &mut DocContext<'_>,
         seen: &mut BTreeMap<(&'static str, ObjectKey), PathBuf>,
     ) {
         let Some(meta) = ctx.parse::<objects::Metadata>(value.clone()) else { return };
-        let Some(key) = ctx.name_object("HTTPRoute", &meta.metadata) else { return };
+        let Some(key) = ctx.name_object(kind, &meta.metadata) else { return };
         // The generated type checks apiVersion; HTTPRoute v1beta1 is field-compatible.
         let mut value = value;
         if let Some(map) = value.as_mapping_mut() {
@@ -267,12 +280,12 @@ impl Catalog {
         let Some(route) = ctx.parse::<gateway_api::experimental::httproutes::HttpRoute>(value) else { return };
         match routes::validate(route, key.clone(), meta.metadata.creation_timestamp) {
             Ok(Some(spec)) => {
-                if let Some(prev) = seen.insert(("HTTPRoute", key.clone()), ctx.file.to_owned()) {
+                if let Some(prev) = seen.insert((kind, key.clone()), ctx.file.to_owned()) {
                     ctx.error("metadata.name", &format!("defined twice (also in {})", prev.display()));
                 }
                 self.routes.insert(key, spec);
             }
-            Ok(None) => tracing::debug!(route = %key, "HTTPRoute has no Service parent; not for mesh"),
+            Ok(None) => tracing::debug!(route = %key, kind, "route has no Service parent; not for mesh"),
             Err(errors) => {
                 for e in errors {
                     ctx.error(&e.field, &e.message);

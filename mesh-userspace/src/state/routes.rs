@@ -431,3 +431,55 @@ fn validate_filter(
         other => Err(err(format!("{field}.type"), format!("filter {other:?} is not supported"))),
     }
 }
+
+/// Rewrites a GRPCRoute document as the equivalent HTTPRoute: a method match becomes a path
+/// match on `/service/method` (both given: Exact; service only: PathPrefix `/service`; method
+/// only or RegularExpression: a regex), which keeps the spec's order (service and method, then
+/// service, then method). Headers, filters and backendRefs have the same shape.
+pub fn grpc_as_http(mut value: serde_yaml::Value) -> Result<serde_yaml::Value, FieldError> {
+    use serde_yaml::Value;
+    let Some(map) = value.as_mapping_mut() else {
+        return Err(err("", "a GRPCRoute is a mapping"));
+    };
+    map.insert("apiVersion".into(), "gateway.networking.k8s.io/v1".into());
+    map.insert("kind".into(), "HTTPRoute".into());
+    let rules = map
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("rules"))
+        .and_then(Value::as_sequence_mut);
+    for (i, rule) in rules.into_iter().flatten().enumerate() {
+        let matches = rule.get_mut("matches").and_then(Value::as_sequence_mut);
+        for (j, m) in matches.into_iter().flatten().enumerate() {
+            let Some(m) = m.as_mapping_mut() else { continue };
+            let Some(method) = m.remove("method") else { continue };
+            let field = format!("spec.rules[{i}].matches[{j}].method");
+            let text = |key: &str| method.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
+            let (service, name) = (text("service"), text("method"));
+            let regex = method.get("type").and_then(Value::as_str) == Some("RegularExpression");
+            if !regex {
+                for part in [&service, &name].into_iter().flatten() {
+                    if part.contains('/') {
+                        return Err(err(field.clone(), format!("{part:?} must not contain \"/\"")));
+                    }
+                }
+            }
+            let path = match (regex, service, name) {
+                (_, None, None) => return Err(err(field, "needs service, method or both")),
+                (false, Some(s), Some(m)) => serde_yaml::to_value(("Exact", format!("/{s}/{m}"))),
+                (false, Some(s), None) => serde_yaml::to_value(("PathPrefix", format!("/{s}"))),
+                (false, None, Some(m)) => serde_yaml::to_value(("RegularExpression", format!("/[^/]+/{}", regex::escape(&m)))),
+                (true, s, m) => serde_yaml::to_value((
+                    "RegularExpression",
+                    format!("/(?:{})/(?:{})", s.as_deref().unwrap_or("[^/]+"), m.as_deref().unwrap_or("[^/]+")),
+                )),
+            }
+            .expect("strings serialize");
+            let (kind, path_value) = (path[0].clone(), path[1].clone());
+            let mut path_map = serde_yaml::Mapping::new();
+            path_map.insert("type".into(), kind);
+            path_map.insert("value".into(), path_value);
+            m.insert("path".into(), Value::Mapping(path_map));
+        }
+    }
+    Ok(value)
+}

@@ -175,3 +175,28 @@ fn timeouts_and_retry_are_kept() {
     assert_eq!((retry.codes.clone(), retry.attempts, retry.backoff), (vec![502, 503], Some(3), Some(std::time::Duration::from_millis(100))));
     assert_eq!(rule.backends[0].weight, 1, "weight defaults to 1");
 }
+
+#[test]
+fn grpc_routes_match_service_and_method_in_the_spec_order() {
+    let yaml = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: default}\n\
+                spec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n\
+                \x20 - matches: [{method: {method: Hello}}]\n\
+                \x20 - matches: [{method: {service: pkg.Greeter}}]\n\
+                \x20 - matches: [{method: {service: pkg.Greeter, method: Hello}}]\n\
+                \x20 - matches: [{method: {type: RegularExpression, service: \"pkg\\\\..*\", method: \"Get.*\"}}]\n";
+    let c = catalog(yaml);
+    let router = Router::for_service(&c, &WEB());
+    for (path, want) in [
+        ("/pkg.Greeter/Hello", "g#2"),
+        ("/pkg.Greeter/Bye", "g#1"),
+        ("/other.Svc/Hello", "g#0"),
+        ("/pkg.Store/GetItem", "g#3"),
+        ("/other.Svc/Bye", "404"),
+    ] {
+        assert_eq!(routed(&router, &req("POST", path, &[])), want, "{path}");
+    }
+    let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: default}\n\
+               spec: {parentRefs: [{kind: Service, name: web}], rules: [{matches: [{method: {type: Exact}}]}]}\n";
+    let e = Catalog::from_sources([(Path::new("g.yaml"), bad)]).unwrap_err().to_string();
+    assert_eq!(e, "g.yaml: GRPCRoute default/g: spec.rules[0].matches[0].method: needs service, method or both");
+}
