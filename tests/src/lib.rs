@@ -320,6 +320,11 @@ impl Agent {
         http_get(&self.readiness, "/healthz/ready").expect("GET /healthz/ready")
     }
 
+    /// The agent's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running agent").id()
+    }
+
     /// The agent's open file descriptors.
     pub fn open_fds(&self) -> usize {
         let pid = self.child.as_ref().expect("running agent").id();

@@ -65,8 +65,15 @@ impl Variant {
     }
 }
 
+mod l7;
+
 pub fn run(suite: &str) -> anyhow::Result<()> {
-    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`");
+    if suite == "l7" {
+        // SAFETY: plain geteuid(2).
+        anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
+        return l7::run();
+    }
+    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4` or `l7`");
     // SAFETY: plain geteuid(2).
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
     // SAFETY: single-threaded at this point.

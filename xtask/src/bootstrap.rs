@@ -57,8 +57,13 @@ fn apt_packages() -> anyhow::Result<()> {
         return Ok(());
     }
     step(1, "Debian packages", &format!("installing {}", missing.join(" ")));
+    apt_install(&missing)
+}
+
+/// `apt-get install` of `packages`, after an index update.
+pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn toolchain(n: usize, name: &str, components: &[&str]) -> anyhow::Result<()> {
