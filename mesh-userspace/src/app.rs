@@ -255,6 +255,9 @@ fn service_ids(desired: &[LbService], image: &MapImage) -> HashMap<u32, ObjectKe
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+    // Handlers first: a SIGTERM that arrives while starting up must still take the clean path.
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     raise_fd_limit();
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
@@ -324,8 +327,6 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     ];
     tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
 
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     loop {
         tokio::select! {
             Some(()) = changes.recv() => agent.reload(),
