@@ -99,7 +99,7 @@ impl Agent {
                 let by_id = service_ids(&desired, reconciler.image());
                 self.update_identities(&catalog, &by_id);
                 let services = desired.len();
-                *self.outbound.state.write().expect("l7 state lock") = Arc::new(L7State { catalog, services: desired, by_id });
+                *self.outbound.state.write().expect("l7 state lock") = Arc::new(L7State::new(catalog, desired, by_id));
                 Ok((services, stats))
             });
         let mut status = self.status.lock().expect("status lock");

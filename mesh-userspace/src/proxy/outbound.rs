@@ -49,9 +49,21 @@ pub struct L7State {
     pub services: Vec<LbService>,
     /// Kernel service id → the Service.
     pub by_id: HashMap<u32, ObjectKey>,
+    /// Each Service's routes, in precedence order.
+    pub routers: HashMap<ObjectKey, Router>,
 }
 
 impl L7State {
+    pub fn new(catalog: Catalog, services: Vec<LbService>, by_id: HashMap<u32, ObjectKey>) -> Self {
+        let mut routers = HashMap::new();
+        for route in catalog.routes.values() {
+            for parent in &route.parents {
+                routers.entry(parent.clone()).or_insert_with(|| Router::for_service(&catalog, parent));
+            }
+        }
+        Self { catalog, services, by_id, routers }
+    }
+
     /// Endpoints of `service` on `port` (its only port when None), IPv4 first.
     fn endpoints(&self, service: &ObjectKey, port: Option<u16>) -> Vec<SocketAddr> {
         self.services
@@ -123,8 +135,7 @@ impl Outbound {
         let headers: Vec<(&str, &str)> =
             req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
-        let router = Router::for_service(&state.catalog, &service);
-        let Some(matched) = router.route(&parts) else {
+        let Some(matched) = state.routers.get(&service).and_then(|r| r.route(&parts)) else {
             outcome.flags = "NR";
             return reply(StatusCode::NOT_FOUND, "no route\n");
         };

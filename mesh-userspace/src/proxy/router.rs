@@ -37,35 +37,41 @@ pub struct Matched<'r> {
     pub matched: &'r MatchSpec,
 }
 
-struct Candidate<'r> {
-    route: &'r RouteSpec,
-    rule_index: usize,
-    m: &'r MatchSpec,
+/// A (route, rule, match) triple, by index.
+#[derive(Debug, Clone, Copy)]
+struct Candidate {
+    route: usize,
+    rule: usize,
+    matched: usize,
 }
 
-/// The routes of one Service, in precedence order.
-pub struct Router<'r> {
-    candidates: Vec<Candidate<'r>>,
+/// The routes of one Service, in precedence order. Built once per configuration change (the
+/// agent keeps one per Service), used for every request.
+#[derive(Debug, Clone, Default)]
+pub struct Router {
+    routes: Vec<RouteSpec>,
+    candidates: Vec<Candidate>,
 }
 
-impl<'r> Router<'r> {
+impl Router {
     /// The routes of `catalog` attached to `service`.
-    pub fn for_service(catalog: &'r Catalog, service: &ObjectKey) -> Self {
-        Self::new(catalog.routes.values().filter(|r| r.parents.contains(service)))
+    pub fn for_service(catalog: &Catalog, service: &ObjectKey) -> Self {
+        Self::new(catalog.routes.values().filter(|r| r.parents.contains(service)).cloned().collect())
     }
 
-    pub fn new(routes: impl IntoIterator<Item = &'r RouteSpec>) -> Self {
-        let mut candidates: Vec<Candidate<'r>> = routes
-            .into_iter()
-            .flat_map(|route| {
-                route.rules.iter().enumerate().flat_map(move |(rule_index, rule)| {
-                    rule.matches.iter().map(move |m| Candidate { route, rule_index, m })
-                })
+    pub fn new(routes: Vec<RouteSpec>) -> Self {
+        let mut candidates: Vec<Candidate> = routes
+            .iter()
+            .enumerate()
+            .flat_map(|(route, spec)| {
+                spec.rules.iter().enumerate().flat_map(move |(rule, r)| (0..r.matches.len()).map(move |matched| Candidate { route, rule, matched }))
             })
             .collect();
         // Stable sort: candidates equal in every key keep rule and match order.
         candidates.sort_by_key(|c| {
-            let (kind, length) = match &c.m.path {
+            let route = &routes[c.route];
+            let m = &route.rules[c.rule].matches[c.matched];
+            let (kind, length) = match &m.path {
                 PathMatch::Exact(p) => (2, p.len()),
                 PathMatch::Prefix(p) => (1, p.len()),
                 PathMatch::RegularExpression(_) => (0, 0),
@@ -73,25 +79,25 @@ impl<'r> Router<'r> {
             (
                 Reverse(kind),
                 Reverse(length),
-                Reverse(c.m.method.is_some()),
-                Reverse(c.m.headers.len()),
-                Reverse(c.m.query.len()),
+                Reverse(m.method.is_some()),
+                Reverse(m.headers.len()),
+                Reverse(m.query.len()),
                 // No timestamp sorts last: such a route is treated as the newest.
-                (c.route.created.is_none(), c.route.created.clone()),
-                c.route.key.clone(),
-                c.rule_index,
+                (route.created.is_none(), route.created.clone()),
+                route.key.clone(),
+                c.rule,
             )
         });
-        Self { candidates }
+        Self { routes, candidates }
     }
 
     /// The rule for `request`, or None (the proxy answers 404).
-    pub fn route(&self, request: &RequestParts<'_>) -> Option<Matched<'r>> {
-        self.candidates.iter().find(|c| matches(c.m, request)).map(|c| Matched {
-            route: &c.route.key,
-            rule_index: c.rule_index,
-            rule: &c.route.rules[c.rule_index],
-            matched: c.m,
+    pub fn route(&self, request: &RequestParts<'_>) -> Option<Matched<'_>> {
+        self.candidates.iter().find_map(|c| {
+            let route = &self.routes[c.route];
+            let rule = &route.rules[c.rule];
+            let m = &rule.matches[c.matched];
+            matches(m, request).then_some(Matched { route: &route.key, rule_index: c.rule, rule, matched: m })
         })
     }
 }

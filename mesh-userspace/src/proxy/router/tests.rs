@@ -24,7 +24,7 @@ fn req<'a>(method: &'a str, target: &'a str, headers: &[(&'a str, &'a str)]) -> 
 }
 
 /// "route#rule" of the match, or "404".
-fn routed(router: &Router<'_>, r: &RequestParts<'_>) -> String {
+fn routed(router: &Router, r: &RequestParts<'_>) -> String {
     router.route(r).map_or_else(|| "404".to_owned(), |m| format!("{}#{}", m.route.name, m.rule_index))
 }
 
