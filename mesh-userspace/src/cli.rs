@@ -98,6 +98,9 @@ struct AgentArgs {
     /// socket past TCP/IP (sockhash + sk_msg, kernel 5.15+).
     #[arg(long, action = clap::ArgAction::Set, default_value_t = SOCKMAP_DEFAULT)]
     sockmap: bool,
+    /// Threads of the agent's runtime (proxy, admin, telemetry).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Log level of the kernel programs (their records join this log). Off costs nothing.
     #[arg(long, value_enum, default_value = "off")]
     bpf_log: crate::ebpf::loader::BpfLogLevel,
@@ -142,7 +145,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sockmap: args.sockmap,
                 outbound_addr: args.outbound_addr,
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
             runtime.block_on(app::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -95,8 +95,8 @@ impl Outbound {
             state: RwLock::new(Arc::new(L7State::default())),
             telemetry,
             original: Mutex::new(original),
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            h2_client: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+            client: Client::builder(TokioExecutor::new()).build(connector()),
+            h2_client: Client::builder(TokioExecutor::new()).http2_only(true).build(connector()),
             per_service: Mutex::new(HashMap::new()),
         })
     }
@@ -360,6 +360,14 @@ impl Outbound {
     }
 }
 
+/// Upstream connections without Nagle's algorithm: a proxy forwards small writes at once, and
+/// Nagle's wait for an ACK (delayed on the other side) shows as milliseconds of tail latency.
+fn connector() -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector
+}
+
 fn fqdn(service: &ObjectKey) -> String {
     format!("{}.{}.svc.cluster.local", service.name, service.namespace)
 }
@@ -618,6 +626,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown:
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
                 let service_id = outbound.original_service(peer);
                 let service = service_id.and_then(|id| outbound.state.read().expect("l7 state lock").by_id.get(&id).cloned());
                 let outbound = outbound.clone();

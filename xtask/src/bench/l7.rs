@@ -240,8 +240,8 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
         )
     };
     let yaml = format!("{}---\n{}", service("web", "10.96.0.10", 8080), service("webh2", "10.96.0.11", 8081));
-    let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
-    // The agent under test gets one core, like the others.
+    let agent = Agent::start(AgentSpec { extra_args: vec!["--worker-threads", "1"], ..AgentSpec::new(&yaml, &cgroup) });
+    // The agent under test gets one core and one worker thread, like the others.
     let _ = Command::new("taskset").args(["-a", "-p", "-c", "1"]).arg(agent.pid().to_string()).output();
     std::thread::sleep(Duration::from_millis(500));
 
