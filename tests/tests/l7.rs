@@ -379,3 +379,19 @@ fn grpc_routes_send_each_method_to_its_service() {
         agent.stop();
     });
 }
+
+#[test]
+fn a_reset_before_any_response_is_retried_on_another_endpoint() {
+    in_netns(|| {
+        // Reads one byte of each request, then closes with the rest unread: a reset.
+        let _resetting = Backend::spawn_raw(std::process::Command::new(probe_bin()).args(["abort-serve", "127.0.0.11:8080", "1"]));
+        let _good = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-reset");
+        // No retry block: a failure before any response is still retried once.
+        let agent = Agent::start(AgentSpec::new(&two_endpoints(""), &cgroup));
+        let answer = cgroup.probe(&["get", VIP, "/", "30"]);
+        assert_eq!(names(&answer), vec![("b2".to_owned(), 30)], "{answer}");
+        assert!(agent.metric("mesh_retries_total", &[]) >= 1.0, "{}", agent.metrics());
+        agent.stop();
+    });
+}
