@@ -106,13 +106,12 @@ impl Telemetry {
     pub fn record_request(&self, service: Option<&identity::Named>, endpoint: Option<std::net::IpAddr>, code: u16, flags: &str, millis: f64) {
         let identities = self.identities.read().expect("identities lock");
         let workload = endpoint.and_then(|ip| identities.workloads.get(&ip));
-        let name = |n: Option<&identity::Named>| n.map_or_else(|| "unknown".to_owned(), |n| n.name.clone());
-        let namespace = |n: Option<&identity::Named>| n.map_or_else(|| "unknown".to_owned(), |n| n.namespace.clone());
+        let (name, namespace) = (identity::name_or_unknown, identity::namespace_or_unknown);
         let labels = metrics::HttpLabels {
             reporter: "source".into(),
             source_workload: "unknown".into(),
             source_workload_namespace: "unknown".into(),
-            destination_service: service.map_or_else(|| "unknown".to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace)),
+            destination_service: identity::service_fqdn(service),
             destination_service_name: name(service),
             destination_service_namespace: namespace(service),
             destination_workload: name(workload),

@@ -369,7 +369,7 @@ fn connector() -> HttpConnector {
 }
 
 fn fqdn(service: &ObjectKey) -> String {
-    format!("{}.{}.svc.cluster.local", service.name, service.namespace)
+    crate::telemetry::identity::service_fqdn(Some(&Named { name: service.name.clone(), namespace: service.namespace.clone() }))
 }
 
 fn is_upgrade(headers: &hyper::HeaderMap) -> bool {

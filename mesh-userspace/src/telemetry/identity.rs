@@ -15,6 +15,21 @@ pub struct Named {
     pub namespace: String,
 }
 
+/// A label value: the name, or "unknown".
+pub fn name_or_unknown(n: Option<&Named>) -> String {
+    n.map_or_else(|| UNKNOWN.to_owned(), |n| n.name.clone())
+}
+
+/// A label value: the namespace, or "unknown".
+pub fn namespace_or_unknown(n: Option<&Named>) -> String {
+    n.map_or_else(|| UNKNOWN.to_owned(), |n| n.namespace.clone())
+}
+
+/// Istio's `destination_service`: `name.namespace.svc.cluster.local`, or "unknown".
+pub fn service_fqdn(n: Option<&Named>) -> String {
+    n.map_or_else(|| UNKNOWN.to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
+}
+
 #[derive(Debug, Default)]
 pub struct Identities {
     /// service id → the Service.
@@ -45,14 +60,12 @@ impl Identities {
         let source = self.workloads.get(&client);
         let destination = self.workloads.get(&server);
         let service = self.services.get(&c.service_id).filter(|_| c.service_id != 0);
-        let name = |n: Option<&Named>| n.map_or_else(|| UNKNOWN.to_owned(), |n| n.name.clone());
-        let namespace = |n: Option<&Named>| n.map_or_else(|| UNKNOWN.to_owned(), |n| n.namespace.clone());
+        let (name, namespace) = (name_or_unknown, namespace_or_unknown);
         TcpLabels {
             reporter: if outbound { "source" } else { "destination" }.to_owned(),
             source_workload: name(source),
             source_workload_namespace: namespace(source),
-            destination_service: service
-                .map_or_else(|| UNKNOWN.to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace)),
+            destination_service: service_fqdn(service),
             destination_service_name: name(service),
             destination_service_namespace: namespace(service),
             destination_workload: name(destination),
