@@ -31,7 +31,8 @@ fn stdout_of(cmd: &mut Command) -> String {
     cmd.output().map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
 }
 
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
+/// Runs a command, failing with the command line if it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
@@ -47,17 +48,31 @@ pub fn ensure() -> anyhow::Result<()> {
 }
 
 fn apt_packages() -> anyhow::Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) != "install ok installed")
-        .collect();
+    let missing = missing_packages(APT_PACKAGES);
     if missing.is_empty() {
         step(1, "Debian packages", "present");
         return Ok(());
     }
     step(1, "Debian packages", &format!("installing {}", missing.join(" ")));
     apt_install(&missing)
+}
+
+fn missing_packages<'a>(packages: &[&'a str]) -> Vec<&'a str> {
+    packages
+        .iter()
+        .copied()
+        .filter(|p| stdout_of(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])) != "install ok installed")
+        .collect()
+}
+
+/// Installs those of `packages` that are missing, saying which.
+pub fn apt_install_missing(packages: &[&str]) -> anyhow::Result<()> {
+    let missing = missing_packages(packages);
+    if !missing.is_empty() {
+        println!("[bootstrap] installing {}", missing.join(" "));
+        apt_install(&missing)?;
+    }
+    Ok(())
 }
 
 /// `apt-get install` of `packages`, after an index update.
@@ -83,6 +98,16 @@ fn toolchain(n: usize, name: &str, components: &[&str]) -> anyhow::Result<()> {
         cmd.args(["--component", c]);
     }
     run(&mut cmd)
+}
+
+/// Adds a compilation target (its standard library) to a toolchain, once.
+pub fn rust_target(toolchain: &str, target: &str) -> anyhow::Result<()> {
+    let installed = stdout_of(Command::new("rustup").args(["target", "list", "--installed", "--toolchain", toolchain]));
+    if installed.lines().any(|l| l.trim() == target) {
+        return Ok(());
+    }
+    println!("[bootstrap] adding {target} to Rust {toolchain}");
+    run(Command::new("rustup").args(["target", "add", "--toolchain", toolchain, target]))
 }
 
 fn bpf_linker() -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod kernels;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -23,7 +24,12 @@ enum Command {
         release: bool,
     },
     /// Unit tests, then the privileged integration tests (needs root), then a leak check.
-    Test,
+    Test {
+        /// Instead, run the integration tests on these kernels under QEMU: `5.10,6.1,6.12` or
+        /// `all` (the series pinned in xtask/kernels/pins.txt).
+        #[arg(long, value_name = "SERIES")]
+        kernels: Option<String>,
+    },
     /// Balance real connections over three backends, change the endpoints, watch it follow.
     Demo,
     /// Benchmarks, as ratios against a baseline in the same run (`l4`).
@@ -39,9 +45,12 @@ fn main() -> anyhow::Result<()> {
             bootstrap::ensure()?;
             bootstrap::build(release)?;
         }
-        Command::Test => {
+        Command::Test { kernels } => {
             bootstrap::ensure()?;
-            test::run()?;
+            match kernels {
+                Some(selection) => kernels::run(&selection)?,
+                None => test::run()?,
+            }
         }
         Command::Demo => {
             bootstrap::ensure()?;
