@@ -184,7 +184,9 @@ fn two_endpoints(annotations: &str) -> String {
 #[test]
 fn a_slow_endpoint_gets_clearly_less_traffic() {
     in_netns(|| {
-        let _slow = Backend::start("slow40", &["127.0.0.11:8080"]);
+        // 200 ms: clearly slower than the fast one even under CPU emulation (the kernel matrix),
+        // where the fast one's own latency swings by tens of milliseconds.
+        let _slow = Backend::start("slow200", &["127.0.0.11:8080"]);
         let _fast = Backend::start("fast", &["127.0.0.12:8080"]);
         let cgroup = TestCgroup::new("l7-ewma");
         let agent = Agent::start(AgentSpec::new(&two_endpoints(""), &cgroup));
@@ -199,10 +201,10 @@ fn a_slow_endpoint_gets_clearly_less_traffic() {
 #[test]
 fn a_failing_endpoint_is_ejected_and_later_readmitted() {
     in_netns(|| {
-        // The healthy endpoint is the slower one, so the balancer prefers the failing one
-        // until ejection takes it out.
+        // The healthy endpoint is the much slower one, so the balancer prefers the failing one
+        // until ejection takes it out (200 ms: clear even under CPU emulation).
         let bad = Backend::start("status500", &["127.0.0.11:8080"]);
-        let _good = Backend::start("slow20", &["127.0.0.12:8080"]);
+        let _good = Backend::start("slow200", &["127.0.0.12:8080"]);
         let cgroup = TestCgroup::new("l7-eject");
         let annotations = "mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"1500\"";
         let agent = Agent::start(AgentSpec::new(&two_endpoints(annotations), &cgroup));
@@ -212,7 +214,7 @@ fn a_failing_endpoint_is_ejected_and_later_readmitted() {
         let failures = names(&first).into_iter().find(|(n, _)| n == "HTTP 500").map_or(0, |(_, c)| c);
         assert!((3..=6).contains(&failures), "about three failures before ejection: {first}");
         let ejected = cgroup.probe(&["get", VIP, "/", "10"]);
-        assert_eq!(names(&ejected), vec![("slow20".to_owned(), 10)], "{ejected}");
+        assert_eq!(names(&ejected), vec![("slow200".to_owned(), 10)], "{ejected}");
 
         // The endpoint recovers; once the ejection is over, live traffic finds it again.
         drop(bad);

@@ -133,7 +133,7 @@ pub fn load_and_attach(
             Err(e) => {
                 // Older kernels lack bpf_get_netns_cookie in sock_ops/sk_msg (5.15+): run
                 // without redirection rather than not at all.
-                tracing::warn!("same-node redirection unavailable, continuing without it: {e}");
+                tracing::warn!("same-node redirection unavailable on this kernel (needs 5.15+), continuing without it: {e}");
                 detach_redirection(pin_dir);
                 false
             }
