@@ -202,24 +202,29 @@ fn a_slow_endpoint_gets_clearly_less_traffic() {
 fn a_failing_endpoint_is_ejected_and_later_readmitted() {
     in_netns(|| {
         // The healthy endpoint is the much slower one, so the balancer prefers the failing one
-        // until ejection takes it out (200 ms: clear even under CPU emulation).
+        // until ejection takes it out (100 ms: clear even under CPU emulation, where the
+        // failing one's own latency swings by tens of milliseconds).
         let bad = Backend::start("status500", &["127.0.0.11:8080"]);
-        let _good = Backend::start("slow200", &["127.0.0.12:8080"]);
+        let _good = Backend::start("slow100", &["127.0.0.12:8080"]);
         let cgroup = TestCgroup::new("l7-eject");
-        let annotations = "mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"1500\"";
-        let agent = Agent::start(AgentSpec::new(&two_endpoints(annotations), &cgroup));
+        // Long enough that both probes below (about 2 s) end within one ejection.
+        let ejection = std::time::Duration::from_millis(5000);
+        let annotations = format!("mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"{}\"", ejection.as_millis());
+        let agent = Agent::start(AgentSpec::new(&two_endpoints(&annotations), &cgroup));
         // Until three failures in a row eject it, some requests fail; then none do.
-        let first = cgroup.probe(&["get", VIP, "/", "20"]);
+        let first = cgroup.probe(&["get", VIP, "/", "12"]);
+        let ejected_at = std::time::Instant::now();
         assert_eq!(agent.metric("mesh_endpoint_ejections_total", &[]), 1.0, "{first}");
         let failures = names(&first).into_iter().find(|(n, _)| n == "HTTP 500").map_or(0, |(_, c)| c);
         assert!((3..=6).contains(&failures), "about three failures before ejection: {first}");
         let ejected = cgroup.probe(&["get", VIP, "/", "10"]);
-        assert_eq!(names(&ejected), vec![("slow200".to_owned(), 10)], "{ejected}");
+        assert_eq!(names(&ejected), vec![("slow100".to_owned(), 10)], "{ejected}");
 
         // The endpoint recovers; once the ejection is over, live traffic finds it again.
         drop(bad);
         let _fixed = Backend::start("fixed", &["127.0.0.11:8080"]);
-        std::thread::sleep(std::time::Duration::from_millis(1800));
+        // The ejection lasts up to 10% longer (jitter).
+        std::thread::sleep((ejection.mul_f64(1.1) + std::time::Duration::from_millis(100)).saturating_sub(ejected_at.elapsed()));
         wait_until(
             || names(&cgroup.probe(&["get", VIP, "/", "10"])).iter().any(|(n, _)| n == "fixed"),
             || agent.metrics(),
