@@ -1,5 +1,5 @@
 //! The `mesh` command line.
-use std::{net::SocketAddr, path::PathBuf, process::ExitCode};
+use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
@@ -40,6 +40,17 @@ enum Command {
         /// Redraw every second until interrupted.
         #[arg(long)]
         watch: bool,
+        #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
+        bpffs: PathBuf,
+    },
+    /// Print the attached kernel programs: ids, sizes, and how often they ran and for how
+    /// long (the datapath's CPU cost), read through the pinned links.
+    Programs {
+        #[arg(long)]
+        json: bool,
+        /// Turn the kernel's BPF run-time statistics on for SECS seconds and show what ran.
+        #[arg(long, value_name = "SECS")]
+        sample: Option<f64>,
         #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
@@ -190,6 +201,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Programs { json, sample, bpffs } => {
+            let hint = || format!("is an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display());
+            let window = sample.map(Duration::from_secs_f64);
+            let rows = match window {
+                Some(w) => crate::ebpf::programs::sample(&bpffs, w),
+                None => crate::ebpf::programs::attached(&bpffs),
+            }
+            .with_context(hint)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                crate::ebpf::programs::print_table(&rows, window);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Conns { json, watch, bpffs } => loop {
             let rows = crate::telemetry::conns::rows(&bpffs)
                 .map_err(|e| anyhow::anyhow!("{e} (is an agent running, or was it stopped with --keep-datapath?)"))?;
@@ -204,7 +230,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if !watch {
                 return Ok(ExitCode::SUCCESS);
             }
-            std::thread::sleep(std::time::Duration::from_secs(1));
+            std::thread::sleep(Duration::from_secs(1));
         },
         Command::Config { command: ConfigCommand::Validate { path } } => match crate::sources::file::load_catalog(&path) {
             Ok(catalog) => {

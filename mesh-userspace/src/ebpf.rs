@@ -1,9 +1,10 @@
 //! The kernel side as the agent sees it: loading, attaching and pinning the programs
-//! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), and an in-memory
-//! `Datapath` for tests (`fake`).
+//! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), what the attached
+//! programs cost (`programs`), and an in-memory `Datapath` for tests (`fake`).
 pub mod fake;
 pub mod loader;
 pub mod maps;
+pub mod programs;
 
 use crate::sync::{MapImage, Op};
 

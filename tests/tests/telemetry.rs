@@ -161,3 +161,53 @@ fn servers_in_the_cgroup_report_inbound_connections_as_destination() {
         agent.stop();
     });
 }
+
+#[test]
+fn mesh_programs_shows_what_the_datapath_ran_while_sampling() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("programs");
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(ready3()).render(), &cgroup));
+        let bpffs = agent.bpffs.to_str().unwrap().to_owned();
+        let programs = || -> Vec<Value> {
+            serde_json::from_str(&run(Command::new(mesh_bin()).args(["programs", "--json", "--bpffs", &bpffs]))).unwrap()
+        };
+        let row = |rows: &[Value], name: &str| rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} in {rows:?}")).clone();
+
+        // Listed without statistics: every attached program, with its id and machine code.
+        let listed = programs();
+        for name in ["mesh_connect4", "mesh_connect6", "mesh_sendmsg4", "mesh_recvmsg4", "mesh_getpeer4", "mesh_sockops"] {
+            let r = row(&listed, name);
+            assert!(r["id"].as_u64().unwrap() > 0 && r["jited_bytes"].as_u64().unwrap() > 0, "{r}");
+        }
+
+        // Sampling: exactly one connect4 run per connection made in the window.
+        let mut sampler = Command::new(mesh_bin())
+            .args(["programs", "--json", "--sample", "5", "--bpffs", &bpffs])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut started = String::new();
+        BufReader::new(sampler.stderr.take().unwrap()).read_line(&mut started).unwrap();
+        assert!(started.starts_with("sampling the datapath"), "{started}");
+        assert_eq!(error_count(&cgroup.probe(&["tcp", VIP, "30"])), 0);
+        let out = sampler.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let sampled: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(row(&sampled, "mesh_connect4")["run_count"], 30, "{sampled:?}");
+        let sockops = row(&sampled, "mesh_sockops");
+        // Established and state changes of 30 client sockets, at least.
+        assert!(sockops["run_count"].as_u64().unwrap() >= 60, "{sockops}");
+        assert!(sockops["run_time_ns"].as_u64().unwrap() > 0, "{sockops}");
+
+        // The statistics went off with the sampler: counts stand still (unless someone turned
+        // them on for the whole machine).
+        if std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").unwrap_or_default().trim() == "0" {
+            let before = row(&programs(), "mesh_connect4")["run_count"].clone();
+            cgroup.probe(&["tcp", VIP, "5"]);
+            assert_eq!(row(&programs(), "mesh_connect4")["run_count"], before);
+        }
+        agent.stop();
+    });
+}

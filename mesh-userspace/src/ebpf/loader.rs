@@ -80,7 +80,7 @@ pub struct Loaded {
     pub redirecting: bool,
 }
 
-fn link_pin(dir: &Path, program: &str) -> PathBuf {
+pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))
 }
 
