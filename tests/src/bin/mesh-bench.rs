@@ -128,7 +128,14 @@ fn rr(addr: SocketAddr, size: usize, secs: Duration) {
     let pct = |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)] as f64 / 1000.0;
     println!(
         "{}",
-        json!({ "ops_per_s": latencies.len() as f64 / elapsed, "p50_us": pct(0.50), "p99_us": pct(0.99), "mean_us": elapsed * 1e6 / latencies.len() as f64 })
+        json!({
+            "ops": latencies.len(),
+            "elapsed_s": elapsed,
+            "ops_per_s": latencies.len() as f64 / elapsed,
+            "p50_us": pct(0.50),
+            "p99_us": pct(0.99),
+            "mean_us": elapsed * 1e6 / latencies.len() as f64
+        })
     );
 }
 
@@ -136,14 +143,16 @@ fn bulk(addr: SocketAddr, chunk: usize, secs: Duration) {
     let mut stream = connect(addr, BULK);
     let buf = vec![9u8; chunk];
     let start = Instant::now();
+    let mut writes = 0u64;
     while start.elapsed() < secs {
         stream.write_all(&buf).unwrap();
+        writes += 1;
     }
     stream.shutdown(std::net::Shutdown::Write).unwrap();
     let mut total = [0u8; 8];
     stream.read_exact(&mut total).unwrap();
     let elapsed = start.elapsed().as_secs_f64();
-    println!("{}", json!({ "bytes_per_s": u64::from_le_bytes(total) as f64 / elapsed }));
+    println!("{}", json!({ "ops": writes, "elapsed_s": elapsed, "bytes_per_s": u64::from_le_bytes(total) as f64 / elapsed }));
 }
 
 fn crr(addr: SocketAddr, secs: Duration) {
@@ -156,7 +165,8 @@ fn crr(addr: SocketAddr, secs: Duration) {
         abortive_close(stream);
         n += 1;
     }
-    println!("{}", json!({ "ops_per_s": n as f64 / start.elapsed().as_secs_f64() }));
+    let elapsed = start.elapsed().as_secs_f64();
+    println!("{}", json!({ "ops": n, "elapsed_s": elapsed, "ops_per_s": n as f64 / elapsed }));
 }
 
 /// Close with SO_LINGER 0 (a RST, no TIME_WAIT): tens of thousands of TIME_WAIT sockets from
