@@ -136,6 +136,12 @@ fn state_changed(ctx: &SockOpsContext) {
         let at = now();
         read_counters(ctx.ops, &mut *conn, at);
         emit(conn_event::CLOSED, cookie, at, &*conn);
+        // The reverse translation dies with the socket too: left to the LRU, the map would sit
+        // full and every connect() would pay for an eviction.
+        if (*conn).service_port != 0 {
+            let key = RevNatKey { cookie, addr: (*conn).remote, port_be: (*conn).remote_port.to_be(), _pad16: 0, _pad32: 0 };
+            let _ = REVNAT.remove(&key);
+        }
     }
     let _ = CONNS.remove(&cookie);
 }

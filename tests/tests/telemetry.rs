@@ -65,8 +65,10 @@ fn thousands_of_short_connections_leave_no_connection_entries() {
             || agent.metric("istio_tcp_connections_closed_total", &[SERVICE]) == 3000.0,
             || agent.metrics(),
         );
-        // Every close deleted its entry: nothing lingers for dead connections.
+        // Every close deleted its entries: nothing lingers for dead connections, neither the
+        // connection record nor the reverse translation of the VIP.
         assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
+        assert_eq!(agent.map_entries()["mesh_revnat"], 0, "{}", agent.map_entries());
         assert_eq!(agent.metric("mesh_kernel_dropped_records", &[]), 0.0);
         agent.stop();
     });

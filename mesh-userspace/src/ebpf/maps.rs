@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
     AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
-    ServiceValue, SlotKey, SlotValue, map_names,
+    RevNatKey, RevNatValue, ServiceValue, SlotKey, SlotValue, map_names,
 };
 
 use super::{Datapath, DatapathError};
@@ -22,6 +22,8 @@ pub struct PinnedMaps {
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Kernel-written; read for occupancy.
     conns: HashMap<MapData, u64, ConnValue>,
+    /// Kernel-written (connect, sendmsg) and kernel-deleted (TCP close); read for occupancy.
+    revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -53,6 +55,7 @@ impl PinnedMaps {
             names: open_hash(dir, map_names::NAMES)?,
             affinity: open_hash(dir, map_names::AFFINITY)?,
             conns: open_hash(dir, map_names::CONNS)?,
+            revnat: open_hash(dir, map_names::REVNAT)?,
             drops: PerCpuArray::try_from(open_map(dir, map_names::DROPS)?)
                 .map_err(|source| DatapathError::Open { path: dir.join(map_names::DROPS), source })?,
         })
@@ -117,6 +120,7 @@ impl PinnedMaps {
             (map_names::NAMES, image.names.len()),
             (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
             (map_names::CONNS, self.conns.keys().filter(Result::is_ok).count()),
+            (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
         ]
         .into_iter()
         .collect())
