@@ -124,7 +124,10 @@ fn build_static() -> anyhow::Result<StaticBinaries> {
     let executable = |messages: &[Value], kind: &str, name: &str| {
         messages.iter().find_map(|m| {
             let target = &m["target"];
-            let is = target["name"] == name && target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind));
+            // `cargo test` also builds each bin as a test harness (profile.test): not that one.
+            let is = target["name"] == name
+                && target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind))
+                && m["profile"]["test"] == false;
             if is { m["executable"].as_str().map(PathBuf::from) } else { None }
         })
     };
