@@ -121,18 +121,8 @@ fn build_static() -> anyhow::Result<StaticBinaries> {
     let host_build = cargo_json(cargo().args(["build", "-p", "mesh-userspace", "--bin", "mesh"]))?;
     same_kernel_programs(&host_build, &mesh_build)?;
 
-    let executable = |messages: &[Value], kind: &str, name: &str| {
-        messages.iter().find_map(|m| {
-            let target = &m["target"];
-            // `cargo test` also builds each bin as a test harness (profile.test): not that one.
-            let is = target["name"] == name
-                && target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == kind))
-                && m["profile"]["test"] == false;
-            if is { m["executable"].as_str().map(PathBuf::from) } else { None }
-        })
-    };
-    let mesh = executable(&mesh_build, "bin", "mesh").context("cargo reported no `mesh` executable")?;
-    let probe = executable(&test_build, "bin", "mesh-probe").context("cargo reported no `mesh-probe` executable")?;
+    let mesh = bin_executable(&mesh_build, "mesh").context("cargo reported no `mesh` executable")?;
+    let probe = bin_executable(&test_build, "mesh-probe").context("cargo reported no `mesh-probe` executable")?;
     let mut tests: Vec<(String, PathBuf)> = test_build
         .iter()
         .filter(|m| m["target"]["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "test")))
@@ -143,6 +133,18 @@ fn build_static() -> anyhow::Result<StaticBinaries> {
         bail!("cargo reported no integration test executables for mesh-tests");
     }
     Ok(StaticBinaries { mesh, probe, tests })
+}
+
+/// The program binary `name` among cargo's artifact messages. `cargo test` also builds each
+/// bin as a test harness under the same name (profile.test): not that one.
+fn bin_executable(messages: &[Value], name: &str) -> Option<PathBuf> {
+    messages.iter().find_map(|m| {
+        let target = &m["target"];
+        let is = target["name"] == name
+            && target["kind"].as_array().is_some_and(|k| k.iter().any(|k| k == "bin"))
+            && m["profile"]["test"] == false;
+        if is { m["executable"].as_str().map(PathBuf::from) } else { None }
+    })
 }
 
 /// Runs cargo with JSON messages and returns the artifact and build-script messages.
@@ -198,5 +200,16 @@ mod tests {
         let err = select(&pins, "5.10,4.19").unwrap_err().to_string();
         assert!(err.contains("\"4.19\"") && err.contains("5.10, 6.1"), "{err}");
         assert!(parse_pins("5.10 only-two").unwrap_err().to_string().contains("line 1"));
+    }
+
+    #[test]
+    fn the_probe_is_the_program_not_its_test_harness() {
+        let artifact = |test: bool, exe: &str| {
+            serde_json::json!({"reason": "compiler-artifact", "target": {"name": "mesh-probe", "kind": ["bin"]}, "profile": {"test": test}, "executable": exe})
+        };
+        // A fresh clone's build order: the harness first.
+        let messages = [artifact(true, "/t/deps/mesh_probe-abc"), artifact(false, "/t/mesh-probe")];
+        assert_eq!(bin_executable(&messages, "mesh-probe"), Some(PathBuf::from("/t/mesh-probe")));
+        assert_eq!(bin_executable(&messages[..1], "mesh-probe"), None);
     }
 }
