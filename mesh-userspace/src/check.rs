@@ -79,7 +79,8 @@ fn probe_programs(cgroup_root: &Path, pins: &Path) -> Vec<CheckRow> {
         let cgroup = fs::File::open(&scratch).map_err(|e| e.to_string())?;
         let mut ebpf = EbpfLoader::new().default_map_pin_directory(pins).load(PROGRAMS).map_err(|e| format!("loading: {e}"))?;
         for name in program_names::ALL {
-            let attached = crate::ebpf::loader::attach_or_adopt(&mut ebpf, name, pins, &cgroup)
+            let attached = crate::ebpf::loader::load_program(&mut ebpf, name)
+                .and_then(|()| crate::ebpf::loader::attach_or_adopt(&mut ebpf, name, pins, &cgroup))
                 .map(|()| "loads and attaches".to_owned())
                 .map_err(|e| format!("{e:#}"));
             rows.push(row(format!("program {name}"), attached));

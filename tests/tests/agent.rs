@@ -205,3 +205,29 @@ fn an_agent_started_on_a_bad_configuration_is_not_ready_until_it_is_fixed() {
         agent.stop();
     });
 }
+
+#[test]
+fn an_agent_that_cannot_attach_leaves_nothing_pinned() {
+    in_netns(|| {
+        // A directory that is not a cgroup: every program loads, the first attach fails.
+        let not_a_cgroup = std::env::temp_dir().join(unique_name("not-a-cgroup"));
+        std::fs::create_dir_all(&not_a_cgroup).expect("scratch dir");
+        let bpffs = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("failed-start"));
+        let _pins = PinsGuard(bpffs.clone());
+        let out = Command::new(mesh_bin())
+            .arg("agent")
+            .args(["--config", "/dev/null", "--cgroup"])
+            .arg(&not_a_cgroup)
+            .arg("--bpffs")
+            .arg(&bpffs)
+            .args(["--admin-addr", "127.0.0.1:17000", "--readiness-addr", "127.0.0.1:17021"])
+            .args(["--metrics-addr", "127.0.0.1:17020", "--outbound-addr", "127.0.0.1:17001"])
+            .output()
+            .expect("mesh agent");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started on a plain directory:\n{stderr}");
+        assert!(stderr.contains("program mesh_connect4"), "the error names the program:\n{stderr}");
+        assert!(!bpffs.exists(), "pins left behind: {:?}", std::fs::read_dir(&bpffs).map(|d| d.count()));
+        let _ = std::fs::remove_dir(&not_a_cgroup);
+    });
+}

@@ -84,6 +84,8 @@ pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))
 }
 
+/// Nothing is half-applied: every program passes the verifier before any is attached, and a
+/// start that found nothing pinned removes what it pinned when it fails.
 pub fn load_and_attach(
     pin_dir: &Path,
     cgroup: &Path,
@@ -91,6 +93,15 @@ pub fn load_and_attach(
     redirection: bool,
 ) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
+    let found_pins = fs::read_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?.next().is_some();
+    let result = bring_up(pin_dir, cgroup, log_level, redirection);
+    if result.is_err() && !found_pins {
+        let _ = teardown(pin_dir);
+    }
+    result
+}
+
+fn bring_up(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel, redirection: bool) -> Result<Loaded, LoadError> {
     let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
     let cgroup_id = cgroup_dir.metadata().map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?.ino();
     forget_links_of_other_cgroups(pin_dir, cgroup_id);
@@ -125,6 +136,9 @@ pub fn load_and_attach(
     }
 
     for name in program_names::ALL {
+        load_program(&mut ebpf, name)?;
+    }
+    for name in program_names::ALL {
         attach_or_adopt(&mut ebpf, name, pin_dir, &cgroup_dir)?;
     }
     let redirecting = if redirection {
@@ -151,7 +165,17 @@ pub fn load_and_attach(
     Ok(Loaded { _ebpf: ebpf, start, logger, redirecting })
 }
 
-/// Loads program `name` and makes its pinned cgroup link run it: a link pinned by an earlier
+/// Loads cgroup program `name` into the kernel (the verifier's turn), attaching nothing.
+pub(crate) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
+    match ebpf.program_mut(name).expect("every program in program_names is in the object") {
+        Program::CgroupSockAddr(p) => p.load(),
+        Program::SockOps(p) => p.load(),
+        other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
+    }
+    .map_err(|e| LoadError::Program(name, e))
+}
+
+/// Makes the pinned cgroup link of loaded program `name` run it: a link pinned by an earlier
 /// agent gets the new program swapped in atomically (BPF_LINK_UPDATE); otherwise the program is
 /// attached and its link pinned.
 pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
@@ -161,10 +185,9 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
     // Single: a cgroup bpf_link always coexists with other programs, and the kernel rejects
     // any attach flag on link creation (EINVAL).
     // aya's program types share these methods without a common trait: one body for each.
-    macro_rules! load_and_link {
+    macro_rules! link {
         ($p:expr) => {{
             let p = $p;
-            p.load().map_err(|e| LoadError::Program(name, e))?;
             if let Some(link) = open_pinned(&pin) {
                 let fd = p.fd().map_err(|e| LoadError::Program(name, e))?;
                 update_link(&link, fd.as_fd()).map_err(|e| pin_error(e.to_string()))?;
@@ -177,8 +200,8 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
         }};
     }
     let fd_link: Option<FdLink> = match program {
-        Program::CgroupSockAddr(p) => load_and_link!(p),
-        Program::SockOps(p) => load_and_link!(p),
+        Program::CgroupSockAddr(p) => link!(p),
+        Program::SockOps(p) => link!(p),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     };
     if let Some(fd_link) = fd_link {
@@ -218,6 +241,7 @@ pub(crate) fn attach_redirection(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &fs::F
             std::mem::forget(link);
         }
     }
+    load_program(ebpf, program_names::SOCKMAP)?;
     attach_or_adopt(ebpf, program_names::SOCKMAP, pin_dir, cgroup)
 }
 
