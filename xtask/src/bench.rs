@@ -31,6 +31,8 @@ use serde_json::{Value, json};
 use crate::bootstrap::{release_bin, workspace_root};
 
 const TRIALS: usize = 9;
+/// Trials with the kernel's BPF statistics on, for the datapath's own time.
+const DATAPATH_TRIALS: usize = 3;
 const SECS: &str = "1";
 const DIRECT: &str = "127.0.0.31:7000";
 const MESHED: &str = "127.0.0.32:7000";
@@ -139,55 +141,95 @@ fn datapath_ns(bpffs: &Path) -> f64 {
     rows.iter().map(|r| r["run_time_ns"].as_f64().unwrap_or(0.0)).sum()
 }
 
+/// The cgroups and agents of the variants.
+struct Setup {
+    cgroup: TestCgroup,
+    agent: Agent,
+    redirect_cgroup: TestCgroup,
+    redirect_agent: Agent,
+}
+
+impl Setup {
+    /// The pin directory of the agent whose programs a variant runs, if any.
+    fn bpffs(&self, variant: Variant) -> Option<&Path> {
+        match variant {
+            Variant::Direct => None,
+            Variant::Meshed | Variant::Vip => Some(&self.agent.bpffs),
+            Variant::Sockmap => Some(&self.redirect_agent.bpffs),
+        }
+    }
+}
+
+/// One trial of `case` for `variant`: mesh-bench's JSON answer.
+fn run_case(case: &Case, variant: Variant, setup: &Setup) -> Value {
+    let (mut cmd, target) = match variant {
+        Variant::Direct => (Command::new("taskset"), DIRECT),
+        Variant::Meshed => (setup.cgroup.command("taskset"), MESHED),
+        Variant::Vip => (setup.cgroup.command("taskset"), VIP),
+        Variant::Sockmap => (setup.redirect_cgroup.command("taskset"), VIP_REDIRECTED),
+    };
+    cmd.args(["-c", "0"]).arg(release_bin("mesh-bench")).arg(case.args[0]).arg(target).args(&case.args[1..]);
+    serde_json::from_str(mesh_tests::run(&mut cmd).trim()).expect("bench JSON")
+}
+
+fn progress(case: &Case, kind: &str, trial: usize, of: usize) {
+    print!("\r[bench] {:<14} {kind} trial {}/{of}   ", case.name, trial + 1);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
+
 fn measure() -> Results {
     let cgroup = TestCgroup::new("bench");
     let bench = release_bin("mesh-bench");
-    let _direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
-    let _meshed = Backend::spawn_raw(cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", MESHED]));
+    let direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
+    let meshed = Backend::spawn_raw(cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", MESHED]));
     let agent = Agent::start(AgentSpec::new(&bench_service("bench", "10.96.0.50", "127.0.0.32"), &cgroup));
     let redirect_cgroup = TestCgroup::new("bench-sockmap");
-    let _redirected = Backend::spawn_raw(redirect_cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", REDIRECTED]));
+    let redirected = Backend::spawn_raw(redirect_cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", REDIRECTED]));
     let redirected_service = bench_service("bench-sockmap", "10.96.0.51", "127.0.0.33");
     let redirect_agent = Agent::start(AgentSpec {
         extra_args: vec!["--sockmap", "true"],
         port_base: 16000,
         ..AgentSpec::new(&redirected_service, &redirect_cgroup)
     });
-    println!("[bench] {TRIALS} trials of {SECS}s per case and variant; client on CPU 0, server on CPU 1");
-    let _stats = BpfStats::enable().expect("kernel BPF statistics");
+    let setup = Setup { cgroup, agent, redirect_cgroup, redirect_agent };
+    println!(
+        "[bench] {TRIALS} timed trials of {SECS}s per case and variant, then {DATAPATH_TRIALS} with BPF statistics on; client on CPU 0, server on CPU 1"
+    );
 
     let mut results = Results { metric: Series::new(), datapath_ns: Series::new(), datapath_share: Series::new() };
     for case in CASES {
+        // Timed trials run with statistics off: their bookkeeping (two clock reads per program
+        // run) would be charged to the meshed variants only.
         for trial in 0..TRIALS {
             for variant in VARIANTS {
-                let (mut cmd, target, bpffs) = match variant {
-                    Variant::Direct => (Command::new("taskset"), DIRECT, None),
-                    Variant::Meshed => (cgroup.command("taskset"), MESHED, Some(&agent.bpffs)),
-                    Variant::Vip => (cgroup.command("taskset"), VIP, Some(&agent.bpffs)),
-                    Variant::Sockmap => (redirect_cgroup.command("taskset"), VIP_REDIRECTED, Some(&redirect_agent.bpffs)),
-                };
-                cmd.args(["-c", "0"]).arg(&bench).arg(case.args[0]).arg(target).args(&case.args[1..]);
-                let before = bpffs.map(|b| datapath_ns(b));
-                let out = mesh_tests::run(&mut cmd);
-                let value: Value = serde_json::from_str(out.trim()).expect("bench JSON");
+                let value = run_case(case, variant, &setup);
                 let v = value[case.metric].as_f64().expect("metric");
                 results.metric.entry((case.name, variant)).or_default().push(v);
-                if let (Some(bpffs), Some(before)) = (bpffs, before) {
-                    // Includes connection setup and teardown, spread over the operations.
-                    let ran = datapath_ns(bpffs) - before;
-                    let ops = value["ops"].as_f64().expect("ops").max(1.0);
-                    let elapsed_ns = value["elapsed_s"].as_f64().expect("elapsed_s") * 1e9;
-                    results.datapath_ns.entry((case.name, variant)).or_default().push(ran / ops);
-                    results.datapath_share.entry((case.name, variant)).or_default().push(ran / elapsed_ns);
-                }
             }
-            print!("\r[bench] {:<14} trial {}/{TRIALS}", case.name, trial + 1);
-            let _ = std::io::Write::flush(&mut std::io::stdout());
+            progress(case, "timed", trial, TRIALS);
         }
+        let stats = BpfStats::enable().expect("kernel BPF statistics");
+        for trial in 0..DATAPATH_TRIALS {
+            for variant in VARIANTS {
+                let Some(bpffs) = setup.bpffs(variant) else { continue };
+                let before = datapath_ns(bpffs);
+                let value = run_case(case, variant, &setup);
+                // Includes connection setup and teardown, spread over the operations.
+                let ran = datapath_ns(bpffs) - before;
+                let ops = value["ops"].as_f64().expect("ops").max(1.0);
+                let elapsed_ns = value["elapsed_s"].as_f64().expect("elapsed_s") * 1e9;
+                results.datapath_ns.entry((case.name, variant)).or_default().push(ran / ops);
+                results.datapath_share.entry((case.name, variant)).or_default().push(ran / elapsed_ns);
+            }
+            progress(case, "datapath", trial, DATAPATH_TRIALS);
+        }
+        drop(stats);
         println!();
     }
-    agent.stop();
-    redirect_agent.stop();
+    setup.agent.stop();
+    setup.redirect_agent.stop();
+    // The servers leave their cgroups before the cgroups go (with `setup`).
+    drop((direct, meshed, redirected));
     results
 }
 
