@@ -12,10 +12,11 @@
 //! vip/meshed is what socket-level balancing costs (the targets); vip/direct is the whole
 //! mesh, per-connection telemetry included.
 //!
-//! Wall-time ratios on a shared VM swing by 5-15%, more than the 3% targets. So each trial
-//! also measures what the mesh's programs themselves ran, from the kernel's BPF run-time
-//! statistics (`mesh programs`, both ends of the connection): nanoseconds per operation and
-//! their share of the operation's time. That number does not depend on the neighbours.
+//! Wall-time ratios on a shared VM swing by 5-15%, more than the 3% targets. So after the
+//! timed trials (statistics off), a few more trials measure what the mesh's programs
+//! themselves ran, from the kernel's BPF run-time statistics (`mesh programs`, both ends of
+//! the connection): nanoseconds per operation and their share of the operation's time. That
+//! number does not depend on the neighbours.
 use std::{
     collections::BTreeMap,
     fs,
