@@ -1,8 +1,8 @@
 //! sock_ops: per-connection counters for every TCP connection of the attached cgroup.
 //!
 //! Byte counts are payload only: the kernel's counters also include the SYN and each FIN
-//! (one sequence number each), which the program subtracts, tracking FINs through the state
-//! callbacks.
+//! (one sequence number each), which the program subtracts; which FINs a socket has seen
+//! follows from its TCP state, so state changes short of TCP_CLOSE cost no map access.
 //!
 //! A connection gets an entry in `mesh_conns` (keyed by socket cookie) and an OPENED record
 //! when it is established, and a CLOSED record with its final counters when it reaches
@@ -103,7 +103,7 @@ fn established(ctx: &SockOpsContext, dir: u8) {
     }
     // SAFETY: valid context; a full socket in this callback.
     conn.acked_at_start = unsafe { (*ops).bytes_acked } as u32;
-    read_counters(ops, &mut conn, start);
+    read_counters(ops, &mut conn, 0, start);
     if CONNS.insert(&cookie, &conn, 0).is_err() {
         count_drop(drop_counters::CONNS);
         return;
@@ -112,29 +112,24 @@ fn established(ctx: &SockOpsContext, dir: u8) {
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
-/// Notes FINs on the way to TCP_CLOSE; at TCP_CLOSE, sends the final record and forgets the
-/// connection.
+/// At TCP_CLOSE, sends the final record and forgets the connection. Other state changes cost
+/// no map access: the FINs a socket has seen follow from the state it is in (or left).
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
-    let (old, new) = (ctx.arg(0), ctx.arg(1));
+    if ctx.arg(1) != BPF_TCP_CLOSE {
+        return;
+    }
+    let old = ctx.arg(0);
     let cookie = cookie(ctx);
     let Some(conn) = CONNS.get_ptr_mut(&cookie) else { return };
+    // The full socket leaves FIN_WAIT2 for TIME_WAIT (seen here as CLOSE) when the peer's FIN
+    // arrives; a FIN_WAIT2 timeout would also get here, off by one.
+    let fins = if old == BPF_TCP_FIN_WAIT2 { fin::SENT | fin::RECEIVED } else { fins_in(old) };
+    let at = now();
     // SAFETY: pointer from a successful lookup; this socket's callbacks run under its lock.
     // Counters are updated in place to keep the stack small (the verifier allows 512 bytes).
     unsafe {
-        match new {
-            BPF_TCP_FIN_WAIT1 | BPF_TCP_LAST_ACK => (*conn).fins |= fin::SENT,
-            BPF_TCP_CLOSE_WAIT | BPF_TCP_CLOSING => (*conn).fins |= fin::RECEIVED,
-            // The full socket leaves FIN_WAIT2 or CLOSING for TIME_WAIT (seen here as CLOSE)
-            // when the peer's FIN arrives; a FIN_WAIT2 timeout would also get here, off by one.
-            BPF_TCP_CLOSE if old == BPF_TCP_FIN_WAIT2 => (*conn).fins |= fin::RECEIVED,
-            _ => {}
-        }
-        if new != BPF_TCP_CLOSE {
-            return;
-        }
-        let at = now();
-        read_counters(ctx.ops, &mut *conn, at);
+        read_counters(ctx.ops, &mut *conn, fins, at);
         emit(conn_event::CLOSED, cookie, at, &*conn);
         // The reverse translation dies with the socket too: left to the LRU, the map would sit
         // full and every connect() would pay for an eviction.
@@ -146,6 +141,17 @@ fn state_changed(ctx: &SockOpsContext) {
     let _ = CONNS.remove(&cookie);
 }
 
+/// The FINs a full socket in TCP state `state` has sent and received.
+#[inline(always)]
+fn fins_in(state: u32) -> u8 {
+    match state {
+        BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 => fin::SENT,
+        BPF_TCP_CLOSE_WAIT => fin::RECEIVED,
+        BPF_TCP_CLOSING | BPF_TCP_LAST_ACK => fin::SENT | fin::RECEIVED,
+        _ => 0,
+    }
+}
+
 #[inline(always)]
 fn refresh_live(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
@@ -155,7 +161,7 @@ fn refresh_live(ctx: &SockOpsContext) {
     // they run under the socket lock.
     unsafe {
         if at.wrapping_sub((*conn).updated_ns) >= REFRESH_NS {
-            read_counters(ctx.ops, &mut *conn, at);
+            read_counters(ctx.ops, &mut *conn, fins_in((*ctx.ops).state), at);
         }
     }
 }
@@ -233,7 +239,8 @@ pub fn mesh_sockmap(ctx: SockOpsContext) -> u32 {
 }
 
 #[inline(always)]
-fn read_counters(ops: *mut bpf_sock_ops, conn: &mut ConnValue, at: u64) {
+fn read_counters(ops: *mut bpf_sock_ops, conn: &mut ConnValue, fins: u8, at: u64) {
+    conn.fins = fins;
     // SAFETY: the context is valid for the program's run; these fields are readable for full
     // sockets, which every callback handled here has.
     unsafe {
