@@ -82,13 +82,14 @@ impl Variant {
 
 mod l7;
 
-pub fn run(suite: &str) -> anyhow::Result<()> {
+pub fn run(suite: &str, only: &[String]) -> anyhow::Result<()> {
     if suite == "l7" {
         // SAFETY: plain geteuid(2).
         anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
         return l7::run();
     }
     anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4` or `l7`");
+    let cases = select(only)?;
     // SAFETY: plain geteuid(2).
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
     // SAFETY: single-threaded at this point.
@@ -96,8 +97,8 @@ pub fn run(suite: &str) -> anyhow::Result<()> {
         std::env::set_var("MESH_BIN", release_bin("mesh"));
         std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
     }
-    let results = in_netns(measure);
-    let report = report(&results);
+    let results = in_netns(|| measure(&cases));
+    let report = report(&results, &cases);
     let dir = workspace_root().join("target/bench");
     fs::create_dir_all(&dir)?;
     let path = dir.join("l4.json");
@@ -178,7 +179,22 @@ fn progress(case: &Case, kind: &str, trial: usize, of: usize) {
     let _ = std::io::Write::flush(&mut std::io::stdout());
 }
 
-fn measure() -> Results {
+/// The cases named by `--case` (all when none is named).
+fn select(only: &[String]) -> anyhow::Result<Vec<&'static Case>> {
+    if only.is_empty() {
+        return Ok(CASES.iter().collect());
+    }
+    only.iter()
+        .map(|name| {
+            CASES.iter().find(|c| c.name == name).ok_or_else(|| {
+                let known: Vec<&str> = CASES.iter().map(|c| c.name).collect();
+                anyhow::anyhow!("no l4 case {name:?}; the cases are {known:?}")
+            })
+        })
+        .collect()
+}
+
+fn measure(cases: &[&'static Case]) -> Results {
     let cgroup = TestCgroup::new("bench");
     let bench = release_bin("mesh-bench");
     let direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
@@ -198,7 +214,7 @@ fn measure() -> Results {
     );
 
     let mut results = Results { metric: Series::new(), datapath_ns: Series::new(), datapath_share: Series::new() };
-    for case in CASES {
+    for &case in cases {
         // Timed trials run with statistics off: their bookkeeping (two clock reads per program
         // run) would be charged to the meshed variants only.
         for trial in 0..TRIALS {
@@ -264,14 +280,14 @@ fn median(values: &[f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn report(all: &Results) -> Value {
+fn report(all: &Results, selected: &[&Case]) -> Value {
     let results = &all.metric;
     println!(
         "\n{:<14} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>10}  unit",
         "case", "direct", "meshed", "vip", "sockmap", "vip/meshed", "vip/direct", "sockmap/vip"
     );
     let mut cases = serde_json::Map::new();
-    for case in CASES {
+    for case in selected {
         let scale = if case.unit == "MiB/s" { 1.0 / (1024.0 * 1024.0) } else { 1.0 };
         let value = |v: Variant| median(&results[&(case.name, v)]) * scale;
         // Ratios are medians of per-trial ratios: the variants of one trial ran back to back,
@@ -319,7 +335,7 @@ fn report(all: &Results) -> Value {
     // The precise measure: what the programs ran, per operation and as a share of its time.
     println!("\ndatapath CPU time per operation (kernel BPF statistics, both ends, medians)");
     println!("{:<14} {:>10} {:>10} {:>10} {:>12} {:>12}", "case", "meshed ns", "vip ns", "sockmap ns", "meshed share", "vip share");
-    for case in CASES {
+    for case in selected {
         let m = |s: &Series, v: Variant| median(&s[&(case.name, v)]);
         println!(
             "{:<14} {:>10.0} {:>10.0} {:>10.0} {:>11.2}% {:>11.2}%",

@@ -36,6 +36,9 @@ enum Command {
     Bench {
         #[arg(default_value = "l4")]
         suite: String,
+        /// Only this l4 case (repeatable), e.g. `--case connect+close`.
+        #[arg(long = "case", value_name = "NAME")]
+        cases: Vec<String>,
     },
 }
 
@@ -57,10 +60,10 @@ fn main() -> anyhow::Result<()> {
             bootstrap::build(false)?;
             demo::run()?;
         }
-        Command::Bench { suite } => {
+        Command::Bench { suite, cases } => {
             bootstrap::ensure()?;
             bootstrap::build(true)?;
-            bench::run(&suite)?;
+            bench::run(&suite, &cases)?;
         }
     }
     Ok(())
