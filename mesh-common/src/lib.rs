@@ -15,7 +15,7 @@
 
 /// Bumped whenever a key or value below changes layout. The agent compares it with the pinned
 /// `mesh_meta` map to tell a restart (adopt the pinned maps) from an upgrade (rebuild them).
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Map names: also their file names under the pin directory. The kernel limits them to 15 bytes.
 pub mod map_names {
@@ -30,8 +30,11 @@ pub mod map_names {
     /// Service names by id, for `mesh services` while the agent is down. Never read by the
     /// kernel programs.
     pub const NAMES: &str = "mesh_names";
-    /// Live TCP connections of the attached cgroup, by socket cookie (sock_ops).
+    /// Live TCP connections of the attached cgroup: an array of `ConnValue` slots indexed by
+    /// socket cookie (see `conn_slot`), mmap-able so readers need no syscall per slot.
     pub const CONNS: &str = "mesh_conns";
+    /// Connections whose slot another connection holds, by socket cookie.
+    pub const CONNS_OVERFLOW: &str = "mesh_conns_ovfl";
     /// Ring buffer of connection open/close records (`ConnEvent`).
     pub const EVENTS: &str = "mesh_events";
     /// Per-CPU counters of what the kernel had to drop (`drop_counters`).
@@ -48,9 +51,9 @@ pub mod map_names {
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 16] = [
-        FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS, EVENTS,
-        DROPS, SOCKHASH, SOCK_COOKIES, PROXY, L7_ORIGINAL,
+    pub const ALL: [&str; 17] = [
+        FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS,
+        CONNS_OVERFLOW, EVENTS, DROPS, SOCKHASH, SOCK_COOKIES, PROXY, L7_ORIGINAL,
     ];
 }
 
@@ -102,9 +105,15 @@ pub mod sizes {
     /// Services that use Maglev (each holds one table).
     pub const MAX_MAGLEV: u32 = 1_024;
     pub const MAX_AFFINITY: u32 = 131_072;
-    /// Reverse translations of live sockets (LRU: a socket that closed ages out).
-    pub const MAX_REVNAT: u32 = 262_144;
-    /// Live TCP connections tracked at once; entries are allocated on insert.
+    /// Reverse translations of UDP sockets (LRU: a socket that closed ages out). TCP keeps
+    /// its own in `mesh_conns`.
+    pub const MAX_REVNAT: u32 = 65_536;
+    /// Slots of the live-connection table, a power of two: a connection's slot is its socket
+    /// cookie modulo this. Allocated up front (17 MiB): a connection takes its slot with two
+    /// stores, where a hash map insert allocates and locks.
+    pub const CONN_SLOTS: u32 = 131_072;
+    const _: () = assert!(CONN_SLOTS.is_power_of_two());
+    /// Connections whose slot was taken (or the agent's capture table); allocated on insert.
     pub const MAX_CONNS: u32 = 262_144;
     /// Bytes of the connection event ring buffer (about 26,000 records: over a second of
     /// connection churn at full speed between the agent's drains).
@@ -117,7 +126,7 @@ pub mod sizes {
 pub mod drop_counters {
     /// A connection record did not fit in the ring buffer (the agent was too slow or down).
     pub const EVENTS: u32 = 0;
-    /// A new connection could not be tracked (`mesh_conns` full).
+    /// A new connection could not be tracked (its slot and `mesh_conns_ovfl` full).
     pub const CONNS: u32 = 1;
     pub const COUNT: u32 = 2;
 }
@@ -309,6 +318,20 @@ pub struct PeerKey {
     pub _pad32: u32,
 }
 
+/// `ConnValue::phase`: how far the connection got.
+pub mod conn_phase {
+    /// connect() sent the socket to a backend (the entry holds the Service address for
+    /// getpeername()), but the SYN has not left: the connect() may have failed before it, in
+    /// which case no callback ever frees the entry. Another connection may take its slot
+    /// after `DIALED_TIMEOUT_NS`; the agent removes such entries from `mesh_conns_ovfl`.
+    pub const DIALED: u8 = 1;
+    /// The SYN left; a close from here on frees the entry.
+    pub const CONNECTING: u8 = 2;
+    pub const ESTABLISHED: u8 = 3;
+    /// A connect() completes or fails within the syscall, up to the SYN.
+    pub const DIALED_TIMEOUT_NS: u64 = 1_000_000_000;
+}
+
 /// `ConnValue::direction`
 pub mod direction {
     /// This socket connect()ed (the client side).
@@ -317,12 +340,17 @@ pub mod direction {
     pub const INBOUND: u8 = 2;
 }
 
-/// `mesh_conns` value, keyed by socket cookie: one TCP connection of the attached cgroup.
-/// Counters are the kernel's own (tcp_sock), refreshed on state changes and at most once a
-/// second from RTT samples, and exact in the close record.
+/// `mesh_conns` slot (and `mesh_conns_ovfl` value): one TCP connection of the attached cgroup.
+/// Counters are the kernel's own (tcp_sock), refreshed at most once a second from RTT samples,
+/// and exact in the close record.
+///
+/// Readers of the mmap-ed slots copy a slot, then check that `cookie` and `phase` did not
+/// change; the kernel stores `phase` last when it fills a slot and clears `cookie` to free it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnValue {
+    /// The socket's cookie; 0 in a free slot.
+    pub cookie: u64,
     /// `bpf_ktime_get_ns()` when the connection was established.
     pub start_ns: u64,
     pub updated_ns: u64,
@@ -341,11 +369,10 @@ pub struct ConnValue {
     pub local_port: u16,
     pub remote_port: u16,
     pub service_port: u16,
-    /// `direction::*`
+    /// `direction::*` (0 before establishment)
     pub direction: u8,
-    /// `fin::*`: which FINs were seen, to count payload bytes only (a FIN, like a SYN, takes a
-    /// sequence number and so counts in the kernel's byte counters).
-    pub fins: u8,
+    /// `conn_phase::*`
+    pub phase: u8,
     pub segs_in: u32,
     pub segs_out: u32,
     pub retransmits: u32,
@@ -356,14 +383,6 @@ pub struct ConnValue {
     /// The kernel's `bytes_acked` at establishment: 1 for the SYN of a connect()ed socket, 0
     /// for an accept()ed one. Subtracted to count payload only.
     pub acked_at_start: u32,
-}
-
-/// `ConnValue::fins`
-pub mod fin {
-    /// This side sent a FIN (it entered FIN_WAIT1 or LAST_ACK).
-    pub const SENT: u8 = 1;
-    /// The peer's FIN arrived.
-    pub const RECEIVED: u8 = 2;
 }
 
 /// `mesh_sockhash` and `mesh_sockcook` key: one end of a TCP connection, as seen by its own
@@ -409,7 +428,6 @@ pub struct ConnEvent {
     /// `conn_event::*`
     pub kind: u32,
     pub _pad: u32,
-    pub cookie: u64,
     /// `bpf_ktime_get_ns()` of the event.
     pub at_ns: u64,
     pub conn: ConnValue,
@@ -455,7 +473,7 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);
-        assert_eq!(size_of::<ConnValue>(), 128);
+        assert_eq!(size_of::<ConnValue>(), 136);
         assert_eq!(size_of::<ConnEvent>(), 152);
         assert_eq!(size_of::<SockKey>(), 48);
     }

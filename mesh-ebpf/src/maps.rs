@@ -12,6 +12,8 @@ use mesh_common::{
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
 /// would otherwise reserve max_entries x 64 KiB up front.
 const NO_PREALLOC: u32 = 1;
+/// BPF_F_MMAPABLE (5.5+): userspace can map an array and read it without a syscall per entry.
+const MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "mesh_frontends")]
 pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
@@ -44,10 +46,13 @@ pub static META: Array<u32> = Array::pinned(1, 0);
 #[map(name = "mesh_names")]
 pub static NAMES: HashMap<u32, ServiceName> = HashMap::pinned(sizes::MAX_SERVICES, 0);
 
-/// Live connections by socket cookie; entries allocated on insert (most of the capacity is
-/// usually unused).
+/// Live connections, one slot per socket cookie modulo the size (see `crate::conns`).
 #[map(name = "mesh_conns")]
-pub static CONNS: HashMap<u64, ConnValue> = HashMap::pinned(sizes::MAX_CONNS, NO_PREALLOC);
+pub static CONNS: Array<ConnValue> = Array::pinned(sizes::CONN_SLOTS, MMAPABLE);
+
+/// Live connections whose slot another connection holds, by cookie; allocated on insert.
+#[map(name = "mesh_conns_ovfl")]
+pub static CONNS_OVERFLOW: HashMap<u64, ConnValue> = HashMap::pinned(sizes::MAX_CONNS, NO_PREALLOC);
 
 /// Connection open/close records for the agent (5.8+).
 #[map(name = "mesh_events")]

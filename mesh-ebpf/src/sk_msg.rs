@@ -19,7 +19,10 @@ use aya_ebpf::{
 };
 use mesh_common::{Addr, SockKey};
 
-use crate::maps::{CONNS, SOCK_COOKIES, SOCKHASH};
+use crate::{
+    conns,
+    maps::{SOCK_COOKIES, SOCKHASH},
+};
 
 const AF_INET: u32 = 2;
 
@@ -75,12 +78,12 @@ fn count(sender: &SockKey, receiver: &SockKey, bytes: u64) {
     // SAFETY: plain-integer values; pointers from successful lookups.
     unsafe {
         if let Some(cookie) = SOCK_COOKIES.get(sender)
-            && let Some(conn) = CONNS.get_ptr_mut(cookie)
+            && let Some(conn) = conns::find(*cookie)
         {
             (*conn).redirected_sent += bytes;
         }
         if let Some(cookie) = SOCK_COOKIES.get(receiver)
-            && let Some(conn) = CONNS.get_ptr_mut(cookie)
+            && let Some(conn) = conns::find(*cookie)
         {
             (*conn).redirected_received += bytes;
         }

@@ -3,7 +3,9 @@
 //! `connect4|6` and `sendmsg4|6` rewrite a Service address (VIP:port) to one of its backends
 //! before the kernel routes anything, so a balanced flow costs one map walk per connection (per
 //! datagram for unconnected UDP) and nothing per packet. `getpeername4|6` and `recvmsg4|6` undo
-//! the rewrite for the application, which keeps seeing the VIP it dialled.
+//! the rewrite for the application, which keeps seeing the VIP it dialled. A TCP socket keeps
+//! what it dialled in its live-connection entry (`crate::conns`), which sock_ops fills in and
+//! frees; UDP sockets keep it in the `mesh_revnat` LRU.
 //!
 //! Kernel quirks (all seen on 5.10 to 6.18):
 //! - Context fields are written with single 4-byte volatile stores; LLVM may merge two adjacent
@@ -21,7 +23,7 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::bpf_sock_addr,
+    bindings::{BPF_TCP_CLOSE, bpf_sock_addr},
     helpers::generated::{
         bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
     },
@@ -30,11 +32,15 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, service_flags,
+    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP,
+    IPPROTO_UDP, MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, conn_phase,
+    drop_counters, service_flags,
 };
 
-use crate::maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, SERVICES, SLOTS};
+use crate::{
+    conns,
+    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, SERVICES, SLOTS, count_drop},
+};
 
 /// Let the syscall go on (with the address as the program left it).
 const PROCEED: i32 = 1;
@@ -149,6 +155,10 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     // Remember what the socket dialled, for getpeername() and recvmsg().
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if proto == IPPROTO_TCP {
+        remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id);
+        return PROCEED;
+    }
     let rev_key = RevNatKey {
         cookie,
         addr: baddr,
@@ -167,28 +177,69 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     PROCEED
 }
 
+/// A TCP socket's dial, in a DIALED entry of the live-connection table, which sock_ops turns
+/// into the connection's entry once it is established.
+#[inline(always)]
+fn remember_dial(cookie: u64, vip: Addr, vport_be: u16, baddr: Addr, bport_be: u16, service_id: u32) {
+    // SAFETY: helper valid everywhere.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let Some(entry) = conns::claim(cookie, now) else {
+        // Only the reverse translation is lost: getpeername() shows the backend.
+        count_drop(drop_counters::CONNS);
+        return;
+    };
+    // SAFETY: an entry from `claim`; this socket's hooks are serialised by its lock.
+    unsafe {
+        *entry = ConnValue {
+            cookie,
+            start_ns: now,
+            remote: baddr,
+            remote_port: u16::from_be(bport_be),
+            service_addr: vip,
+            service_port: u16::from_be(vport_be),
+            service_id,
+            ..ConnValue::default()
+        };
+    }
+    conns::publish(entry, conn_phase::DIALED);
+}
+
 /// Undo `balance` for getpeername() and recvmsg(): show the VIP instead of the backend.
 #[inline(always)]
 fn restore_service_address(ctx: &SockAddrContext, family: Family) {
     let sa = ctx.sock_addr;
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let key = RevNatKey {
-        cookie,
-        addr: read_user_addr(sa, family),
-        port_be: read_user_port(sa),
-        _pad16: 0,
-        _pad32: 0,
-    };
-    // SAFETY: plain-integer value, see `balance`.
-    if let Some(original) = unsafe { REVNAT.get(&key) } {
-        let (addr, port_be) = (original.addr, original.port_be);
-        if family == Family::V4 && !addr.is_v4_mapped() {
+    let (addr, port_be) = (read_user_addr(sa, family), read_user_port(sa));
+    // SAFETY: the context is valid for the program's run.
+    let proto = unsafe { read_volatile(addr_of!((*sa).protocol)) } as u8;
+    let original = if proto == IPPROTO_TCP {
+        // getpeername() fails on a closed socket before this hook; accept() does not, and
+        // returns sockets its peer already reset. Those were never balanced (accepted), and
+        // have freed their entry: skip the lookup that would miss.
+        // SAFETY: the context's socket is valid for the program's run.
+        if unsafe { read_volatile(addr_of!((*(*sa).__bindgen_anon_1.sk).state)) } == BPF_TCP_CLOSE {
             return;
         }
-        write_user_addr(sa, family, &addr);
-        write_user_port(sa, port_be);
+        let Some(entry) = conns::find(cookie) else { return };
+        // SAFETY: an entry from `find`: plain integers, whole fields written by this socket.
+        let conn = unsafe { &*entry };
+        if conn.service_port == 0 || conn.remote != addr || conn.remote_port != u16::from_be(port_be) {
+            return;
+        }
+        (conn.service_addr, conn.service_port.to_be())
+    } else {
+        let key = RevNatKey { cookie, addr, port_be, _pad16: 0, _pad32: 0 };
+        // SAFETY: plain-integer value, see `balance`.
+        let Some(original) = (unsafe { REVNAT.get(&key) }) else { return };
+        (original.addr, original.port_be)
+    };
+    let (addr, port_be) = original;
+    if family == Family::V4 && !addr.is_v4_mapped() {
+        return;
     }
+    write_user_addr(sa, family, &addr);
+    write_user_port(sa, port_be);
 }
 
 /// No usable endpoint: fail fast, never hang.

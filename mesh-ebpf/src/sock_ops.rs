@@ -4,12 +4,13 @@
 //! (one sequence number each), which the program subtracts; which FINs a socket has seen
 //! follows from its TCP state, so state changes short of TCP_CLOSE cost no map access.
 //!
-//! A connection gets an entry in `mesh_conns` (keyed by socket cookie) and an OPENED record
-//! when it is established, and a CLOSED record with its final counters when it reaches
-//! TCP_CLOSE, at which point the entry is deleted: the map never holds dead connections.
-//! Counters come from the kernel's tcp_sock; between those two events they are refreshed from
-//! RTT samples, at most once a second per connection, so the per-ACK cost is a timestamp
-//! compare.
+//! A connection takes an entry in the live-connection table (`crate::conns`) and sends an
+//! OPENED record when it is established, and a CLOSED record with its final counters when it
+//! reaches TCP_CLOSE, at which point the entry is freed: the table never holds dead
+//! connections. A socket balanced by connect4/6 already has an entry (holding the Service
+//! address); from the SYN on, a close at any point frees it. Counters come from the kernel's
+//! tcp_sock; between those two events they are refreshed from RTT samples, at most once a
+//! second per connection, so the per-ACK cost is a timestamp compare.
 //!
 //! Kernel quirks: `remote_port` holds the port in network byte order in its upper 16 bits
 //! (little-endian), `local_port` is in host byte order; `srtt_us` is the kernel's value,
@@ -20,25 +21,33 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
-        BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK,
-        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_ops,
+        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
+        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, BPF_ANY, BPF_RB_AVAIL_DATA,
+        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use mesh_common::{
-    Addr, ConnEvent, ConnValue, PeerKey, RevNatKey, SockKey, conn_event, direction, drop_counters, fin,
-    sizes,
+    Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, conn_event, conn_phase, direction,
+    drop_counters, sizes,
 };
 
-use crate::maps::{CONNS, EVENTS, L7_ORIGINAL, PROXY, REVNAT, SOCK_COOKIES, SOCKHASH, count_drop};
+use crate::{
+    conns,
+    maps::{EVENTS, L7_ORIGINAL, PROXY, SOCK_COOKIES, SOCKHASH, count_drop},
+};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 /// Refresh live counters from RTT samples at most this often.
 const REFRESH_NS: u64 = 1_000_000_000;
+/// Which FINs a socket has seen (they take a sequence number each, like the SYN, and so
+/// count in the kernel's byte counters).
+const FIN_SENT: u8 = 1;
+const FIN_RECEIVED: u8 = 2;
 
 #[sock_ops]
 pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
@@ -47,6 +56,7 @@ pub fn mesh_sockops(ctx: SockOpsContext) -> u32 {
         return 1;
     }
     match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => syn_leaving(&ctx),
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(&ctx, direction::OUTBOUND),
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(&ctx, direction::INBOUND),
         BPF_SOCK_OPS_STATE_CB => state_changed(&ctx),
@@ -68,52 +78,82 @@ fn now() -> u64 {
     unsafe { bpf_ktime_get_ns() }
 }
 
+/// The SYN of a connect()ed socket is about to leave. If connect4/6 gave the socket an entry,
+/// it can no longer be left behind by a connect() that failed early: ask for the state
+/// callbacks, whose TCP_CLOSE frees it however the attempt ends. Only the slot is looked at
+/// (no hash lookup for sockets without an entry); an entry in the overflow map stays DIALED
+/// until establishment, or until the agent sweeps it.
+#[inline(always)]
+fn syn_leaving(ctx: &SockOpsContext) {
+    let Some(slot) = conns::own_slot(cookie(ctx)) else { return };
+    // SAFETY: an entry of this socket's, whose callbacks are serialised.
+    if unsafe { (*slot).phase } != conn_phase::DIALED {
+        return;
+    }
+    conns::publish(slot, conn_phase::CONNECTING);
+    let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
 #[inline(always)]
 fn established(ctx: &SockOpsContext, dir: u8) {
     let ops = ctx.ops;
     let (local, remote, local_port, remote_port_be) = endpoints(ctx);
     let cookie = cookie(ctx);
     let start = now();
-    let mut conn = ConnValue {
-        start_ns: start,
-        local,
-        remote,
-        local_port,
-        remote_port: u16::from_be(remote_port_be),
-        direction: dir,
-        ..ConnValue::default()
-    };
-    if dir == direction::OUTBOUND {
-        // Balanced by connect4/6? Then revnat knows the Service address and id.
-        let key = RevNatKey { cookie, addr: remote, port_be: remote_port_be, _pad16: 0, _pad32: 0 };
-        // SAFETY: plain-integer value.
-        if let Some(original) = unsafe { REVNAT.get(&key) } {
-            conn.service_addr = original.addr;
-            conn.service_port = u16::from_be(original.port_be);
-            conn.service_id = original.service_id;
-            // Captured for the proxy? Tell it which Service the client dialled.
-            if let Some(proxy) = PROXY.get(0)
-                && proxy.port_be == remote_port_be
-                && proxy.addr == remote
-            {
-                let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
-                let _ = L7_ORIGINAL.insert(&peer, original, 0);
-            }
-        }
-    }
-    // SAFETY: valid context; a full socket in this callback.
-    conn.acked_at_start = unsafe { (*ops).bytes_acked } as u32;
-    read_counters(ops, &mut conn, 0, start);
-    if CONNS.insert(&cookie, &conn, 0).is_err() {
+    let Some(entry) = conns::claim(cookie, start) else {
         count_drop(drop_counters::CONNS);
         return;
+    };
+    let remote_port = u16::from_be(remote_port_be);
+    // SAFETY: an entry from `claim`, written only by this socket's callbacks (serialised by
+    // the socket lock) and, for the byte counts of redirected data, by sk_msg.
+    unsafe {
+        // Balanced by connect4/6 to the backend it is now connected to? Then the entry holds
+        // the Service address; anything else in it is a previous occupant's.
+        let phase = (*entry).phase;
+        let dialed = (phase == conn_phase::DIALED || phase == conn_phase::CONNECTING)
+            && dir == direction::OUTBOUND
+            && (*entry).remote == remote
+            && (*entry).remote_port == remote_port;
+        let (service_addr, service_port, service_id) = if dialed {
+            ((*entry).service_addr, (*entry).service_port, (*entry).service_id)
+        } else {
+            (Addr::default(), 0, 0)
+        };
+        *entry = ConnValue {
+            cookie,
+            start_ns: start,
+            local,
+            remote,
+            service_addr,
+            local_port,
+            remote_port,
+            service_port,
+            service_id,
+            direction: dir,
+            // A full socket in this callback.
+            acked_at_start: (*ops).bytes_acked as u32,
+            ..ConnValue::default()
+        };
+        read_counters(ops, &mut *entry, 0, start);
+        conns::publish(entry, conn_phase::ESTABLISHED);
+        // Captured for the proxy? Tell it which Service the client dialled.
+        if service_port != 0
+            && let Some(proxy) = PROXY.get(0)
+            && proxy.port_be == remote_port_be
+            && proxy.addr == remote
+        {
+            let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
+            let original = RevNatValue { addr: service_addr, port_be: service_port.to_be(), _pad16: 0, service_id };
+            let _ = L7_ORIGINAL.insert(&peer, &original, 0);
+        }
+        emit(conn_event::OPENED, start, &*entry);
     }
-    emit(conn_event::OPENED, cookie, start, &conn);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }
 
-/// At TCP_CLOSE, sends the final record and forgets the connection. Other state changes cost
-/// no map access: the FINs a socket has seen follow from the state it is in (or left).
+/// At TCP_CLOSE, sends the final record and frees the entry. Other state changes cost no map
+/// access: the FINs a socket has seen follow from the state it is in (or left).
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
     if ctx.arg(1) != BPF_TCP_CLOSE {
@@ -121,33 +161,28 @@ fn state_changed(ctx: &SockOpsContext) {
     }
     let old = ctx.arg(0);
     let cookie = cookie(ctx);
-    let Some(conn) = CONNS.get_ptr_mut(&cookie) else { return };
-    // The full socket leaves FIN_WAIT2 for TIME_WAIT (seen here as CLOSE) when the peer's FIN
-    // arrives; a FIN_WAIT2 timeout would also get here, off by one.
-    let fins = if old == BPF_TCP_FIN_WAIT2 { fin::SENT | fin::RECEIVED } else { fins_in(old) };
-    let at = now();
-    // SAFETY: pointer from a successful lookup; this socket's callbacks run under its lock.
-    // Counters are updated in place to keep the stack small (the verifier allows 512 bytes).
+    let Some(entry) = conns::find(cookie) else { return };
+    // SAFETY: an entry from `find`; see `established`.
     unsafe {
-        read_counters(ctx.ops, &mut *conn, fins, at);
-        emit(conn_event::CLOSED, cookie, at, &*conn);
-        // The reverse translation dies with the socket too: left to the LRU, the map would sit
-        // full and every connect() would pay for an eviction.
-        if (*conn).service_port != 0 {
-            let key = RevNatKey { cookie, addr: (*conn).remote, port_be: (*conn).remote_port.to_be(), _pad16: 0, _pad32: 0 };
-            let _ = REVNAT.remove(&key);
+        if (*entry).phase == conn_phase::ESTABLISHED {
+            // The full socket leaves FIN_WAIT2 for TIME_WAIT (seen here as CLOSE) when the
+            // peer's FIN arrives; a FIN_WAIT2 timeout would also get here, off by one.
+            let fins = if old == BPF_TCP_FIN_WAIT2 { FIN_SENT | FIN_RECEIVED } else { fins_in(old) };
+            let at = now();
+            read_counters(ctx.ops, &mut *entry, fins, at);
+            emit(conn_event::CLOSED, at, &*entry);
         }
     }
-    let _ = CONNS.remove(&cookie);
+    conns::release(cookie, entry);
 }
 
 /// The FINs a full socket in TCP state `state` has sent and received.
 #[inline(always)]
 fn fins_in(state: u32) -> u8 {
     match state {
-        BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 => fin::SENT,
-        BPF_TCP_CLOSE_WAIT => fin::RECEIVED,
-        BPF_TCP_CLOSING | BPF_TCP_LAST_ACK => fin::SENT | fin::RECEIVED,
+        BPF_TCP_FIN_WAIT1 | BPF_TCP_FIN_WAIT2 => FIN_SENT,
+        BPF_TCP_CLOSE_WAIT => FIN_RECEIVED,
+        BPF_TCP_CLOSING | BPF_TCP_LAST_ACK => FIN_SENT | FIN_RECEIVED,
         _ => 0,
     }
 }
@@ -155,13 +190,12 @@ fn fins_in(state: u32) -> u8 {
 #[inline(always)]
 fn refresh_live(ctx: &SockOpsContext) {
     let cookie = cookie(ctx);
-    let Some(conn) = CONNS.get_ptr_mut(&cookie) else { return };
+    let Some(entry) = conns::find(cookie) else { return };
     let at = now();
-    // SAFETY: pointer from a successful lookup; only this socket's callbacks write it, and
-    // they run under the socket lock.
+    // SAFETY: an entry from `find`; see `established`.
     unsafe {
-        if at.wrapping_sub((*conn).updated_ns) >= REFRESH_NS {
-            read_counters(ctx.ops, &mut *conn, fins_in((*ctx.ops).state), at);
+        if (*entry).phase == conn_phase::ESTABLISHED && at.wrapping_sub((*entry).updated_ns) >= REFRESH_NS {
+            read_counters(ctx.ops, &mut *entry, fins_in((*ctx.ops).state), at);
         }
     }
 }
@@ -240,17 +274,16 @@ pub fn mesh_sockmap(ctx: SockOpsContext) -> u32 {
 
 #[inline(always)]
 fn read_counters(ops: *mut bpf_sock_ops, conn: &mut ConnValue, fins: u8, at: u64) {
-    conn.fins = fins;
     // SAFETY: the context is valid for the program's run; these fields are readable for full
     // sockets, which every callback handled here has.
     unsafe {
         // Payload only: the kernel's counters also count the SYN and FINs, one each.
         let mut acked = (*ops).bytes_acked.saturating_sub(conn.acked_at_start as u64);
-        if conn.fins & fin::SENT != 0 && (*ops).snd_una == (*ops).snd_nxt {
+        if fins & FIN_SENT != 0 && (*ops).snd_una == (*ops).snd_nxt {
             acked = acked.saturating_sub(1);
         }
         let mut received = (*ops).bytes_received;
-        if conn.fins & fin::RECEIVED != 0 {
+        if fins & FIN_RECEIVED != 0 {
             received = received.saturating_sub(1);
         }
         conn.bytes_sent = acked;
@@ -265,7 +298,7 @@ fn read_counters(ops: *mut bpf_sock_ops, conn: &mut ConnValue, fins: u8, at: u64
 
 /// Writes a record straight into the ring buffer (no stack copy of the event).
 #[inline(always)]
-fn emit(kind: u32, cookie: u64, at_ns: u64, conn: &ConnValue) {
+fn emit(kind: u32, at_ns: u64, conn: &ConnValue) {
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count_drop(drop_counters::EVENTS);
         return;
@@ -275,7 +308,6 @@ fn emit(kind: u32, cookie: u64, at_ns: u64, conn: &ConnValue) {
     unsafe {
         (*event).kind = kind;
         (*event)._pad = 0;
-        (*event).cookie = cookie;
         (*event).at_ns = at_ns;
         (*event).conn = *conn;
     }

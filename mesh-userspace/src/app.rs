@@ -41,12 +41,10 @@ pub struct AgentOptions {
     pub admin_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
     pub keep_datapath: bool,
-    pub bpf_log: loader::BpfLogLevel,
+    pub programs: loader::ProgramOptions,
     /// Prometheus `/metrics`.
     pub metrics_addr: SocketAddr,
     pub flow_log: FlowLog,
-    /// Same-node redirection (sockhash + sk_msg).
-    pub sockmap: bool,
     /// The outbound proxy for L7 Services (connections are sent here by the kernel).
     pub outbound_addr: SocketAddr,
 }
@@ -270,7 +268,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         Some(c) => c.clone(),
         None => host::cgroup2_root().context("finding the cgroup v2 mount")?,
     };
-    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.bpf_log, opts.sockmap)?;
+    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.programs)?;
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_kernel_logs(logger));
     }

@@ -115,6 +115,16 @@ struct AgentArgs {
     /// Log level of the kernel programs (their records join this log). Off costs nothing.
     #[arg(long, value_enum, default_value = "off")]
     bpf_log: crate::ebpf::loader::BpfLogLevel,
+    /// Slots of the live-connection table in use (a power of two): fewer only to test the
+    /// overflow map.
+    #[arg(long, hide = true, default_value_t = mesh_common::sizes::CONN_SLOTS, value_parser = parse_conn_slots)]
+    conn_slots: u32,
+}
+
+fn parse_conn_slots(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    let max = mesh_common::sizes::CONN_SLOTS;
+    if n.is_power_of_two() && n <= max { Ok(n) } else { Err(format!("a power of two up to {max}")) }
 }
 
 fn hostname() -> String {
@@ -150,10 +160,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 admin_addr: args.admin_addr,
                 readiness_addr: args.readiness_addr,
                 keep_datapath: args.keep_datapath,
-                bpf_log: args.bpf_log,
+                programs: crate::ebpf::loader::ProgramOptions {
+                    log_level: args.bpf_log,
+                    redirection: args.sockmap,
+                    conn_slots: args.conn_slots,
+                },
                 metrics_addr: args.metrics_addr,
                 flow_log: args.flow_log,
-                sockmap: args.sockmap,
                 outbound_addr: args.outbound_addr,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;

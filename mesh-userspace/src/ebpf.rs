@@ -1,6 +1,8 @@
 //! The kernel side as the agent sees it: loading, attaching and pinning the programs
-//! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), what the attached
-//! programs cost (`programs`), and an in-memory `Datapath` for tests (`fake`).
+//! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), the live-connection
+//! table (`conn_table`), what the attached programs cost (`programs`), and an in-memory
+//! `Datapath` for tests (`fake`).
+pub mod conn_table;
 pub mod fake;
 pub mod loader;
 pub mod maps;
@@ -26,6 +28,8 @@ pub enum DatapathError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error("{0}")]
+    ConnTable(String),
 }
 
 /// Where service state lives: the pinned maps, or a fake in tests.

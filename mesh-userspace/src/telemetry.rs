@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use mesh_common::{ConnEvent, ConnValue, conn_event, map_names};
 
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
+use crate::ebpf::conn_table::ConnTable;
 
 /// How often live connections' byte counters are folded into the metrics.
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
@@ -159,7 +160,7 @@ impl Telemetry {
             // (if it lives that long) or at close.
             conn_event::OPENED => drop(series.opened.inc()),
             conn_event::CLOSED => {
-                self.add_bytes(event.cookie, &event.conn, &series, true);
+                self.add_bytes(&event.conn, &series, true);
                 series.closed.inc();
                 self.write_flow(event, &series.labels);
             }
@@ -168,7 +169,8 @@ impl Telemetry {
     }
 
     /// Adds the bytes a connection moved since they were last counted.
-    fn add_bytes(&self, cookie: u64, conn: &ConnValue, series: &Series, closing: bool) {
+    fn add_bytes(&self, conn: &ConnValue, series: &Series, closing: bool) {
+        let cookie = conn.cookie;
         let mut reported = self.reported.lock().expect("reported lock");
         let before = if closing { reported.remove(&cookie) } else { reported.get(&cookie).copied() }.unwrap_or_default();
         // Istio's point of view: "sent" is the response (server to client), "received" the
@@ -182,18 +184,17 @@ impl Telemetry {
     }
 
     /// Counts the bytes of live connections (see SCAN_INTERVAL).
-    pub fn scan_live(&self, pin_dir: &Path) {
-        let Ok(rows) = conns::read(pin_dir) else { return };
-        for (cookie, conn) in rows {
+    pub fn scan_live(&self, table: &ConnTable) {
+        for conn in table.established() {
             let series = self.series(&conn);
-            self.add_bytes(cookie, &conn, &series, false);
+            self.add_bytes(&conn, &series, false);
         }
     }
 
     fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {
         let mut flow_log = self.flow_log.lock().expect("flow log lock");
         let Some(writer) = flow_log.as_mut() else { return };
-        let row = ConnRow::new(event.cookie, &event.conn, event.at_ns);
+        let row = ConnRow::new(&event.conn, event.at_ns);
         let line = serde_json::json!({
             "event": "tcp_close",
             "reporter": labels.reporter,
@@ -217,10 +218,10 @@ fn istio_bytes(conn: &ConnValue) -> (u64, u64) {
 }
 
 /// Reads connection records from the pinned ring buffer until the task is dropped, and scans
-/// live connections every SCAN_INTERVAL.
+/// live connections every SCAN_INTERVAL (sweeping out dead dials as it goes).
 pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
-    let ring = match open_events(&pin_dir) {
-        Ok(ring) => ring,
+    let (ring, mut table) = match open_events(&pin_dir).and_then(|ring| Ok((ring, ConnTable::open(&pin_dir)?))) {
+        Ok(opened) => opened,
         Err(e) => {
             tracing::error!("connection records unavailable: {e}");
             return;
@@ -242,7 +243,13 @@ pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
                 ready.clear_ready();
             }
             _ = drain_tick.tick() => drain(ring.get_mut(), &telemetry),
-            _ = scan.tick() => telemetry.scan_live(&pin_dir),
+            _ = scan.tick() => {
+                telemetry.scan_live(&table);
+                let swept = table.sweep_dead_dials();
+                if swept > 0 {
+                    tracing::debug!(swept, "removed overflow entries of connects that never sent a SYN");
+                }
+            }
         }
     }
 }

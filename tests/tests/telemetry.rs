@@ -75,6 +75,84 @@ fn thousands_of_short_connections_leave_no_connection_entries() {
 }
 
 #[test]
+fn connects_that_fail_leave_no_connection_entries() {
+    in_netns(|| {
+        // One Service whose backend refuses (the SYN is answered with a reset), one whose
+        // backend has no route in this namespace (connect() fails before any SYN leaves).
+        let refused = ServiceYaml { name: "refused", cluster_ip: "10.96.0.20", ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]) };
+        let unroutable = ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
+        let yaml = format!("{}---\n{}", refused.render(), unroutable.render());
+        let cgroup = TestCgroup::new("failed");
+        let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
+        let answer = cgroup.probe(&["tcp", "10.96.0.20:80", "200"]);
+        assert_eq!(answer["errors"]["ECONNREFUSED"], 200, "{answer}");
+        // The reset closes each socket, and its close frees what connect() took at once.
+        assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
+        let answer = cgroup.probe(&["tcp", "10.96.0.21:80", "200"]);
+        assert_eq!(answer["errors"]["ENETUNREACH"], 200, "{answer}");
+        // No callback ever sees these sockets again: their slots are free for the taking once a
+        // connect() cannot still be under way.
+        wait_until(|| agent.map_entries()["mesh_conns"] == 0, || agent.map_entries().to_string());
+        assert_eq!(agent.map_entries()["mesh_conns_ovfl"], 0, "{}", agent.map_entries());
+        assert_eq!(agent.metric("istio_tcp_connections_opened_total", &[]), 0.0, "{}", agent.metrics());
+        agent.stop();
+    });
+}
+
+/// With one slot in use, all but one connection at a time live in the overflow map: they must
+/// be counted, translated back and freed exactly like the others.
+#[test]
+fn connections_beyond_their_slot_are_tracked_in_the_overflow_map() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("overflow");
+        // Backends in the cgroup too: both ends of every connection need an entry.
+        let _backends = [
+            Backend::start_in(&cgroup, "b1", &["127.0.0.11:8080"]),
+            Backend::start_in(&cgroup, "b2", &["127.0.0.12:8080"]),
+            Backend::start_in(&cgroup, "b3", &["127.0.0.13:8080"]),
+        ];
+        let yaml = ServiceYaml::web(ready3()).render();
+        let agent = Agent::start(AgentSpec { extra_args: vec!["--conn-slots", "1"], ..AgentSpec::new(&yaml, &cgroup) });
+        let mut held = cgroup.command(probe_bin()).args(["hold", VIP]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("hold");
+        let mut stdin = held.stdin.take().unwrap();
+        let mut stdout = BufReader::new(held.stdout.take().unwrap());
+        writeln!(stdin, "one").unwrap();
+        stdout.read_line(&mut String::new()).unwrap();
+
+        let answer = cgroup.probe(&["tcp", VIP, "50"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        for _ in 0..3 {
+            let answer = cgroup.probe(&["peer", VIP]);
+            assert_eq!(answer["peer"], VIP, "{answer}");
+        }
+        let source = [("reporter", "source"), SERVICE];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 53.0, || agent.metrics());
+        // Each connection: request "hello\n" (6 bytes), response "bN:hello\n" (9 bytes).
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &source), 53.0 * 6.0, "{}", agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_sent_bytes_total", &source), 53.0 * 9.0, "{}", agent.metrics());
+        let destination = [("reporter", "destination")];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &destination) == 53.0, || agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &destination), 53.0 * 6.0, "{}", agent.metrics());
+
+        // Both ends of the held connection: one in the slot, one in the overflow map.
+        let rows: Value = serde_json::from_str(&run(Command::new(mesh_bin()).args(["conns", "--json", "--bpffs", agent.bpffs.to_str().unwrap()]))).unwrap();
+        let rows = rows.as_array().unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(rows.iter().any(|r| r["direction"] == "outbound" && r["service_address"] == VIP), "{rows:?}");
+        assert!(rows.iter().any(|r| r["direction"] == "inbound"), "{rows:?}");
+        assert_eq!(agent.map_entries()["mesh_conns"], 1, "{}", agent.map_entries());
+        assert_eq!(agent.map_entries()["mesh_conns_ovfl"], 1, "{}", agent.map_entries());
+
+        drop(stdin);
+        held.wait().unwrap();
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 54.0, || agent.metrics());
+        wait_until(|| agent.map_entries()["mesh_conns_ovfl"] == 0, || agent.map_entries().to_string());
+        assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
+        agent.stop();
+    });
+}
+
+#[test]
 fn the_flow_log_has_one_line_per_closed_connection() {
     in_netns(|| {
         let _backends = three_backends();

@@ -23,7 +23,7 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use mesh_common::{LAYOUT_VERSION, ProxyAddr, SockKey, map_names, program_names};
+use mesh_common::{LAYOUT_VERSION, ProxyAddr, SockKey, map_names, program_names, sizes};
 
 use super::PROGRAMS;
 use crate::host;
@@ -58,6 +58,17 @@ pub enum BpfLogLevel {
     Trace = 5,
 }
 
+/// How the programs are loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramOptions {
+    pub log_level: BpfLogLevel,
+    /// Same-node redirection (sockhash + sk_msg).
+    pub redirection: bool,
+    /// Slots of `mesh_conns` in use, a power of two up to `sizes::CONN_SLOTS`: fewer only for
+    /// tests that need connections to spill into `mesh_conns_ovfl`.
+    pub conn_slots: u32,
+}
+
 /// How the datapath came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
@@ -86,22 +97,19 @@ pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
 
 /// Nothing is half-applied: every program passes the verifier before any is attached, and a
 /// start that found nothing pinned removes what it pinned when it fails.
-pub fn load_and_attach(
-    pin_dir: &Path,
-    cgroup: &Path,
-    log_level: BpfLogLevel,
-    redirection: bool,
-) -> Result<Loaded, LoadError> {
+pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
     let found_pins = fs::read_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?.next().is_some();
-    let result = bring_up(pin_dir, cgroup, log_level, redirection);
+    let result = bring_up(pin_dir, cgroup, options);
     if result.is_err() && !found_pins {
         let _ = teardown(pin_dir);
     }
     result
 }
 
-fn bring_up(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel, redirection: bool) -> Result<Loaded, LoadError> {
+fn bring_up(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Loaded, LoadError> {
+    let ProgramOptions { log_level, redirection, conn_slots } = options;
+    assert!(conn_slots.is_power_of_two() && conn_slots <= sizes::CONN_SLOTS, "checked by the CLI");
     let cgroup_dir = fs::File::open(cgroup).map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?;
     let cgroup_id = cgroup_dir.metadata().map_err(|e| LoadError::Cgroup(cgroup.to_owned(), e))?.ino();
     forget_links_of_other_cgroups(pin_dir, cgroup_id);
@@ -118,11 +126,13 @@ fn bring_up(pin_dir: &Path, cgroup: &Path, log_level: BpfLogLevel, redirection: 
         _ => false,
     };
 
-    // The log level is a load-time constant: the verifier drops disabled log statements.
+    // Load-time constants: the verifier drops disabled log statements and folds the mask.
     let level = log_level as u8;
+    let slot_mask = conn_slots - 1;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(pin_dir)
         .override_global(aya_log::LEVEL, &level, true)
+        .override_global("CONN_SLOT_MASK", &slot_mask, true)
         .load(PROGRAMS)
         .map_err(LoadError::Load)?;
     let logger = match log_level {

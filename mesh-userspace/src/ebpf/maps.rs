@@ -4,11 +4,11 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
     RevNatKey, RevNatValue, ServiceValue, SlotKey, SlotValue, map_names,
 };
 
-use super::{Datapath, DatapathError};
+use super::{Datapath, DatapathError, conn_table::ConnTable};
 use crate::sync::{MapImage, Op};
 
 pub struct PinnedMaps {
@@ -21,8 +21,8 @@ pub struct PinnedMaps {
     /// Kernel-written; the agent only sweeps out the entries of deleted services.
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// Kernel-written; read for occupancy.
-    conns: HashMap<MapData, u64, ConnValue>,
-    /// Kernel-written (connect, sendmsg) and kernel-deleted (TCP close); read for occupancy.
+    conns: ConnTable,
+    /// Kernel-written (UDP connect, sendmsg); read for occupancy.
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
     drops: PerCpuArray<MapData, u64>,
 }
@@ -54,7 +54,7 @@ impl PinnedMaps {
             maglev: open_hash(dir, map_names::MAGLEV)?,
             names: open_hash(dir, map_names::NAMES)?,
             affinity: open_hash(dir, map_names::AFFINITY)?,
-            conns: open_hash(dir, map_names::CONNS)?,
+            conns: ConnTable::open(dir).map_err(DatapathError::ConnTable)?,
             revnat: open_hash(dir, map_names::REVNAT)?,
             drops: PerCpuArray::try_from(open_map(dir, map_names::DROPS)?)
                 .map_err(|source| DatapathError::Open { path: dir.join(map_names::DROPS), source })?,
@@ -111,6 +111,7 @@ impl PinnedMaps {
     /// Entries per map, for `/config_dump` and leak checks.
     pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
         let image = self.read_image()?;
+        let conns = self.conns.occupancy();
         Ok([
             (map_names::FRONTENDS, image.frontends.len()),
             (map_names::SERVICES, image.services.len()),
@@ -119,7 +120,8 @@ impl PinnedMaps {
             (map_names::MAGLEV, image.maglev.len()),
             (map_names::NAMES, image.names.len()),
             (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
-            (map_names::CONNS, self.conns.keys().filter(Result::is_ok).count()),
+            (map_names::CONNS, conns.slots),
+            (map_names::CONNS_OVERFLOW, conns.overflow),
             (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
         ]
         .into_iter()

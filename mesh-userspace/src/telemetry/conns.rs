@@ -1,12 +1,14 @@
-//! The live connection table, read from the pinned `mesh_conns` map, so that it works while
-//! the agent is down.
+//! The live connection table as rows, read from the pinned maps (`ConnTable`), so that it
+//! works while the agent is down.
 use std::{net::SocketAddr, path::Path};
 
-use aya::maps::{HashMap, Map, MapData};
-use mesh_common::{ConnValue, direction, map_names};
+use mesh_common::{ConnValue, direction};
 use serde::Serialize;
 
-use crate::sync::ip_of;
+use crate::{
+    ebpf::conn_table::{ConnTable, monotonic_ns},
+    sync::ip_of,
+};
 
 /// One connection, from the point of view of the socket in the attached cgroup.
 #[derive(Debug, Clone, Serialize)]
@@ -36,13 +38,13 @@ pub struct ConnRow {
 }
 
 impl ConnRow {
-    pub fn new(cookie: u64, c: &ConnValue, now_ns: u64) -> Self {
+    pub fn new(c: &ConnValue, now_ns: u64) -> Self {
         let local = SocketAddr::new(ip_of(&c.local), c.local_port);
         let remote = SocketAddr::new(ip_of(&c.remote), c.remote_port);
         let outbound = c.direction == direction::OUTBOUND;
         let (source, destination) = if outbound { (local, remote) } else { (remote, local) };
         Self {
-            cookie,
+            cookie: c.cookie,
             direction: if outbound { "outbound" } else { "inbound" },
             source,
             destination,
@@ -61,28 +63,10 @@ impl ConnRow {
     }
 }
 
-/// `bpf_ktime_get_ns()`'s clock, read from userspace.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to fill.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
-/// Every tracked connection, by cookie.
-pub fn read(pin_dir: &Path) -> Result<Vec<(u64, ConnValue)>, String> {
-    let path = pin_dir.join(map_names::CONNS);
-    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let map = Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
-    let conns: HashMap<MapData, u64, ConnValue> = HashMap::try_from(map).map_err(|e| format!("{}: {e}", path.display()))?;
-    // Entries can vanish between listing a key and reading it: skip those.
-    Ok(conns.iter().filter_map(Result::ok).collect())
-}
-
 /// The table, oldest first.
 pub fn rows(pin_dir: &Path) -> Result<Vec<ConnRow>, String> {
     let now = monotonic_ns();
-    let mut rows: Vec<ConnRow> = read(pin_dir)?.iter().map(|(cookie, c)| ConnRow::new(*cookie, c, now)).collect();
+    let mut rows: Vec<ConnRow> = ConnTable::open(pin_dir)?.established().iter().map(|c| ConnRow::new(c, now)).collect();
     rows.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
     Ok(rows)
 }
