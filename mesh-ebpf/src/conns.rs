@@ -95,8 +95,10 @@ pub fn release(cookie: u64, entry: *mut ConnValue) {
         if let Some(slot) = slot_of(cookie)
             && core::ptr::eq(slot, entry)
         {
-            write_volatile(addr_of_mut!((*slot).phase), 0);
-            write_volatile(addr_of_mut!((*slot).cookie), 0);
+            // Through `entry`: 5.10's verifier does not learn from the comparison that `slot`
+            // is not null.
+            write_volatile(addr_of_mut!((*entry).phase), 0);
+            write_volatile(addr_of_mut!((*entry).cookie), 0);
             return;
         }
     }
