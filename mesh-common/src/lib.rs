@@ -417,7 +417,8 @@ impl SockKey {
 
 /// `ConnEvent::kind`
 pub mod conn_event {
-    pub const OPENED: u32 = 1;
+    /// A connection reached TCP_CLOSE; the record holds its final counters. (1 was a record at
+    /// establishment, no longer sent: the agent counts openings from the table.)
     pub const CLOSED: u32 = 2;
 }
 

@@ -4,10 +4,10 @@
 //! (one sequence number each), which the program subtracts; which FINs a socket has seen
 //! follows from its TCP state, so state changes short of TCP_CLOSE cost no map access.
 //!
-//! A connection takes an entry in the live-connection table (`crate::conns`) and sends an
-//! OPENED record when it is established, and a CLOSED record with its final counters when it
-//! reaches TCP_CLOSE, at which point the entry is freed: the table never holds dead
-//! connections. A socket balanced by connect4/6 already has an entry (holding the Service
+//! A connection takes an entry in the live-connection table (`crate::conns`) when it is
+//! established (the agent reads the table to count openings), and sends a CLOSED record with
+//! its final counters when it reaches TCP_CLOSE, at which point the entry is freed: the table
+//! never holds dead connections. A socket balanced by connect4/6 already has an entry (holding the Service
 //! address); from the SYN on, a close at any point frees it. Counters come from the kernel's
 //! tcp_sock; between those two events they are refreshed from RTT samples, at most once a
 //! second per connection, so the per-ACK cost is a timestamp compare.
@@ -147,7 +147,6 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             let original = RevNatValue { addr: service_addr, port_be: service_port.to_be(), _pad16: 0, service_id };
             let _ = L7_ORIGINAL.insert(&peer, &original, 0);
         }
-        emit(conn_event::OPENED, start, &*entry);
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);
 }

@@ -1,9 +1,12 @@
 //! L4 telemetry from the kernel's connection records: Istio-compatible Prometheus metrics, a
 //! JSON flow log of closed connections, and the live connection table behind `mesh conns`.
 //!
-//! The kernel writes an OPENED and a CLOSED record per connection to a ring buffer; byte
-//! counters of long-lived connections are also read from `mesh_conns` every few seconds, so
-//! counters grow while a connection lives, as Istio's do, and end exact at close.
+//! The kernel writes a CLOSED record per connection to a ring buffer, and the agent reads the
+//! live-connection table every SCAN_INTERVAL: a connection is counted as opened when it is
+//! first seen (by a scan, or in its close record, whichever comes first), and its bytes grow
+//! with each scan, as Istio's do, and end exact at close. No record at establishment: it cost
+//! a fifth of the kernel's per-connection time, for an opened count at most SCAN_INTERVAL
+//! earlier.
 pub mod conns;
 pub mod identity;
 pub mod metrics;
@@ -23,8 +26,8 @@ use mesh_common::{ConnEvent, ConnValue, conn_event, map_names};
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
 use crate::ebpf::conn_table::ConnTable;
 
-/// How often live connections' byte counters are folded into the metrics.
-pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// How often the live-connection table is read (openings and byte counters).
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
 /// How often the ring buffer is drained without being woken: the kernel wakes the agent only
 /// when a quarter of the ring is full, so that records are read in batches.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
@@ -48,11 +51,14 @@ impl std::str::FromStr for FlowLog {
     }
 }
 
-/// Bytes already counted for a live connection, to add only the difference.
+/// A live connection already counted as opened, with the bytes counted so far (only the
+/// difference is added).
 #[derive(Debug, Default, Clone, Copy)]
 struct Reported {
     sent: u64,
     received: u64,
+    /// The last scan that saw it live.
+    seen_in_scan: u64,
 }
 
 pub struct Telemetry {
@@ -62,6 +68,7 @@ pub struct Telemetry {
     /// are computed once per peer pair, not per record.
     series: Mutex<HashMap<SeriesKey, Arc<Series>>>,
     reported: Mutex<HashMap<u64, Reported>>,
+    scans: std::sync::atomic::AtomicU64,
     flow_log: Mutex<Option<Box<dyn Write + Send>>>,
 }
 
@@ -99,6 +106,7 @@ impl Telemetry {
             identities: RwLock::new(Identities::default()),
             series: Mutex::new(HashMap::new()),
             reported: Mutex::new(HashMap::new()),
+            scans: std::sync::atomic::AtomicU64::new(0),
             flow_log: Mutex::new(writer),
         })
     }
@@ -152,43 +160,50 @@ impl Telemetry {
         series
     }
 
-    /// Folds one kernel record into the metrics (and the flow log, for CLOSED).
+    /// Folds one kernel record into the metrics (and the flow log).
     pub fn record(&self, event: &ConnEvent) {
-        let series = self.series(&event.conn);
-        match event.kind {
-            // Nothing to remember yet: a connection's bytes are first counted by the live scan
-            // (if it lives that long) or at close.
-            conn_event::OPENED => drop(series.opened.inc()),
-            conn_event::CLOSED => {
-                self.add_bytes(&event.conn, &series, true);
-                series.closed.inc();
-                self.write_flow(event, &series.labels);
-            }
-            _ => {}
+        if event.kind != conn_event::CLOSED {
+            return;
         }
+        let series = self.series(&event.conn);
+        self.count(&event.conn, &series, None);
+        series.closed.inc();
+        self.write_flow(event, &series.labels);
     }
 
-    /// Adds the bytes a connection moved since they were last counted.
-    fn add_bytes(&self, conn: &ConnValue, series: &Series, closing: bool) {
+    /// Counts a connection as opened if it is new to us, and the bytes it moved since they
+    /// were last counted. `scan`: the scan that sees it live; None for its close record.
+    fn count(&self, conn: &ConnValue, series: &Series, scan: Option<u64>) {
         let cookie = conn.cookie;
         let mut reported = self.reported.lock().expect("reported lock");
-        let before = if closing { reported.remove(&cookie) } else { reported.get(&cookie).copied() }.unwrap_or_default();
+        let before = match scan {
+            None => reported.remove(&cookie),
+            Some(_) => reported.get(&cookie).copied(),
+        };
+        if before.is_none() {
+            series.opened.inc();
+        }
+        let before = before.unwrap_or_default();
         // Istio's point of view: "sent" is the response (server to client), "received" the
         // request, whichever side reports.
         let (sent, received) = istio_bytes(conn);
         series.sent.inc_by(sent.saturating_sub(before.sent));
         series.received.inc_by(received.saturating_sub(before.received));
-        if !closing {
-            reported.insert(cookie, Reported { sent, received });
+        if let Some(seen_in_scan) = scan {
+            reported.insert(cookie, Reported { sent, received, seen_in_scan });
         }
     }
 
-    /// Counts the bytes of live connections (see SCAN_INTERVAL).
+    /// Counts the openings and bytes of live connections (see SCAN_INTERVAL). A connection
+    /// missing from two scans in a row whose close record never came (the ring was full) is
+    /// forgotten, so that lost records cannot grow the agent's memory.
     pub fn scan_live(&self, table: &ConnTable) {
+        let scan = self.scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
         for conn in table.established() {
             let series = self.series(&conn);
-            self.add_bytes(&conn, &series, false);
+            self.count(&conn, &series, Some(scan));
         }
+        self.reported.lock().expect("reported lock").retain(|_, r| r.seen_in_scan + 2 > scan);
     }
 
     fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {

@@ -125,6 +125,15 @@ impl TestCgroup {
         parse_probe(self.command(probe_bin()).args(args))
     }
 
+    /// One connection to `addr` from inside the cgroup, open until `HeldConnection::close`.
+    pub fn hold(&self, addr: &str) -> HeldConnection {
+        let mut child =
+            self.command(probe_bin()).args(["hold", addr]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("mesh-probe hold");
+        let stdin = child.stdin.take();
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
+        HeldConnection { child, stdin, stdout }
+    }
+
     fn pids(&self) -> Vec<i32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -157,6 +166,36 @@ impl Drop for TestCgroup {
 }
 
 /// Runs `mesh-probe ARGS` outside any test cgroup.
+/// A connection held open by `mesh-probe hold`.
+pub struct HeldConnection {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+    stdout: BufReader<std::process::ChildStdout>,
+}
+
+impl HeldConnection {
+    /// Sends `line` through the connection; the backend's JSON answer.
+    pub fn send(&mut self, line: &str) -> Value {
+        writeln!(self.stdin.as_mut().expect("open"), "{line}").expect("write to mesh-probe hold");
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).expect("read from mesh-probe hold");
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+    }
+
+    /// Closes the connection and waits for the probe to exit.
+    pub fn close(mut self) {
+        drop(self.stdin.take());
+        self.child.wait().expect("mesh-probe hold exits");
+    }
+}
+
+impl Drop for HeldConnection {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 pub fn probe_outside(args: &[&str]) -> Value {
     parse_probe(Command::new(probe_bin()).args(args))
 }

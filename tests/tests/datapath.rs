@@ -235,30 +235,14 @@ fn udp_request_reply_through_a_vip() {
 
 #[test]
 fn endpoint_removal_applies_to_new_connections_while_established_ones_continue() {
-    use std::io::{BufRead, BufReader, Write};
     in_netns(|| {
         let _backends = three_backends();
         let cgroup = TestCgroup::new("removal");
         let agent = Agent::start(AgentSpec::new(&service(ready3()).render(), &cgroup));
 
         // Hold a connection open, and learn which backend it reached.
-        let mut held = cgroup
-            .command(probe_bin())
-            .args(["hold", VIP])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawn hold");
-        let mut stdin = held.stdin.take().expect("stdin");
-        let mut stdout = BufReader::new(held.stdout.take().expect("stdout"));
-        let mut ask = |line: &str| -> Value {
-            writeln!(stdin, "{line}").expect("write");
-            stdin.flush().expect("flush");
-            let mut answer = String::new();
-            stdout.read_line(&mut answer).expect("read");
-            serde_json::from_str(&answer).expect("json")
-        };
-        let first = ask("one");
+        let mut held = cgroup.hold(VIP);
+        let first = held.send("one");
         let held_backend = first["answer"].as_str().expect("answer").split(':').next().unwrap().to_owned();
         let held_ip = format!("127.0.0.1{}", &held_backend[1..]);
 
@@ -274,9 +258,8 @@ fn endpoint_removal_applies_to_new_connections_while_established_ones_continue()
         assert_eq!(error_count(&answer), 0, "{answer}");
         assert!(names(&answer).iter().all(|(n, _)| *n != held_backend), "{held_backend} was removed: {answer}");
         // The established connection still talks to its backend.
-        assert_eq!(ask("two")["answer"], format!("{held_backend}:two"));
-        drop(stdin);
-        held.wait().expect("hold exits");
+        assert_eq!(held.send("two")["answer"], format!("{held_backend}:two"));
+        held.close();
         agent.stop();
     });
 }

@@ -1,6 +1,6 @@
 //! L4 telemetry from the kernel's connection records: metrics, flow log, `mesh conns`.
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader},
     process::{Command, Stdio},
 };
 
@@ -49,6 +49,30 @@ fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
             || agent.metric("istio_tcp_connections_closed_total", &[("destination_service", "unknown")]) == 4.0,
             || agent.metrics(),
         );
+        agent.stop();
+    });
+}
+
+/// Openings are counted from the live-connection table (no record per establishment): a
+/// long-lived connection shows up within a scan, and its close does not count it again.
+#[test]
+fn a_connection_is_counted_as_opened_while_it_lives_and_only_once() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("opened");
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(ready3()).render(), &cgroup));
+        let mut held = cgroup.hold(VIP);
+        held.send("one");
+        let source = [("reporter", "source"), SERVICE];
+        wait_until(|| agent.metric("istio_tcp_connections_opened_total", &source) == 1.0, || agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_connections_closed_total", &source), 0.0, "{}", agent.metrics());
+        held.send("two");
+        held.close();
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 1.0, || agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_connections_opened_total", &source), 1.0, "{}", agent.metrics());
+        // "one\n" and "two\n" out, "bN:one\n" and "bN:two\n" back, each byte counted once.
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &source), 8.0, "{}", agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_sent_bytes_total", &source), 14.0, "{}", agent.metrics());
         agent.stop();
     });
 }
@@ -113,11 +137,8 @@ fn connections_beyond_their_slot_are_tracked_in_the_overflow_map() {
         ];
         let yaml = ServiceYaml::web(ready3()).render();
         let agent = Agent::start(AgentSpec { extra_args: vec!["--conn-slots", "1"], ..AgentSpec::new(&yaml, &cgroup) });
-        let mut held = cgroup.command(probe_bin()).args(["hold", VIP]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("hold");
-        let mut stdin = held.stdin.take().unwrap();
-        let mut stdout = BufReader::new(held.stdout.take().unwrap());
-        writeln!(stdin, "one").unwrap();
-        stdout.read_line(&mut String::new()).unwrap();
+        let mut held = cgroup.hold(VIP);
+        held.send("one");
 
         let answer = cgroup.probe(&["tcp", VIP, "50"]);
         assert_eq!(error_count(&answer), 0, "{answer}");
@@ -143,8 +164,7 @@ fn connections_beyond_their_slot_are_tracked_in_the_overflow_map() {
         assert_eq!(agent.map_entries()["mesh_conns"], 1, "{}", agent.map_entries());
         assert_eq!(agent.map_entries()["mesh_conns_ovfl"], 1, "{}", agent.map_entries());
 
-        drop(stdin);
-        held.wait().unwrap();
+        held.close();
         wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 54.0, || agent.metrics());
         wait_until(|| agent.map_entries()["mesh_conns_ovfl"] == 0, || agent.map_entries().to_string());
         assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
@@ -186,23 +206,9 @@ fn mesh_conns_shows_live_connections_even_without_the_agent() {
         let agent = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
         let bpffs = agent.bpffs.clone();
         let _pins = PinsGuard(bpffs.clone());
-        let mut held = cgroup
-            .command(probe_bin())
-            .args(["hold", VIP])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("hold");
-        let mut stdin = held.stdin.take().unwrap();
-        let mut stdout = BufReader::new(held.stdout.take().unwrap());
-        let mut ask = |line: &str| {
-            writeln!(stdin, "{line}").unwrap();
-            let mut answer = String::new();
-            stdout.read_line(&mut answer).unwrap();
-            answer
-        };
-        let first = ask("one");
-        let backend = format!("127.0.0.1{}:8080", &serde_json::from_str::<Value>(&first).unwrap()["answer"].as_str().unwrap()[1..2]);
+        let mut held = cgroup.hold(VIP);
+        let first = held.send("one");
+        let backend = format!("127.0.0.1{}:8080", &first["answer"].as_str().unwrap()[1..2]);
         agent.stop();
 
         let conns = || -> Value {
@@ -216,10 +222,9 @@ fn mesh_conns_shows_live_connections_even_without_the_agent() {
         assert_eq!(rows[0]["destination"], backend);
         // Counters refresh from RTT samples at most once a second.
         std::thread::sleep(std::time::Duration::from_millis(1100));
-        ask("two");
+        held.send("two");
         wait_until(|| conns()[0]["bytes_sent"].as_u64() == Some(8), || conns().to_string());
-        drop(stdin);
-        held.wait().unwrap();
+        held.close();
     });
 }
 
