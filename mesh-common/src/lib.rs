@@ -328,7 +328,9 @@ pub mod conn_phase {
     /// The SYN left; a close from here on frees the entry.
     pub const CONNECTING: u8 = 2;
     pub const ESTABLISHED: u8 = 3;
-    /// A connect() completes or fails within the syscall, up to the SYN.
+    /// A connect() gets its SYN out or fails within the syscall. (TCP_FASTOPEN_CONNECT defers
+    /// the SYN to the first write: a socket that waits longer may lose its slot, and with it
+    /// the Service address in getpeername() and its metrics.)
     pub const DIALED_TIMEOUT_NS: u64 = 1_000_000_000;
 }
 
