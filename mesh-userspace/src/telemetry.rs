@@ -66,8 +66,8 @@ pub struct Telemetry {
     identities: RwLock<Identities>,
     /// Counters resolved per (direction, service, client, server): the labels of a connection
     /// are computed once per peer pair, not per record.
-    series: Mutex<HashMap<SeriesKey, Arc<Series>>>,
-    reported: Mutex<HashMap<u64, Reported>>,
+    series: Mutex<FastMap<SeriesKey, Arc<Series>>>,
+    reported: Mutex<FastMap<u64, Reported>>,
     scans: std::sync::atomic::AtomicU64,
     flow_log: Mutex<Option<Box<dyn Write + Send>>>,
 }
@@ -89,6 +89,10 @@ struct Series {
     received: Counter,
 }
 
+/// Keyed by cookies and addresses the kernel wrote: no need for SipHash's flood resistance on
+/// a path that runs for every closed connection.
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// Past this many cached series the cache starts over (peer pairs are unbounded in theory).
 const MAX_CACHED_SERIES: usize = 65_536;
 
@@ -104,8 +108,8 @@ impl Telemetry {
         Ok(Self {
             metrics: Metrics::default(),
             identities: RwLock::new(Identities::default()),
-            series: Mutex::new(HashMap::new()),
-            reported: Mutex::new(HashMap::new()),
+            series: Mutex::new(FastMap::default()),
+            reported: Mutex::new(FastMap::default()),
             scans: std::sync::atomic::AtomicU64::new(0),
             flow_log: Mutex::new(writer),
         })
