@@ -7,10 +7,10 @@
 //! A connection takes an entry in the live-connection table (`crate::conns`) when it is
 //! established (the agent reads the table to count openings), and sends a CLOSED record with
 //! its final counters when it reaches TCP_CLOSE, at which point the entry is freed: the table
-//! never holds dead connections. A socket balanced by connect4/6 already has an entry (holding the Service
-//! address); from the SYN on, a close at any point frees it. Counters come from the kernel's
-//! tcp_sock; between those two events they are refreshed from RTT samples, at most once a
-//! second per connection, so the per-ACK cost is a timestamp compare.
+//! never holds dead connections. A socket balanced by connect4/6 already has an entry
+//! (holding the Service address); from the SYN on, a close at any point frees it. Counters
+//! come from the kernel's tcp_sock; between those two events they are refreshed from RTT
+//! samples, at most once a second per connection, so the per-ACK cost is a timestamp compare.
 //!
 //! Kernel quirks: `remote_port` holds the port in network byte order in its upper 16 bits
 //! (little-endian), `local_port` is in host byte order; `srtt_us` is the kernel's value,
