@@ -203,7 +203,15 @@ impl Telemetry {
     /// forgotten, so that lost records cannot grow the agent's memory.
     pub fn scan_live(&self, table: &ConnTable) {
         let scan = self.scans.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        for conn in table.established() {
+        let live = match table.established() {
+            Ok(live) => live,
+            Err(e) => {
+                // Openings and live bytes wait for the next scan; close records still count.
+                tracing::warn!("reading the live-connection table: {e}");
+                return;
+            }
+        };
+        for conn in live {
             let series = self.series(&conn);
             self.count(&conn, &series, Some(scan));
         }

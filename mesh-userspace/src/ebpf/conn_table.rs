@@ -1,7 +1,8 @@
 //! The pinned live-connection table, read from userspace: the `mesh_conns` slots, mapped into
-//! memory (one copy per slot, no syscall), and the `mesh_conns_ovfl` hash map. Works while
-//! the agent is down. See `mesh_common::ConnValue` for how a slot is read safely while the
-//! kernel writes it.
+//! memory for each read (one copy per slot, no syscall), and the `mesh_conns_ovfl` hash map.
+//! Works while the agent is down. See `mesh_common::ConnValue` for how a slot is read safely
+//! while the kernel writes it. The mapping is dropped after each read: the kernel maps every
+//! page up front, and a mapping kept open would add the whole table to the agent's RSS.
 use std::{
     os::fd::AsRawFd as _,
     path::Path,
@@ -13,7 +14,7 @@ use aya::maps::{HashMap, Map, MapData};
 use mesh_common::{ConnValue, conn_phase, map_names, sizes};
 
 pub struct ConnTable {
-    slots: SlotMapping,
+    slots: MapData,
     overflow: HashMap<MapData, u64, ConnValue>,
 }
 
@@ -39,7 +40,7 @@ impl ConnTable {
                 size_of::<ConnValue>()
             )));
         }
-        let slots = SlotMapping::new(&data).map_err(|e| at(&e))?;
+        let slots = data;
 
         let overflow_path = pin_dir.join(map_names::CONNS_OVERFLOW);
         let at = |e: &dyn std::fmt::Display| format!("{}: {e}", overflow_path.display());
@@ -49,24 +50,30 @@ impl ConnTable {
         Ok(Self { slots, overflow })
     }
 
+    /// Copies of the taken slots.
+    fn taken_slots(&self) -> Result<Vec<ConnValue>, String> {
+        let mapping = SlotMapping::new(&self.slots).map_err(|e| format!("mapping {}: {e}", map_names::CONNS))?;
+        Ok((0..mapping.len).filter_map(|i| mapping.read(i)).collect())
+    }
+
     /// Every established connection.
-    pub fn established(&self) -> Vec<ConnValue> {
-        let mut out: Vec<ConnValue> = (0..self.slots.len).filter_map(|i| self.slots.read(i)).collect();
+    pub fn established(&self) -> Result<Vec<ConnValue>, String> {
+        let mut out = self.taken_slots()?;
         // Entries can vanish between listing a key and reading it: skip those.
         out.extend(self.overflow.iter().filter_map(Result::ok).map(|(_, v)| v));
         out.retain(|c| c.phase == conn_phase::ESTABLISHED);
-        out
+        Ok(out)
     }
 
     /// Entries in use. A slot left by a dial that failed before its SYN is free for the
     /// taking once `DIALED_TIMEOUT_NS` has passed, so it is not counted.
-    pub fn occupancy(&self) -> Occupancy {
+    pub fn occupancy(&self) -> Result<Occupancy, String> {
         let now = monotonic_ns();
         let dead_dial = |c: &ConnValue| c.phase == conn_phase::DIALED && now.saturating_sub(c.start_ns) > conn_phase::DIALED_TIMEOUT_NS;
-        Occupancy {
-            slots: (0..self.slots.len).filter_map(|i| self.slots.read(i)).filter(|c| !dead_dial(c)).count(),
+        Ok(Occupancy {
+            slots: self.taken_slots()?.iter().filter(|c| !dead_dial(c)).count(),
             overflow: self.overflow.keys().filter(Result::is_ok).count(),
-        }
+        })
     }
 
     /// Removes overflow entries of dials that never became connections (a connect() that

@@ -111,7 +111,7 @@ impl PinnedMaps {
     /// Entries per map, for `/config_dump` and leak checks.
     pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
         let image = self.read_image()?;
-        let conns = self.conns.occupancy();
+        let conns = self.conns.occupancy().map_err(DatapathError::ConnTable)?;
         Ok([
             (map_names::FRONTENDS, image.frontends.len()),
             (map_names::SERVICES, image.services.len()),

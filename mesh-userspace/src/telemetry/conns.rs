@@ -66,7 +66,7 @@ impl ConnRow {
 /// The table, oldest first.
 pub fn rows(pin_dir: &Path) -> Result<Vec<ConnRow>, String> {
     let now = monotonic_ns();
-    let mut rows: Vec<ConnRow> = ConnTable::open(pin_dir)?.established().iter().map(|c| ConnRow::new(c, now)).collect();
+    let mut rows: Vec<ConnRow> = ConnTable::open(pin_dir)?.established()?.iter().map(|c| ConnRow::new(c, now)).collect();
     rows.sort_by(|a, b| b.age_s.total_cmp(&a.age_s));
     Ok(rows)
 }
