@@ -19,7 +19,7 @@ pub struct ConnTable {
 }
 
 /// How many entries are taken, for gauges and leak checks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Occupancy {
     pub slots: usize,
     pub overflow: usize,
@@ -29,8 +29,8 @@ impl ConnTable {
     pub fn open(pin_dir: &Path) -> Result<Self, String> {
         let slots_path = pin_dir.join(map_names::CONNS);
         let at = |e: &dyn std::fmt::Display| format!("{}: {e}", slots_path.display());
-        let data = MapData::from_pin(&slots_path).map_err(|e| at(&e))?;
-        let info = data.info().map_err(|e| at(&e))?;
+        let slots = MapData::from_pin(&slots_path).map_err(|e| at(&e))?;
+        let info = slots.info().map_err(|e| at(&e))?;
         if info.max_entries() != sizes::CONN_SLOTS || info.value_size() as usize != size_of::<ConnValue>() {
             return Err(at(&format!(
                 "{} slots of {} bytes, expected {} of {} (pinned by another mesh version?)",
@@ -40,12 +40,10 @@ impl ConnTable {
                 size_of::<ConnValue>()
             )));
         }
-        let slots = data;
 
         let overflow_path = pin_dir.join(map_names::CONNS_OVERFLOW);
         let at = |e: &dyn std::fmt::Display| format!("{}: {e}", overflow_path.display());
-        let data = MapData::from_pin(&overflow_path).map_err(|e| at(&e))?;
-        let map = Map::from_map_data(data).map_err(|e| at(&e))?;
+        let map = Map::from_map_data(MapData::from_pin(&overflow_path).map_err(|e| at(&e))?).map_err(|e| at(&e))?;
         let overflow = HashMap::try_from(map).map_err(|e| at(&e))?;
         Ok(Self { slots, overflow })
     }
