@@ -123,6 +123,29 @@ fn connects_that_fail_leave_no_connection_entries() {
     });
 }
 
+/// A connect() that failed before its SYN leaves its entry in the slot with nothing to free it:
+/// the next connection needing that slot takes it once a second has passed.
+#[test]
+fn a_dial_that_never_sent_its_syn_gives_up_its_slot_after_a_second() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let unroutable = ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
+        let yaml = format!("{}---\n{}", ServiceYaml::web(ready3()).render(), unroutable.render());
+        let cgroup = TestCgroup::new("deaddial");
+        // One slot: every connection needs the slot the dead dial holds.
+        let agent = Agent::start(AgentSpec { extra_args: vec!["--conn-slots", "1"], ..AgentSpec::new(&yaml, &cgroup) });
+        let answer = cgroup.probe(&["tcp", "10.96.0.21:80", "1"]);
+        assert_eq!(answer["errors"]["ENETUNREACH"], 1, "{answer}");
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let mut held = cgroup.hold(VIP);
+        held.send("one");
+        let entries = agent.map_entries();
+        assert_eq!((entries["mesh_conns"].as_u64(), entries["mesh_conns_ovfl"].as_u64()), (Some(1), Some(0)), "{entries}");
+        held.close();
+        agent.stop();
+    });
+}
+
 /// With one slot in use, all but one connection at a time live in the overflow map: they must
 /// be counted, translated back and freed exactly like the others.
 #[test]
