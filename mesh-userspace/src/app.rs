@@ -1,7 +1,13 @@
-//! `mesh agent`: wires the datapath, the config source, reconciliation and the admin servers,
-//! and takes them down in order on SIGTERM.
+//! `mesh agent`: wires the datapath, the source, the store and its consumers, and the admin
+//! servers, and takes them down in order on SIGTERM.
+//!
+//! ```text
+//! source (files) ──updates──► store ──snapshots──► kernel sync (thread "mesh-sync")
+//!                                        ├───────► proxy (per-Service state across snapshots)
+//!                                        └───────► telemetry (workload names)
+//! ```
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -16,17 +22,20 @@ use mesh_common::drop_counters;
 
 use crate::{
     admin,
-    ebpf::{loader, maps::PinnedMaps},
-    host, sources,
-    proxy::{
-        self,
-        outbound::{L7State, Outbound},
+    ebpf::{
+        Datapath as _, loader,
+        maps::{OrigDstMap, PinnedMaps},
     },
-    state::{Catalog, LbService, NodeContext, catalog::ObjectKey, desired_services},
-    sync::{MapImage, Reconciler, frontend_key},
+    host,
+    proxy::{self, outbound::Outbound},
+    sources::{ConfigErrors, Origin, Source as _, Update, file::FileSource},
+    state::{NodeContext, Snapshot, Store},
+    sync::{
+        Reconciler,
+        worker::{self, SyncFeed, SyncReport},
+    },
     telemetry::{
         self, FlowLog, Telemetry,
-        identity::{Identities, Named},
         metrics::{DropLabels, MapLabels},
     },
 };
@@ -49,147 +58,112 @@ pub struct AgentOptions {
     pub outbound_addr: SocketAddr,
 }
 
-/// What readiness and the admin API report.
+/// How long a file must stay the same before objects removed from it are removed.
+const REMOVAL_QUIET: Duration = Duration::from_millis(500);
+/// How often the kernel-written maps are counted for `/metrics` (off the scrape path).
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// What the source side reports, for readiness and the admin API.
 #[derive(Debug, Default)]
 struct Status {
-    /// A configuration has been applied (or adopted) and is serving.
-    serving: bool,
+    /// The store's generation once the source had delivered everything the first time.
+    synced_at: Option<u64>,
     generation: u64,
-    last_applied: Option<SystemTime>,
+    /// Balanced service ports in the last snapshot.
     services: usize,
-    /// The newest configuration's problems, when it was rejected.
-    rejected: Option<String>,
+    last_applied: Option<SystemTime>,
+    /// Origins whose newest content was refused, with why; their last good objects serve.
+    rejected: BTreeMap<Origin, String>,
+    /// The attached cgroup was removed: the datapath no longer sees any socket.
+    cgroup_gone: bool,
 }
 
 struct Agent {
     opts: AgentOptions,
-    reconciler: Mutex<Reconciler<PinnedMaps>>,
+    cgroup: PathBuf,
     status: Mutex<Status>,
-    /// The sources last applied or rejected, to skip events that changed nothing.
-    last_sources: Mutex<Option<Vec<(PathBuf, String)>>>,
+    /// Pinned state was adopted at start: it serves until the configuration is synced.
+    adopted: bool,
+    sync: watch::Receiver<SyncReport>,
+    /// For `/config_dump` and the kernel-written gauges; never held while the kernel syncs.
+    maps: Mutex<PinnedMaps>,
+    /// Entries of the kernel-written maps, counted on a timer.
+    kernel_entries: Mutex<Vec<(&'static str, usize)>>,
     telemetry: Arc<Telemetry>,
-    outbound: Arc<Outbound>,
 }
 
 impl Agent {
-    /// Reads the configuration and applies it whole, or not at all.
-    fn reload(&self) {
-        let started = std::time::Instant::now();
-        let sources = match sources::file::read_sources(&self.opts.config) {
-            Ok(sources) => sources,
-            Err(e) => return self.reject(e.to_string()),
-        };
-        {
-            // Watch events also fire for files we skip and for rewrites with equal content.
-            let mut last = self.last_sources.lock().expect("sources lock");
-            if last.as_ref() == Some(&sources) {
-                tracing::debug!("configuration unchanged");
-                return;
-            }
-            *last = Some(sources.clone());
-        }
-        let result = Catalog::from_sources(sources.iter().map(|(p, t)| (p.as_path(), t.as_str())))
-            .map_err(|e| e.to_string())
-            .and_then(|catalog| {
-                let desired = desired_services(&catalog, &self.opts.node);
-                let mut reconciler = self.reconciler.lock().expect("reconciler lock");
-                let stats = reconciler.reconcile(&desired).map_err(|e| e.to_string())?;
-                let by_id = service_ids(&desired, reconciler.image());
-                self.update_identities(&catalog, &by_id);
-                let services = desired.len();
-                *self.outbound.state.write().expect("l7 state lock") = Arc::new(L7State::new(catalog, desired, by_id));
-                Ok((services, stats))
-            });
-        let mut status = self.status.lock().expect("status lock");
-        match result {
-            Ok((services, stats)) => {
-                status.serving = true;
-                status.generation += 1;
-                status.last_applied = Some(SystemTime::now());
-                status.services = services;
-                status.rejected = None;
-                tracing::info!(
-                    services,
-                    writes = stats.writes,
-                    deletes = stats.deletes,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    generation = status.generation,
-                    "configuration applied"
-                );
-            }
-            Err(errors) => {
-                drop(status);
-                self.reject(errors);
-            }
-        }
-    }
-
-    /// Names for the metric labels of connections to the services just applied.
-    fn update_identities(&self, catalog: &Catalog, by_id: &HashMap<u32, ObjectKey>) {
-        let services = by_id
-            .iter()
-            .map(|(sid, key)| (*sid, Named { name: key.name.clone(), namespace: key.namespace.clone() }))
-            .collect();
-        self.telemetry.set_identities(Identities { services, workloads: Identities::workloads_of(catalog) });
-    }
-
     fn metrics(&self, method: &Method, path: &str) -> (StatusCode, String) {
         if method != Method::GET || !matches!(path, "/metrics" | "/stats/prometheus") {
             return (StatusCode::NOT_FOUND, "GET /metrics\n".into());
         }
         let metrics = &self.telemetry.metrics;
-        {
-            let reconciler = self.reconciler.lock().expect("reconciler lock");
-            let maps = reconciler.datapath();
-            if let Ok(occupancy) = maps.occupancy() {
-                for (map, n) in occupancy {
-                    metrics.map_entries.get_or_create(&MapLabels { map: map.to_owned() }).set(n as i64);
-                }
-            }
-            for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS)] {
-                metrics.dropped.get_or_create(&DropLabels { reason: reason.to_owned() }).set(maps.drops(index) as i64);
-            }
+        let service_maps = self.sync.borrow().entries.clone();
+        let kernel_maps = self.kernel_entries.lock().expect("gauges lock").clone();
+        for (map, n) in service_maps.into_iter().chain(kernel_maps) {
+            metrics.map_entries.get_or_create(&MapLabels { map: map.to_owned() }).set(n as i64);
         }
+        let maps = self.maps.lock().expect("maps lock");
+        for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS)] {
+            metrics.dropped.get_or_create(&DropLabels { reason: reason.to_owned() }).set(maps.drops(index) as i64);
+        }
+        drop(maps);
         (StatusCode::OK, metrics.encode())
     }
 
-    fn reject(&self, errors: String) {
-        let mut status = self.status.lock().expect("status lock");
-        for line in errors.lines() {
-            tracing::error!("configuration rejected: {line}");
+    /// Counts the maps the kernel writes (one syscall per entry for hash maps, so never on the
+    /// scrape path).
+    fn count_kernel_maps(&self) {
+        let counted = self.maps.lock().expect("maps lock").kernel_occupancy();
+        match counted {
+            Ok(entries) => *self.kernel_entries.lock().expect("gauges lock") = entries,
+            Err(e) => tracing::warn!("counting kernel map entries: {e}"),
         }
-        if status.serving {
-            tracing::warn!(generation = status.generation, "still serving the last good configuration");
-        }
-        status.rejected = Some(errors);
+    }
+
+    fn serving(&self) -> bool {
+        let status = self.status.lock().expect("status lock");
+        let report = self.sync.borrow();
+        self.adopted || status.synced_at.is_some_and(|g| report.runs > 0 && report.generation >= g)
     }
 
     fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
         if path != "/healthz/ready" {
             return (StatusCode::NOT_FOUND, "not found\n".into());
         }
+        let serving = self.serving();
         let status = self.status.lock().expect("status lock");
+        let report = self.sync.borrow().clone();
         let mut body = String::new();
-        let code = if status.serving {
+        let code = if status.cgroup_gone {
+            body.push_str(&format!("not ready: the attached cgroup {} was removed\n", self.cgroup.display()));
+            StatusCode::SERVICE_UNAVAILABLE
+        } else if serving {
             body.push_str(&format!(
-                "ready: {} services from {} (generation {})\n",
+                "ready: {} services from {} (generation {}, in the kernel: {})\n",
                 status.services,
                 self.opts.config.display(),
-                status.generation
+                status.generation,
+                report.generation
             ));
             StatusCode::OK
         } else {
             body.push_str("not ready: no valid configuration applied yet\n");
             StatusCode::SERVICE_UNAVAILABLE
         };
-        if let Some(rejected) = &status.rejected {
-            if status.serving {
+        if let Some(error) = &report.error {
+            body.push_str(&format!("the kernel maps could not be updated; they keep the last good state: {error}\n"));
+        }
+        if !status.rejected.is_empty() {
+            if serving {
                 body.push_str("the newest configuration was rejected; serving the last good one:\n");
             } else {
                 body.push_str("the configuration was rejected:\n");
             }
-            body.push_str(rejected);
-            body.push('\n');
+            for errors in status.rejected.values() {
+                body.push_str(errors);
+                body.push('\n');
+            }
         }
         (code, body)
     }
@@ -197,21 +171,23 @@ impl Agent {
     fn admin(&self, method: &Method, path: &str, quit: &watch::Sender<bool>) -> (StatusCode, String) {
         match (method, path) {
             (&Method::GET, "/config_dump") => {
-                let reconciler = self.reconciler.lock().expect("reconciler lock");
-                let read = reconciler.kernel_image().map_err(|e| e.to_string()).and_then(|image| {
-                    reconciler.datapath().occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string())
+                let maps = self.maps.lock().expect("maps lock");
+                let read = maps.read_image().map_err(|e| e.to_string()).and_then(|image| {
+                    maps.occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string())
                 });
-                drop(reconciler);
+                drop(maps);
                 match read {
                     Ok((image, occupancy)) => {
                         let status = self.status.lock().expect("status lock");
+                        let rejected: Vec<&String> = status.rejected.values().collect();
                         let dump = serde_json::json!({
                             "node": self.opts.node.node,
                             "zone": self.opts.node.zone,
                             "config": self.opts.config,
                             "bpffs": self.opts.bpffs,
                             "generation": status.generation,
-                            "rejected": status.rejected,
+                            "kernel_generation": self.sync.borrow().generation,
+                            "rejected": if rejected.is_empty() { None } else { Some(rejected) },
                             "services": image.service_rows(),
                             "map_entries": occupancy,
                         });
@@ -227,6 +203,17 @@ impl Agent {
             _ => (StatusCode::NOT_FOUND, "endpoints: GET /config_dump, POST /quitquitquit\n".into()),
         }
     }
+
+    fn reject(&self, origin: Origin, errors: &ConfigErrors) {
+        let mut status = self.status.lock().expect("status lock");
+        for e in &errors.0 {
+            tracing::error!("configuration rejected: {e}");
+        }
+        if status.generation > 0 || self.adopted {
+            tracing::warn!(%origin, generation = status.generation, "still serving the last good configuration");
+        }
+        status.rejected.insert(origin, errors.to_string());
+    }
 }
 
 /// The proxy holds two descriptors per proxied connection: use all the hard limit allows.
@@ -241,15 +228,72 @@ fn raise_fd_limit() {
     }
 }
 
-/// Kernel service id → the Service, for every balanced service just applied.
-fn service_ids(desired: &[LbService], image: &MapImage) -> HashMap<u32, ObjectKey> {
-    desired
-        .iter()
-        .filter_map(|svc| {
-            let sid = image.frontends.get(&frontend_key(svc.frontend, svc.key.protocol.ip_proto()))?;
-            Some((*sid, svc.key.service.clone()))
-        })
-        .collect()
+/// Feeds the store from the source, and the consumers from the store, until the source ends.
+async fn run_source(
+    agent: Arc<Agent>,
+    mut source: FileSource,
+    mut store: Store,
+    feed: Arc<SyncFeed>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+) {
+    while let Some(update) = source.next().await {
+        match update {
+            Update::Batch { origin, changes } => {
+                let started = std::time::Instant::now();
+                let count = changes.len();
+                match store.apply(changes) {
+                    Ok(applied) => {
+                        source.ack(true);
+                        let snapshot = store.snapshot();
+                        agent.telemetry.set_workloads(snapshot.workloads.clone());
+                        feed.publish(snapshot.clone(), applied.balanced.iter().cloned());
+                        let _ = snapshots.send(snapshot.clone());
+                        let mut status = agent.status.lock().expect("status lock");
+                        status.rejected.remove(&origin);
+                        status.generation = applied.generation;
+                        status.services = snapshot.balanced.len();
+                        status.last_applied = Some(SystemTime::now());
+                        tracing::info!(
+                            %origin,
+                            objects = count,
+                            services_recomputed = applied.services,
+                            balanced_changed = applied.balanced.len(),
+                            elapsed_us = started.elapsed().as_micros() as u64,
+                            generation = applied.generation,
+                            "configuration applied"
+                        );
+                    }
+                    Err(errors) => {
+                        source.ack(false);
+                        agent.reject(origin, &errors);
+                    }
+                }
+            }
+            Update::Unreadable { origin, errors } => agent.reject(origin, &errors),
+            Update::Synced => {
+                let mut status = agent.status.lock().expect("status lock");
+                status.synced_at = Some(status.generation);
+                // The first sync compares everything, adopted state included.
+                feed.publish(store.snapshot(), []);
+                let (services, slices, routes) = store.counts();
+                tracing::info!(services, slices, routes, generation = status.generation, "configuration read");
+            }
+        }
+    }
+}
+
+/// Watches the attached cgroup: removed, it takes every socket out of the datapath's sight.
+async fn watch_cgroup(agent: Arc<Agent>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let gone = !agent.cgroup.exists();
+        let mut status = agent.status.lock().expect("status lock");
+        if gone && !status.cgroup_gone {
+            tracing::error!(cgroup = %agent.cgroup.display(), "the attached cgroup was removed; no socket is balanced any more");
+        }
+        status.cgroup_gone = gone;
+    }
 }
 
 pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
@@ -257,6 +301,9 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
     raise_fd_limit();
+    if !opts.config.exists() {
+        anyhow::bail!("--config {}: no such file or directory", opts.config.display());
+    }
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
     let readiness_listener = admin::bind(opts.readiness_addr).await?;
@@ -282,25 +329,53 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         "datapath attached"
     );
     loader::set_proxy(&opts.bpffs, opts.outbound_addr)?;
-    let outbound = Arc::new(Outbound::new(&opts.bpffs, telemetry.clone()).map_err(anyhow::Error::msg)?);
-    let maps = PinnedMaps::open(&opts.bpffs)?;
-    let reconciler = Reconciler::new(maps)?;
-    let adopted = !reconciler.kernel_image()?.is_empty();
+    let reconciler = Reconciler::new(PinnedMaps::open(&opts.bpffs)?)?;
+    let adopted = !reconciler.image().is_empty();
+    let (report_tx, report_rx) = watch::channel(SyncReport::default());
+    let feed = Arc::new(SyncFeed::default());
+    let sync_thread = worker::spawn(reconciler, feed.clone(), report_tx).context("starting the kernel sync thread")?;
+
+    let store = Store::new(opts.node.clone());
+    let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
+    let orig_dst = OrigDstMap::open(&opts.bpffs)?;
+    let outbound = Arc::new(Outbound::new(Box::new(orig_dst), snapshot_rx, telemetry.clone()));
     let agent = Arc::new(Agent {
         opts: opts.clone(),
-        reconciler: Mutex::new(reconciler),
-        status: Mutex::new(Status { serving: adopted, ..Default::default() }),
-        last_sources: Mutex::new(None),
+        cgroup: cgroup.clone(),
+        status: Mutex::new(Status::default()),
+        adopted,
+        sync: report_rx.clone(),
+        maps: Mutex::new(PinnedMaps::open(&opts.bpffs)?),
+        kernel_entries: Mutex::new(Vec::new()),
         telemetry: telemetry.clone(),
-        outbound: outbound.clone(),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
     }
 
-    let (watcher, mut changes) = sources::file::watch(&opts.config, Duration::from_millis(20))
-        .with_context(|| format!("watching {}", opts.config.display()))?;
-    agent.reload();
+    let source = FileSource::new(&opts.config, REMOVAL_QUIET).with_context(|| format!("watching {}", opts.config.display()))?;
+    let source_task = tokio::spawn(run_source(agent.clone(), source, store, feed.clone(), snapshot_tx));
+    let ids_task = tokio::spawn({
+        let (mut report, telemetry) = (report_rx, telemetry.clone());
+        async move {
+            while report.changed().await.is_ok() {
+                let ids = report.borrow_and_update().service_ids.clone();
+                telemetry.set_service_ids(ids);
+            }
+        }
+    });
+    let gauges_task = tokio::spawn({
+        let agent = agent.clone();
+        async move {
+            let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+            loop {
+                tick.tick().await;
+                let agent = agent.clone();
+                let _ = tokio::task::spawn_blocking(move || agent.count_kernel_maps()).await;
+            }
+        }
+    });
+    let cgroup_task = tokio::spawn(watch_cgroup(agent.clone()));
     let telemetry_task = tokio::spawn(telemetry::run(telemetry, opts.bpffs.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -325,22 +400,23 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     ];
     tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
 
-    loop {
-        tokio::select! {
-            Some(()) = changes.recv() => agent.reload(),
-            _ = sigterm.recv() => { tracing::info!("SIGTERM"); break }
-            _ = sigint.recv() => { tracing::info!("SIGINT"); break }
-            _ = quit_rx.changed() => { tracing::info!("/quitquitquit"); break }
-        }
+    tokio::select! {
+        _ = sigterm.recv() => tracing::info!("SIGTERM"),
+        _ = sigint.recv() => tracing::info!("SIGINT"),
+        _ = quit_rx.changed() => tracing::info!("/quitquitquit"),
     }
 
-    drop(watcher);
-    telemetry_task.abort();
+    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task] {
+        task.abort();
+    }
+    feed.stop();
+    let _ = tokio::task::spawn_blocking(move || sync_thread.join()).await;
     let _ = shutdown_tx.send(true);
     for server in servers {
         let _ = server.await;
     }
     drop(agent);
+    let lock = loaded.take_lock();
     drop(loaded);
     if opts.keep_datapath {
         tracing::info!(bpffs = %opts.bpffs.display(), "--keep-datapath: programs stay attached and maps pinned");
@@ -348,6 +424,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         loader::teardown(&opts.bpffs).with_context(|| format!("removing pins under {}", opts.bpffs.display()))?;
         tracing::info!("datapath detached and unpinned");
     }
+    drop(lock);
     Ok(())
 }
 

@@ -245,9 +245,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             std::thread::sleep(Duration::from_secs(1));
         },
-        Command::Config { command: ConfigCommand::Validate { path } } => match crate::sources::file::load_catalog(&path) {
-            Ok(catalog) => {
-                println!("{}: {} Services, {} EndpointSlices: valid", path.display(), catalog.services.len(), catalog.slices.len());
+        Command::Config { command: ConfigCommand::Validate { path } } => match validate_config(&path) {
+            Ok((services, slices, routes)) => {
+                println!("{}: {services} Services, {slices} EndpointSlices, {routes} routes: valid", path.display());
                 Ok(ExitCode::SUCCESS)
             }
             Err(errors) => {
@@ -256,4 +256,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// What the agent would accept from `path`: every file parsed and applied to a fresh store,
+/// one file at a time, as the agent does.
+fn validate_config(path: &std::path::Path) -> Result<(usize, usize, usize), crate::sources::ConfigErrors> {
+    use crate::sources::{Change, ConfigErrors, Origin};
+    let files = crate::sources::file::load(path)?;
+    let mut store = crate::state::Store::new(crate::state::NodeContext { node: String::new(), zone: None });
+    let mut errors = Vec::new();
+    for (file, objects) in files {
+        let origin = Origin::File(file);
+        let changes = objects.into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect();
+        if let Err(mut e) = store.apply(changes) {
+            errors.append(&mut e.0);
+        }
+    }
+    if errors.is_empty() { Ok(store.counts()) } else { Err(ConfigErrors(errors)) }
 }

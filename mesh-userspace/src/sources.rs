@@ -1,3 +1,155 @@
-//! Where configuration comes from. `file`: multi-document YAML files or a directory of them,
-//! watched for changes. (A Kubernetes API source will feed the same `Catalog`.)
+//! Where configuration comes from. Every source speaks the same language: typed Kubernetes
+//! objects (k8s-openapi, gateway-api) as per-object upserts and deletes, in batches that the
+//! store applies whole or not at all.
+//!
+//! - `file`: multi-document YAML files or a directory of them, watched; one file is one batch,
+//!   so a file is all-or-nothing.
+//! - A Kubernetes API source (watchers) goes beside it: one object per batch, so a bad object is
+//!   rejected alone.
 pub mod file;
+
+use std::{fmt, path::PathBuf, sync::Arc};
+
+use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+/// Where an object came from, for error messages and for ownership (a file owns its objects).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Origin {
+    File(PathBuf),
+    /// An API object: `kind namespace/name`.
+    Api(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Api(object) => f.write_str(object),
+        }
+    }
+}
+
+/// The kinds mesh reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Service,
+    EndpointSlice,
+    HttpRoute,
+    GrpcRoute,
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+        })
+    }
+}
+
+/// One typed object, shared (a source may keep it to diff the next read against).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Object {
+    Service(Arc<Service>),
+    EndpointSlice(Arc<EndpointSlice>),
+    HttpRoute(Arc<HttpRoute>),
+    GrpcRoute(Arc<GrpcRoute>),
+}
+
+impl Object {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Object::Service(_) => Kind::Service,
+            Object::EndpointSlice(_) => Kind::EndpointSlice,
+            Object::HttpRoute(_) => Kind::HttpRoute,
+            Object::GrpcRoute(_) => Kind::GrpcRoute,
+        }
+    }
+
+    pub fn metadata(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+        match self {
+            Object::Service(o) => &o.metadata,
+            Object::EndpointSlice(o) => &o.metadata,
+            Object::HttpRoute(o) => &o.metadata,
+            Object::GrpcRoute(o) => &o.metadata,
+        }
+    }
+
+    /// `(namespace or "default", name)`; the name may be empty (validation rejects that).
+    pub fn key(&self) -> (String, String) {
+        let meta = self.metadata();
+        let namespace = meta.namespace.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+        (namespace, meta.name.clone().unwrap_or_default())
+    }
+}
+
+/// One change a source saw.
+#[derive(Debug, Clone)]
+pub enum Change {
+    Upsert { origin: Origin, object: Object },
+    Delete { origin: Origin, kind: Kind, namespace: String, name: String },
+}
+
+/// One problem in one field of one object from one origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub origin: Origin,
+    /// `Service default/web`, or `document 3` when the object has no name yet.
+    pub object: String,
+    /// `spec.ports[0].port`; empty for a problem of the whole object or file.
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if !self.object.is_empty() {
+            write!(f, ": {}", self.object)?;
+        }
+        if !self.field.is_empty() {
+            write!(f, ": {}", self.field)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// All the problems found in a batch.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What a source hands the store.
+#[derive(Debug)]
+pub enum Update {
+    /// Apply these changes together, or none of them.
+    Batch { origin: Origin, changes: Vec<Change> },
+    /// The origin could not be read or parsed: nothing of it changes, and the reason is shown.
+    Unreadable { origin: Origin, errors: ConfigErrors },
+    /// Everything the source holds has been delivered once (readiness may follow).
+    Synced,
+}
+
+/// A source of configuration: yields updates until it ends.
+pub trait Source: Send {
+    /// The next update; None when the source has stopped for good.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<Update>> + Send;
+
+    /// Whether the store accepted the last `Update::Batch`: a source that diffs against what
+    /// the store holds (files) needs to know.
+    fn ack(&mut self, _accepted: bool) {}
+}

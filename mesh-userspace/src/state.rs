@@ -1,15 +1,13 @@
-//! Service state: Kubernetes objects as read from a source, validated, and turned into the
-//! load-balanced services this node serves.
-//!
-//! `objects` holds the wire types (Service, EndpointSlice as Kubernetes writes them), `catalog`
-//! validates a set of them as a whole, and `services` computes, for one node and zone, which
-//! endpoints each Service port may use, following kube-proxy's rules.
-pub mod catalog;
-pub mod objects;
+//! The state store and what it is made of. Sources deliver typed objects; `validate` turns each
+//! into its compact `model` form (`routes` for HTTPRoute/GRPCRoute); `store` indexes them per
+//! Service, computes with `services` (kube-proxy's endpoint rules) what each Service port
+//! balances over on this node, and publishes immutable snapshots to the consumers.
+pub mod model;
 pub mod routes;
 pub mod services;
+pub mod store;
+pub mod validate;
 
-pub use catalog::{Catalog, ConfigError};
-pub use services::{
-    Algorithm, BackendSpec, Family, LbService, LbServiceKey, NodeContext, Protocol, desired_services,
-};
+pub use model::{Algorithm, Family, NodeContext, ObjectKey, Protocol};
+pub use services::{BackendSpec, LbService, LbServiceKey};
+pub use store::{Applied, ServiceView, Snapshot, Store};

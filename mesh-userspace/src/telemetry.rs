@@ -137,8 +137,14 @@ impl Telemetry {
     }
 
     /// Replaces the names used for labels.
-    pub fn set_identities(&self, identities: Identities) {
-        *self.identities.write().expect("identities lock") = identities;
+    /// Workloads by address, from the store's snapshot.
+    pub fn set_workloads(&self, workloads: imbl::HashMap<std::net::IpAddr, identity::Named>) {
+        self.identities.write().expect("identities lock").workloads = workloads;
+    }
+
+    /// Services by kernel id, from the kernel sync.
+    pub fn set_service_ids(&self, services: imbl::HashMap<u32, identity::Named>) {
+        self.identities.write().expect("identities lock").services = services;
         self.series.lock().expect("series lock").clear();
     }
 

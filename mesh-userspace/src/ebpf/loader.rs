@@ -44,6 +44,31 @@ pub enum LoadError {
     Map(&'static str, #[source] aya::maps::MapError),
     #[error("kernel program logging: {0}")]
     Log(#[source] aya_log::Error),
+    #[error("pin directory {0} is in use by another mesh agent; stop it first, or give this one another --bpffs")]
+    InUse(PathBuf),
+}
+
+/// An exclusive lock on the pin directory, held for the agent's life: two agents on one pin
+/// directory would adopt, rewrite and remove each other's state.
+#[derive(Debug)]
+pub struct PinDirLock(#[expect(dead_code, reason = "held for its lock, never read")] OwnedFd);
+
+impl PinDirLock {
+    /// Takes the lock at once or fails: a second agent must not wait for the first.
+    pub fn take(dir: &Path) -> Result<Self, LoadError> {
+        let file = fs::File::open(dir).map_err(|e| LoadError::PinDir(dir.to_owned(), e))?;
+        let fd = OwnedFd::from(file);
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                LoadError::InUse(dir.to_owned())
+            } else {
+                LoadError::PinDir(dir.to_owned(), e)
+            });
+        }
+        Ok(Self(fd))
+    }
 }
 
 /// Log level of the kernel programs (aya-log): 0 (off) to 5 (trace), aya-log's numbering.
@@ -89,6 +114,15 @@ pub struct Loaded {
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
     /// Same-node redirection (sockhash + sk_msg) is attached.
     pub redirecting: bool,
+    lock: Option<PinDirLock>,
+}
+
+impl Loaded {
+    /// The pin directory's lock, to hold until the pins are removed (or left, with
+    /// --keep-datapath).
+    pub fn take_lock(&mut self) -> Option<PinDirLock> {
+        self.lock.take()
+    }
 }
 
 pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
@@ -99,12 +133,14 @@ pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
 /// start that found nothing pinned removes what it pinned when it fails.
 pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Loaded, LoadError> {
     host::ensure_bpffs_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?;
+    let lock = PinDirLock::take(pin_dir)?;
     let found_pins = fs::read_dir(pin_dir).map_err(|e| LoadError::PinDir(pin_dir.to_owned(), e))?.next().is_some();
     let result = bring_up(pin_dir, cgroup, options);
     if result.is_err() && !found_pins {
+        // Nothing was pinned before and the lock keeps others out: all of it is ours.
         let _ = teardown(pin_dir);
     }
-    result
+    result.map(|loaded| Loaded { lock: Some(lock), ..loaded })
 }
 
 fn bring_up(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Loaded, LoadError> {
@@ -172,7 +208,7 @@ fn bring_up(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Lo
         (true, false) => Start::Adopted,
         (false, false) => Start::Fresh,
     };
-    Ok(Loaded { _ebpf: ebpf, start, logger, redirecting })
+    Ok(Loaded { _ebpf: ebpf, start, logger, redirecting, lock: None })
 }
 
 /// Loads cgroup program `name` into the kernel (the verifier's turn), attaching nothing.

@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, ServiceName,
-    RevNatKey, RevNatValue, ServiceValue, SlotKey, SlotValue, map_names,
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey,
+    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
 };
 
 use super::{Datapath, DatapathError, conn_table::ConnTable};
-use crate::sync::{MapImage, Op};
+use crate::sync::{MapImage, Op, addr_of, ip_of};
 
 pub struct PinnedMaps {
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
@@ -108,6 +108,17 @@ impl PinnedMaps {
         self.drops.get(&index, 0).map(|per_cpu| per_cpu.iter().sum()).unwrap_or(0)
     }
 
+    /// Entries of the maps the kernel writes (affinity, connections, UDP reverse translation).
+    pub fn kernel_occupancy(&self) -> Result<Vec<(&'static str, usize)>, DatapathError> {
+        let conns = self.conns.occupancy().map_err(DatapathError::ConnTable)?;
+        Ok(vec![
+            (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
+            (map_names::CONNS, conns.slots),
+            (map_names::CONNS_OVERFLOW, conns.overflow),
+            (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
+        ])
+    }
+
     /// Entries per map, for `/config_dump` and leak checks.
     pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
         let image = self.read_image()?;
@@ -185,5 +196,26 @@ impl Datapath for PinnedMaps {
             image.names.insert(k, name_string(&v));
         }
         Ok(image)
+    }
+}
+
+/// `mesh_l7orig`: where each connection the kernel sent to the proxy was going, by the
+/// client's address (written by sock_ops once the connection is established).
+pub struct OrigDstMap {
+    map: std::sync::Mutex<HashMap<MapData, PeerKey, RevNatValue>>,
+}
+
+impl OrigDstMap {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self { map: std::sync::Mutex::new(open_hash(dir, map_names::L7_ORIGINAL)?) })
+    }
+
+    /// The address `peer` dialled; the entry is consumed.
+    pub fn take(&self, peer: std::net::SocketAddr) -> Option<std::net::SocketAddr> {
+        let key = PeerKey { addr: addr_of(peer.ip()), port: peer.port(), _pad16: 0, _pad32: 0 };
+        let mut map = self.map.lock().expect("l7orig lock");
+        let value = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(std::net::SocketAddr::new(ip_of(&value.addr), u16::from_be(value.port_be)))
     }
 }

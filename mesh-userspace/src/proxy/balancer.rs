@@ -16,19 +16,7 @@ const DEFAULT_RTT: Duration = Duration::from_millis(30);
 const DECAY: Duration = Duration::from_secs(10);
 const MAX_EJECTION: Duration = Duration::from_secs(300);
 
-/// Outlier ejection knobs, from `mesh.dev/outlier-*` Service annotations.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct EjectionPolicy {
-    pub consecutive_failures: u32,
-    pub base_ejection: Duration,
-    pub max_ejected_share: f64,
-}
-
-impl Default for EjectionPolicy {
-    fn default() -> Self {
-        Self { consecutive_failures: 5, base_ejection: Duration::from_secs(10), max_ejected_share: 0.5 }
-    }
-}
+pub use crate::state::model::EjectionPolicy;
 
 #[derive(Debug)]
 struct EndpointStats {
@@ -80,6 +68,12 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// Forgets endpoints not in `live` (gone from the Service), so statistics do not pile up.
+    pub fn retain(&self, live: &[SocketAddr]) {
+        let live: std::collections::HashSet<&SocketAddr> = live.iter().collect();
+        self.stats.lock().expect("balancer lock").retain(|e, _| live.contains(e));
+    }
+
     /// Picks among `candidates` (never empty): ejected endpoints are left out unless that
     /// would leave none; of two random ones, the cheaper.
     pub fn pick(&self, candidates: &[SocketAddr]) -> SocketAddr {

@@ -9,12 +9,10 @@ use std::{
     collections::HashMap,
     convert::Infallible,
     net::SocketAddr,
-    path::Path,
-    sync::{Arc, Mutex, RwLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use aya::maps::{HashMap as BpfHashMap, Map, MapData};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::{
@@ -22,92 +20,79 @@ use hyper_util::{
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
-use mesh_common::{PeerKey, RevNatValue, map_names};
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
-    balancer::{Balancer, EjectionPolicy, Verdict},
+    balancer::{Balancer, Verdict},
     router::{RequestParts, Router, pick_backend},
 };
 use crate::{
+    ebpf::maps::OrigDstMap,
     state::{
-        Catalog, LbService,
-        catalog::ObjectKey,
+        ObjectKey, Protocol, ServiceView, Snapshot,
+        model::{EjectionPolicy, RetryBudgetPolicy},
         routes::{FilterSpec, HeaderEdits, MatchSpec, PathMatch, PathModifier},
     },
-    sync::addr_of,
     telemetry::{Telemetry, identity::Named, metrics::RetryLabels},
 };
 
+/// Where a captured connection was going: the proxy asks this for every accepted connection.
+/// In production the kernel recorded it (`mesh_l7orig`); tests give a fake.
+pub trait OrigDst: Send + Sync {
+    /// The address `peer` dialled (taken: asked once per connection).
+    fn take(&self, peer: SocketAddr) -> Option<SocketAddr>;
+}
+
+impl OrigDst for OrigDstMap {
+    fn take(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        OrigDstMap::take(self, peer)
+    }
+}
+
+/// What the proxy keeps per backend Service across snapshots: the compiled routes (rebuilt
+/// when the Service's view changes) and the runtime state that must outlive configuration
+/// changes (balancer statistics and ejections, the retry budget). Pruned when the Service goes.
+struct PerService {
+    view: Arc<ServiceView>,
+    router: Arc<Router>,
+    budget: Arc<RetryBudget>,
+    balancer: Arc<Balancer>,
+}
+
 type Body = BoxBody<Bytes, hyper::Error>;
 
-/// What the proxy needs of the configuration; replaced whole on every applied change.
-#[derive(Default)]
-pub struct L7State {
-    pub catalog: Catalog,
-    /// This node's usable endpoints per Service port.
-    pub services: Vec<LbService>,
-    /// Kernel service id → the Service.
-    pub by_id: HashMap<u32, ObjectKey>,
-    /// Each Service's routes, in precedence order.
-    pub routers: HashMap<ObjectKey, Router>,
-}
-
-impl L7State {
-    pub fn new(catalog: Catalog, services: Vec<LbService>, by_id: HashMap<u32, ObjectKey>) -> Self {
-        let mut routers = HashMap::new();
-        for route in catalog.routes.values() {
-            for parent in &route.parents {
-                routers.entry(parent.clone()).or_insert_with(|| Router::for_service(&catalog, parent));
-            }
-        }
-        Self { catalog, services, by_id, routers }
-    }
-
-    /// Endpoints of `service` on `port` (its only port when None), IPv4 first.
-    fn endpoints(&self, service: &ObjectKey, port: Option<u16>) -> Vec<SocketAddr> {
-        self.services
-            .iter()
-            .filter(|s| s.key.service == *service && port.is_none_or(|p| s.frontend.port() == p))
-            .map(|s| s.backends.iter().map(|b| b.addr).collect::<Vec<_>>())
-            .find(|b| !b.is_empty())
-            .unwrap_or_default()
-    }
-}
-
 pub struct Outbound {
-    pub state: RwLock<Arc<L7State>>,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
     telemetry: Arc<Telemetry>,
-    original: Mutex<BpfHashMap<MapData, PeerKey, RevNatValue>>,
+    orig_dst: Box<dyn OrigDst>,
     client: Client<HttpConnector, Body>,
     /// HTTP/2 with prior knowledge (h2c), for requests that came in over HTTP/2 (gRPC).
     h2_client: Client<HttpConnector, Body>,
-    per_service: Mutex<HashMap<ObjectKey, (Arc<RetryBudget>, Arc<Balancer>)>>,
+    per_service: Mutex<HashMap<ObjectKey, PerService>>,
 }
 
 impl Outbound {
-    pub fn new(pin_dir: &Path, telemetry: Arc<Telemetry>) -> Result<Self, String> {
-        let path = pin_dir.join(map_names::L7_ORIGINAL);
-        let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let map = Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
-        let original = BpfHashMap::try_from(map).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Self {
-            state: RwLock::new(Arc::new(L7State::default())),
+    pub fn new(orig_dst: Box<dyn OrigDst>, snapshot: watch::Receiver<Arc<Snapshot>>, telemetry: Arc<Telemetry>) -> Self {
+        Self {
+            snapshot,
             telemetry,
-            original: Mutex::new(original),
+            orig_dst,
             client: Client::builder(TokioExecutor::new()).build(connector()),
             h2_client: Client::builder(TokioExecutor::new()).http2_only(true).build(connector()),
             per_service: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
-    /// The Service a captured client dialled (the entry is consumed).
-    fn original_service(&self, peer: SocketAddr) -> Option<u32> {
-        let key = PeerKey { addr: addr_of(peer.ip()), port: peer.port(), _pad16: 0, _pad32: 0 };
-        let mut map = self.original.lock().expect("l7orig lock");
-        let value = map.get(&key, 0).ok()?;
-        let _ = map.remove(&key);
-        Some(value.service_id)
+    /// The Service a captured client dialled.
+    fn original_service(&self, peer: SocketAddr) -> Option<ObjectKey> {
+        let dialled = self.orig_dst.take(peer)?;
+        let snapshot = self.snapshot.borrow().clone();
+        snapshot.frontends.get(&(dialled, Protocol::Tcp)).map(|k| k.service.clone())
+    }
+
+    /// Drops the runtime state of Services that are gone; called on every new snapshot.
+    fn prune(&self, snapshot: &Snapshot) {
+        self.per_service.lock().expect("per-service lock").retain(|service, _| snapshot.services.contains_key(service));
     }
 
     /// Proxies one request and counts it.
@@ -131,11 +116,11 @@ impl Outbound {
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
         };
-        let state = self.state.read().expect("l7 state lock").clone();
+        let router = self.service_state(&service).map(|s| s.0);
         let headers: Vec<(&str, &str)> =
             req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
-        let Some(matched) = state.routers.get(&service).and_then(|r| r.route(&parts)) else {
+        let Some(matched) = router.as_ref().and_then(|r| r.route(&parts)) else {
             outcome.flags = "NR";
             return reply(StatusCode::NOT_FOUND, "no route\n");
         };
@@ -148,7 +133,7 @@ impl Outbound {
             return reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight\n");
         };
         outcome.backend = Some(backend.service.clone());
-        let endpoints = state.endpoints(&backend.service, backend.port);
+        let endpoints = self.snapshot.borrow().services.get(&backend.service).map(|v| v.endpoints(backend.port)).unwrap_or_default();
         if endpoints.is_empty() {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
@@ -227,7 +212,10 @@ impl Outbound {
         // Without a `retry` block, only a failure before any response is retried, once.
         let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
         let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
-        let (budget, balancer, policy) = self.service_state(service);
+        let Some((_, budget, balancer, policy)) = self.service_state(service) else {
+            outcome.flags = "UH";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
+        };
         budget.record_request();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
@@ -341,22 +329,30 @@ impl Outbound {
         response.map(BodyExt::boxed)
     }
 
-    /// The retry budget, balancer and ejection policy of a backend Service; rebuilt when its
-    /// annotations change.
-    fn service_state(&self, service: &ObjectKey) -> (Arc<RetryBudget>, Arc<Balancer>, EjectionPolicy) {
-        let state = self.state.read().expect("l7 state lock").clone();
-        let spec = state.catalog.services.get(service);
-        let (ratio, min_per_second) =
-            spec.map_or((DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_MIN_PER_SECOND), |s| (s.retry_budget_ratio, s.retry_budget_min_per_second));
-        let policy = spec.map_or_else(EjectionPolicy::default, |s| s.outlier);
+    /// A Service's routes, retry budget, balancer and ejection policy, carried across
+    /// snapshots: the router is rebuilt when the Service's view changes, the budget when its
+    /// policy changes, the balancer forgets endpoints that are gone. None: no such Service.
+    fn service_state(&self, service: &ObjectKey) -> Option<(Arc<Router>, Arc<RetryBudget>, Arc<Balancer>, EjectionPolicy)> {
+        let view = self.snapshot.borrow().services.get(service).cloned()?;
         let mut per_service = self.per_service.lock().expect("per-service lock");
-        let entry = per_service.entry(service.clone()).or_insert_with(|| {
-            (Arc::new(RetryBudget::new(ratio, min_per_second)), Arc::new(Balancer::default()))
+        let entry = per_service.entry(service.clone()).or_insert_with(|| PerService {
+            view: view.clone(),
+            router: Arc::new(Router::new(view.routes.clone())),
+            budget: Arc::new(RetryBudget::new(view.spec.retry_budget)),
+            balancer: Arc::new(Balancer::default()),
         });
-        if entry.0.ratio != ratio || entry.0.min_per_second != min_per_second {
-            entry.0 = Arc::new(RetryBudget::new(ratio, min_per_second));
+        if !Arc::ptr_eq(&entry.view, &view) {
+            if entry.view.routes != view.routes {
+                entry.router = Arc::new(Router::new(view.routes.clone()));
+            }
+            if entry.view.spec.retry_budget != view.spec.retry_budget {
+                entry.budget = Arc::new(RetryBudget::new(view.spec.retry_budget));
+            }
+            let live: Vec<SocketAddr> = view.ports.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)).collect();
+            entry.balancer.retain(&live);
+            entry.view = view.clone();
         }
-        (entry.0.clone(), entry.1.clone(), policy)
+        Some((entry.router.clone(), entry.budget.clone(), entry.balancer.clone(), view.spec.outlier))
     }
 }
 
@@ -395,21 +391,18 @@ fn body_length(headers: &hyper::HeaderMap) -> Option<u64> {
 const MAX_REPLAY_BODY: u64 = 64 * 1024;
 const DEFAULT_RETRIES: u32 = 2;
 const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
-pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
-pub const DEFAULT_BUDGET_MIN_PER_SECOND: f64 = 10.0;
 const BUDGET_WINDOW: Duration = Duration::from_secs(10);
 
 /// Linkerd-style retry budget: over a 10 s window, retries may add at most `ratio` of the
 /// requests plus `min_per_second`, so a failing backend cannot multiply its load.
 pub struct RetryBudget {
-    ratio: f64,
-    min_per_second: f64,
+    policy: RetryBudgetPolicy,
     window: Mutex<(Instant, u64, u64)>,
 }
 
 impl RetryBudget {
-    pub fn new(ratio: f64, min_per_second: f64) -> Self {
-        Self { ratio, min_per_second, window: Mutex::new((Instant::now(), 0, 0)) }
+    pub fn new(policy: RetryBudgetPolicy) -> Self {
+        Self { policy, window: Mutex::new((Instant::now(), 0, 0)) }
     }
 
     fn current(&self) -> std::sync::MutexGuard<'_, (Instant, u64, u64)> {
@@ -427,7 +420,7 @@ impl RetryBudget {
     /// Takes one retry from the budget, if there is one.
     pub fn try_retry(&self) -> bool {
         let mut w = self.current();
-        let allowed = self.ratio * w.1 as f64 + self.min_per_second * BUDGET_WINDOW.as_secs_f64();
+        let allowed = self.policy.ratio * w.1 as f64 + self.policy.min_per_second * BUDGET_WINDOW.as_secs_f64();
         if (w.2 as f64) < allowed {
             w.2 += 1;
             true
@@ -622,13 +615,13 @@ fn reply(status: StatusCode, text: &str) -> Response<Body> {
 
 /// Accepts captured connections until `shutdown` turns true.
 pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+    let mut snapshots = outbound.snapshot.clone();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let Ok((stream, peer)) = accepted else { continue };
                 let _ = stream.set_nodelay(true);
-                let service_id = outbound.original_service(peer);
-                let service = service_id.and_then(|id| outbound.state.read().expect("l7 state lock").by_id.get(&id).cloned());
+                let service = outbound.original_service(peer);
                 let outbound = outbound.clone();
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
@@ -639,6 +632,10 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown:
                     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
                     let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
                 });
+            }
+            Ok(()) = snapshots.changed() => {
+                let snapshot = snapshots.borrow_and_update().clone();
+                outbound.prune(&snapshot);
             }
             _ = shutdown.changed() => return,
         }

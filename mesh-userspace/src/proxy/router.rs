@@ -9,11 +9,10 @@
 //!
 //! Candidates are sorted by that order once per configuration; a request takes the first
 //! candidate it satisfies.
-use std::cmp::Reverse;
+use std::{cmp::Reverse, sync::Arc};
 
 use crate::state::{
-    Catalog,
-    catalog::ObjectKey,
+    ObjectKey,
     routes::{BackendRefSpec, MatchSpec, PathMatch, RouteSpec, RuleSpec},
 };
 
@@ -49,17 +48,13 @@ struct Candidate {
 /// agent keeps one per Service), used for every request.
 #[derive(Debug, Clone, Default)]
 pub struct Router {
-    routes: Vec<RouteSpec>,
+    routes: Vec<Arc<RouteSpec>>,
     candidates: Vec<Candidate>,
 }
 
 impl Router {
-    /// The routes of `catalog` attached to `service`.
-    pub fn for_service(catalog: &Catalog, service: &ObjectKey) -> Self {
-        Self::new(catalog.routes.values().filter(|r| r.parents.contains(service)).cloned().collect())
-    }
-
-    pub fn new(routes: Vec<RouteSpec>) -> Self {
+    /// A Service's routes (its `ServiceView::routes`).
+    pub fn new(routes: Vec<Arc<RouteSpec>>) -> Self {
         let mut candidates: Vec<Candidate> = routes
             .iter()
             .enumerate()

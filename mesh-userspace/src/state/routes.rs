@@ -7,12 +7,12 @@
 //! them get a 500.
 use std::{fmt, time::Duration};
 
-use gateway_api::experimental::httproutes::{
+use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::{
     HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
-};
+}};
 
-use super::catalog::ObjectKey;
+use super::model::{FieldError, ObjectKey, field_error as err};
 
 /// A compiled regular expression, compared by its pattern.
 #[derive(Clone)]
@@ -126,16 +126,6 @@ pub struct RouteSpec {
     pub rules: Vec<RuleSpec>,
 }
 
-/// A problem in one field, relative to the route.
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-fn err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
-    FieldError { field: field.into(), message: message.into() }
-}
-
 /// Regular expressions match the whole value, as Envoy-based implementations do.
 fn pattern(value: &str, field: &str) -> Result<Pattern, FieldError> {
     regex::Regex::new(&format!("^(?:{value})$"))
@@ -154,14 +144,10 @@ fn duration(value: &str, field: &str) -> Result<Duration, FieldError> {
 /// `Ok(None)`.
 pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Result<Option<RouteSpec>, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let parents: Vec<ObjectKey> = route
-        .spec
-        .parent_refs
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.kind.as_deref() == Some("Service") && matches!(p.group.as_deref(), Some("") | Some("core") | None))
-        .map(|p| ObjectKey { namespace: p.namespace.unwrap_or_else(|| key.namespace.clone()), name: p.name })
-        .collect();
+    let parents = service_parents(
+        route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)),
+        &key,
+    );
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.unwrap_or_default().into_iter().enumerate() {
         match validate_rule(rule, &format!("spec.rules[{i}]"), &key) {
@@ -169,6 +155,28 @@ pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Re
             Err(mut e) => errors.append(&mut e),
         }
     }
+    finish_route(key, created, parents, rules, errors)
+}
+
+/// The Services among a route's `parentRefs` (kind, group, namespace, name).
+fn service_parents(
+    refs: impl Iterator<Item = (Option<String>, Option<String>, Option<String>, String)>,
+    key: &ObjectKey,
+) -> Vec<ObjectKey> {
+    refs.filter(|(kind, group, _, _)| kind.as_deref() == Some("Service") && matches!(group.as_deref(), Some("") | Some("core") | None))
+        .map(|(_, _, namespace, name)| ObjectKey { namespace: namespace.unwrap_or_else(|| key.namespace.clone()), name })
+        .collect()
+}
+
+/// A route of no Service is not for mesh (`Ok(None)`); one with no rules gets the spec's
+/// default: match everything, no backends (so 500s).
+fn finish_route(
+    key: ObjectKey,
+    created: Option<String>,
+    parents: Vec<ObjectKey>,
+    mut rules: Vec<RuleSpec>,
+    errors: Vec<FieldError>,
+) -> Result<Option<RouteSpec>, Vec<FieldError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -176,7 +184,6 @@ pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Re
         return Ok(None);
     }
     if rules.is_empty() {
-        // The spec's default: one rule, match everything, no backends (so 500s).
         rules.push(RuleSpec {
             matches: vec![catch_all()],
             backends: Vec::new(),
@@ -189,24 +196,19 @@ pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Re
     Ok(Some(RouteSpec { key, created, parents, rules }))
 }
 
-fn catch_all() -> MatchSpec {
-    MatchSpec { path: PathMatch::Prefix("/".into()), method: None, headers: Vec::new(), query: Vec::new() }
+/// A backendRef of either route kind.
+struct BackendRef {
+    kind: Option<String>,
+    namespace: Option<String>,
+    name: String,
+    port: Option<i32>,
+    weight: Option<i32>,
+    has_filters: bool,
 }
 
-fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<RuleSpec, Vec<FieldError>> {
-    let mut errors = Vec::new();
-    let mut matches = Vec::new();
-    for (j, m) in rule.matches.unwrap_or_default().into_iter().enumerate() {
-        match validate_match(m, &format!("{field}.matches[{j}]")) {
-            Ok(m) => matches.push(m),
-            Err(e) => errors.push(e),
-        }
-    }
-    if matches.is_empty() {
-        matches.push(catch_all());
-    }
+fn backend_refs(refs: impl Iterator<Item = BackendRef>, field: &str, key: &ObjectKey, errors: &mut Vec<FieldError>) -> Vec<BackendRefSpec> {
     let mut backends = Vec::new();
-    for (j, b) in rule.backend_refs.unwrap_or_default().into_iter().enumerate() {
+    for (j, b) in refs.enumerate() {
         let f = format!("{field}.backendRefs[{j}]");
         if b.kind.as_deref().is_some_and(|k| k != "Service") {
             errors.push(err(format!("{f}.kind"), "mesh routes to Services only"));
@@ -227,7 +229,7 @@ fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<R
                 continue;
             }
         };
-        if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+        if b.has_filters {
             errors.push(err(format!("{f}.filters"), "filters on a backendRef are not supported yet; put them on the rule"));
             continue;
         }
@@ -237,6 +239,34 @@ fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<R
             weight,
         });
     }
+    backends
+}
+
+fn catch_all() -> MatchSpec {
+    MatchSpec { path: PathMatch::Prefix("/".into()), method: None, headers: Vec::new(), query: Vec::new() }
+}
+
+fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<RuleSpec, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut matches = Vec::new();
+    for (j, m) in rule.matches.unwrap_or_default().into_iter().enumerate() {
+        match validate_match(m, &format!("{field}.matches[{j}]")) {
+            Ok(m) => matches.push(m),
+            Err(e) => errors.push(e),
+        }
+    }
+    if matches.is_empty() {
+        matches.push(catch_all());
+    }
+    let refs = rule.backend_refs.unwrap_or_default().into_iter().map(|b| BackendRef {
+        kind: b.kind,
+        namespace: b.namespace,
+        name: b.name,
+        port: b.port,
+        weight: b.weight,
+        has_filters: b.filters.is_some_and(|f| !f.is_empty()),
+    });
+    let backends = backend_refs(refs, field, key, &mut errors);
     let (mut request_timeout, mut backend_timeout) = (None, None);
     if let Some(t) = rule.timeouts {
         if let Some(v) = t.request {
@@ -432,54 +462,110 @@ fn validate_filter(
     }
 }
 
-/// Rewrites a GRPCRoute document as the equivalent HTTPRoute: a method match becomes a path
-/// match on `/service/method` (both given: Exact; service only: PathPrefix `/service`; method
-/// only or RegularExpression: a regex), which keeps the spec's order (service and method, then
-/// service, then method). Headers, filters and backendRefs have the same shape.
-pub fn grpc_as_http(mut value: serde_yaml::Value) -> Result<serde_yaml::Value, FieldError> {
-    use serde_yaml::Value;
-    let Some(map) = value.as_mapping_mut() else {
-        return Err(err("", "a GRPCRoute is a mapping"));
-    };
-    map.insert("apiVersion".into(), "gateway.networking.k8s.io/v1".into());
-    map.insert("kind".into(), "HTTPRoute".into());
-    let rules = map
-        .get_mut("spec")
-        .and_then(|s| s.get_mut("rules"))
-        .and_then(Value::as_sequence_mut);
-    for (i, rule) in rules.into_iter().flatten().enumerate() {
-        let matches = rule.get_mut("matches").and_then(Value::as_sequence_mut);
-        for (j, m) in matches.into_iter().flatten().enumerate() {
-            let Some(m) = m.as_mapping_mut() else { continue };
-            let Some(method) = m.remove("method") else { continue };
-            let field = format!("spec.rules[{i}].matches[{j}].method");
-            let text = |key: &str| method.get(key).and_then(Value::as_str).filter(|s| !s.is_empty()).map(str::to_owned);
-            let (service, name) = (text("service"), text("method"));
-            let regex = method.get("type").and_then(Value::as_str) == Some("RegularExpression");
-            if !regex {
-                for part in [&service, &name].into_iter().flatten() {
-                    if part.contains('/') {
-                        return Err(err(field.clone(), format!("{part:?} must not contain \"/\"")));
+/// Validates a GRPCRoute into the same form as an HTTPRoute: a gRPC call is a POST to
+/// `/service/method`, so a method match becomes a path match (both given: Exact; service only:
+/// PathPrefix `/service`; method only or RegularExpression: a regex), which keeps the spec's
+/// order (service and method, then service, then method). Headers, filters and backendRefs
+/// mean the same as in an HTTPRoute.
+pub fn validate_grpc(route: GrpcRoute, key: ObjectKey, created: Option<String>) -> Result<Option<RouteSpec>, Vec<FieldError>> {
+    use gateway_api::experimental::grpcroutes::{GrpcRouteRulesFiltersType as Type, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethodType};
+    let mut errors = Vec::new();
+    let parents = service_parents(
+        route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)),
+        &key,
+    );
+    let mut rules = Vec::new();
+    for (i, rule) in route.spec.rules.unwrap_or_default().into_iter().enumerate() {
+        let field = format!("spec.rules[{i}]");
+        let mut matches = Vec::new();
+        for (j, m) in rule.matches.unwrap_or_default().into_iter().enumerate() {
+            let f = format!("{field}.matches[{j}]");
+            let path = match m.method {
+                None => PathMatch::Prefix("/".into()),
+                Some(method) => {
+                    let regex = method.r#type == Some(GrpcRouteRulesMatchesMethodType::RegularExpression);
+                    match grpc_path(regex, method.service.filter(|s| !s.is_empty()), method.method.filter(|s| !s.is_empty()), &format!("{f}.method")) {
+                        Ok(path) => path,
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
                     }
                 }
+            };
+            let mut headers = Vec::new();
+            for (k, h) in m.headers.unwrap_or_default().into_iter().enumerate() {
+                let value = match h.r#type {
+                    Some(GrpcRouteRulesMatchesHeadersType::RegularExpression) => match pattern(&h.value, &format!("{f}.headers[{k}].value")) {
+                        Ok(p) => ValueMatch::RegularExpression(p),
+                        Err(e) => {
+                            errors.push(e);
+                            continue;
+                        }
+                    },
+                    _ => ValueMatch::Exact(h.value),
+                };
+                headers.push((h.name.to_ascii_lowercase(), value));
             }
-            let path = match (regex, service, name) {
-                (_, None, None) => return Err(err(field, "needs service, method or both")),
-                (false, Some(s), Some(m)) => serde_yaml::to_value(("Exact", format!("/{s}/{m}"))),
-                (false, Some(s), None) => serde_yaml::to_value(("PathPrefix", format!("/{s}"))),
-                (false, None, Some(m)) => serde_yaml::to_value(("RegularExpression", format!("/[^/]+/{}", regex::escape(&m)))),
-                (true, s, m) => serde_yaml::to_value((
-                    "RegularExpression",
-                    format!("/(?:{})/(?:{})", s.as_deref().unwrap_or("[^/]+"), m.as_deref().unwrap_or("[^/]+")),
-                )),
+            matches.push(MatchSpec { path, method: None, headers, query: Vec::new() });
+        }
+        if matches.is_empty() {
+            matches.push(catch_all());
+        }
+        let refs = rule.backend_refs.unwrap_or_default().into_iter().map(|b| BackendRef {
+            kind: b.kind,
+            namespace: b.namespace,
+            name: b.name,
+            port: b.port,
+            weight: b.weight,
+            has_filters: b.filters.is_some_and(|f| !f.is_empty()),
+        });
+        let backends = backend_refs(refs, &field, &key, &mut errors);
+        let mut filters = Vec::new();
+        for (j, f) in rule.filters.unwrap_or_default().into_iter().enumerate() {
+            let ff = format!("{field}.filters[{j}]");
+            match f.r#type {
+                Type::RequestHeaderModifier => match f.request_header_modifier {
+                    Some(m) => filters.push(FilterSpec::RequestHeaders(edits(
+                        m.set.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                        m.add.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                        m.remove.unwrap_or_default(),
+                    ))),
+                    None => errors.push(err(format!("{ff}.requestHeaderModifier"), "required for type RequestHeaderModifier")),
+                },
+                Type::ResponseHeaderModifier => match f.response_header_modifier {
+                    Some(m) => filters.push(FilterSpec::ResponseHeaders(edits(
+                        m.set.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                        m.add.unwrap_or_default().into_iter().map(|h| (h.name, h.value)).collect(),
+                        m.remove.unwrap_or_default(),
+                    ))),
+                    None => errors.push(err(format!("{ff}.responseHeaderModifier"), "required for type ResponseHeaderModifier")),
+                },
+                other => errors.push(err(format!("{ff}.type"), format!("filter {other:?} is not supported"))),
             }
-            .expect("strings serialize");
-            let (kind, path_value) = (path[0].clone(), path[1].clone());
-            let mut path_map = serde_yaml::Mapping::new();
-            path_map.insert("type".into(), kind);
-            path_map.insert("value".into(), path_value);
-            m.insert("path".into(), Value::Mapping(path_map));
+        }
+        rules.push(RuleSpec { matches, backends, request_timeout: None, backend_timeout: None, retry: None, filters });
+    }
+    finish_route(key, created, parents, rules, errors)
+}
+
+/// The path a gRPC method match stands for.
+fn grpc_path(regex: bool, service: Option<String>, method: Option<String>, field: &str) -> Result<PathMatch, FieldError> {
+    if !regex {
+        for part in [&service, &method].into_iter().flatten() {
+            if part.contains('/') {
+                return Err(err(field, format!("{part:?} must not contain \"/\"")));
+            }
         }
     }
-    Ok(value)
+    Ok(match (regex, service, method) {
+        (_, None, None) => return Err(err(field, "needs service, method or both")),
+        (false, Some(s), Some(m)) => PathMatch::Exact(format!("/{s}/{m}")),
+        (false, Some(s), None) => PathMatch::Prefix(format!("/{s}")),
+        (false, None, Some(m)) => PathMatch::RegularExpression(pattern(&format!("/[^/]+/{}", regex::escape(&m)), field)?),
+        (true, s, m) => PathMatch::RegularExpression(pattern(
+            &format!("/(?:{})/(?:{})", s.as_deref().unwrap_or("[^/]+"), m.as_deref().unwrap_or("[^/]+")),
+            field,
+        )?),
+    })
 }

@@ -5,90 +5,12 @@
 use std::{
     collections::BTreeMap,
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
 };
 
 use serde::Serialize;
 
-use super::catalog::{Catalog, EndpointSpec, ObjectKey, ServiceSpec};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Protocol {
-    #[serde(rename = "TCP")]
-    Tcp,
-    #[serde(rename = "UDP")]
-    Udp,
-    /// Accepted in configuration, not balanced: the socket hooks see TCP and UDP only.
-    #[serde(rename = "SCTP")]
-    Sctp,
-}
-
-impl Protocol {
-    pub fn ip_proto(self) -> u8 {
-        match self {
-            Protocol::Tcp => mesh_common::IPPROTO_TCP,
-            Protocol::Udp => mesh_common::IPPROTO_UDP,
-            Protocol::Sctp => 132,
-        }
-    }
-
-    pub fn from_ip_proto(proto: u8) -> Option<Self> {
-        match proto {
-            mesh_common::IPPROTO_TCP => Some(Protocol::Tcp),
-            mesh_common::IPPROTO_UDP => Some(Protocol::Udp),
-            132 => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum Family {
-    #[serde(rename = "IPv4")]
-    V4,
-    #[serde(rename = "IPv6")]
-    V6,
-}
-
-impl Family {
-    pub fn of(ip: &IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "IPv4",
-            Family::V6 => "IPv6",
-        })
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Algorithm {
-    #[default]
-    Random,
-    Maglev,
-}
-
-/// Where this agent runs, for node-local and zone rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeContext {
-    pub node: String,
-    pub zone: Option<String>,
-}
+use super::model::{Algorithm, EndpointSpec, Family, NodeContext, ObjectKey, Protocol, ServiceSpec, SliceSpec};
 
 /// One balanced service: a Service port of one IP family.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -127,37 +49,35 @@ pub struct LbService {
     pub backends: Vec<BackendSpec>,
 }
 
-/// The balanced services of a catalog as seen from `node`, sorted by key.
-pub fn desired_services(catalog: &Catalog, node: &NodeContext) -> Vec<LbService> {
+/// The balanced services of one Service as seen from `node`, sorted by key: one per port and
+/// cluster IP, from `slices` (the Service's own). `routed`: an HTTPRoute or GRPCRoute attaches.
+pub fn balanced(service: &ServiceSpec, slices: &[&SliceSpec], routed: bool, node: &NodeContext) -> Vec<LbService> {
     let mut out = Vec::new();
-    for service in catalog.services.values() {
-        for port in &service.ports {
-            if port.protocol == Protocol::Sctp {
-                continue;
-            }
-            for vip in &service.cluster_ips {
-                let family = Family::of(vip);
-                let key = LbServiceKey {
-                    service: service.key.clone(),
-                    port_name: port.name.clone(),
-                    protocol: port.protocol,
-                    family,
-                };
-                let candidates = candidates(catalog, service, &key);
-                let backends = usable(&candidates, service, node)
-                    .into_iter()
-                    .map(|(addr, ep)| BackendSpec { addr, workload: ep.workload.clone() })
-                    .collect();
-                out.push(LbService {
-                    key,
-                    frontend: SocketAddr::new(*vip, port.port),
-                    algorithm: service.algorithm,
-                    l7: port.protocol == Protocol::Tcp
-                        && (service.l7 || catalog.routes.values().any(|r| r.parents.contains(&service.key))),
-                    affinity_timeout_s: service.affinity_timeout_s,
-                    backends,
-                });
-            }
+    for port in &service.ports {
+        if port.protocol == Protocol::Sctp {
+            continue;
+        }
+        for vip in &service.cluster_ips {
+            let family = Family::of(vip);
+            let key = LbServiceKey {
+                service: service.key.clone(),
+                port_name: port.name.clone(),
+                protocol: port.protocol,
+                family,
+            };
+            let candidates = candidates(slices, &key);
+            let backends = usable(&candidates, service, node)
+                .into_iter()
+                .map(|(addr, ep)| BackendSpec { addr, workload: ep.workload.clone() })
+                .collect();
+            out.push(LbService {
+                key,
+                frontend: SocketAddr::new(*vip, port.port),
+                algorithm: service.algorithm,
+                l7: port.protocol == Protocol::Tcp && (service.l7 || routed),
+                affinity_timeout_s: service.affinity_timeout_s,
+                backends,
+            });
         }
     }
     out.sort_by(|a, b| a.key.cmp(&b.key));
@@ -166,16 +86,9 @@ pub fn desired_services(catalog: &Catalog, node: &NodeContext) -> Vec<LbService>
 
 /// Every endpoint of the service port, with the port number its slices give for the port's
 /// name: the EndpointSlice controller has already resolved `targetPort`, named or not.
-fn candidates<'a>(
-    catalog: &'a Catalog,
-    service: &ServiceSpec,
-    key: &LbServiceKey,
-) -> BTreeMap<SocketAddr, &'a EndpointSpec> {
+fn candidates<'a>(slices: &[&'a SliceSpec], key: &LbServiceKey) -> BTreeMap<SocketAddr, &'a EndpointSpec> {
     let mut out: BTreeMap<SocketAddr, &EndpointSpec> = BTreeMap::new();
-    let slices = catalog.slices.values().filter(|s| {
-        s.key.namespace == service.key.namespace && s.service == service.key.name && s.family == key.family
-    });
-    for slice in slices {
+    for slice in slices.iter().filter(|s| s.family == key.family) {
         let Some(port) = slice.ports.iter().find(|p| p.name == key.port_name && p.protocol == key.protocol) else {
             continue;
         };
@@ -206,7 +119,7 @@ fn usable<'a>(
     let fallback = |ep: &EndpointSpec| ep.serving && ep.terminating;
 
     if service.node_local {
-        let is_local = |ep: &EndpointSpec| ep.node.as_deref() == Some(node.node.as_str());
+        let is_local = |ep: &EndpointSpec| ep.local;
         let ready = pick(&|ep| ep.ready && is_local(ep));
         return if ready.is_empty() { pick(&|ep| fallback(ep) && is_local(ep)) } else { ready };
     }

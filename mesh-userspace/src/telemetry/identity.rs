@@ -1,19 +1,15 @@
 //! Who is on each end of a connection, for metric labels: Services by the id the kernel
-//! recorded, workloads by IP address from the EndpointSlices' `targetRef`s.
-use std::{collections::HashMap, net::IpAddr};
+//! recorded (from the kernel sync), workloads by IP address (from the store's snapshot, which
+//! takes them from the EndpointSlices' `targetRef`s).
+use std::net::IpAddr;
 
 use mesh_common::{ConnValue, direction};
 
 use super::metrics::TcpLabels;
-use crate::{state::Catalog, sync::ip_of};
+pub use crate::state::ObjectKey as Named;
+use crate::sync::ip_of;
 
 const UNKNOWN: &str = "unknown";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Named {
-    pub name: String,
-    pub namespace: String,
-}
 
 /// A label value: the name, or "unknown".
 pub fn name_or_unknown(n: Option<&Named>) -> String {
@@ -30,28 +26,16 @@ pub fn service_fqdn(n: Option<&Named>) -> String {
     n.map_or_else(|| UNKNOWN.to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
 }
 
-#[derive(Debug, Default)]
+/// Both maps are shared with their producers (persistent maps: O(1) to hand over).
+#[derive(Debug, Default, Clone)]
 pub struct Identities {
     /// service id → the Service.
-    pub services: HashMap<u32, Named>,
+    pub services: imbl::HashMap<u32, Named>,
     /// endpoint IP → its workload.
-    pub workloads: HashMap<IpAddr, Named>,
+    pub workloads: imbl::HashMap<IpAddr, Named>,
 }
 
 impl Identities {
-    /// Workloads of every endpoint of `catalog` that names its pod.
-    pub fn workloads_of(catalog: &Catalog) -> HashMap<IpAddr, Named> {
-        let mut out = HashMap::new();
-        for slice in catalog.slices.values() {
-            for ep in &slice.endpoints {
-                if let Some(pod) = &ep.workload {
-                    out.insert(ep.addr, Named { name: workload_of_pod(pod), namespace: slice.key.namespace.clone() });
-                }
-            }
-        }
-        out
-    }
-
     /// The labels of a connection, with bounded values: names from configuration or
     /// "unknown", never addresses or ports.
     pub fn labels(&self, c: &ConnValue) -> TcpLabels {
@@ -74,24 +58,13 @@ impl Identities {
     }
 }
 
-/// A pod's workload name, as Istio derives it without the pod object: a Deployment's pod
-/// `web-7d4f8b9c6-x2x9k` is `web`, a StatefulSet's `db-0` is `db`; anything else is itself.
-pub fn workload_of_pod(pod: &str) -> String {
-    let parts: Vec<&str> = pod.split('-').collect();
-    let alnum = |s: &str, lens: std::ops::RangeInclusive<usize>| lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    match parts.as_slice() {
-        [head @ .., hash, id] if head.len() >= 1 && alnum(hash, 6..=10) && alnum(id, 5..=5) => head.join("-"),
-        [head @ .., ordinal] if head.len() >= 1 && !ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()) => head.join("-"),
-        _ => pod.to_owned(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn workload_names_drop_controller_suffixes() {
+        use crate::state::model::workload_of_pod;
         assert_eq!(workload_of_pod("web-7d4f8b9c6-x2x9k"), "web");
         assert_eq!(workload_of_pod("my-api-5c9d7b8f4d-abcde"), "my-api");
         assert_eq!(workload_of_pod("db-0"), "db");

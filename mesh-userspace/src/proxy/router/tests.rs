@@ -2,9 +2,19 @@
 use std::path::Path;
 
 use super::*;
+use crate::state::Store;
 
-fn catalog(yaml: &str) -> Catalog {
-    Catalog::from_sources([(Path::new("routes.yaml"), yaml)]).unwrap_or_else(|e| panic!("{e}"))
+fn load(file: &str, yaml: &str) -> Result<Store, crate::sources::ConfigErrors> {
+    crate::state::store::load(Path::new(file), yaml, crate::state::NodeContext { node: "node-a".into(), zone: None })
+}
+
+fn catalog(yaml: &str) -> Store {
+    load("routes.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The router of `service`: every route attached to it.
+fn for_service(store: &Store, service: &ObjectKey) -> Router {
+    Router::new(store.routes().filter(|r| r.parents.contains(service)).cloned().collect())
 }
 
 /// An HTTPRoute attached to Service default/web.
@@ -42,7 +52,7 @@ fn path_precedence_exact_then_longest_prefix_then_regex() {
          \x20 - matches: [{path: {type: RegularExpression, value: \"/api/v[0-9]+/items/[0-9]+\"}}]\n",
     );
     let c = catalog(&yaml);
-    let router = Router::for_service(&c, &WEB());
+    let router = for_service(&c, &WEB());
     for (target, want) in [
         ("/", "paths#0"),
         ("/apix", "paths#0"),
@@ -66,7 +76,7 @@ fn regex_rules_apply_where_no_prefix_does() {
          \x20 - matches: [{path: {type: Exact, value: /other}}]\n",
     );
     let c = catalog(&yaml);
-    let router = Router::for_service(&c, &WEB());
+    let router = for_service(&c, &WEB());
     assert_eq!(routed(&router, &req("GET", "/items/42", &[])), "re#0");
     assert_eq!(routed(&router, &req("GET", "/items/42/x", &[])), "404", "regexes match the whole path");
     assert_eq!(routed(&router, &req("GET", "/items/abc", &[])), "404");
@@ -84,7 +94,7 @@ fn method_then_headers_then_query_break_path_ties() {
          \x20 - matches: [{path: {value: /x}, method: POST}]\n",
     );
     let c = catalog(&yaml);
-    let router = Router::for_service(&c, &WEB());
+    let router = for_service(&c, &WEB());
     for (method, target, headers, want) in [
         ("GET", "/x", vec![], "ties#0"),
         ("GET", "/x?v=2", vec![], "ties#1"),
@@ -108,7 +118,7 @@ fn equal_matches_go_to_the_oldest_route_then_by_name_then_rule_order() {
     ]
     .concat();
     let c = catalog(&yaml);
-    let router = Router::for_service(&c, &WEB());
+    let router = for_service(&c, &WEB());
     assert_eq!(routed(&router, &req("GET", "/same", &[])), "a-older#0");
 }
 
@@ -119,8 +129,8 @@ fn routes_of_other_services_and_gateways_do_not_apply() {
                 apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: other, namespace: default}\n\
                 spec: {parentRefs: [{kind: Service, name: other}], rules: [{matches: [{path: {value: /}}]}]}\n";
     let c = catalog(yaml);
-    assert_eq!(c.routes.len(), 1, "the Gateway route is not mesh's");
-    let router = Router::for_service(&c, &WEB());
+    assert_eq!(c.routes().count(), 1, "the Gateway route is not mesh's");
+    let router = for_service(&c, &WEB());
     assert_eq!(routed(&router, &req("GET", "/", &[])), "404");
 }
 
@@ -154,7 +164,7 @@ fn bad_routes_are_rejected_naming_the_field() {
         ("  - retry: {codes: [404]}\n", "spec.rules[0].retry.codes[0]: must be a 5xx status code"),
     ];
     for (rules, want) in cases {
-        let errors = Catalog::from_sources([(Path::new("r.yaml"), route("bad", "2024-01-01T00:00:00Z", rules).as_str())])
+        let errors = load("r.yaml", route("bad", "2024-01-01T00:00:00Z", rules).as_str())
             .expect_err(rules)
             .to_string();
         assert!(errors.starts_with(&format!("r.yaml: HTTPRoute default/bad: {want}")), "{errors}\nwanted {want}");
@@ -168,7 +178,7 @@ fn timeouts_and_retry_are_kept() {
         "2024-01-01T00:00:00Z",
         "  - timeouts: {request: 10s, backendRequest: 500ms}\n    retry: {codes: [502, 503], attempts: 3, backoff: 100ms}\n    backendRefs: [{name: web, port: 80}]\n",
     ));
-    let rule = &c.routes.values().next().unwrap().rules[0];
+    let rule = &c.routes().next().unwrap().rules[0];
     assert_eq!(rule.request_timeout, Some(std::time::Duration::from_secs(10)));
     assert_eq!(rule.backend_timeout, Some(std::time::Duration::from_millis(500)));
     let retry = rule.retry.as_ref().unwrap();
@@ -185,7 +195,7 @@ fn grpc_routes_match_service_and_method_in_the_spec_order() {
                 \x20 - matches: [{method: {service: pkg.Greeter, method: Hello}}]\n\
                 \x20 - matches: [{method: {type: RegularExpression, service: \"pkg\\\\..*\", method: \"Get.*\"}}]\n";
     let c = catalog(yaml);
-    let router = Router::for_service(&c, &WEB());
+    let router = for_service(&c, &WEB());
     for (path, want) in [
         ("/pkg.Greeter/Hello", "g#2"),
         ("/pkg.Greeter/Bye", "g#1"),
@@ -197,6 +207,6 @@ fn grpc_routes_match_service_and_method_in_the_spec_order() {
     }
     let bad = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g, namespace: default}\n\
                spec: {parentRefs: [{kind: Service, name: web}], rules: [{matches: [{method: {type: Exact}}]}]}\n";
-    let e = Catalog::from_sources([(Path::new("g.yaml"), bad)]).unwrap_err().to_string();
+    let e = load("g.yaml", bad).unwrap_err().to_string();
     assert_eq!(e, "g.yaml: GRPCRoute default/g: spec.rules[0].matches[0].method: needs service, method or both");
 }

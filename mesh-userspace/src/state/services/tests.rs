@@ -2,6 +2,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::state::model::NodeContext;
 
 fn node(zone: Option<&str>) -> NodeContext {
     NodeContext { node: "node-a".into(), zone: zone.map(Into::into) }
@@ -10,7 +11,7 @@ fn node(zone: Option<&str>) -> NodeContext {
 /// `(address, ready, serving, terminating, node, zone hint)`
 type Ep<'a> = (&'a str, bool, bool, bool, &'a str, Option<&'a str>);
 
-fn catalog(spec_extra: &str, endpoints: &[Ep<'_>]) -> Catalog {
+fn catalog(spec_extra: &str, endpoints: &[Ep<'_>]) -> String {
     let mut y = format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: ns}}\nspec:\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {{name: http, port: 80}}\n  - {{name: dns, port: 53, protocol: UDP}}\n{spec_extra}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n"
     );
@@ -20,11 +21,17 @@ fn catalog(spec_extra: &str, endpoints: &[Ep<'_>]) -> Catalog {
             y.push_str(&format!("  hints: {{forZones: [{{name: {h}}}]}}\n"));
         }
     }
-    Catalog::from_sources([(Path::new("t.yaml"), y.as_str())]).expect("valid")
+    y
+}
+
+/// The balanced services of `yaml` as `node` sees them.
+fn desired_services(yaml: &str, node: &NodeContext) -> Vec<LbService> {
+    let store = crate::state::store::load(Path::new("t.yaml"), yaml, node.clone()).expect("valid");
+    store.snapshot().balanced.values().map(|s| (**s).clone()).collect()
 }
 
 /// Backends of the IPv4 http port.
-fn http_backends(c: &Catalog, n: &NodeContext) -> Vec<String> {
+fn http_backends(c: &str, n: &NodeContext) -> Vec<String> {
     let services = desired_services(c, n);
     let svc = services.iter().find(|s| s.key.port_name == "http" && s.key.family == Family::V4).expect("http/v4");
     svc.backends.iter().map(|b| b.addr.to_string()).collect()
@@ -107,7 +114,6 @@ fn an_address_in_two_slices_counts_once() {
     let y = "apiVersion: v1\nkind: Service\nmetadata: {name: web}\nspec: {clusterIP: 10.96.0.1, ports: [{port: 80}]}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: a, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.1], conditions: {ready: false}}]\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: b, labels: {kubernetes.io/service-name: web}}\naddressType: IPv4\nports: [{port: 80}]\nendpoints: [{addresses: [10.0.0.1]}]\n";
-    let c = Catalog::from_sources([(Path::new("t.yaml"), y)]).unwrap();
-    let services = desired_services(&c, &node(None));
+    let services = desired_services(y, &node(None));
     assert_eq!(services[0].backends.len(), 1, "{services:?}");
 }

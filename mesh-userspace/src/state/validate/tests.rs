@@ -2,9 +2,14 @@
 use std::path::Path;
 
 use super::*;
+use crate::{sources::ConfigErrors, state::Store};
 
-fn load(text: &str) -> Result<Catalog, ConfigErrors> {
-    Catalog::from_sources([(Path::new("svc.yaml"), text)])
+fn node() -> NodeContext {
+    NodeContext { node: "node-a".into(), zone: None }
+}
+
+fn load(text: &str) -> Result<Store, ConfigErrors> {
+    crate::state::store::load(Path::new("svc.yaml"), text, node())
 }
 
 /// The single error of `text`, as displayed.
@@ -28,8 +33,8 @@ fn slice_with(body: &str) -> String {
 fn loads_the_shipped_example() {
     let text = include_str!("../../../../deploy/examples/web.yaml");
     let catalog = load(text).expect("example is valid");
-    assert_eq!(catalog.services.len(), 1);
-    let slice = catalog.slices.values().next().unwrap();
+    assert_eq!(catalog.services().count(), 1);
+    let slice = catalog.slices().next().unwrap();
     assert_eq!(slice.endpoints.len(), 3);
     assert_eq!(slice.endpoints[0].workload.as_deref(), Some("web-0"));
 }
@@ -40,7 +45,7 @@ fn accepts_kubernetes_output_with_status_lists_and_other_kinds() {
         "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: Service\n  metadata: {{name: a, namespace: x, managedFields: [{{manager: kubectl}}]}}\n  spec: {{clusterIP: 10.96.1.1, ports: [{{port: 53, protocol: UDP}}]}}\n  status: {{loadBalancer: {{}}}}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n---\n"
     );
     let catalog = load(&text).unwrap();
-    let svc = catalog.services.values().next().unwrap();
+    let svc = catalog.services().next().unwrap();
     assert_eq!(svc.key.to_string(), "x/a");
     assert_eq!(svc.ports[0].protocol, Protocol::Udp);
     assert_eq!(svc.ports[0].name, "");
@@ -49,29 +54,29 @@ fn accepts_kubernetes_output_with_status_lists_and_other_kinds() {
 #[test]
 fn defaults_match_kubernetes() {
     let catalog = load(&format!("{SERVICE}---\n{}", slice_with("addressType: IPv4\nendpoints:\n- addresses: [10.0.0.1]\nports:\n- {name: http, port: 8080}\n"))).unwrap();
-    let svc = catalog.services.values().next().unwrap();
+    let svc = catalog.services().next().unwrap();
     assert_eq!(svc.affinity_timeout_s, None);
     assert!(!svc.node_local && !svc.prefer_same_zone);
     assert_eq!(svc.algorithm, Algorithm::Random);
-    let ep = &catalog.slices.values().next().unwrap().endpoints[0];
+    let ep = &catalog.slices().next().unwrap().endpoints[0];
     // Missing conditions: ready, and serving like ready, not terminating.
     assert!(ep.ready && ep.serving && !ep.terminating);
     let affinity = load(&service_with("  clusterIP: 10.96.0.10\n  sessionAffinity: ClientIP\n")).unwrap();
-    assert_eq!(affinity.services.values().next().unwrap().affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    assert_eq!(affinity.services().next().unwrap().affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
 }
 
 #[test]
 fn headless_and_external_name_services_have_no_vip() {
     let headless = load(&service_with("  clusterIP: None\n  ports: [{port: 80}]\n")).unwrap();
-    assert!(headless.services.values().next().unwrap().cluster_ips.is_empty());
+    assert!(headless.services().next().unwrap().cluster_ips.is_empty());
     let external = load(&service_with("  type: ExternalName\n  externalName: example.com\n")).unwrap();
-    assert!(external.services.values().next().unwrap().cluster_ips.is_empty());
+    assert!(external.services().next().unwrap().cluster_ips.is_empty());
 }
 
 #[test]
 fn fqdn_slices_are_ignored() {
     let catalog = load(&slice_with("addressType: FQDN\nendpoints:\n- addresses: [example.com]\n")).unwrap();
-    assert!(catalog.slices.is_empty());
+    assert!(catalog.slices().next().is_none());
 }
 
 #[test]
@@ -93,13 +98,13 @@ fn rejects_wrong_api_version() {
 
 #[test]
 fn rejects_a_nameless_service() {
-    assert_eq!(error("apiVersion: v1\nkind: Service\nspec: {}\n"), "svc.yaml: document 1: metadata.name: a Service needs a name");
+    assert_eq!(error("apiVersion: v1\nkind: Service\nspec: {}\n"), "svc.yaml: Service (no name): metadata.name: a Service needs a name");
 }
 
 #[test]
 fn rejects_type_errors_naming_the_field() {
     let e = error(&service_with("  ports:\n  - {name: a, port: eighty}\n"));
-    assert!(e.starts_with("svc.yaml: document 1: spec.ports[0].port:"), "{e}");
+    assert!(e.starts_with("svc.yaml: Service shop/web: spec.ports[0].port:"), "{e}");
 }
 
 #[test]
@@ -155,7 +160,14 @@ fn rejects_bad_slice_fields() {
 
 #[test]
 fn rejects_duplicates_across_files_naming_both() {
-    let errors = Catalog::from_sources([(Path::new("a.yaml"), SERVICE), (Path::new("b.yaml"), SERVICE)]).unwrap_err();
+    use crate::sources::{Change, Origin, file::parse};
+    let mut store = Store::new(node());
+    let changes = |file: &str| -> Vec<Change> {
+        let origin = Origin::File(file.into());
+        parse(Path::new(file), SERVICE).unwrap().into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect()
+    };
+    store.apply(changes("a.yaml")).unwrap();
+    let errors = store.apply(changes("b.yaml")).unwrap_err();
     assert_eq!(errors.to_string(), "b.yaml: Service shop/web: metadata.name: defined twice (also in a.yaml)");
 }
 

@@ -1,0 +1,218 @@
+//! The validated, compact form of what sources deliver: the types every other part of the store
+//! (and its consumers) speak. Nothing here knows where an object came from or how it is used.
+use std::{collections::BTreeSet, fmt, net::IpAddr, time::Duration};
+
+use serde::Serialize;
+
+/// `namespace/name` of a namespaced object.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Protocol {
+    #[serde(rename = "TCP")]
+    Tcp,
+    #[serde(rename = "UDP")]
+    Udp,
+    /// Accepted in configuration, not balanced: the socket hooks see TCP and UDP only.
+    #[serde(rename = "SCTP")]
+    Sctp,
+}
+
+impl Protocol {
+    pub fn ip_proto(self) -> u8 {
+        match self {
+            Protocol::Tcp => mesh_common::IPPROTO_TCP,
+            Protocol::Udp => mesh_common::IPPROTO_UDP,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    pub fn from_ip_proto(proto: u8) -> Option<Self> {
+        match proto {
+            mesh_common::IPPROTO_TCP => Some(Protocol::Tcp),
+            mesh_common::IPPROTO_UDP => Some(Protocol::Udp),
+            132 => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum Family {
+    #[serde(rename = "IPv4")]
+    V4,
+    #[serde(rename = "IPv6")]
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "IPv4",
+            Family::V6 => "IPv6",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algorithm {
+    #[default]
+    Random,
+    Maglev,
+}
+
+/// Where this agent runs, for node-local and zone rules.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeContext {
+    pub node: String,
+    pub zone: Option<String>,
+}
+
+/// Linkerd-style retry budget of a Service: over a window, retries may add at most `ratio` of
+/// the requests plus `min_per_second`. Set by `mesh.dev/retry-budget-*` annotations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudgetPolicy {
+    pub ratio: f64,
+    pub min_per_second: f64,
+}
+
+impl Default for RetryBudgetPolicy {
+    fn default() -> Self {
+        Self { ratio: 0.2, min_per_second: 10.0 }
+    }
+}
+
+/// Outlier ejection knobs, from `mesh.dev/outlier-*` Service annotations.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EjectionPolicy {
+    pub consecutive_failures: u32,
+    pub base_ejection: Duration,
+    pub max_ejected_share: f64,
+}
+
+impl Default for EjectionPolicy {
+    fn default() -> Self {
+        Self { consecutive_failures: 5, base_ejection: Duration::from_secs(10), max_ejected_share: 0.5 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortSpec {
+    /// "" for the single unnamed port.
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// A Service, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServiceSpec {
+    pub key: ObjectKey,
+    /// Empty for headless and ExternalName services, which mesh does not balance.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortSpec>,
+    /// `Some(timeout)` for `sessionAffinity: ClientIP`.
+    pub affinity_timeout_s: Option<u32>,
+    /// `internalTrafficPolicy: Local`.
+    pub node_local: bool,
+    /// `trafficDistribution: PreferClose` (or its newer name PreferSameZone).
+    pub prefer_same_zone: bool,
+    pub algorithm: Algorithm,
+    /// `mesh.dev/l7: "true"`: proxied even without an HTTPRoute.
+    pub l7: bool,
+    pub retry_budget: RetryBudgetPolicy,
+    pub outlier: EjectionPolicy,
+}
+
+/// One endpoint of a slice: what kube-proxy's rules and telemetry need, nothing more.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub addr: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    /// Whether `nodeName` is this agent's node (the name itself is not kept).
+    pub local: bool,
+    /// `hints.forZones`, `None` when the endpoint has no hints.
+    pub zone_hints: Option<BTreeSet<String>>,
+    /// `targetRef.name` (the pod), for telemetry.
+    pub workload: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePortSpec {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+/// An EndpointSlice, validated. FQDN slices are kept out (kube-proxy ignores them too).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceSpec {
+    pub key: ObjectKey,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label, same namespace).
+    pub service: ObjectKey,
+    pub family: Family,
+    pub endpoints: Vec<EndpointSpec>,
+    pub ports: Vec<SlicePortSpec>,
+}
+
+/// A problem in one field of an object (the path is relative to the object).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+pub fn field_error(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError { field: field.into(), message: message.into() }
+}
+
+/// A pod's workload name, as Istio derives it without the pod object: a Deployment's pod
+/// `web-7d4f8b9c6-x2x9k` is `web`, a StatefulSet's `db-0` is `db`; anything else is itself.
+pub fn workload_of_pod(pod: &str) -> String {
+    let parts: Vec<&str> = pod.split('-').collect();
+    let alnum = |s: &str, lens: std::ops::RangeInclusive<usize>| {
+        lens.contains(&s.len()) && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+    };
+    match parts.as_slice() {
+        [head @ .., hash, id] if !head.is_empty() && alnum(hash, 6..=10) && alnum(id, 5..=5) => head.join("-"),
+        [head @ .., ordinal] if !head.is_empty() && !ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()) => {
+            head.join("-")
+        }
+        _ => pod.to_owned(),
+    }
+}
