@@ -56,10 +56,10 @@ pub struct AgentOptions {
     pub flow_log: FlowLog,
     /// The outbound proxy for L7 Services (connections are sent here by the kernel).
     pub outbound_addr: SocketAddr,
+    /// How long a file must stay the same before objects removed from it are removed.
+    pub removal_quiet: Duration,
 }
 
-/// How long a file must stay the same before objects removed from it are removed.
-const REMOVAL_QUIET: Duration = Duration::from_millis(500);
 /// How often the kernel-written maps are counted for `/metrics` (off the scrape path).
 const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -124,7 +124,9 @@ impl Agent {
     fn serving(&self) -> bool {
         let status = self.status.lock().expect("status lock");
         let report = self.sync.borrow();
-        self.adopted || status.synced_at.is_some_and(|g| report.runs > 0 && report.generation >= g)
+        // Everything read so far was refused: nothing of this configuration serves.
+        let nothing_accepted = status.generation == 0 && !status.rejected.is_empty();
+        self.adopted || (!nothing_accepted && status.synced_at.is_some_and(|g| report.runs > 0 && report.generation >= g))
     }
 
     fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
@@ -353,7 +355,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
     }
 
-    let source = FileSource::new(&opts.config, REMOVAL_QUIET).with_context(|| format!("watching {}", opts.config.display()))?;
+    let source = FileSource::new(&opts.config, opts.removal_quiet).with_context(|| format!("watching {}", opts.config.display()))?;
     let source_task = tokio::spawn(run_source(agent.clone(), source, store, feed.clone(), snapshot_tx));
     let ids_task = tokio::spawn({
         let (mut report, telemetry) = (report_rx, telemetry.clone());

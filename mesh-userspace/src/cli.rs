@@ -119,6 +119,10 @@ struct AgentArgs {
     /// overflow map.
     #[arg(long, hide = true, default_value_t = mesh_common::sizes::CONN_SLOTS, value_parser = parse_conn_slots)]
     conn_slots: u32,
+    /// How long a config file must stay the same before objects removed from it are removed
+    /// (a writer may be half-way through it).
+    #[arg(long, hide = true, default_value_t = 500)]
+    removal_quiet_ms: u64,
 }
 
 fn parse_conn_slots(s: &str) -> Result<u32, String> {
@@ -168,6 +172,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr: args.metrics_addr,
                 flow_log: args.flow_log,
                 outbound_addr: args.outbound_addr,
+                removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
             runtime.block_on(app::run(opts))?;

@@ -153,6 +153,8 @@ impl Drop for TestCgroup {
             }
             match fs::remove_dir(&self.path) {
                 Ok(()) => return,
+                // A test may remove its cgroup itself.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
                 Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => {
                     if !std::thread::panicking() {
@@ -255,11 +257,13 @@ pub struct AgentSpec<'a> {
     pub wait_ready: bool,
     /// Admin on this port, metrics on +20, readiness on +21 (two agents in one namespace).
     pub port_base: u16,
+    /// Read this configuration path instead of writing `yaml` to a directory of its own.
+    pub config_path: Option<PathBuf>,
 }
 
 impl<'a> AgentSpec<'a> {
     pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
-        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true, port_base: 15000 }
+        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true, port_base: 15000, config_path: None }
     }
 }
 
@@ -295,11 +299,17 @@ impl Agent {
             keep_datapath: spec.keep_datapath,
             log,
         };
-        agent.write_config(spec.yaml);
+        let config = match spec.config_path {
+            Some(path) => path,
+            None => {
+                agent.write_config(spec.yaml);
+                agent.config_dir.clone()
+            }
+        };
         let mut cmd = Command::new(mesh_bin());
         cmd.arg("agent")
             .arg("--config")
-            .arg(&agent.config_dir)
+            .arg(&config)
             .arg("--cgroup")
             .arg(&spec.cgroup.path)
             .arg("--bpffs")
@@ -334,7 +344,7 @@ impl Agent {
     }
 
     fn wait_ready(&mut self, ready: bool) {
-        let deadline = Instant::now() + Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("agent exited with {status}:\n{}", self.log());
@@ -344,9 +354,14 @@ impl Agent {
                 Ok(_) if !ready => return,
                 _ => {}
             }
-            assert!(Instant::now() < deadline, "agent not ready after 15s:\n{}", self.log());
+            assert!(Instant::now() < deadline, "agent not ready after 60s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where `/metrics` is served.
+    pub fn metrics_addr(&self) -> &str {
+        &self.metrics
     }
 
     pub fn config_dump(&self) -> Value {
@@ -497,10 +512,15 @@ pub fn backend_names(answer: &Value) -> Vec<String> {
 }
 
 /// Polls `done` every 10 ms for up to 5 s; panics with `what()` if it never holds.
-pub fn wait_until(mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(5);
+pub fn wait_until(done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    wait_until_for(Duration::from_secs(5), done, what)
+}
+
+/// `wait_until` with a longer limit, for what happens only after a timer of the agent's own.
+pub fn wait_until_for(limit: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = Instant::now() + limit;
     while !done() {
-        assert!(Instant::now() < deadline, "gave up after 5 s: {}", what());
+        assert!(Instant::now() < deadline, "gave up after {limit:?}: {}", what());
         std::thread::sleep(Duration::from_millis(10));
     }
 }

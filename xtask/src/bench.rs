@@ -82,16 +82,17 @@ impl Variant {
     }
 }
 
+mod control_plane;
 mod l7;
 mod stats_cost;
 
 pub fn run(suite: &str, only: &[String]) -> anyhow::Result<()> {
-    if suite == "l7" {
+    if suite == "l7" || suite == "control-plane" {
         // SAFETY: plain geteuid(2).
         anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
-        return l7::run();
+        return if suite == "l7" { l7::run() } else { control_plane::run() };
     }
-    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4` or `l7`");
+    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`, `l7` or `control-plane`");
     let cases = select(only)?;
     // SAFETY: plain geteuid(2).
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");

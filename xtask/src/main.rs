@@ -32,7 +32,8 @@ enum Command {
     },
     /// Balance real connections over three backends, change the endpoints, watch it follow.
     Demo,
-    /// Benchmarks, as ratios against a baseline in the same run (`l4`).
+    /// Benchmarks: `l4` and `l7` as ratios against a baseline in the same run, `control-plane`
+    /// at 10k Services / 100k endpoints.
     Bench {
         #[arg(default_value = "l4")]
         suite: String,

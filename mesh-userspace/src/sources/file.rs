@@ -363,7 +363,9 @@ impl FileSource {
         }
         let removed: Vec<ObjectId> = state.objects.keys().filter(|id| !objects.contains_key(*id)).cloned().collect();
         if removed.is_empty() {
-            self.removals.remove(file);
+            if self.removals.remove(file).is_some() {
+                tracing::info!(file = %file.display(), "the objects are back in the file; nothing is removed");
+            }
         } else if removal_due {
             self.removals.remove(file);
             changes.extend(removed.iter().map(|id| delete(&origin, id)));

@@ -75,6 +75,7 @@ fn main() {
         "echo-check" => echo_check(addr(), &args[2..]),
         "abort-serve" => abort_serve(addr(), count()),
         "send-until-error" => send_until_error(addr(), count()),
+        "wait-connect" => wait_connect(addr(), count()),
         _ => usage(),
     }
 }
@@ -540,5 +541,23 @@ fn raw(addr: SocketAddr, kind: &str) {
     match result {
         Ok(status) => println!("{}", json!({ "status": status })),
         Err(e) => println!("{}", json!({ "error": error_name(&e) })),
+    }
+}
+
+/// Connects to `addr` every 100 us until it works (for at most `timeout_ms`), then prints when,
+/// in wall-clock nanoseconds, so another process can time a change it made.
+fn wait_connect(addr: SocketAddr, timeout_ms: usize) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(timeout_ms as u64);
+    loop {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            let at = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_nanos() as u64;
+            println!("{}", json!({ "connected_at_ns": at }));
+            return;
+        }
+        if std::time::Instant::now() >= deadline {
+            println!("{}", json!({ "error": "timeout" }));
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(100));
     }
 }

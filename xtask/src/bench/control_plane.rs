@@ -1,0 +1,216 @@
+//! `cargo xtask bench control-plane`: how the agent copes with a big cluster's worth of
+//! Services (release build, in a network namespace of its own).
+//!
+//! 10,000 Services and 100,000 endpoints in EndpointSlices of 100, in 100 files of 100 Services.
+//! Measured: cold start to ready (the kernel holds everything), one endpoint change from the
+//! file's rename to the kernel using it, a Service added the same way, `/metrics` scrape times
+//! (also while a change is applied), and the agent's RSS. "The kernel uses it" is observed from
+//! a process in the attached cgroup that connects every 100 us: to a Service whose only
+//! endpoint turns ready, or to the VIP of a Service that did not exist.
+use std::{
+    fs,
+    path::Path,
+    process::Stdio,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context as _;
+use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, http_get, in_netns};
+use serde_json::{Value, json};
+
+use crate::bootstrap::{release_bin, workspace_root};
+
+const SERVICES: usize = 10_000;
+const ENDPOINTS: usize = 100_000;
+const SLICE: usize = 100;
+const PER_FILE: usize = 100;
+/// The listener the timed changes point at.
+const TARGET: &str = "127.0.0.50";
+const CHANGES: usize = 5;
+
+fn vip(i: usize) -> String {
+    format!("10.96.{}.{}", i / 250, i % 250 + 1)
+}
+
+fn service_yaml(i: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: bench}}\nspec:\n  clusterIP: {}\n  ports: [{{name: http, port: 80}}]\n---\n",
+        vip(i)
+    )
+}
+
+/// Slice `j` of Service `i`: `SLICE` endpoints (pod addresses in 10.128/9, never dialled).
+fn slice_yaml(i: usize, j: usize, endpoints: &[String]) -> String {
+    let mut y = format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-{j}\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n"
+    );
+    for e in endpoints {
+        y.push_str(&format!("- addresses: [\"{e}\"]\n  conditions: {{ready: true}}\n  nodeName: node-a\n"));
+    }
+    y.push_str("---\n");
+    y
+}
+
+fn endpoint(n: usize) -> String {
+    format!("10.{}.{}.{}", 128 + n / 65_536, (n / 256) % 256, n % 256)
+}
+
+/// The text of file `f`; Service 0 of each file is the probe Service, whose one endpoint is
+/// `TARGET` (ready or not) instead of a slice of pod addresses.
+fn file_text(f: usize, probe_ready: bool) -> String {
+    let slices = ENDPOINTS / SLICE;
+    let mut text = String::new();
+    for i in f * PER_FILE..(f + 1) * PER_FILE {
+        text.push_str(&service_yaml(i));
+        if i % PER_FILE == 0 {
+            text.push_str(&format!(
+                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n  conditions: {{ready: {probe_ready}}}\n---\n"
+            ));
+            continue;
+        }
+        // Slices spread over the Services: slice k belongs to Service k * SERVICES / slices.
+        for k in (i * slices).div_ceil(SERVICES)..((i + 1) * slices).div_ceil(SERVICES) {
+            let endpoints: Vec<String> = (k * SLICE..(k + 1) * SLICE).map(endpoint).collect();
+            text.push_str(&slice_yaml(i, k, &endpoints));
+        }
+    }
+    text
+}
+
+fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    fs::write(&tmp, text)?;
+    fs::rename(&tmp, dir.join(name))?;
+    Ok(())
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos() as u64
+}
+
+/// Starts a process in the cgroup that connects to `addr` until it works; returns it.
+fn waiter(cgroup: &TestCgroup, addr: &str) -> anyhow::Result<std::process::Child> {
+    cgroup.command(release_bin("mesh-probe")).args(["wait-connect", addr, "30000"]).stdout(Stdio::piped()).spawn().context("mesh-probe")
+}
+
+/// Milliseconds from `since_ns` until the waiter connected.
+fn waited_ms(child: std::process::Child, since_ns: u64) -> anyhow::Result<f64> {
+    let out = child.wait_with_output()?;
+    let answer: Value = serde_json::from_slice(&out.stdout).context("mesh-probe output")?;
+    let at = answer["connected_at_ns"].as_u64().with_context(|| format!("the change never reached the kernel: {answer}"))?;
+    Ok(at.saturating_sub(since_ns) as f64 / 1e6)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn scrape_ms(addr: &str) -> f64 {
+    let started = Instant::now();
+    let _ = http_get(addr, "/metrics");
+    started.elapsed().as_secs_f64() * 1000.0
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+    // utime and stime are fields 14 and 15 of stat: 12 and 13 after the command.
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+pub fn run() -> anyhow::Result<()> {
+    // SAFETY: set before any thread of ours reads the environment.
+    unsafe {
+        std::env::set_var("MESH_BIN", release_bin("mesh"));
+        std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
+    }
+    let result = in_netns(|| -> anyhow::Result<Value> {
+        let _target = Backend::start("target", &[&format!("{TARGET}:8080")]);
+        let cgroup = TestCgroup::new("bench-cp");
+        let dir = std::env::temp_dir().join(mesh_tests::unique_name("bench-cp"));
+        fs::create_dir_all(&dir)?;
+        println!("[bench control-plane] writing {SERVICES} Services, {ENDPOINTS} endpoints in slices of {SLICE}, {} files", SERVICES / PER_FILE);
+        for f in 0..SERVICES / PER_FILE {
+            write_atomically(&dir, &format!("f{f:03}.yaml"), &file_text(f, false))?;
+        }
+        let bytes: u64 = fs::read_dir(&dir)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
+
+        let started = Instant::now();
+        let agent = Agent::start(AgentSpec { config_path: Some(dir.clone()), ..AgentSpec::new("", &cgroup) });
+        let ready_s = started.elapsed().as_secs_f64();
+        let pid = agent.pid();
+        let cpu_start_ms = cpu_ms(pid);
+        println!("[bench control-plane] ready after {ready_s:.2} s ({:.0} ms CPU)", cpu_start_ms);
+        let metrics = agent.metrics_addr().to_owned();
+        let idle_scrapes: Vec<f64> = (0..5).map(|_| scrape_ms(&metrics)).collect();
+
+        // One endpoint changed: the probe Service of file f turns its endpoint ready.
+        let mut change_ms = Vec::new();
+        let mut busy_scrapes = Vec::new();
+        let mut change_cpu_ms = Vec::new();
+        for f in 0..CHANGES {
+            let vip = format!("{}:80", vip(f * PER_FILE));
+            let child = waiter(&cgroup, &vip)?;
+            std::thread::sleep(Duration::from_millis(200));
+            let text = file_text(f, true);
+            let cpu_before = cpu_ms(pid);
+            let t0 = now_ns();
+            write_atomically(&dir, &format!("f{f:03}.yaml"), &text)?;
+            busy_scrapes.push(scrape_ms(&metrics));
+            change_ms.push(waited_ms(child, t0)?);
+            std::thread::sleep(Duration::from_millis(300));
+            change_cpu_ms.push(cpu_ms(pid) - cpu_before);
+        }
+        println!("[bench control-plane] one endpoint change: {:?} ms", change_ms);
+
+        // A Service added (a new file).
+        let mut add_ms = Vec::new();
+        for n in 0..CHANGES {
+            let i = SERVICES + n;
+            let child = waiter(&cgroup, &format!("{}:80", vip(i)))?;
+            std::thread::sleep(Duration::from_millis(200));
+            let text = format!(
+                "{}apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n---\n",
+                service_yaml(i)
+            );
+            let t0 = now_ns();
+            write_atomically(&dir, &format!("new{n}.yaml"), &text)?;
+            add_ms.push(waited_ms(child, t0)?);
+        }
+        println!("[bench control-plane] a Service added: {:?} ms", add_ms);
+        let rss = rss_mib(pid);
+        agent.stop();
+        let _ = fs::remove_dir_all(&dir);
+        Ok(json!({
+            "suite": "control-plane",
+            "services": SERVICES,
+            "endpoints": ENDPOINTS,
+            "slice_size": SLICE,
+            "files": SERVICES / PER_FILE,
+            "config_mib": bytes as f64 / 1048576.0,
+            "cold_start_s": ready_s,
+            "cold_start_cpu_ms": cpu_start_ms,
+            "endpoint_change_ms": { "median": median(change_ms.clone()), "max": change_ms.iter().copied().fold(0.0, f64::max), "all": change_ms },
+            "endpoint_change_cpu_ms": median(change_cpu_ms),
+            "service_added_ms": { "median": median(add_ms.clone()), "all": add_ms },
+            "scrape_ms": { "idle_median": median(idle_scrapes), "during_change_max": busy_scrapes.iter().copied().fold(0.0, f64::max) },
+            "rss_mib": rss,
+        }))
+    })?;
+    let out = workspace_root().join("target/bench");
+    fs::create_dir_all(&out)?;
+    let file = out.join("control-plane.json");
+    fs::write(&file, serde_json::to_string_pretty(&result)?)?;
+    println!("\n{}", serde_json::to_string_pretty(&result)?);
+    println!("[bench control-plane] written to {}", file.display());
+    Ok(())
+}
