@@ -1,8 +1,9 @@
 //! The kernel side as the agent sees it: loading, attaching and pinning the programs
 //! (`loader`), the pinned service maps behind the `Datapath` trait (`maps`), the live-connection
-//! table (`conn_table`), what the attached programs cost (`programs`), and an in-memory
+//! table (`conn_table`), the connection records (`events`), what the attached programs cost (`programs`), and an in-memory
 //! `Datapath` for tests (`fake`).
 pub mod conn_table;
+pub mod events;
 pub mod fake;
 pub mod loader;
 pub mod maps;

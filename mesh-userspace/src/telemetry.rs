@@ -14,17 +14,16 @@ pub mod metrics;
 use std::{
     collections::HashMap,
     io::Write,
-    path::{Path, PathBuf},
+    path::PathBuf,
     sync::{Arc, Mutex, RwLock},
     time::Duration,
 };
 
-use aya::maps::{MapData, RingBuf};
 use prometheus_client::metrics::counter::Counter;
-use mesh_common::{ConnEvent, ConnValue, conn_event, map_names};
+use mesh_common::{ConnEvent, ConnValue, conn_event};
 
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
-use crate::ebpf::conn_table::ConnTable;
+use crate::ebpf::{conn_table::ConnTable, events::EventRing};
 
 /// How often the live-connection table is read (openings and byte counters).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -253,7 +252,8 @@ fn istio_bytes(conn: &ConnValue) -> (u64, u64) {
 /// Reads connection records from the pinned ring buffer until the task is dropped, and scans
 /// live connections every SCAN_INTERVAL (sweeping out dead dials as it goes).
 pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
-    let (ring, mut table) = match open_events(&pin_dir).and_then(|ring| Ok((ring, ConnTable::open(&pin_dir)?))) {
+    let opened = EventRing::open(&pin_dir).map_err(|e| e.to_string()).and_then(|ring| Ok((ring, ConnTable::open(&pin_dir)?)));
+    let (ring, mut table) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             tracing::error!("connection records unavailable: {e}");
@@ -287,20 +287,6 @@ pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
     }
 }
 
-fn drain(ring: &mut RingBuf<MapData>, telemetry: &Telemetry) {
-    while let Some(item) = ring.next() {
-        if item.len() < size_of::<ConnEvent>() {
-            continue;
-        }
-        // SAFETY: the kernel writes whole ConnEvents; read_unaligned copies it out.
-        let event = unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<ConnEvent>()) };
-        telemetry.record(&event);
-    }
-}
-
-fn open_events(pin_dir: &Path) -> Result<RingBuf<MapData>, String> {
-    let path = pin_dir.join(map_names::EVENTS);
-    let data = MapData::from_pin(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let map = aya::maps::Map::from_map_data(data).map_err(|e| format!("{}: {e}", path.display()))?;
-    RingBuf::try_from(map).map_err(|e| format!("{}: {e}", path.display()))
+fn drain(ring: &mut EventRing, telemetry: &Telemetry) {
+    ring.drain(|event| telemetry.record(event));
 }

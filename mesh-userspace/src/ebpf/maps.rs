@@ -27,7 +27,7 @@ pub struct PinnedMaps {
     drops: PerCpuArray<MapData, u64>,
 }
 
-fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
+pub(super) fn open_map(dir: &Path, name: &str) -> Result<Map, DatapathError> {
     let path = dir.join(name);
     let data = MapData::from_pin(&path).map_err(|source| DatapathError::Open { path: path.clone(), source })?;
     Map::from_map_data(data).map_err(|source| DatapathError::Open { path, source })
