@@ -5,11 +5,12 @@
 pub mod conn_table;
 pub mod events;
 pub mod fake;
+pub mod image;
 pub mod loader;
 pub mod maps;
 pub mod programs;
 
-use crate::sync::{MapImage, Op};
+use self::image::{MapImage, Op};
 
 /// Embedded kernel programs, built by build.rs.
 pub static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh-ebpf"));

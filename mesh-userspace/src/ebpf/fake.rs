@@ -1,6 +1,6 @@
 //! An in-memory `Datapath`, so reconciliation can be tested without a kernel.
 use super::{Datapath, DatapathError};
-use crate::sync::{MapImage, Op};
+use super::image::{MapImage, Op};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {

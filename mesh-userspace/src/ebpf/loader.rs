@@ -304,7 +304,7 @@ pub fn set_proxy(pin_dir: &Path, addr: std::net::SocketAddr) -> Result<(), LoadE
     let map = MapData::from_pin(pin_dir.join(map_names::PROXY)).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
     let map = aya::maps::Map::from_map_data(map).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
     let mut proxy: Array<MapData, ProxyAddr> = Array::try_from(map).map_err(|e| LoadError::Map(map_names::PROXY, e))?;
-    let value = ProxyAddr { addr: crate::sync::addr_of(addr.ip()), port_be: addr.port().to_be(), _pad16: 0, _pad32: 0 };
+    let value = ProxyAddr { addr: super::image::addr_of(addr.ip()), port_be: addr.port().to_be(), _pad16: 0, _pad32: 0 };
     proxy.set(0, &value, 0).map_err(|e| LoadError::Map(map_names::PROXY, e))
 }
 

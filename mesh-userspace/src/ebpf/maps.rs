@@ -9,7 +9,7 @@ use mesh_common::{
 };
 
 use super::{Datapath, DatapathError, conn_table::ConnTable};
-use crate::sync::{MapImage, Op, addr_of, ip_of};
+use super::image::{MapImage, Op, addr_of, ip_of};
 
 pub struct PinnedMaps {
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,

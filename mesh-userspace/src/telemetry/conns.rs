@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::{
     ebpf::conn_table::{ConnTable, monotonic_ns},
-    sync::ip_of,
+    ebpf::image::ip_of,
 };
 
 /// One connection, from the point of view of the socket in the attached cgroup.

@@ -7,7 +7,7 @@ use mesh_common::{ConnValue, direction};
 
 use super::metrics::TcpLabels;
 pub use crate::state::ObjectKey as Named;
-use crate::sync::ip_of;
+use crate::ebpf::image::ip_of;
 
 const UNKNOWN: &str = "unknown";
 
@@ -78,8 +78,8 @@ mod tests {
         ids.workloads.insert("10.0.0.2".parse().unwrap(), Named { name: "web".into(), namespace: "shop".into() });
         let conn = ConnValue {
             direction: direction::OUTBOUND,
-            local: crate::sync::addr_of("10.0.0.1".parse().unwrap()),
-            remote: crate::sync::addr_of("10.0.0.2".parse().unwrap()),
+            local: crate::ebpf::image::addr_of("10.0.0.1".parse().unwrap()),
+            remote: crate::ebpf::image::addr_of("10.0.0.2".parse().unwrap()),
             service_id: 7,
             ..Default::default()
         };
