@@ -1,7 +1,6 @@
 //! The `mesh` command line.
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use crate::{app, check, ebpf::maps::PinnedMaps, ebpf::Datapath as _, host, state::NodeContext};
@@ -194,7 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Services { json, bpffs } => {
-            let maps = PinnedMaps::open(&bpffs).with_context(|| format!("is an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display()))?;
+            let maps = PinnedMaps::open(&bpffs).map_err(|e| pins_error(&bpffs, &crate::ebpf::error_chain(&e)))?;
             let rows = maps.read_image()?.service_rows();
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -220,13 +219,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Programs { json, sample, bpffs } => {
-            let hint = || format!("is an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display());
             let window = sample.map(Duration::from_secs_f64);
             let rows = match window {
                 Some(w) => crate::ebpf::programs::sample(&bpffs, w),
                 None => crate::ebpf::programs::attached(&bpffs),
             }
-            .with_context(hint)?;
+            .map_err(|e| pins_error(&bpffs, &format!("{e:#}")))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
@@ -235,8 +233,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Conns { json, watch, bpffs } => loop {
-            let rows = crate::telemetry::conns::rows(&bpffs)
-                .map_err(|e| anyhow::anyhow!("{e} (is an agent running, or was it stopped with --keep-datapath?)"))?;
+            let rows = crate::telemetry::conns::rows(&bpffs).map_err(|e| pins_error(&bpffs, &e))?;
             if watch {
                 print!("\x1b[2J\x1b[H");
             }
@@ -278,4 +275,17 @@ fn validate_config(path: &std::path::Path) -> Result<(usize, usize, usize), crat
         }
     }
     if errors.is_empty() { Ok(store.counts()) } else { Err(ConfigErrors(errors)) }
+}
+
+/// Why the pinned state under `bpffs` could not be read, said so that the cause is clear: a
+/// permission problem names the errno and what is needed; only a missing pin suggests that no
+/// agent runs.
+fn pins_error(bpffs: &std::path::Path, error: &dyn std::fmt::Display) -> anyhow::Error {
+    let text = error.to_string();
+    let denied = ["Permission denied", "Operation not permitted", "os error 1)", "os error 13)"];
+    if denied.iter().any(|d| text.contains(d)) {
+        anyhow::anyhow!("{text}\nreading mesh's pinned maps under {} needs root (CAP_BPF and CAP_SYS_ADMIN): run it with sudo", bpffs.display())
+    } else {
+        anyhow::anyhow!("{text}\nis an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display())
+    }
 }

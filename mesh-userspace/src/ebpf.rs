@@ -39,3 +39,19 @@ pub trait Datapath {
     fn apply(&mut self, op: &Op) -> Result<(), DatapathError>;
     fn read_image(&self) -> Result<MapImage, DatapathError>;
 }
+
+/// An error with every cause behind it, `a: b: c`: aya's errors put the errno in a source, and
+/// a message without it hides why (permission? missing pin?).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}

@@ -231,3 +231,29 @@ fn an_agent_that_cannot_attach_leaves_nothing_pinned() {
         let _ = std::fs::remove_dir(&not_a_cgroup);
     });
 }
+
+#[test]
+fn the_cli_without_privileges_names_the_errno_and_does_not_blame_a_missing_agent() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("unprivileged");
+        let agent = Agent::start(AgentSpec::new(&web(vec![Endpoint::ready("127.0.0.11")]), &cgroup));
+        // A copy anyone may run: the build tree may not be reachable for `nobody`.
+        let bin = std::env::temp_dir().join(unique_name("mesh-cli"));
+        std::fs::copy(mesh_bin(), &bin).expect("copy mesh");
+        for args in [&["services"][..], &["conns"][..]] {
+            // As `nobody`: setuid away from root clears every capability.
+            let out = std::os::unix::process::CommandExt::gid(std::os::unix::process::CommandExt::uid(&mut Command::new(&bin), 65534), 65534)
+                .args(args)
+                .args(["--bpffs", agent.bpffs.to_str().unwrap()])
+                .output()
+                .expect("mesh as nobody");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} worked without privileges:\n{stderr}");
+            assert!(stderr.contains("Permission denied") || stderr.contains("not permitted"), "{args:?}: names the errno:\n{stderr}");
+            assert!(stderr.contains("needs root"), "{args:?}:\n{stderr}");
+            assert!(!stderr.contains("is an agent running"), "{args:?}: the agent is running; the cause is permissions:\n{stderr}");
+        }
+        let _ = std::fs::remove_file(&bin);
+        agent.stop();
+    });
+}

@@ -28,21 +28,22 @@ pub struct Occupancy {
 impl ConnTable {
     pub fn open(pin_dir: &Path) -> Result<Self, String> {
         let slots_path = pin_dir.join(map_names::CONNS);
-        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", slots_path.display());
+        let at = |e: &(dyn std::error::Error + 'static)| format!("{}: {}", slots_path.display(), super::error_chain(e));
         let slots = MapData::from_pin(&slots_path).map_err(|e| at(&e))?;
         let info = slots.info().map_err(|e| at(&e))?;
         if info.max_entries() != sizes::CONN_SLOTS || info.value_size() as usize != size_of::<ConnValue>() {
-            return Err(at(&format!(
-                "{} slots of {} bytes, expected {} of {} (pinned by another mesh version?)",
+            return Err(format!(
+                "{}: {} slots of {} bytes, expected {} of {} (pinned by another mesh version?)",
+                slots_path.display(),
                 info.max_entries(),
                 info.value_size(),
                 sizes::CONN_SLOTS,
                 size_of::<ConnValue>()
-            )));
+            ));
         }
 
         let overflow_path = pin_dir.join(map_names::CONNS_OVERFLOW);
-        let at = |e: &dyn std::fmt::Display| format!("{}: {e}", overflow_path.display());
+        let at = |e: &(dyn std::error::Error + 'static)| format!("{}: {}", overflow_path.display(), super::error_chain(e));
         let map = Map::from_map_data(MapData::from_pin(&overflow_path).map_err(|e| at(&e))?).map_err(|e| at(&e))?;
         let overflow = HashMap::try_from(map).map_err(|e| at(&e))?;
         Ok(Self { slots, overflow })
