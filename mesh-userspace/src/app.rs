@@ -279,6 +279,12 @@ async fn run_source(
                 feed.publish(store.snapshot(), []);
                 let (services, slices, routes) = store.counts();
                 tracing::info!(services, slices, routes, generation = status.generation, "configuration read");
+                // Reading everything once parsed far more than is kept: give the pages back.
+                #[cfg(target_env = "gnu")]
+                // SAFETY: malloc_trim only releases free heap memory.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
             }
         }
     }

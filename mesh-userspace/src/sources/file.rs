@@ -33,6 +33,12 @@ type ObjectId = (Kind, String, String);
 /// Parses one file's text into typed objects. Kinds other than those mesh reads are skipped:
 /// standalone YAML often holds the Deployments too.
 pub fn parse(file: &Path, text: &str) -> Result<Vec<Object>, ConfigErrors> {
+    Ok(parse_hashed(file, text)?.into_iter().map(|(object, _)| object).collect())
+}
+
+/// `parse`, with a hash of each object's document: what the source keeps to tell a changed
+/// object from an unchanged one without keeping the object itself.
+fn parse_hashed(file: &Path, text: &str) -> Result<Vec<(Object, u64)>, ConfigErrors> {
     let mut ctx = Parse { origin: Origin::File(file.to_owned()), objects: Vec::new(), errors: Vec::new() };
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let object = format!("document {}", index + 1);
@@ -50,7 +56,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<Object>, ConfigErrors> {
 
 struct Parse {
     origin: Origin,
-    objects: Vec<Object>,
+    objects: Vec<(Object, u64)>,
     errors: Vec<ConfigError>,
 }
 
@@ -78,7 +84,7 @@ impl Parse {
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 // v1beta1 is field-compatible; the generated type accepts v1 only.
                 set_api_version(&mut value, "gateway.networking.k8s.io/v1");
-                self.typed(value, named.replace("HTTPRoute", "HTTPRoute"), |o| Object::HttpRoute(Arc::new(o)))
+                self.typed(value, named, |o| Object::HttpRoute(Arc::new(o)))
             }
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
                 set_api_version(&mut value, "gateway.networking.k8s.io/v1");
@@ -101,8 +107,11 @@ impl Parse {
 
     /// Deserializes a document as `T`, naming the field of a type error.
     fn typed<T: serde::de::DeserializeOwned>(&mut self, value: serde_yaml::Value, named: String, wrap: impl FnOnce(T) -> Object) {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        value.hash(&mut hasher);
+        let hash = hasher.finish();
         match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => self.objects.push(wrap(v)),
+            Ok(v) => self.objects.push((wrap(v), hash)),
             Err(e) => {
                 let field = e.path().to_string();
                 let field = if field == "." { String::new() } else { field };
@@ -181,10 +190,11 @@ struct Seen {
     everything: bool,
 }
 
-/// What the store holds from one file.
+/// What the store holds from one file: its objects by a hash of their document (the objects
+/// themselves live in the store, compacted).
 #[derive(Default)]
 struct FileState {
-    objects: BTreeMap<ObjectId, Object>,
+    objects: BTreeMap<ObjectId, u64>,
     /// Hash of the text last handled (applied or rejected), to skip events that changed nothing.
     handled: Option<u64>,
     /// The store refused its last batch (retried after any other file's batch is accepted).
@@ -197,7 +207,7 @@ struct FileState {
 struct InFlight {
     file: PathBuf,
     hash: u64,
-    objects: BTreeMap<ObjectId, Object>,
+    objects: BTreeMap<ObjectId, u64>,
 }
 
 pub struct FileSource {
@@ -232,14 +242,24 @@ impl FileSource {
                 wake_cb.notify_one();
                 return;
             };
-            // Our own reads raise access events; only changes matter.
-            if matches!(event.kind, notify::EventKind::Access(_)) {
-                return;
-            }
+            // A file is read once its writer is done with it (closed after writing, renamed
+            // into place, removed), not at every write: a file is not read half-written. Our
+            // own reads raise access events, which do not count either.
+            use notify::event::{AccessKind, AccessMode, CreateKind, ModifyKind};
+            let settled = match event.kind {
+                notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                notify::EventKind::Access(_) => false,
+                notify::EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
+                notify::EventKind::Create(CreateKind::File) => false,
+                _ => true,
+            };
             let mut seen = seen_cb.lock().expect("watch lock");
             let config_is_dir = config.is_dir();
             for p in &event.paths {
                 if config_is_dir && p.parent() == Some(config.as_path()) {
+                    if !settled {
+                        continue;
+                    }
                     if is_config_file(p) {
                         seen.files.insert(p.clone());
                     } else {
@@ -248,10 +268,14 @@ impl FileSource {
                     }
                 } else if *p == config {
                     // The directory replaced or re-pointed, or the config file itself.
+                    if !settled && !config_is_dir {
+                        continue;
+                    }
                     if config_is_dir || !config.exists() {
                         seen.everything = true;
+                    } else {
+                        seen.files.insert(p.clone());
                     }
-                    seen.files.insert(p.clone());
                 }
                 // Anything else is a sibling of the config path (an editor's temporary file).
             }
@@ -342,7 +366,7 @@ impl FileSource {
             state.handled = Some(hash);
             return None;
         }
-        let parsed = match parse(file, &text) {
+        let parsed = match parse_hashed(file, &text) {
             Ok(parsed) => parsed,
             Err(errors) => {
                 state.handled = Some(hash);
@@ -353,13 +377,13 @@ impl FileSource {
         // Every parsed object goes to the store when it is new or changed; a name used twice in
         // the file goes twice, for the store to name the duplicate.
         let mut changes: Vec<Change> = Vec::new();
-        let mut objects: BTreeMap<ObjectId, Object> = BTreeMap::new();
-        for object in parsed {
+        let mut objects: BTreeMap<ObjectId, u64> = BTreeMap::new();
+        for (object, object_hash) in parsed {
             let id = id_of(&object);
-            if objects.contains_key(&id) || state.objects.get(&id) != Some(&object) {
-                changes.push(Change::Upsert { origin: origin.clone(), object: object.clone() });
+            if objects.contains_key(&id) || state.objects.get(&id) != Some(&object_hash) {
+                changes.push(Change::Upsert { origin: origin.clone(), object });
             }
-            objects.insert(id, object);
+            objects.insert(id, object_hash);
         }
         let removed: Vec<ObjectId> = state.objects.keys().filter(|id| !objects.contains_key(*id)).cloned().collect();
         if removed.is_empty() {
@@ -376,7 +400,7 @@ impl FileSource {
                 self.removals.insert(file.to_owned(), (hash, now + self.quiet));
             }
             for id in removed {
-                let kept = state.objects[&id].clone();
+                let kept = state.objects[&id];
                 objects.insert(id, kept);
             }
         }
@@ -401,8 +425,8 @@ fn watch_parent(path: &Path) -> PathBuf {
     }
 }
 
-/// Events in a burst (an editor's write, rename, chmod) are taken together.
-const DEBOUNCE: Duration = Duration::from_millis(10);
+/// Events of one act (a rename is two) are taken together.
+const DEBOUNCE: Duration = Duration::from_millis(1);
 
 impl Source for FileSource {
     async fn next(&mut self) -> Option<Update> {

@@ -34,7 +34,6 @@ impl fmt::Display for LbServiceKey {
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct BackendSpec {
     pub addr: SocketAddr,
-    pub workload: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,7 +67,7 @@ pub fn balanced(service: &ServiceSpec, slices: &[&SliceSpec], routed: bool, node
             let candidates = candidates(slices, &key);
             let backends = usable(&candidates, service, node)
                 .into_iter()
-                .map(|(addr, ep)| BackendSpec { addr, workload: ep.workload.clone() })
+                .map(|(addr, _)| BackendSpec { addr })
                 .collect();
             out.push(LbService {
                 key,

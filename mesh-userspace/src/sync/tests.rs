@@ -19,7 +19,7 @@ fn lb(name: &str, vip: &str, backends: &[&str], algorithm: Algorithm) -> LbServi
         algorithm,
         affinity_timeout_s: None,
         l7: false,
-        backends: backends.iter().map(|b| BackendSpec { addr: b.parse().unwrap(), workload: None }).collect(),
+        backends: backends.iter().map(|b| BackendSpec { addr: b.parse().unwrap() }).collect(),
     }
 }
 

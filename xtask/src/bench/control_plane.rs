@@ -152,6 +152,9 @@ pub fn run() -> anyhow::Result<()> {
         println!("[bench control-plane] ready after {ready_s:.2} s ({:.0} ms CPU)", cpu_start_ms);
         let metrics = agent.metrics_addr().to_owned();
         let idle_scrapes: Vec<f64> = (0..5).map(|_| scrape_ms(&metrics)).collect();
+        let backends = agent.metric("mesh_map_entries", &[("map", "mesh_backends")]);
+        anyhow::ensure!(backends as usize >= ENDPOINTS, "the kernel holds {backends} backends after start, not {ENDPOINTS}");
+        let rss_started = rss_mib(pid);
 
         // One endpoint changed: the probe Service of file f turns its endpoint ready.
         let mut change_ms = Vec::new();
@@ -203,7 +206,8 @@ pub fn run() -> anyhow::Result<()> {
             "endpoint_change_cpu_ms": median(change_cpu_ms),
             "service_added_ms": { "median": median(add_ms.clone()), "all": add_ms },
             "scrape_ms": { "idle_median": median(idle_scrapes), "during_change_max": busy_scrapes.iter().copied().fold(0.0, f64::max) },
-            "rss_mib": rss,
+            "rss_mib": { "after_start": rss_started, "after_changes": rss },
+            "kernel_backends": backends,
         }))
     })?;
     let out = workspace_root().join("target/bench");
