@@ -89,6 +89,8 @@ struct Agent {
     maps: Mutex<PinnedMaps>,
     /// Entries of the kernel-written maps, counted on a timer.
     kernel_entries: Mutex<Vec<(&'static str, usize)>>,
+    /// Files the source has read, and how many of them `/metrics` has counted.
+    file_reads: Mutex<(Arc<std::sync::atomic::AtomicU64>, u64)>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -103,6 +105,18 @@ impl Agent {
         for (map, n) in service_maps.into_iter().chain(kernel_maps) {
             metrics.map_entries.get_or_create(&MapLabels { map: map.to_owned() }).set(n as i64);
         }
+        {
+            let mut reads = self.file_reads.lock().expect("reads lock");
+            let now = reads.0.load(std::sync::atomic::Ordering::Relaxed);
+            metrics.config_file_reads.inc_by(now.saturating_sub(reads.1));
+            reads.1 = now;
+        }
+        {
+            let status = self.status.lock().expect("status lock");
+            metrics.config_generation.set(status.generation as i64);
+            metrics.config_rejected.set(status.rejected.len() as i64);
+        }
+        metrics.kernel_generation.set(self.sync.borrow().generation as i64);
         let maps = self.maps.lock().expect("maps lock");
         for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS)] {
             metrics.dropped.get_or_create(&DropLabels { reason: reason.to_owned() }).set(maps.drops(index) as i64);
@@ -347,6 +361,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
     let outbound = Arc::new(Outbound::new(Box::new(orig_dst), snapshot_rx, telemetry.clone()));
+    let source = FileSource::new(&opts.config, opts.removal_quiet).with_context(|| format!("watching {}", opts.config.display()))?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),
         cgroup: cgroup.clone(),
@@ -355,13 +370,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
         sync: report_rx.clone(),
         maps: Mutex::new(PinnedMaps::open(&opts.bpffs)?),
         kernel_entries: Mutex::new(Vec::new()),
+        file_reads: Mutex::new((source.reads(), 0)),
         telemetry: telemetry.clone(),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
     }
 
-    let source = FileSource::new(&opts.config, opts.removal_quiet).with_context(|| format!("watching {}", opts.config.display()))?;
     let source_task = tokio::spawn(run_source(agent.clone(), source, store, feed.clone(), snapshot_tx));
     let ids_task = tokio::spawn({
         let (mut report, telemetry) = (report_rx, telemetry.clone());

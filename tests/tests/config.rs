@@ -181,3 +181,72 @@ fn removing_the_attached_cgroup_makes_the_agent_unready_and_says_why() {
         // TestCgroup's drop tolerates a cgroup that is already gone.
     });
 }
+
+/// Writes a ConfigMap volume's next version as kubelet's atomic writer does: a new timestamped
+/// directory, `..data` swapped to it by rename, user-visible symlinks for new keys, the old
+/// directory removed.
+fn configmap_update(dir: &Path, version: u32, files: &[(&str, &str)]) {
+    let stamped = dir.join(format!("..2026_12_03_{version}"));
+    fs::create_dir(&stamped).expect("timestamped dir");
+    for (name, text) in files {
+        fs::write(stamped.join(name), text).expect("key");
+    }
+    let old = fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    symlink(stamped.file_name().unwrap(), &tmp).expect("..data_tmp");
+    fs::rename(&tmp, dir.join("..data")).expect("swap ..data");
+    for (name, _) in files {
+        let visible = dir.join(name);
+        if !visible.exists() {
+            symlink(Path::new("..data").join(name), &visible).expect("key link");
+        }
+    }
+    if let Some(old) = old {
+        fs::remove_dir_all(dir.join(old)).expect("old version");
+    }
+}
+
+#[test]
+fn a_configmap_volume_update_is_applied_new_keys_included() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("configmap");
+        let dir = std::env::temp_dir().join(unique_name("configmap"));
+        fs::create_dir_all(&dir).expect("volume");
+        configmap_update(&dir, 1, &[("web.yaml", &web(vec![Endpoint::ready("127.0.0.11")]))]);
+        let agent = Agent::start(AgentSpec { config_path: Some(dir.clone()), ..AgentSpec::new("", &cgroup) });
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        configmap_update(&dir, 2, &[("web.yaml", &web(vec![Endpoint::ready("127.0.0.12")]))]);
+        agent.wait_backends(VIP, &["127.0.0.12:8080"]);
+        // A key added: a new symlink, after the swap.
+        configmap_update(&dir, 3, &[("web.yaml", &web(vec![Endpoint::ready("127.0.0.12")])), ("api.yaml", &api("127.0.0.21"))]);
+        agent.wait_backends("10.96.0.20:80", &["127.0.0.21:8080"]);
+        agent.stop();
+        let _ = fs::remove_dir_all(&dir);
+    });
+}
+
+#[test]
+fn an_idle_agent_does_not_read_its_configuration_again() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("idle-reads");
+        let agent = Agent::start(AgentSpec::new(&web(vec![Endpoint::ready("127.0.0.11")]), &cgroup));
+        let dir = &agent.config_dir;
+        for i in 0..20 {
+            fs::write(dir.join(format!("extra{i:02}.yaml")), "# nothing yet\n").expect("extra file");
+        }
+        // A ConfigMap-style swap makes the agent list and compare every file once.
+        fs::create_dir(dir.join("..2026_12_03_1")).expect("dir");
+        symlink("..2026_12_03_1", dir.join("..data")).expect("..data");
+        agent.write_config(&web(vec![Endpoint::ready("127.0.0.12")]));
+        agent.wait_backends(VIP, &["127.0.0.12:8080"]);
+        let reads = || agent.metric("mesh_config_file_reads_total", &[]);
+        let before = reads();
+        // One more change, and the time it takes to apply, is all the agent reads: one file
+        // (listing the directory must not make it read everything again, and again).
+        agent.write_config(&web(vec![Endpoint::ready("127.0.0.13")]));
+        agent.wait_backends(VIP, &["127.0.0.13:8080"]);
+        let after = reads();
+        assert!(after - before <= 2.0, "read {} files for one change of one file", after - before);
+        agent.stop();
+    });
+}

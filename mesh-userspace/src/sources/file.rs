@@ -226,6 +226,8 @@ pub struct FileSource {
     in_flight: Option<InFlight>,
     /// The first pass over every file has been delivered.
     synced: bool,
+    /// Files read so far (shared with whoever reports it).
+    reads: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FileSource {
@@ -250,7 +252,9 @@ impl FileSource {
                 notify::EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
                 notify::EventKind::Access(_) => false,
                 notify::EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
-                notify::EventKind::Create(CreateKind::File) => false,
+                // A new file is read once written and closed; a new symlink (a ConfigMap key
+                // added) has nothing more coming.
+                notify::EventKind::Create(CreateKind::File) => event.paths.iter().any(|p| p.is_symlink()),
                 _ => true,
             };
             let mut seen = seen_cb.lock().expect("watch lock");
@@ -260,15 +264,19 @@ impl FileSource {
                     if !settled {
                         continue;
                     }
+                    let name = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                     if is_config_file(p) {
                         seen.files.insert(p.clone());
-                    } else {
-                        // A ConfigMap's hidden `..data` swap, or something we do not know.
+                    } else if name.starts_with("..") {
+                        // A ConfigMap volume swapped its `..data` link: every file changed.
                         seen.everything = true;
                     }
+                    // Other names (an editor's or a writer's temporary file) are followed by
+                    // an event of the file they become.
                 } else if *p == config {
-                    // The directory replaced or re-pointed, or the config file itself.
-                    if !settled && !config_is_dir {
+                    // The directory replaced or re-pointed, or the config file itself. (Not
+                    // an access: listing the directory opens it, and must not start a rescan.)
+                    if !settled {
                         continue;
                     }
                     if config_is_dir || !config.exists() {
@@ -298,9 +306,15 @@ impl FileSource {
             removals: HashMap::new(),
             in_flight: None,
             synced: false,
+            reads: Arc::default(),
         };
         source.queue_everything();
         Ok(source)
+    }
+
+    /// How many files have been read, as it grows.
+    pub fn reads(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.reads.clone()
     }
 
     /// Watches the config directory, again if it was replaced.
@@ -333,6 +347,7 @@ impl FileSource {
     fn look_at(&mut self, file: &Path, now: Instant) -> Option<Update> {
         let origin = Origin::File(file.to_owned());
         let state = self.files.entry(file.to_owned()).or_default();
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let text = match fs::read_to_string(file) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {

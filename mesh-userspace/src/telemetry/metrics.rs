@@ -66,6 +66,11 @@ pub struct Metrics {
     pub request_duration: Family<HttpLabels, Histogram>,
     pub retries: Family<RetryLabels, Counter>,
     pub ejections: Family<RetryLabels, Counter>,
+    /// The control plane: files read, store and kernel generations, refused origins.
+    pub config_file_reads: Counter,
+    pub config_generation: Gauge,
+    pub kernel_generation: Gauge,
+    pub config_rejected: Gauge,
 }
 
 impl Default for Metrics {
@@ -103,8 +108,24 @@ impl Default for Metrics {
         registry.register("mesh_retries", "Requests the outbound proxy retried", retries.clone());
         let ejections = Family::<RetryLabels, Counter>::default();
         registry.register("mesh_endpoint_ejections", "Endpoints ejected after consecutive failures", ejections.clone());
+        let config_file_reads = Counter::default();
+        registry.register("mesh_config_file_reads", "Configuration files read (each read is of a file that changed)", config_file_reads.clone());
+        let config_generation = Gauge::default();
+        registry.register("mesh_config_generation", "Generation of the configuration the agent holds", config_generation.clone());
+        let kernel_generation = Gauge::default();
+        registry.register("mesh_kernel_sync_generation", "Generation of the configuration the kernel maps hold", kernel_generation.clone());
+        let config_rejected = Gauge::default();
+        registry.register(
+            "mesh_config_rejected_sources",
+            "Configuration sources (files) whose newest content was refused; their last good objects serve",
+            config_rejected.clone(),
+        );
         Self {
             registry,
+            config_file_reads,
+            config_generation,
+            kernel_generation,
+            config_rejected,
             opened,
             closed,
             sent_bytes,
