@@ -27,7 +27,7 @@ use crate::{
         maps::{OrigDstMap, PinnedMaps},
     },
     host,
-    proxy::{self, outbound::Outbound},
+    proxy::{self, connect::TcpConnector, outbound::Outbound},
     sources::{ConfigErrors, Origin, Source as _, Update, file::FileSource},
     state::{NodeContext, Snapshot, Store},
     sync::{
@@ -360,7 +360,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let store = Store::new(opts.node.clone());
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
-    let outbound = Arc::new(Outbound::new(Box::new(orig_dst), snapshot_rx, telemetry.clone()));
+    let outbound = Arc::new(Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone()));
     let source = FileSource::new(&opts.config, opts.removal_quiet).with_context(|| format!("watching {}", opts.config.display()))?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),

@@ -1,6 +1,20 @@
-//! The L7 path, for the Services that need it. `router`: Gateway API HTTPRoute matching with
-//! the spec's precedence, and weighted backend choice. (Capture, the HTTP proxy itself, retries
-//! and endpoint balancing build on it.)
+//! The L7 path, for the Services that need it, in layers as linkerd2-proxy and ztunnel have
+//! them, each a file:
+//!
+//! 1. `outbound`: the listener (15001) and the original destination (`OrigDst`: the kernel's
+//!    record in production, a fake in tests); per-Service state carried across snapshots.
+//! 2. `router` + `filters`: Gateway API route matching with the spec's precedence, weighted
+//!    backend choice, header edits, rewrites, redirects, trace context.
+//! 3. `retry`: deadlines (route timeouts, grpc-timeout), retries on another endpoint, budgets.
+//! 4. `balancer`: P2C over peak-EWMA latency, outlier ejection.
+//! 5. `connect`: connections to endpoints behind a `Connector` (plain TCP; an mTLS HBONE tunnel
+//!    is another one), pooled.
+//!
+//! An inbound listener (15006, HBONE on 15008) goes beside `outbound`.
 pub mod balancer;
+pub mod connect;
+pub mod filters;
+pub mod http;
 pub mod outbound;
+pub mod retry;
 pub mod router;

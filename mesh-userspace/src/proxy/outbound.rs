@@ -10,30 +10,29 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Instant,
 };
 
-use http_body_util::{BodyExt, Full, combinators::BoxBody};
-use hyper::{Request, Response, StatusCode, body::Bytes, service::service_fn};
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, Response, StatusCode, service::service_fn};
 use hyper_util::{
-    client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioIo},
     server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
-    balancer::{Balancer, Verdict},
+    balancer::Balancer,
+    connect::{Connector, Upstream},
+    filters::{apply_edits, modify_path, propagate_trace, redirect_response},
+    http::{Body, Outcome, reply},
+    retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
 use crate::{
     ebpf::maps::OrigDstMap,
-    state::{
-        ObjectKey, Protocol, ServiceView, Snapshot,
-        model::{EjectionPolicy, RetryBudgetPolicy},
-        routes::{FilterSpec, HeaderEdits, MatchSpec, PathMatch, PathModifier},
-    },
-    telemetry::{Telemetry, identity::Named, metrics::RetryLabels},
+    state::{ObjectKey, Protocol, ServiceView, Snapshot, model::EjectionPolicy, routes::FilterSpec},
+    telemetry::Telemetry,
 };
 
 /// Where a captured connection was going: the proxy asks this for every accepted connection.
@@ -59,28 +58,26 @@ struct PerService {
     balancer: Arc<Balancer>,
 }
 
-type Body = BoxBody<Bytes, hyper::Error>;
 
+/// The outbound proxy: listener and original destination here; then routing and filters
+/// (`router`, `filters`), deadlines, retries and budget (`retry`), endpoint choice
+/// (`balancer`), and connections to endpoints behind a `Connector` (`connect`).
 pub struct Outbound {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     telemetry: Arc<Telemetry>,
     orig_dst: Box<dyn OrigDst>,
-    client: Client<HttpConnector, Body>,
-    /// HTTP/2 with prior knowledge (h2c), for requests that came in over HTTP/2 (gRPC).
-    h2_client: Client<HttpConnector, Body>,
+    upstream: Upstream,
     per_service: Mutex<HashMap<ObjectKey, PerService>>,
 }
 
 impl Outbound {
-    pub fn new(orig_dst: Box<dyn OrigDst>, snapshot: watch::Receiver<Arc<Snapshot>>, telemetry: Arc<Telemetry>) -> Self {
-        Self {
-            snapshot,
-            telemetry,
-            orig_dst,
-            client: Client::builder(TokioExecutor::new()).build(connector()),
-            h2_client: Client::builder(TokioExecutor::new()).http2_only(true).build(connector()),
-            per_service: Mutex::new(HashMap::new()),
-        }
+    pub fn new(
+        orig_dst: Box<dyn OrigDst>,
+        connector: Arc<dyn Connector>,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        telemetry: Arc<Telemetry>,
+    ) -> Self {
+        Self { snapshot, telemetry, orig_dst, upstream: Upstream::new(connector), per_service: Mutex::new(HashMap::new()) }
     }
 
     /// The Service a captured client dialled.
@@ -100,9 +97,8 @@ impl Outbound {
         let started = std::time::Instant::now();
         let mut outcome = Outcome { backend: None, endpoint: None, flags: "-" };
         let response = self.forward(service, req, &mut outcome).await;
-        let backend = outcome.backend.map(|k| Named { name: k.name, namespace: k.namespace });
         self.telemetry.record_request(
-            backend.as_ref(),
+            outcome.backend.as_ref(),
             outcome.endpoint.map(|e| e.ip()),
             response.status().as_u16(),
             outcome.flags,
@@ -167,6 +163,18 @@ impl Outbound {
         if let Some(client_side) = upgrade {
             return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
         }
+        let Some((_, budget, balancer, policy)) = self.service_state(&backend.service) else {
+            outcome.flags = "UH";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
+        };
+        let attempts = Attempts {
+            upstream: &self.upstream,
+            telemetry: &self.telemetry,
+            service: &backend.service,
+            budget: &budget,
+            balancer: &balancer,
+            policy,
+        };
 
         // A request is replayed (retried) only when its body is known small: buffered whole.
         let replayable = match body_length(&head.headers) {
@@ -177,120 +185,15 @@ impl Outbound {
             _ => {
                 // Streamed as it comes: one attempt.
                 let mut stream_body = Some(body.boxed());
-                return self
-                    .attempts(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, &backend.service, |_| {
-                        stream_body.take()
-                    })
-                    .await;
+                return attempts.send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, |_| stream_body.take()).await;
             }
         };
         let bytes = replayable.unwrap_or_default();
-        self.attempts(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, &backend.service, |_| {
-            Some(Full::new(bytes.clone()).map_err(|never: Infallible| match never {}).boxed())
-        })
-        .await
-    }
-
-    /// Sends the request, retrying on another endpoint in the safe cases: the body can be
-    /// replayed (`next_body` gives it again), the failure happened before a response (connect
-    /// failure, reset) or the response code is one the route's `retry` names, the deadline
-    /// leaves room, and the backend Service's retry budget allows it.
-    #[expect(clippy::too_many_arguments, reason = "one request's context, used once")]
-    async fn attempts(
-        &self,
-        head: &hyper::http::request::Parts,
-        target: &str,
-        endpoints: &[SocketAddr],
-        rule: &crate::state::routes::RuleSpec,
-        deadline: Option<Instant>,
-        filters: &[FilterSpec],
-        outcome: &mut Outcome,
-        service: &ObjectKey,
-        mut next_body: impl FnMut(usize) -> Option<Body>,
-    ) -> Response<Body> {
-        let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
-        // Without a `retry` block, only a failure before any response is retried, once.
-        let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
-        let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
-        let Some((_, budget, balancer, policy)) = self.service_state(service) else {
-            outcome.flags = "UH";
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
-        };
-        budget.record_request();
-        let mut tried: Vec<SocketAddr> = Vec::new();
-        let mut attempt = 0;
-        loop {
-            // A deadline already passed fails at once: no attempt can meet it.
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                outcome.flags = "UT";
-                return reply(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded\n");
-            }
-            let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
-            let pool = if fresh.is_empty() { endpoints } else { &fresh };
-            let endpoint = balancer.pick(pool);
-            tried.push(endpoint);
-            outcome.endpoint = Some(endpoint);
-            let now = Instant::now();
-            // Every way out of this attempt reports to the balancer (in-flight counts, latency,
-            // failures for ejection).
-            let finish = |failed: bool| {
-                if balancer.finish(endpoint, now.elapsed(), failed, endpoints, &policy) == Verdict::Ejected {
-                    tracing::warn!(%endpoint, service = %service, "endpoint ejected after consecutive failures");
-                    self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
-                }
-            };
-            let Some(body) = next_body(attempt) else {
-                finish(false);
-                return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
-            };
-            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
-                finish(false);
-                return reply(StatusCode::BAD_REQUEST, "bad request target\n");
-            };
-            let mut request = Request::new(body);
-            *request.version_mut() = head.version;
-            *request.method_mut() = head.method.clone();
-            *request.uri_mut() = uri;
-            *request.headers_mut() = head.headers.clone();
-            let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
-            let client = if head.version == hyper::Version::HTTP_2 { &self.h2_client } else { &self.client };
-            let sent = client.request(request);
-            let result = match limit {
-                Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        finish(true);
-                        outcome.flags = "UT";
-                        return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
-                    }
-                },
-                None => sent.await,
-            };
-            finish(result.as_ref().map_or(true, |r| r.status().is_server_error()));
-            let failed = match result {
-                Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
-                    outcome.flags = "-";
-                    for filter in filters {
-                        if let FilterSpec::ResponseHeaders(edits) = filter {
-                            apply_edits(response.headers_mut(), edits);
-                        }
-                    }
-                    return response.map(BodyExt::boxed);
-                }
-                Ok(response) => response.map(BodyExt::boxed),
-                Err(e) => {
-                    outcome.flags = "UF";
-                    reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
-                }
-            };
-            let time_left = deadline.is_none_or(|d| d.saturating_duration_since(Instant::now()) > backoff);
-            if attempt >= max_retries as usize || !time_left || !budget.try_retry() {
-                return failed;
-            }
-            attempt += 1;
-            self.telemetry.metrics.retries.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
-            tokio::time::sleep(backoff).await;
-        }
+        attempts
+            .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, |_| {
+                Some(Full::new(bytes.clone()).map_err(|never: Infallible| match never {}).boxed())
+            })
+            .await
     }
 
     /// Upgrade (WebSocket and the like): one attempt; on 101 both connections are spliced and
@@ -311,7 +214,7 @@ impl Outbound {
         };
         let mut request = Request::from_parts(head, body.boxed());
         *request.uri_mut() = uri;
-        let mut response = match self.client.request(request).await {
+        let mut response = match self.upstream.request(request).await {
             Ok(r) => r,
             Err(e) => {
                 outcome.flags = "UF";
@@ -356,17 +259,6 @@ impl Outbound {
     }
 }
 
-/// Upstream connections without Nagle's algorithm: a proxy forwards small writes at once, and
-/// Nagle's wait for an ACK (delayed on the other side) shows as milliseconds of tail latency.
-fn connector() -> HttpConnector {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    connector
-}
-
-fn fqdn(service: &ObjectKey) -> String {
-    crate::telemetry::identity::service_fqdn(Some(&Named { name: service.name.clone(), namespace: service.namespace.clone() }))
-}
 
 fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
     headers.contains_key(hyper::header::UPGRADE)
@@ -374,243 +266,6 @@ fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
             .get_all(hyper::header::CONNECTION)
             .iter()
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
-}
-
-/// The body length a request announces: Some(0) for none, None when chunked (unknown).
-fn body_length(headers: &hyper::HeaderMap) -> Option<u64> {
-    if headers.contains_key(hyper::header::TRANSFER_ENCODING) {
-        return None;
-    }
-    match headers.get(hyper::header::CONTENT_LENGTH) {
-        None => Some(0),
-        Some(v) => v.to_str().ok()?.parse().ok(),
-    }
-}
-
-/// Bodies up to this size are buffered so that the request can be retried.
-const MAX_REPLAY_BODY: u64 = 64 * 1024;
-const DEFAULT_RETRIES: u32 = 2;
-const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
-const BUDGET_WINDOW: Duration = Duration::from_secs(10);
-
-/// Linkerd-style retry budget: over a 10 s window, retries may add at most `ratio` of the
-/// requests plus `min_per_second`, so a failing backend cannot multiply its load.
-pub struct RetryBudget {
-    policy: RetryBudgetPolicy,
-    window: Mutex<(Instant, u64, u64)>,
-}
-
-impl RetryBudget {
-    pub fn new(policy: RetryBudgetPolicy) -> Self {
-        Self { policy, window: Mutex::new((Instant::now(), 0, 0)) }
-    }
-
-    fn current(&self) -> std::sync::MutexGuard<'_, (Instant, u64, u64)> {
-        let mut w = self.window.lock().expect("budget lock");
-        if w.0.elapsed() >= BUDGET_WINDOW {
-            *w = (Instant::now(), 0, 0);
-        }
-        w
-    }
-
-    pub fn record_request(&self) {
-        self.current().1 += 1;
-    }
-
-    /// Takes one retry from the budget, if there is one.
-    pub fn try_retry(&self) -> bool {
-        let mut w = self.current();
-        let allowed = self.policy.ratio * w.1 as f64 + self.policy.min_per_second * BUDGET_WINDOW.as_secs_f64();
-        if (w.2 as f64) < allowed {
-            w.2 += 1;
-            true
-        } else {
-            false
-        }
-    }
-}
-
-/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m milli, u micro, n nano).
-fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
-        return None;
-    }
-    let n: u64 = digits.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
-}
-
-/// W3C trace context: a request without a valid `traceparent` starts a trace; one with it
-/// keeps its trace id and flags and gets this hop's span as parent.
-fn propagate_trace(headers: &mut hyper::HeaderMap) {
-    let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
-    let (trace_id, flags) = incoming.unwrap_or_else(|| (format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)), "01".to_owned()));
-    let span_id = format!("{:016x}", fastrand::u64(1..));
-    if let Ok(value) = format!("00-{trace_id}-{span_id}-{flags}").parse() {
-        headers.insert("traceparent", value);
-    }
-}
-
-/// (trace id, flags) of a version-00 traceparent; None when malformed or all-zero.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = value.trim().split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-    match parts.as_slice() {
-        [version, trace, parent, flags]
-            if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0') && parent.bytes().any(|b| b != b'0') =>
-        {
-            Some(((*trace).to_owned(), (*flags).to_owned()))
-        }
-        _ => None,
-    }
-}
-
-/// RequestHeaderModifier / ResponseHeaderModifier: set replaces, add appends, remove removes.
-/// Invalid names or values are skipped (validation keeps them out in practice).
-fn apply_edits(headers: &mut hyper::HeaderMap, edits: &HeaderEdits) {
-    use hyper::header::{HeaderName, HeaderValue};
-    let parse = |(n, v): &(String, String)| Some((n.parse::<HeaderName>().ok()?, v.parse::<HeaderValue>().ok()?));
-    for (name, value) in edits.set.iter().filter_map(parse) {
-        headers.insert(name, value);
-    }
-    for (name, value) in edits.add.iter().filter_map(parse) {
-        headers.append(name, value);
-    }
-    for name in &edits.remove {
-        headers.remove(name.as_str());
-    }
-}
-
-/// ReplaceFullPath, or ReplacePrefixMatch of the matched prefix ("/foo/bar" with "/foo"
-/// replaced by "/xyz" is "/xyz/bar", by "/" is "/bar").
-fn modify_path(path: &str, matched: &MatchSpec, modifier: &PathModifier) -> String {
-    match modifier {
-        PathModifier::Full(full) => full.clone(),
-        PathModifier::Prefix(replacement) => {
-            let prefix = match &matched.path {
-                PathMatch::Prefix(p) if p != "/" => p.as_str(),
-                _ => "",
-            };
-            let rest = path.strip_prefix(prefix).unwrap_or(path);
-            let replacement = replacement.trim_end_matches('/');
-            let joined = match (replacement.is_empty(), rest.is_empty() || rest.starts_with('/')) {
-                (_, true) => format!("{replacement}{rest}"),
-                (_, false) => format!("{replacement}/{rest}"),
-            };
-            if joined.is_empty() { "/".to_owned() } else { joined }
-        }
-    }
-}
-
-/// RequestRedirect: answered by the proxy itself, no backend involved.
-fn redirect_response(filter: &FilterSpec, req: &Request<hyper::body::Incoming>, matched: &MatchSpec) -> Response<Body> {
-    let FilterSpec::Redirect { scheme, hostname, path, port, status } = filter else {
-        unreachable!("called with a RequestRedirect filter")
-    };
-    let request_host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
-    let request_host = request_host.rsplit_once(':').map_or(request_host, |(h, _)| h);
-    let host = hostname.as_deref().unwrap_or(request_host);
-    let scheme = scheme.as_deref().unwrap_or("http");
-    let port = port.map(|p| format!(":{p}")).unwrap_or_default();
-    let new_path = path.as_ref().map_or_else(|| req.uri().path().to_owned(), |m| modify_path(req.uri().path(), matched, m));
-    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
-    let mut response = reply(StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND), "");
-    if let Ok(location) = format!("{scheme}://{host}{port}{new_path}{query}").parse() {
-        response.headers_mut().insert(hyper::header::LOCATION, location);
-    }
-    response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn prefix(p: &str) -> MatchSpec {
-        MatchSpec { path: PathMatch::Prefix(p.into()), method: None, headers: Vec::new(), query: Vec::new() }
-    }
-
-    #[test]
-    fn prefix_rewrites_follow_the_spec_examples() {
-        let full = PathModifier::Full("/new".into());
-        assert_eq!(modify_path("/old/x", &prefix("/old"), &full), "/new");
-        for (matched, path, replacement, want) in [
-            ("/foo", "/foo/bar", "/xyz", "/xyz/bar"),
-            ("/foo", "/foo", "/xyz", "/xyz"),
-            ("/foo", "/foo/bar", "/", "/bar"),
-            ("/foo", "/foo", "/", "/"),
-            ("/", "/bar", "/xyz", "/xyz/bar"),
-            ("/foo", "/foo/bar", "/xyz/", "/xyz/bar"),
-        ] {
-            assert_eq!(modify_path(path, &prefix(matched), &PathModifier::Prefix(replacement.into())), want, "{path} {matched}->{replacement}");
-        }
-    }
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
-        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        for bad in ["", "S", "10", "10x", "123456789S"] {
-            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
-        }
-    }
-
-    #[test]
-    fn trace_context_continues_or_starts_a_trace() {
-        let mut headers = hyper::HeaderMap::new();
-        headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
-        propagate_trace(&mut headers);
-        let out = headers["traceparent"].to_str().unwrap().to_owned();
-        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"), "{out}");
-        assert!(!out.contains("00f067aa0ba902b7"), "a new parent span: {out}");
-
-        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
-            let mut headers = hyper::HeaderMap::new();
-            headers.insert("traceparent", bad.parse().unwrap());
-            propagate_trace(&mut headers);
-            let out = headers["traceparent"].to_str().unwrap().to_owned();
-            let old_trace = bad.get(3..35).unwrap_or(bad);
-            assert!(parse_traceparent(&out).is_some() && !out.contains(old_trace), "{bad} -> {out}");
-        }
-    }
-
-    #[test]
-    fn header_edits_set_add_and_remove() {
-        let mut headers = hyper::HeaderMap::new();
-        headers.insert("x-a", "1".parse().unwrap());
-        headers.insert("x-gone", "1".parse().unwrap());
-        let edits = HeaderEdits {
-            set: vec![("x-a".into(), "2".into())],
-            add: vec![("x-b".into(), "3".into()), ("x-a".into(), "4".into())],
-            remove: vec!["x-gone".into()],
-        };
-        apply_edits(&mut headers, &edits);
-        let a: Vec<_> = headers.get_all("x-a").iter().map(|v| v.to_str().unwrap()).collect();
-        assert_eq!(a, ["2", "4"]);
-        assert_eq!(headers.get("x-b").unwrap(), "3");
-        assert!(headers.get("x-gone").is_none());
-    }
-}
-
-/// What happened to a request, for its metric labels.
-struct Outcome {
-    backend: Option<ObjectKey>,
-    endpoint: Option<SocketAddr>,
-    flags: &'static str,
-}
-
-fn reply(status: StatusCode, text: &str) -> Response<Body> {
-    let body = Full::new(Bytes::from(text.to_owned())).map_err(|never: Infallible| match never {}).boxed();
-    Response::builder().status(status).body(body).expect("static response parts are valid")
 }
 
 /// Accepts captured connections until `shutdown` turns true.
@@ -641,3 +296,6 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown:
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

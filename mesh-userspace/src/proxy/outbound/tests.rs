@@ -1,0 +1,157 @@
+//! The proxy in process, without a kernel: a fake original destination, real sockets to
+//! backends on loopback, the state from YAML through the store.
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+
+use super::*;
+use crate::{
+    proxy::connect::{Conn, TcpConnector},
+    state::{NodeContext, store},
+    telemetry::FlowLog,
+};
+
+/// Every connection was going to this address.
+struct AlwaysTo(SocketAddr);
+
+impl OrigDst for AlwaysTo {
+    fn take(&self, _: SocketAddr) -> Option<SocketAddr> {
+        Some(self.0)
+    }
+}
+
+/// An HTTP/1.1 backend answering its name; `reset`: close every connection unanswered.
+async fn backend(addr: &str, name: &'static str, reset: bool) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.expect("bind backend");
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            if reset {
+                drop(stream);
+                continue;
+            }
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<hyper::body::Incoming>| async move {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    local
+}
+
+fn service(name: &str, vip: &str, endpoints: &[SocketAddr], extra: &str) -> String {
+    let port = endpoints.first().map_or(8080, |e| e.port());
+    let mut y = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec: {{clusterIP: {vip}, ports: [{{name: http, port: 80}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}-1, namespace: ns, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nports: [{{name: http, port: {port}}}]\nendpoints:\n"
+    );
+    for e in endpoints {
+        y.push_str(&format!("- addresses: [\"{}\"]\n", e.ip()));
+    }
+    y.push_str("---\n");
+    if !extra.is_empty() {
+        y.push_str(extra);
+        y.push_str("---\n");
+    }
+    y
+}
+
+/// A proxy for `yaml` whose every connection dialled `dialled`, on an ephemeral port.
+async fn proxy(yaml: &str, dialled: &str, connector: Arc<dyn Connector>) -> (SocketAddr, watch::Sender<bool>) {
+    let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
+    let (_tx, rx) = watch::channel(store.snapshot());
+    let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
+    let outbound = Arc::new(Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        let _keep_snapshots = _tx;
+        serve(outbound, listener, stopped).await;
+    });
+    (addr, stop)
+}
+
+async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut req = Request::builder().uri("/").header("host", "web");
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let response = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    let code = response.status().as_u16();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: ns}\n\
+    spec:\n  parentRefs: [{kind: Service, name: web}]\n  rules:\n\
+    \x20 - matches: [{headers: [{name: x-version, value: v2}]}]\n    backendRefs: [{name: web-v2, port: 80}]\n\
+    \x20 - backendRefs: [{name: web, port: 80}]\n";
+
+#[tokio::test]
+async fn routes_by_header_to_the_chosen_service_without_a_kernel() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let v2 = backend("127.0.0.1:0", "v2", false).await;
+    // Two Services, each with its backend on its own port.
+    let yaml = format!("{}{}", service("web", "10.96.0.10", &[v1], ROUTE), service("web-v2", "10.96.0.11", &[v2], ""));
+    let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    assert_eq!(get(addr, &[]).await, (200, "v1".into()));
+    assert_eq!(get(addr, &[("x-version", "v2")]).await, (200, "v2".into()));
+}
+
+#[tokio::test]
+async fn a_connection_the_kernel_did_not_send_is_refused_politely() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let yaml = service("web", "10.96.0.10", &[v1], ROUTE);
+    // The dialled address is no Service the proxy knows.
+    let (addr, _stop) = proxy(&yaml, "10.96.9.9:80", Arc::new(TcpConnector)).await;
+    assert_eq!(get(addr, &[]).await.0, 400);
+}
+
+#[tokio::test]
+async fn a_reset_before_any_response_is_retried_on_another_endpoint() {
+    let good = backend("127.0.0.21:0", "good", false).await;
+    let bad = backend(&format!("127.0.0.22:{}", good.port()), "bad", true).await;
+    let yaml = service("web", "10.96.0.10", &[good, bad], "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n");
+    let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    for _ in 0..10 {
+        assert_eq!(get(addr, &[]).await, (200, "good".into()));
+    }
+}
+
+/// A connector that sends every connection to one place and counts them: the seam an HBONE
+/// tunnel uses.
+struct Diverted {
+    to: SocketAddr,
+    count: AtomicUsize,
+}
+
+impl Connector for Diverted {
+    fn connect(&self, _endpoint: SocketAddr) -> std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<Conn>> + Send>> {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        let to = self.to;
+        Box::pin(async move { Ok(Conn::new(tokio::net::TcpStream::connect(to).await?)) })
+    }
+}
+
+#[tokio::test]
+async fn upstream_connections_go_through_the_connector() {
+    let tunnel = backend("127.0.0.1:0", "through the tunnel", false).await;
+    // The endpoint itself does not exist: only the connector knows the way.
+    let yaml = service("web", "10.96.0.10", &["127.0.0.99:9".parse().unwrap()], ROUTE);
+    let connector = Arc::new(Diverted { to: tunnel, count: AtomicUsize::new(0) });
+    let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", connector.clone()).await;
+    assert_eq!(get(addr, &[]).await, (200, "through the tunnel".into()));
+    assert_eq!(connector.count.load(Ordering::Relaxed), 1);
+}

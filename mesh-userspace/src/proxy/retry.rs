@@ -1,0 +1,223 @@
+//! Deadlines, retries and the retry budget: the layer between routing and balancing. A request
+//! is retried on another endpoint only when that is safe, there is time left and the backend
+//! Service's budget allows it.
+use std::{
+    net::SocketAddr,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use http_body_util::BodyExt;
+use hyper::{Request, Response, StatusCode};
+
+use super::{
+    balancer::{Balancer, EjectionPolicy, Verdict},
+    connect::Upstream,
+    filters::apply_edits,
+    http::{Body, Outcome, fqdn, reply},
+};
+use crate::{
+    state::{
+        ObjectKey,
+        model::RetryBudgetPolicy,
+        routes::{FilterSpec, RuleSpec},
+    },
+    telemetry::{Telemetry, metrics::RetryLabels},
+};
+
+/// The body length a request announces: Some(0) for none, None when chunked (unknown).
+pub fn body_length(headers: &hyper::HeaderMap) -> Option<u64> {
+    if headers.contains_key(hyper::header::TRANSFER_ENCODING) {
+        return None;
+    }
+    match headers.get(hyper::header::CONTENT_LENGTH) {
+        None => Some(0),
+        Some(v) => v.to_str().ok()?.parse().ok(),
+    }
+}
+
+/// Bodies up to this size are buffered so that the request can be retried.
+pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
+const DEFAULT_RETRIES: u32 = 2;
+const DEFAULT_BACKOFF: Duration = Duration::from_millis(25);
+const BUDGET_WINDOW: Duration = Duration::from_secs(10);
+
+/// Linkerd-style retry budget: over a 10 s window, retries may add at most `ratio` of the
+/// requests plus `min_per_second`, so a failing backend cannot multiply its load.
+pub struct RetryBudget {
+    policy: RetryBudgetPolicy,
+    window: Mutex<(Instant, u64, u64)>,
+}
+
+impl RetryBudget {
+    pub fn new(policy: RetryBudgetPolicy) -> Self {
+        Self { policy, window: Mutex::new((Instant::now(), 0, 0)) }
+    }
+
+    fn current(&self) -> std::sync::MutexGuard<'_, (Instant, u64, u64)> {
+        let mut w = self.window.lock().expect("budget lock");
+        if w.0.elapsed() >= BUDGET_WINDOW {
+            *w = (Instant::now(), 0, 0);
+        }
+        w
+    }
+
+    pub fn record_request(&self) {
+        self.current().1 += 1;
+    }
+
+    /// Takes one retry from the budget, if there is one.
+    pub fn try_retry(&self) -> bool {
+        let mut w = self.current();
+        let allowed = self.policy.ratio * w.1 as f64 + self.policy.min_per_second * BUDGET_WINDOW.as_secs_f64();
+        if (w.2 as f64) < allowed {
+            w.2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// gRPC's `grpc-timeout`: up to 8 digits and a unit (H, M, S, m milli, u micro, n nano).
+pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// One request's way through the retry layer, for one backend Service.
+pub struct Attempts<'a> {
+    pub upstream: &'a Upstream,
+    pub telemetry: &'a Telemetry,
+    pub service: &'a ObjectKey,
+    pub budget: &'a RetryBudget,
+    pub balancer: &'a Balancer,
+    pub policy: EjectionPolicy,
+}
+
+impl Attempts<'_> {
+    /// Sends the request, retrying on another endpoint in the safe cases: the body can be
+    /// replayed (`next_body` gives it again), the failure happened before a response (connect
+    /// failure, reset) or the response code is one the route's `retry` names, the deadline
+    /// leaves room, and the backend Service's retry budget allows it.
+    #[expect(clippy::too_many_arguments, reason = "one request's context, used once")]
+    pub async fn send(
+        &self,
+        head: &hyper::http::request::Parts,
+        target: &str,
+        endpoints: &[SocketAddr],
+        rule: &RuleSpec,
+        deadline: Option<Instant>,
+        filters: &[FilterSpec],
+        outcome: &mut Outcome,
+        mut next_body: impl FnMut(usize) -> Option<Body>,
+    ) -> Response<Body> {
+        let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
+        // Without a `retry` block, only a failure before any response is retried, once.
+        let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
+        let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
+        let (budget, balancer, policy, service) = (self.budget, self.balancer, self.policy, self.service);
+        budget.record_request();
+        let mut tried: Vec<SocketAddr> = Vec::new();
+        let mut attempt = 0;
+        loop {
+            // A deadline already passed fails at once: no attempt can meet it.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                outcome.flags = "UT";
+                return reply(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded\n");
+            }
+            let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
+            let pool = if fresh.is_empty() { endpoints } else { &fresh };
+            let endpoint = balancer.pick(pool);
+            tried.push(endpoint);
+            outcome.endpoint = Some(endpoint);
+            let now = Instant::now();
+            // Every way out of this attempt reports to the balancer (in-flight counts, latency,
+            // failures for ejection).
+            let finish = |failed: bool| {
+                if balancer.finish(endpoint, now.elapsed(), failed, endpoints, &policy) == Verdict::Ejected {
+                    tracing::warn!(%endpoint, service = %service, "endpoint ejected after consecutive failures");
+                    self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
+                }
+            };
+            let Some(body) = next_body(attempt) else {
+                finish(false);
+                return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
+            };
+            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+                finish(false);
+                return reply(StatusCode::BAD_REQUEST, "bad request target\n");
+            };
+            let mut request = Request::new(body);
+            *request.version_mut() = head.version;
+            *request.method_mut() = head.method.clone();
+            *request.uri_mut() = uri;
+            *request.headers_mut() = head.headers.clone();
+            let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
+            let sent = self.upstream.request(request);
+            let result = match limit {
+                Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        finish(true);
+                        outcome.flags = "UT";
+                        return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
+                    }
+                },
+                None => sent.await,
+            };
+            finish(result.as_ref().map_or(true, |r| r.status().is_server_error()));
+            let failed = match result {
+                Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
+                    outcome.flags = "-";
+                    for filter in filters {
+                        if let FilterSpec::ResponseHeaders(edits) = filter {
+                            apply_edits(response.headers_mut(), edits);
+                        }
+                    }
+                    return response.map(BodyExt::boxed);
+                }
+                Ok(response) => response.map(BodyExt::boxed),
+                Err(e) => {
+                    outcome.flags = "UF";
+                    reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
+                }
+            };
+            let time_left = deadline.is_none_or(|d| d.saturating_duration_since(Instant::now()) > backoff);
+            if attempt >= max_retries as usize || !time_left || !budget.try_retry() {
+                return failed;
+            }
+            attempt += 1;
+            self.telemetry.metrics.retries.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("10S"), Some(Duration::from_secs(10)));
+        assert_eq!(parse_grpc_timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        for bad in ["", "S", "10", "10x", "123456789S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad}");
+        }
+    }
+}
