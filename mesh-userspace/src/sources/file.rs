@@ -33,13 +33,23 @@ type ObjectId = (Kind, String, String);
 /// Parses one file's text into typed objects. Kinds other than those mesh reads are skipped:
 /// standalone YAML often holds the Deployments too.
 pub fn parse(file: &Path, text: &str) -> Result<Vec<Object>, ConfigErrors> {
-    Ok(parse_hashed(file, text)?.into_iter().map(|(object, _)| object).collect())
+    Ok(parse_hashed(file, text, &BTreeMap::new())?.into_iter().filter_map(|p| p.object).collect())
 }
 
-/// `parse`, with a hash of each object's document: what the source keeps to tell a changed
-/// object from an unchanged one without keeping the object itself.
-fn parse_hashed(file: &Path, text: &str) -> Result<Vec<(Object, u64)>, ConfigErrors> {
-    let mut ctx = Parse { origin: Origin::File(file.to_owned()), objects: Vec::new(), errors: Vec::new() };
+/// One document of a file.
+struct Parsed {
+    id: ObjectId,
+    /// Of the document: what the source keeps to tell a changed object from an unchanged one
+    /// without keeping the object itself.
+    hash: u64,
+    /// None when `known` had this object with this hash: unchanged, not converted again.
+    object: Option<Object>,
+}
+
+/// `parse`, with hashes; objects whose document hash is in `known` are not converted again (a
+/// change of one object in a big file converts one object).
+fn parse_hashed(file: &Path, text: &str, known: &BTreeMap<ObjectId, u64>) -> Result<Vec<Parsed>, ConfigErrors> {
+    let mut ctx = Parse { origin: Origin::File(file.to_owned()), known, objects: Vec::new(), errors: Vec::new() };
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let object = format!("document {}", index + 1);
         match serde_yaml::Value::deserialize(doc) {
@@ -54,13 +64,14 @@ fn parse_hashed(file: &Path, text: &str) -> Result<Vec<(Object, u64)>, ConfigErr
     if ctx.errors.is_empty() { Ok(ctx.objects) } else { Err(ConfigErrors(ctx.errors)) }
 }
 
-struct Parse {
+struct Parse<'a> {
     origin: Origin,
-    objects: Vec<(Object, u64)>,
+    known: &'a BTreeMap<ObjectId, u64>,
+    objects: Vec<Parsed>,
     errors: Vec<ConfigError>,
 }
 
-impl Parse {
+impl Parse<'_> {
     fn error(&mut self, object: String, field: &str, message: String) {
         self.errors.push(ConfigError { origin: self.origin.clone(), object, field: field.to_owned(), message });
     }
@@ -78,17 +89,20 @@ impl Parse {
         let name = meta.and_then(|m| text(m, "name")).unwrap_or_default();
         let namespace = meta.and_then(|m| text(m, "namespace")).filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
         let named = if name.is_empty() { object.clone() } else { format!("{kind} {namespace}/{name}") };
+        let id = |k: Kind| (k, namespace.clone(), name.clone());
         match (api_version.as_str(), kind.as_str()) {
-            ("v1", "Service") => self.typed(value, named, |o| Object::Service(Arc::new(o))),
-            ("discovery.k8s.io/v1", "EndpointSlice") => self.typed(value, named, |o| Object::EndpointSlice(Arc::new(o))),
+            ("v1", "Service") => self.typed(value, id(Kind::Service), named, |o| Object::Service(Arc::new(o))),
+            ("discovery.k8s.io/v1", "EndpointSlice") => {
+                self.typed(value, id(Kind::EndpointSlice), named, |o| Object::EndpointSlice(Arc::new(o)))
+            }
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1", "HTTPRoute") => {
                 // v1beta1 is field-compatible; the generated type accepts v1 only.
                 set_api_version(&mut value, "gateway.networking.k8s.io/v1");
-                self.typed(value, named, |o| Object::HttpRoute(Arc::new(o)))
+                self.typed(value, id(Kind::HttpRoute), named, |o| Object::HttpRoute(Arc::new(o)))
             }
             ("gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1alpha2", "GRPCRoute") => {
                 set_api_version(&mut value, "gateway.networking.k8s.io/v1");
-                self.typed(value, named, |o| Object::GrpcRoute(Arc::new(o)))
+                self.typed(value, id(Kind::GrpcRoute), named, |o| Object::GrpcRoute(Arc::new(o)))
             }
             (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList") => {
                 // `kubectl get -o yaml` wraps objects in a List.
@@ -106,12 +120,25 @@ impl Parse {
     }
 
     /// Deserializes a document as `T`, naming the field of a type error.
-    fn typed<T: serde::de::DeserializeOwned>(&mut self, value: serde_yaml::Value, named: String, wrap: impl FnOnce(T) -> Object) {
+    fn typed<T: serde::de::DeserializeOwned>(
+        &mut self,
+        value: serde_yaml::Value,
+        id: ObjectId,
+        named: String,
+        wrap: impl FnOnce(T) -> Object,
+    ) {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         value.hash(&mut hasher);
         let hash = hasher.finish();
+        if !id.2.is_empty() && self.objects.iter().any(|p| p.id == id) {
+            return self.error(named, "metadata.name", "defined twice in this file".into());
+        }
+        if !id.2.is_empty() && self.known.get(&id) == Some(&hash) {
+            self.objects.push(Parsed { id, hash, object: None });
+            return;
+        }
         match serde_path_to_error::deserialize::<_, T>(value) {
-            Ok(v) => self.objects.push((wrap(v), hash)),
+            Ok(v) => self.objects.push(Parsed { id, hash, object: Some(wrap(v)) }),
             Err(e) => {
                 let field = e.path().to_string();
                 let field = if field == "." { String::new() } else { field };
@@ -127,10 +154,6 @@ fn set_api_version(value: &mut serde_yaml::Value, version: &str) {
     }
 }
 
-fn id_of(object: &Object) -> ObjectId {
-    let (namespace, name) = object.key();
-    (object.kind(), namespace, name)
-}
 
 /// The files `path` stands for, in name order.
 pub fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -381,7 +404,7 @@ impl FileSource {
             state.handled = Some(hash);
             return None;
         }
-        let parsed = match parse_hashed(file, &text) {
+        let parsed = match parse_hashed(file, &text, &state.objects) {
             Ok(parsed) => parsed,
             Err(errors) => {
                 state.handled = Some(hash);
@@ -389,16 +412,14 @@ impl FileSource {
                 return Some(Update::Unreadable { origin, errors });
             }
         };
-        // Every parsed object goes to the store when it is new or changed; a name used twice in
-        // the file goes twice, for the store to name the duplicate.
+        // New and changed objects go to the store (unchanged ones were not even converted).
         let mut changes: Vec<Change> = Vec::new();
         let mut objects: BTreeMap<ObjectId, u64> = BTreeMap::new();
-        for (object, object_hash) in parsed {
-            let id = id_of(&object);
-            if objects.contains_key(&id) || state.objects.get(&id) != Some(&object_hash) {
+        for parsed in parsed {
+            if let Some(object) = parsed.object {
                 changes.push(Change::Upsert { origin: origin.clone(), object });
             }
-            objects.insert(id, object_hash);
+            objects.insert(parsed.id, parsed.hash);
         }
         let removed: Vec<ObjectId> = state.objects.keys().filter(|id| !objects.contains_key(*id)).cloned().collect();
         if removed.is_empty() {

@@ -176,3 +176,9 @@ fn reports_every_error_not_just_the_first() {
     let text = format!("{}---\n{}", service_with("  ports: [{port: 0}]\n"), slice_with("addressType: IPv5\n"));
     assert_eq!(load(&text).unwrap_err().0.len(), 2);
 }
+
+#[test]
+fn rejects_an_object_defined_twice_in_one_file() {
+    let e = error(&format!("{SERVICE}---\n{SERVICE}"));
+    assert_eq!(e, "svc.yaml: Service shop/web: metadata.name: defined twice in this file");
+}
