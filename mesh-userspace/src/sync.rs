@@ -72,8 +72,8 @@ impl IdAllocator {
 struct Owned {
     sid: u32,
     frontend: FrontendKey,
-    /// Every backend entry of the service, by address.
-    backends: BTreeMap<SocketAddr, u32>,
+    /// Every backend entry of the service (their addresses are in the map image).
+    backends: Vec<u32>,
 }
 
 /// The order ops are applied in: every write before the frontend that makes it reachable,
@@ -115,7 +115,7 @@ impl Planner<'_> {
                 self.ops.push(Op::DelFrontend(old.frontend));
             }
             self.delete_service(old.sid);
-            for id in old.backends.values() {
+            for id in &old.backends {
                 self.ops.push(Op::DelBackend(*id));
             }
             self.ids.remove(&old.sid);
@@ -124,7 +124,7 @@ impl Planner<'_> {
         let fkey = frontend_key(svc.frontend, svc.key.protocol.ip_proto());
         let mut owned = match self.owned.remove(key) {
             Some(owned) => owned,
-            None => Owned { sid: self.service_ids.alloc(), frontend: fkey, backends: BTreeMap::new() },
+            None => Owned { sid: self.service_ids.alloc(), frontend: fkey, backends: Vec::new() },
         };
         let sid = owned.sid;
         if owned.frontend != fkey {
@@ -135,20 +135,24 @@ impl Planner<'_> {
         }
 
         // Backends: a surviving address keeps its id.
-        let mut backends = BTreeMap::new();
+        let mut by_addr: HashMap<SocketAddr, u32> = owned
+            .backends
+            .iter()
+            .filter_map(|id| current.backends.get(id).map(|b| (backend_socket_addr(b), *id)))
+            .collect();
         let mut ids = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
-            let id = owned.backends.remove(&b.addr).unwrap_or_else(|| self.backend_ids.alloc());
+            let id = by_addr.remove(&b.addr).unwrap_or_else(|| self.backend_ids.alloc());
             let value = BackendValue { addr: addr_of(b.addr.ip()), port_be: b.addr.port().to_be(), _pad: 0, service_id: sid };
             if current.backends.get(&id) != Some(&value) {
                 self.ops.push(Op::PutBackend(id, value));
             }
-            backends.insert(b.addr, id);
             ids.push(id);
         }
-        for id in std::mem::replace(&mut owned.backends, backends).into_values() {
+        for id in by_addr.into_values() {
             self.ops.push(Op::DelBackend(id));
         }
+        owned.backends = ids.clone();
 
         let slot_range = SlotKey { service_id: sid, slot: 0 }..=SlotKey { service_id: sid, slot: u32::MAX };
         for (slot, id) in assign_slots(current, sid, &ids).into_iter().enumerate() {
@@ -373,9 +377,9 @@ impl<D: crate::ebpf::Datapath> Reconciler<D> {
     /// state is rewritten only where it differs, and entries nothing owns are removed.
     fn plan_all<'a>(&mut self, desired: impl Iterator<Item = &'a LbService> + Clone) -> Result<Vec<Op>, PlanError> {
         let current = &self.current;
-        let mut by_sid: HashMap<u32, BTreeMap<SocketAddr, u32>> = HashMap::new();
+        let mut by_sid: HashMap<u32, Vec<u32>> = HashMap::new();
         for (&id, b) in &current.backends {
-            by_sid.entry(b.service_id).or_default().insert(backend_socket_addr(b), id);
+            by_sid.entry(b.service_id).or_default().push(id);
         }
         self.owned.clear();
         self.ids = imbl::HashMap::new();
@@ -414,7 +418,7 @@ impl<D: crate::ebpf::Datapath> Reconciler<D> {
         }
         // What no desired service owns goes.
         let sids: HashSet<u32> = planner.owned.values().map(|o| o.sid).collect();
-        let backends: HashSet<u32> = planner.owned.values().flat_map(|o| o.backends.values().copied()).collect();
+        let backends: HashSet<u32> = planner.owned.values().flat_map(|o| o.backends.iter().copied()).collect();
         for (fkey, sid) in &current.frontends {
             if !claimed.contains_key(fkey) || !sids.contains(sid) {
                 planner.ops.push(Op::DelFrontend(*fkey));

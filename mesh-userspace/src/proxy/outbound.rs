@@ -84,7 +84,7 @@ impl Outbound {
     fn original_service(&self, peer: SocketAddr) -> Option<ObjectKey> {
         let dialled = self.orig_dst.take(peer)?;
         let snapshot = self.snapshot.borrow().clone();
-        snapshot.frontends.get(&(dialled, Protocol::Tcp)).map(|k| k.service.clone())
+        snapshot.frontends.get(&(dialled, Protocol::Tcp)).map(|s| s.key.service.clone())
     }
 
     /// Drops the runtime state of Services that are gone; called on every new snapshot.

@@ -1,6 +1,6 @@
 //! The validated, compact form of what sources deliver: the types every other part of the store
 //! (and its consumers) speak. Nothing here knows where an object came from or how it is used.
-use std::{collections::BTreeSet, fmt, net::IpAddr, time::Duration};
+use std::{fmt, net::IpAddr, time::Duration};
 
 use serde::Serialize;
 
@@ -167,9 +167,9 @@ pub struct EndpointSpec {
     /// Whether `nodeName` is this agent's node (the name itself is not kept).
     pub local: bool,
     /// `hints.forZones`, `None` when the endpoint has no hints.
-    pub zone_hints: Option<BTreeSet<String>>,
+    pub zone_hints: Option<Box<[String]>>,
     /// `targetRef.name` (the pod), for telemetry.
-    pub workload: Option<String>,
+    pub workload: Option<Box<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

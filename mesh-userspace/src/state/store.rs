@@ -23,7 +23,7 @@ use crate::sources::{Change, ConfigError, ConfigErrors, Kind, Origin};
 /// A Service as consumers see it: its spec, the routes attached to it, its balanced ports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceView {
-    pub spec: ServiceSpec,
+    pub spec: Arc<ServiceSpec>,
     /// HTTPRoutes and GRPCRoutes whose parent is this Service, by kind and key.
     pub routes: Vec<Arc<RouteSpec>>,
     /// One per port and cluster IP, sorted by key.
@@ -51,7 +51,7 @@ pub struct Snapshot {
     /// Every balanced service port, for the kernel.
     pub balanced: imbl::OrdMap<LbServiceKey, Arc<LbService>>,
     /// (frontend, protocol) -> the balanced service there: the proxy's original destination.
-    pub frontends: imbl::HashMap<(SocketAddr, Protocol), LbServiceKey>,
+    pub frontends: imbl::HashMap<(SocketAddr, Protocol), Arc<LbService>>,
     /// Endpoint address -> its workload (namespace, workload name), for telemetry.
     pub workloads: imbl::HashMap<IpAddr, ObjectKey>,
 }
@@ -71,7 +71,7 @@ type RouteId = (Kind, ObjectKey);
 #[derive(Debug)]
 pub struct Store {
     node: NodeContext,
-    services: HashMap<ObjectKey, ServiceSpec>,
+    services: HashMap<ObjectKey, Arc<ServiceSpec>>,
     slices: HashMap<ObjectKey, SliceSpec>,
     routes: HashMap<RouteId, Arc<RouteSpec>>,
     /// Service -> its slices.
@@ -275,7 +275,7 @@ impl Store {
                 for claim in claims_of(&spec) {
                     self.claims.insert(claim, c.key.clone());
                 }
-                self.services.insert(c.key.clone(), spec);
+                self.services.insert(c.key.clone(), Arc::new(spec));
                 dirty.insert(c.key);
             }
             Valid::Slice(slice) => {
@@ -367,9 +367,9 @@ impl Store {
             }
         }
         for port in &ports {
-            self.snapshot.frontends.insert((port.frontend, port.key.protocol), port.key.clone());
+            self.snapshot.frontends.insert((port.frontend, port.key.protocol), Arc::clone(port));
         }
-        let view = ServiceView { spec: spec.clone(), routes, ports };
+        let view = ServiceView { spec: Arc::clone(spec), routes, ports };
         if old.as_deref() != Some(&view) {
             self.snapshot.services.insert(key.clone(), Arc::new(view));
         }
@@ -394,7 +394,7 @@ pub fn load(origin: &std::path::Path, text: &str, node: NodeContext) -> Result<S
 impl Store {
     /// Validated objects, for tests and tools.
     pub fn service(&self, key: &ObjectKey) -> Option<&ServiceSpec> {
-        self.services.get(key)
+        self.services.get(key).map(|s| &**s)
     }
 
     pub fn slice(&self, key: &ObjectKey) -> Option<&SliceSpec> {
@@ -406,7 +406,7 @@ impl Store {
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceSpec> {
-        self.services.values()
+        self.services.values().map(|s| &**s)
     }
 
     pub fn slices(&self) -> impl Iterator<Item = &SliceSpec> {

@@ -295,7 +295,7 @@ fn slice(slice: &EndpointSlice, key: &ObjectKey, node: &NodeContext) -> Result<O
                 .as_ref()
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|zones| zones.iter().map(|z| z.name.clone()).collect()),
-            workload: endpoint.target_ref.as_ref().and_then(|r| r.name.clone()),
+            workload: endpoint.target_ref.as_ref().and_then(|r| r.name.as_deref()).map(Box::from),
         });
     }
     if !errors.is_empty() {

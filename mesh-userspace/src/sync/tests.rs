@@ -150,8 +150,9 @@ fn addresses_round_trip_through_the_kernel_format() {
 fn snapshot(services: &[LbService]) -> Snapshot {
     let mut s = Snapshot::default();
     for svc in services {
-        s.frontends.insert((svc.frontend, svc.key.protocol), svc.key.clone());
-        s.balanced.insert(svc.key.clone(), std::sync::Arc::new(svc.clone()));
+        let svc = std::sync::Arc::new(svc.clone());
+        s.frontends.insert((svc.frontend, svc.key.protocol), svc.clone());
+        s.balanced.insert(svc.key.clone(), svc);
     }
     s
 }

@@ -87,7 +87,7 @@ fn two_services_on_one_address_are_refused_naming_both_but_a_swap_is_fine() {
     let snap = store2.snapshot();
     assert_eq!(snap.services[&ObjectKey::new("ns", "s0")].ports[0].frontend.to_string(), "10.96.0.2:80");
     let holder = &snap.frontends[&("10.96.0.1:80".parse().unwrap(), Protocol::Tcp)];
-    assert_eq!(holder.service, ObjectKey::new("ns", "s1"));
+    assert_eq!(holder.key.service, ObjectKey::new("ns", "s1"));
 }
 
 #[test]
