@@ -8,23 +8,10 @@ use anyhow::{Context as _, anyhow};
 const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
 
 fn main() -> anyhow::Result<()> {
-    let metadata = cargo_metadata::MetadataCommand::new()
-        .no_deps()
-        .exec()
-        .context("cargo metadata")?;
-    let ebpf = metadata
-        .packages
-        .into_iter()
-        .find(|p| p.name.as_str() == "mesh-ebpf")
-        .ok_or_else(|| anyhow!("mesh-ebpf package not found"))?;
-    let root = ebpf
-        .manifest_path
-        .parent()
-        .ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent"))?;
-    let package = aya_build::Package {
-        name: ebpf.name.as_str(),
-        root_dir: root.as_str(),
-        ..Default::default()
-    };
+    let metadata = cargo_metadata::MetadataCommand::new().no_deps().exec().context("cargo metadata")?;
+    let ebpf =
+        metadata.packages.into_iter().find(|p| p.name.as_str() == "mesh-ebpf").ok_or_else(|| anyhow!("mesh-ebpf package not found"))?;
+    let root = ebpf.manifest_path.parent().ok_or_else(|| anyhow!("mesh-ebpf manifest has no parent"))?;
+    let package = aya_build::Package { name: ebpf.name.as_str(), root_dir: root.as_str(), ..Default::default() };
     aya_build::build_ebpf([package], aya_build::Toolchain::Custom(EBPF_TOOLCHAIN))
 }

@@ -52,8 +52,23 @@ pub mod map_names {
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
     pub const ALL: [&str; 17] = [
-        FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, AFFINITY, REVNAT, META, NAMES, CONNS,
-        CONNS_OVERFLOW, EVENTS, DROPS, SOCKHASH, SOCK_COOKIES, PROXY, L7_ORIGINAL,
+        FRONTENDS,
+        SERVICES,
+        SLOTS,
+        BACKENDS,
+        MAGLEV,
+        AFFINITY,
+        REVNAT,
+        META,
+        NAMES,
+        CONNS,
+        CONNS_OVERFLOW,
+        EVENTS,
+        DROPS,
+        SOCKHASH,
+        SOCK_COOKIES,
+        PROXY,
+        L7_ORIGINAL,
     ];
 }
 
@@ -81,17 +96,7 @@ pub mod program_names {
     pub const REDIRECTION: [&str; 2] = [REDIRECT, SOCKMAP];
 
     /// The programs always attached to the cgroup, in attach order.
-    pub const ALL: [&str; 9] = [
-        CONNECT4,
-        CONNECT6,
-        SENDMSG4,
-        SENDMSG6,
-        RECVMSG4,
-        RECVMSG6,
-        GETPEERNAME4,
-        GETPEERNAME6,
-        SOCKOPS,
-    ];
+    pub const ALL: [&str; 9] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS];
 }
 
 /// Map capacities.

@@ -58,8 +58,7 @@ pub fn claim(cookie: u64, now: u64) -> Option<*mut ConnValue> {
         if owner == cookie {
             return Some(slot);
         }
-        let dead_dial = (*slot).phase == conn_phase::DIALED
-            && now.wrapping_sub((*slot).start_ns) > conn_phase::DIALED_TIMEOUT_NS;
+        let dead_dial = (*slot).phase == conn_phase::DIALED && now.wrapping_sub((*slot).start_ns) > conn_phase::DIALED_TIMEOUT_NS;
         if owner == 0 || dead_dial {
             // phase first: a reader that sees the new cookie must not take the old fields
             // for a connection.

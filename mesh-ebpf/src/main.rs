@@ -9,11 +9,11 @@ mod conns;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod sk_msg;
+#[cfg(target_arch = "bpf")]
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sock_ops;
-#[cfg(target_arch = "bpf")]
-mod sk_msg;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

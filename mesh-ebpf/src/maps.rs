@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, PeerKey, ProxyAddr, SockKey, drop_counters, FrontendKey, FrontendValue, MaglevTable, RevNatKey,
-    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, sizes,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatKey,
+    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -16,8 +16,7 @@ const NO_PREALLOC: u32 = 1;
 const MMAPABLE: u32 = 1 << 10;
 
 #[map(name = "mesh_frontends")]
-pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> =
-    HashMap::pinned(sizes::MAX_FRONTENDS, 0);
+pub static FRONTENDS: HashMap<FrontendKey, FrontendValue> = HashMap::pinned(sizes::MAX_FRONTENDS, 0);
 
 #[map(name = "mesh_services")]
 pub static SERVICES: HashMap<u32, ServiceValue> = HashMap::pinned(sizes::MAX_SERVICES, 0);
@@ -32,8 +31,7 @@ pub static BACKENDS: HashMap<u32, BackendValue> = HashMap::pinned(sizes::MAX_BAC
 pub static MAGLEV: HashMap<u32, MaglevTable> = HashMap::pinned(sizes::MAX_MAGLEV, NO_PREALLOC);
 
 #[map(name = "mesh_affinity")]
-pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
-    LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
+pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned(sizes::MAX_AFFINITY, 0);
 
 #[map(name = "mesh_revnat")]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(sizes::MAX_REVNAT, 0);

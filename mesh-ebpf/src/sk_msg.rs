@@ -34,10 +34,8 @@ pub fn mesh_redirect(ctx: SkMsgContext) -> u32 {
     // rejects.
     // SAFETY: the context is valid for the program's run; single 4-byte loads.
     let key = unsafe {
-        let v4 = (
-            Addr::from_ip4_word(read_volatile(addr_of!((*md).local_ip4))),
-            Addr::from_ip4_word(read_volatile(addr_of!((*md).remote_ip4))),
-        );
+        let v4 =
+            (Addr::from_ip4_word(read_volatile(addr_of!((*md).local_ip4))), Addr::from_ip4_word(read_volatile(addr_of!((*md).remote_ip4))));
         let v6 = (
             Addr([
                 read_volatile(addr_of!((*md).local_ip6[0])),

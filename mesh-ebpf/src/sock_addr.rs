@@ -24,17 +24,14 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_TCP_CLOSE, bpf_sock_addr},
-    helpers::generated::{
-        bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns,
-    },
+    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::cgroup_sock_addr,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP,
-    IPPROTO_UDP, MAGLEV_TABLE_SIZE, RevNatKey, RevNatValue, ServiceValue, SlotKey, conn_phase,
-    drop_counters, service_flags,
+    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, RevNatKey,
+    RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags,
 };
 
 use crate::{
@@ -109,12 +106,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     }
     let vip = read_user_addr(sa, family);
     let vport_be = read_user_port(sa);
-    let key = FrontendKey {
-        addr: vip,
-        port_be: vport_be,
-        proto,
-        _pad: 0,
-    };
+    let key = FrontendKey { addr: vip, port_be: vport_be, proto, _pad: 0 };
     // SAFETY: map values are plain integers; a concurrent update can at worst make us read a
     // value from just before or after it, which the agent's update order makes harmless.
     let Some(frontend) = (unsafe { FRONTENDS.get(&key) }) else {
@@ -131,9 +123,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         // L7-managed: to the agent's proxy, which reads the Service address back from
         // mesh_l7orig (filled by sock_ops once the connection is established).
         match PROXY.get(0) {
-            Some(proxy) if proxy.port_be != 0 && (family == Family::V6 || proxy.addr.is_v4_mapped()) => {
-                (proxy.addr, proxy.port_be)
-            }
+            Some(proxy) if proxy.port_be != 0 && (family == Family::V6 || proxy.addr.is_v4_mapped()) => (proxy.addr, proxy.port_be),
             _ => return refuse(sa, family, proto, connect),
         }
     } else {
@@ -159,19 +149,8 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id);
         return PROCEED;
     }
-    let rev_key = RevNatKey {
-        cookie,
-        addr: baddr,
-        port_be: bport_be,
-        _pad16: 0,
-        _pad32: 0,
-    };
-    let rev_value = RevNatValue {
-        addr: vip,
-        port_be: vport_be,
-        _pad16: 0,
-        service_id,
-    };
+    let rev_key = RevNatKey { cookie, addr: baddr, port_be: bport_be, _pad16: 0, _pad32: 0 };
+    let rev_value = RevNatValue { addr: vip, port_be: vport_be, _pad16: 0, service_id };
     // A full LRU map evicts its oldest entry; failure here only loses the reverse translation.
     let _ = REVNAT.insert(&rev_key, &rev_value, 0);
     PROCEED
@@ -258,11 +237,7 @@ fn refuse(sa: *mut bpf_sock_addr, family: Family, proto: u8, connect: bool) -> i
 }
 
 #[inline(always)]
-fn pick_backend(
-    ctx: &SockAddrContext,
-    service_id: u32,
-    service: &ServiceValue,
-) -> Option<&'static BackendValue> {
+fn pick_backend(ctx: &SockAddrContext, service_id: u32, service: &ServiceValue) -> Option<&'static BackendValue> {
     if service.backend_count == 0 {
         return None;
     }
@@ -274,11 +249,7 @@ fn pick_backend(
     // SAFETY: helpers valid for sock_addr programs (netns cookie: 5.7+).
     let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
     let now = unsafe { bpf_ktime_get_ns() };
-    let key = AffinityKey {
-        client,
-        service_id,
-        _pad: 0,
-    };
+    let key = AffinityKey { client, service_id, _pad: 0 };
     let timeout_ns = service.affinity_timeout_s as u64 * 1_000_000_000;
     if let Some(remembered) = AFFINITY.get_ptr_mut(&key) {
         // SAFETY: pointer from a successful lookup; concurrent writers store whole integers.
@@ -296,34 +267,18 @@ fn pick_backend(
         }
     }
     let (backend_id, backend) = pick_fresh_with_id(ctx, service_id, service)?;
-    let _ = AFFINITY.insert(
-        &key,
-        &AffinityValue {
-            backend_id,
-            _pad: 0,
-            last_used_ns: now,
-        },
-        0,
-    );
+    let _ = AFFINITY.insert(&key, &AffinityValue { backend_id, _pad: 0, last_used_ns: now }, 0);
     Some(backend)
 }
 
 #[inline(always)]
-fn pick_fresh(
-    ctx: &SockAddrContext,
-    service_id: u32,
-    service: &ServiceValue,
-) -> Option<&'static BackendValue> {
+fn pick_fresh(ctx: &SockAddrContext, service_id: u32, service: &ServiceValue) -> Option<&'static BackendValue> {
     pick_fresh_with_id(ctx, service_id, service).map(|(_, backend)| backend)
 }
 
 /// Uniformly at random over the usable slots, or from the service's Maglev table.
 #[inline(always)]
-fn pick_fresh_with_id(
-    ctx: &SockAddrContext,
-    service_id: u32,
-    service: &ServiceValue,
-) -> Option<(u32, &'static BackendValue)> {
+fn pick_fresh_with_id(ctx: &SockAddrContext, service_id: u32, service: &ServiceValue) -> Option<(u32, &'static BackendValue)> {
     let backend_id = if service.flags & service_flags::MAGLEV != 0 {
         // SAFETY: helper valid for sock_addr programs.
         let client = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };

@@ -20,20 +20,16 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB,
-        BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING,
-        BPF_TCP_FIN_WAIT1, BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, BPF_ANY, BPF_RB_AVAIL_DATA,
-        BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, bpf_sock_ops,
+        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
+        BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
     },
     helpers::generated::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{
-    Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, conn_event, conn_phase, direction,
-    drop_counters, sizes,
-};
+use mesh_common::{Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, conn_event, conn_phase, direction, drop_counters, sizes};
 
 use crate::{
     conns,
@@ -115,11 +111,8 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             && dir == direction::OUTBOUND
             && (*entry).remote == remote
             && (*entry).remote_port == remote_port;
-        let (service_addr, service_port, service_id) = if dialed {
-            ((*entry).service_addr, (*entry).service_port, (*entry).service_id)
-        } else {
-            (Addr::default(), 0, 0)
-        };
+        let (service_addr, service_port, service_id) =
+            if dialed { ((*entry).service_addr, (*entry).service_port, (*entry).service_id) } else { (Addr::default(), 0, 0) };
         *entry = ConnValue {
             cookie,
             start_ns: start,
@@ -313,10 +306,7 @@ fn emit(kind: u32, at_ns: u64, conn: &ConnValue) {
     // Wake the agent only once a quarter of the ring has filled (it also drains on a short
     // timer): a wakeup per record costs a context switch per connection end, which at tens of
     // thousands of connections a second took a fifth of the connection rate.
-    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= (sizes::EVENTS_BYTES / 4) as u64 {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    };
+    let flags =
+        if EVENTS.query(BPF_RB_AVAIL_DATA as u64) >= (sizes::EVENTS_BYTES / 4) as u64 { BPF_RB_FORCE_WAKEUP } else { BPF_RB_NO_WAKEUP };
     entry.submit(flags as u64);
 }

@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints: readiness (`/healthz/ready`, on all interfaces for kubelet) and
 //! the admin API (`/config_dump`, `/quitquitquit`, on localhost only). Small and apart from the
 //! data path: they share only the agent's status behind a lock.
+#![forbid(unsafe_code)]
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;

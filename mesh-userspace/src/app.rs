@@ -188,9 +188,10 @@ impl Agent {
         match (method, path) {
             (&Method::GET, "/config_dump") => {
                 let maps = self.maps.lock().expect("maps lock");
-                let read = maps.read_image().map_err(|e| e.to_string()).and_then(|image| {
-                    maps.occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string())
-                });
+                let read = maps
+                    .read_image()
+                    .map_err(|e| e.to_string())
+                    .and_then(|image| maps.occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string()));
                 drop(maps);
                 match read {
                     Ok((image, occupancy)) => {
@@ -294,11 +295,7 @@ async fn run_source(
                 let (services, slices, routes) = store.counts();
                 tracing::info!(services, slices, routes, generation = status.generation, "configuration read");
                 // Reading everything once parsed far more than is kept: give the pages back.
-                #[cfg(target_env = "gnu")]
-                // SAFETY: malloc_trim only releases free heap memory.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
+                crate::host::release_free_memory();
             }
         }
     }

@@ -1,5 +1,6 @@
 //! `mesh check`: can this host run mesh? Each row is a real probe (the programs are loaded and
 //! attached to a scratch cgroup, then removed), not a guess from the kernel version.
+#![forbid(unsafe_code)]
 use std::{fs, path::Path};
 
 use aya::EbpfLoader;
@@ -45,10 +46,7 @@ pub fn run_checks() -> Vec<CheckRow> {
         },
     ));
     let cgroup_root = host::cgroup2_root();
-    rows.push(row(
-        "cgroup v2",
-        cgroup_root.as_ref().map(|p| p.display().to_string()).map_err(|e| e.to_string()),
-    ));
+    rows.push(row("cgroup v2", cgroup_root.as_ref().map(|p| p.display().to_string()).map_err(|e| e.to_string())));
     let scratch_pins = Path::new("/sys/fs/bpf").join(format!("mesh-check-{}", std::process::id()));
     let bpffs = host::ensure_bpffs_dir(&scratch_pins);
     rows.push(row("bpffs", bpffs.as_ref().map(|()| "/sys/fs/bpf".to_owned()).map_err(|e| e.to_string())));

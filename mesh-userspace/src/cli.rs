@@ -1,9 +1,10 @@
 //! The `mesh` command line.
+#![forbid(unsafe_code)]
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Parser, Subcommand};
 
-use crate::{app, check, ebpf::maps::PinnedMaps, ebpf::Datapath as _, host, state::NodeContext};
+use crate::{app, check, ebpf::Datapath as _, ebpf::maps::PinnedMaps, host, state::NodeContext};
 
 /// Off until `cargo xtask bench l4` shows redirection pays on this kind of machine (see the
 /// README's benchmark section).
@@ -17,6 +18,7 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(clippy::large_enum_variant, reason = "parsed once at start")]
 enum Command {
     /// Run the node agent: load the kernel programs and keep them in line with the config.
     Agent(AgentArgs),
@@ -173,7 +175,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outbound_addr: args.outbound_addr,
                 removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
             runtime.block_on(app::run(opts))?;
             Ok(ExitCode::SUCCESS)
         }
@@ -198,7 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                println!("{:<40} {:<28} {:<5} {:<7} {}", "SERVICE", "FRONTEND", "PROTO", "LB", "BACKENDS");
+                println!("{:<40} {:<28} {:<5} {:<7} BACKENDS", "SERVICE", "FRONTEND", "PROTO", "LB");
                 for r in rows {
                     let backends: Vec<String> = r.backends.iter().map(ToString::to_string).collect();
                     let lb = match (r.l7, r.affinity_timeout_s) {
@@ -284,7 +287,10 @@ fn pins_error(bpffs: &std::path::Path, error: &dyn std::fmt::Display) -> anyhow:
     let text = error.to_string();
     let denied = ["Permission denied", "Operation not permitted", "os error 1)", "os error 13)"];
     if denied.iter().any(|d| text.contains(d)) {
-        anyhow::anyhow!("{text}\nreading mesh's pinned maps under {} needs root (CAP_BPF and CAP_SYS_ADMIN): run it with sudo", bpffs.display())
+        anyhow::anyhow!(
+            "{text}\nreading mesh's pinned maps under {} needs root (CAP_BPF and CAP_SYS_ADMIN): run it with sudo",
+            bpffs.display()
+        )
     } else {
         anyhow::anyhow!("{text}\nis an agent running (or was it stopped with --keep-datapath) with --bpffs {}?", bpffs.display())
     }

@@ -11,6 +11,7 @@
 //!    is another one), pooled.
 //!
 //! An inbound listener (15006, HBONE on 15008) goes beside `outbound`.
+#![forbid(unsafe_code)]
 pub mod balancer;
 pub mod connect;
 pub mod filters;

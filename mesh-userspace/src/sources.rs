@@ -6,6 +6,7 @@
 //!   so a file is all-or-nothing.
 //! - A Kubernetes API source (watchers) goes beside it: one object per batch, so a bad object is
 //!   rejected alone.
+#![forbid(unsafe_code)]
 pub mod file;
 
 use std::{fmt, path::PathBuf, sync::Arc};

@@ -2,6 +2,7 @@
 //! into its compact `model` form (`routes` for HTTPRoute/GRPCRoute); `store` indexes them per
 //! Service, computes with `services` (kube-proxy's endpoint rules) what each Service port
 //! balances over on this node, and publishes immutable snapshots to the consumers.
+#![forbid(unsafe_code)]
 pub mod model;
 pub mod routes;
 pub mod services;

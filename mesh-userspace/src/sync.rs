@@ -10,6 +10,7 @@
 //! Ids are reused across restarts: they are recovered from the pinned maps (frontend → service
 //! id, (service id, address) → backend id, slot positions), so an agent that adopts pinned state
 //! rewrites nothing that did not change.
+#![forbid(unsafe_code)]
 pub mod maglev;
 pub mod worker;
 
@@ -27,12 +28,7 @@ use crate::state::{Algorithm, LbService, LbServiceKey, ObjectKey, Snapshot};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
     #[error("{address}/{protocol} is claimed by both {first} and {second}")]
-    FrontendConflict {
-        address: SocketAddr,
-        protocol: String,
-        first: String,
-        second: String,
-    },
+    FrontendConflict { address: SocketAddr, protocol: String, first: String, second: String },
     #[error("{map} would need {} entries during the change ({now} now, {new} new before old ones are removed) but holds at most {max}", now + new)]
     Capacity { map: &'static str, now: usize, new: usize, max: u32 },
 }
@@ -135,11 +131,8 @@ impl Planner<'_> {
         }
 
         // Backends: a surviving address keeps its id.
-        let mut by_addr: HashMap<SocketAddr, u32> = owned
-            .backends
-            .iter()
-            .filter_map(|id| current.backends.get(id).map(|b| (backend_socket_addr(b), *id)))
-            .collect();
+        let mut by_addr: HashMap<SocketAddr, u32> =
+            owned.backends.iter().filter_map(|id| current.backends.get(id).map(|b| (backend_socket_addr(b), *id))).collect();
         let mut ids = Vec::with_capacity(svc.backends.len());
         for b in &svc.backends {
             let id = by_addr.remove(&b.addr).unwrap_or_else(|| self.backend_ids.alloc());
@@ -185,12 +178,8 @@ impl Planner<'_> {
         if svc.l7 {
             flags |= service_flags::L7;
         }
-        let value = ServiceValue {
-            backend_count: ids.len() as u32,
-            flags,
-            affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0),
-            _pad: 0,
-        };
+        let value =
+            ServiceValue { backend_count: ids.len() as u32, flags, affinity_timeout_s: svc.affinity_timeout_s.unwrap_or(0), _pad: 0 };
         if current.services.get(&sid) != Some(&value) {
             self.ops.push(Op::PutService(sid, value));
         }

@@ -19,8 +19,8 @@ use std::{
     time::Duration,
 };
 
-use prometheus_client::metrics::counter::Counter;
 use mesh_common::{ConnEvent, ConnValue, conn_event};
+use prometheus_client::metrics::counter::Counter;
 
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
 use crate::ebpf::{conn_table::ConnTable, events::EventRing};
@@ -100,9 +100,9 @@ impl Telemetry {
         let writer: Option<Box<dyn Write + Send>> = match flow_log {
             FlowLog::Off => None,
             FlowLog::Stdout => Some(Box::new(std::io::stdout())),
-            FlowLog::File(path) => Some(Box::new(std::io::LineWriter::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(path)?,
-            ))),
+            FlowLog::File(path) => {
+                Some(Box::new(std::io::LineWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?)))
+            }
         };
         Ok(Self {
             metrics: Metrics::default(),
@@ -115,7 +115,14 @@ impl Telemetry {
     }
 
     /// Counts one proxied request.
-    pub fn record_request(&self, service: Option<&identity::Named>, endpoint: Option<std::net::IpAddr>, code: u16, flags: &str, millis: f64) {
+    pub fn record_request(
+        &self,
+        service: Option<&identity::Named>,
+        endpoint: Option<std::net::IpAddr>,
+        code: u16,
+        flags: &str,
+        millis: f64,
+    ) {
         let identities = self.identities.read().expect("identities lock");
         let workload = endpoint.and_then(|ip| identities.workloads.get(&ip));
         let (name, namespace) = (identity::name_or_unknown, identity::namespace_or_unknown);

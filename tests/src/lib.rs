@@ -135,11 +135,7 @@ impl TestCgroup {
     }
 
     fn pids(&self) -> Vec<i32> {
-        fs::read_to_string(self.path.join("cgroup.procs"))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
+        fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
     }
 }
 
@@ -263,7 +259,18 @@ pub struct AgentSpec<'a> {
 
 impl<'a> AgentSpec<'a> {
     pub fn new(yaml: &'a str, cgroup: &'a TestCgroup) -> Self {
-        Self { yaml, cgroup, node: "node-a", zone: None, keep_datapath: false, bpffs: None, extra_args: Vec::new(), wait_ready: true, port_base: 15000, config_path: None }
+        Self {
+            yaml,
+            cgroup,
+            node: "node-a",
+            zone: None,
+            keep_datapath: false,
+            bpffs: None,
+            extra_args: Vec::new(),
+            wait_ready: true,
+            port_base: 15000,
+            config_path: None,
+        }
     }
 }
 
@@ -279,7 +286,6 @@ pub struct Agent {
     pub keep_datapath: bool,
     log: PathBuf,
 }
-
 
 impl Agent {
     pub fn start(spec: AgentSpec<'_>) -> Self {
@@ -487,10 +493,7 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 
 /// `names` of a probe answer as (name, count) pairs.
 pub fn names(answer: &Value) -> Vec<(String, u64)> {
-    answer["names"]
-        .as_object()
-        .map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect())
-        .unwrap_or_default()
+    answer["names"].as_object().map(|m| m.iter().map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0))).collect()).unwrap_or_default()
 }
 
 /// Sum of the samples of `name` in Prometheus text whose labels include all of `labels`.
@@ -500,8 +503,7 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         .filter_map(|l| {
             let (series, value) = l.rsplit_once(' ')?;
             let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\""))))
-                .then(|| value.parse::<f64>().ok())?
+            (metric == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))).then(|| value.parse::<f64>().ok())?
         })
         .sum()
 }

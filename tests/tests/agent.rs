@@ -135,7 +135,8 @@ fn config_validate_names_file_object_and_field() {
     let dir = std::env::temp_dir().join(unique_name("validate"));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("bad.yaml");
-    std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.300\n").unwrap();
+    std::fs::write(&file, "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec:\n  clusterIP: 10.96.0.300\n")
+        .unwrap();
     let out = Command::new(mesh_bin()).args(["config", "validate"]).arg(&file).output().expect("mesh config validate");
     let _ = std::fs::remove_dir_all(&dir);
     assert!(!out.status.success());
@@ -242,11 +243,12 @@ fn the_cli_without_privileges_names_the_errno_and_does_not_blame_a_missing_agent
         std::fs::copy(mesh_bin(), &bin).expect("copy mesh");
         for args in [&["services"][..], &["conns"][..]] {
             // As `nobody`: setuid away from root clears every capability.
-            let out = std::os::unix::process::CommandExt::gid(std::os::unix::process::CommandExt::uid(&mut Command::new(&bin), 65534), 65534)
-                .args(args)
-                .args(["--bpffs", agent.bpffs.to_str().unwrap()])
-                .output()
-                .expect("mesh as nobody");
+            let out =
+                std::os::unix::process::CommandExt::gid(std::os::unix::process::CommandExt::uid(&mut Command::new(&bin), 65534), 65534)
+                    .args(args)
+                    .args(["--bpffs", agent.bpffs.to_str().unwrap()])
+                    .output()
+                    .expect("mesh as nobody");
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{args:?} worked without privileges:\n{stderr}");
             assert!(stderr.contains("Permission denied") || stderr.contains("not permitted"), "{args:?}: names the errno:\n{stderr}");

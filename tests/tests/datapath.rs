@@ -5,11 +5,7 @@ use mesh_tests::*;
 const VIP: &str = "10.96.0.10:80";
 
 fn three_backends() -> [Backend; 3] {
-    [
-        Backend::start("b1", &["127.0.0.11:8080"]),
-        Backend::start("b2", &["127.0.0.12:8080"]),
-        Backend::start("b3", &["127.0.0.13:8080"]),
-    ]
+    [Backend::start("b1", &["127.0.0.11:8080"]), Backend::start("b2", &["127.0.0.12:8080"]), Backend::start("b3", &["127.0.0.13:8080"])]
 }
 
 fn service(endpoints: Vec<Endpoint<'_>>) -> ServiceYaml<'_> {
@@ -198,8 +194,10 @@ fn ipv6_services_balance_and_show_the_vip() {
         // Two IPv6 Services whose endpoints are ::1 on different ports.
         let yaml = format!(
             "{}\n---\n{}",
-            ServiceYaml { name: "v6a", cluster_ip: "fd00:96::10", target_port: 8081, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }.render(),
-            ServiceYaml { name: "v6b", cluster_ip: "fd00:96::11", target_port: 8082, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }.render(),
+            ServiceYaml { name: "v6a", cluster_ip: "fd00:96::10", target_port: 8081, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }
+                .render(),
+            ServiceYaml { name: "v6b", cluster_ip: "fd00:96::11", target_port: 8082, ..ServiceYaml::web(vec![Endpoint::ready("::1")]) }
+                .render(),
         );
         let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
         let a = cgroup.probe(&["tcp", "[fd00:96::10]:80", "10"]);

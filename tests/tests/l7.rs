@@ -52,7 +52,10 @@ fn httproutes_send_each_request_to_the_service_its_rule_names() {
         assert_eq!(requests(&[("destination_service", "web-v2.test.svc.cluster.local"), ("response_code", "200")]), 30.0);
         assert_eq!(requests(&[("destination_service", "web.test.svc.cluster.local"), ("response_code", "200")]), 20.0);
         assert_eq!(requests(&[("response_code", "404"), ("response_flags", "NR")]), 10.0);
-        assert_eq!(requests(&[("destination_service", "empty.test.svc.cluster.local"), ("response_code", "503"), ("response_flags", "UH")]), 10.0);
+        assert_eq!(
+            requests(&[("destination_service", "empty.test.svc.cluster.local"), ("response_code", "503"), ("response_flags", "UH")]),
+            10.0
+        );
         assert_eq!(agent.metric("istio_request_duration_milliseconds_count", &[]), 70.0, "{}", agent.metrics());
         agent.stop();
     });
@@ -68,10 +71,7 @@ fn a_route_change_applies_to_the_next_request() {
         assert_eq!(names(&cgroup.probe(&["get", VIP, "/", "3"])), vec![("b1".to_owned(), 3)]);
         // Everything to v2 now.
         agent.write_config(&config("  - backendRefs: [{name: web-v2, port: 80}]\n"));
-        wait_until(
-            || names(&cgroup.probe(&["get", VIP, "/", "1"])) == vec![("b2".to_owned(), 1)],
-            || agent.log(),
-        );
+        wait_until(|| names(&cgroup.probe(&["get", VIP, "/", "1"])) == vec![("b2".to_owned(), 1)], || agent.log());
         agent.stop();
     });
 }
@@ -118,17 +118,16 @@ fn bad_filters_are_rejected_naming_the_field() {
     let _ = std::fs::remove_dir_all(&dir);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("HTTPRoute test/web-split: spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch needs every match"), "{err}");
+    assert!(
+        err.contains("HTTPRoute test/web-split: spec.rules[0].filters[0].urlRewrite.path.type: ReplacePrefixMatch needs every match"),
+        "{err}"
+    );
 }
 
 /// `web` with two endpoints, each a backend named `a`/`b` (statusNNN answers NNN), an HTTPRoute
 /// retrying 503s, and `annotations` on the Service.
 fn retry_config(annotations: &str, attempts: u32) -> String {
-    let web = ServiceYaml {
-        annotations,
-        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")])
-    }
-    .render();
+    let web = ServiceYaml { annotations, ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")]) }.render();
     format!(
         "{web}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: retry, namespace: test}}\n\
          spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n    \
@@ -170,11 +169,7 @@ fn the_retry_budget_caps_amplification_when_every_endpoint_fails() {
 
 /// `web` with endpoints .11 and .12 behind an HTTPRoute without retries.
 fn two_endpoints(annotations: &str) -> String {
-    let web = ServiceYaml {
-        annotations,
-        ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")])
-    }
-    .render();
+    let web = ServiceYaml { annotations, ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11"), Endpoint::ready("127.0.0.12")]) }.render();
     format!(
         "{web}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: plain, namespace: test}}\n\
          spec:\n  parentRefs: [{{kind: Service, name: web}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n"
@@ -209,7 +204,8 @@ fn a_failing_endpoint_is_ejected_and_later_readmitted() {
         let cgroup = TestCgroup::new("l7-eject");
         // Long enough that both probes below (about 2 s) end within one ejection.
         let ejection = std::time::Duration::from_millis(5000);
-        let annotations = format!("mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"{}\"", ejection.as_millis());
+        let annotations =
+            format!("mesh.dev/outlier-consecutive-failures: \"3\", mesh.dev/outlier-base-ejection-ms: \"{}\"", ejection.as_millis());
         let agent = Agent::start(AgentSpec::new(&two_endpoints(&annotations), &cgroup));
         // Until three failures in a row eject it, some requests fail; then none do.
         let first = cgroup.probe(&["get", VIP, "/", "12"]);
@@ -225,10 +221,7 @@ fn a_failing_endpoint_is_ejected_and_later_readmitted() {
         let _fixed = Backend::start("fixed", &["127.0.0.11:8080"]);
         // The ejection lasts up to 10% longer (jitter).
         std::thread::sleep((ejection.mul_f64(1.1) + std::time::Duration::from_millis(100)).saturating_sub(ejected_at.elapsed()));
-        wait_until(
-            || names(&cgroup.probe(&["get", VIP, "/", "10"])).iter().any(|(n, _)| n == "fixed"),
-            || agent.metrics(),
-        );
+        wait_until(|| names(&cgroup.probe(&["get", VIP, "/", "10"])).iter().any(|(n, _)| n == "fixed"), || agent.metrics());
         agent.stop();
     });
 }

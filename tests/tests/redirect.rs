@@ -60,10 +60,8 @@ fn with_sockmap_payloads_are_never_corrupted_but_blocking_reads_may_fail() {
         let _server = Backend::spawn_raw(cgroup.command(probe_bin()).args(["echo-serve", "127.0.0.11:9000"]));
         let log = std::env::temp_dir().join(unique_name("redirect-flows.jsonl"));
         let log_arg = log.to_str().unwrap().to_owned();
-        let agent = Agent::start(AgentSpec {
-            extra_args: vec!["--sockmap", "true", "--flow-log", &log_arg],
-            ..AgentSpec::new("", &cgroup)
-        });
+        let agent =
+            Agent::start(AgentSpec { extra_args: vec!["--sockmap", "true", "--flow-log", &log_arg], ..AgentSpec::new("", &cgroup) });
         if !redirection_available(&agent) {
             return;
         }
@@ -86,7 +84,11 @@ fn with_sockmap_payloads_are_never_corrupted_but_blocking_reads_may_fail() {
         wait_until(|| flows(&log).iter().any(|f| f["connection"]["redirected_sent"].as_u64() > Some(0)), || format!("{:?}", flows(&log)));
         let redirected = flows(&log)
             .into_iter()
-            .find(|f| f["reporter"] == "source" && f["connection"]["redirected_sent"] == f["connection"]["bytes_sent"] && f["connection"]["bytes_sent"].as_u64() > Some(1000))
+            .find(|f| {
+                f["reporter"] == "source"
+                    && f["connection"]["redirected_sent"] == f["connection"]["bytes_sent"]
+                    && f["connection"]["bytes_sent"].as_u64() > Some(1000)
+            })
             .unwrap_or_else(|| panic!("no fully redirected connection: {:?}", flows(&log)));
         assert!(redirected["connection"]["segs_out"].as_u64().unwrap() < 20, "{redirected}");
         agent.stop();
@@ -118,10 +120,8 @@ fn redirection_off_by_flag_leaves_tcp_to_carry_everything() {
         let _server = Backend::spawn_raw(cgroup.command(probe_bin()).args(["echo-serve", "127.0.0.13:9000"]));
         let log = std::env::temp_dir().join(unique_name("plain-flows.jsonl"));
         let log_arg = log.to_str().unwrap().to_owned();
-        let agent = Agent::start(AgentSpec {
-            extra_args: vec!["--sockmap", "false", "--flow-log", &log_arg],
-            ..AgentSpec::new("", &cgroup)
-        });
+        let agent =
+            Agent::start(AgentSpec { extra_args: vec!["--sockmap", "false", "--flow-log", &log_arg], ..AgentSpec::new("", &cgroup) });
         let answer = cgroup.probe(&["echo-check", "127.0.0.13:9000", "1000000"]);
         assert_eq!(answer["results"][0]["ok"], true, "{answer}");
         wait_until(|| flows(&log).len() == 2, || format!("{:?}", flows(&log)));

@@ -14,11 +14,7 @@ fn ready3() -> Vec<Endpoint<'static>> {
 }
 
 fn three_backends() -> [Backend; 3] {
-    [
-        Backend::start("b1", &["127.0.0.11:8080"]),
-        Backend::start("b2", &["127.0.0.12:8080"]),
-        Backend::start("b3", &["127.0.0.13:8080"]),
-    ]
+    [Backend::start("b1", &["127.0.0.11:8080"]), Backend::start("b2", &["127.0.0.12:8080"]), Backend::start("b3", &["127.0.0.13:8080"])]
 }
 
 #[test]
@@ -31,10 +27,7 @@ fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
         assert_eq!(error_count(&answer), 0, "{answer}");
 
         let source = [("reporter", "source"), SERVICE];
-        wait_until(
-            || agent.metric("istio_tcp_connections_closed_total", &source) == 50.0,
-            || agent.metrics(),
-        );
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 50.0, || agent.metrics());
         assert_eq!(agent.metric("istio_tcp_connections_opened_total", &source), 50.0);
         // Each connection: request "hello\n" (6 bytes), response "bN:hello\n" (9 bytes).
         assert_eq!(agent.metric("istio_tcp_received_bytes_total", &source), 50.0 * 6.0, "{}", agent.metrics());
@@ -45,10 +38,7 @@ fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
 
         // Traffic to no Service is counted too, as destination_service="unknown".
         cgroup.probe(&["tcp", "127.0.0.12:8080", "4"]);
-        wait_until(
-            || agent.metric("istio_tcp_connections_closed_total", &[("destination_service", "unknown")]) == 4.0,
-            || agent.metrics(),
-        );
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &[("destination_service", "unknown")]) == 4.0, || agent.metrics());
         agent.stop();
     });
 }
@@ -85,10 +75,7 @@ fn thousands_of_short_connections_leave_no_connection_entries() {
         let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(ready3()).render(), &cgroup));
         let answer = cgroup.probe(&["tcp", VIP, "3000"]);
         assert_eq!(error_count(&answer), 0, "{answer}");
-        wait_until(
-            || agent.metric("istio_tcp_connections_closed_total", &[SERVICE]) == 3000.0,
-            || agent.metrics(),
-        );
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &[SERVICE]) == 3000.0, || agent.metrics());
         // Every close deleted its entries: nothing lingers for dead connections, neither the
         // connection record nor the reverse translation of the VIP.
         assert_eq!(agent.map_entries()["mesh_conns"], 0, "{}", agent.map_entries());
@@ -104,7 +91,8 @@ fn connects_that_fail_leave_no_connection_entries() {
         // One Service whose backend refuses (the SYN is answered with a reset), one whose
         // backend has no route in this namespace (connect() fails before any SYN leaves).
         let refused = ServiceYaml { name: "refused", cluster_ip: "10.96.0.20", ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]) };
-        let unroutable = ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
+        let unroutable =
+            ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
         let yaml = format!("{}---\n{}", refused.render(), unroutable.render());
         let cgroup = TestCgroup::new("failed");
         let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
@@ -129,7 +117,8 @@ fn connects_that_fail_leave_no_connection_entries() {
 fn a_dial_that_never_sent_its_syn_gives_up_its_slot_after_a_second() {
     in_netns(|| {
         let _backends = three_backends();
-        let unroutable = ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
+        let unroutable =
+            ServiceYaml { name: "unroutable", cluster_ip: "10.96.0.21", ..ServiceYaml::web(vec![Endpoint::ready("10.1.2.3")]) };
         let yaml = format!("{}---\n{}", ServiceYaml::web(ready3()).render(), unroutable.render());
         let cgroup = TestCgroup::new("deaddial");
         // One slot: every connection needs the slot the dead dial holds.
@@ -179,7 +168,9 @@ fn connections_beyond_their_slot_are_tracked_in_the_overflow_map() {
         assert_eq!(agent.metric("istio_tcp_received_bytes_total", &destination), 53.0 * 6.0, "{}", agent.metrics());
 
         // Both ends of the held connection: one in the slot, one in the overflow map.
-        let rows: Value = serde_json::from_str(&run(Command::new(mesh_bin()).args(["conns", "--json", "--bpffs", agent.bpffs.to_str().unwrap()]))).unwrap();
+        let rows: Value =
+            serde_json::from_str(&run(Command::new(mesh_bin()).args(["conns", "--json", "--bpffs", agent.bpffs.to_str().unwrap()])))
+                .unwrap();
         let rows = rows.as_array().unwrap();
         assert_eq!(rows.len(), 2, "{rows:?}");
         assert!(rows.iter().any(|r| r["direction"] == "outbound" && r["service_address"] == VIP), "{rows:?}");
@@ -206,7 +197,7 @@ fn the_flow_log_has_one_line_per_closed_connection() {
         let agent = Agent::start(AgentSpec { extra_args: vec!["--flow-log", &log_arg], ..AgentSpec::new(&yaml, &cgroup) });
         cgroup.probe(&["tcp", VIP, "20"]);
         let lines = || std::fs::read_to_string(&log).unwrap_or_default();
-        wait_until(|| lines().lines().count() == 20, || lines());
+        wait_until(|| lines().lines().count() == 20, lines);
         for line in lines().lines() {
             let flow: Value = serde_json::from_str(line).expect("JSON line");
             assert_eq!(flow["event"], "tcp_close");
@@ -280,7 +271,8 @@ fn mesh_programs_shows_what_the_datapath_ran_while_sampling() {
         let programs = || -> Vec<Value> {
             serde_json::from_str(&run(Command::new(mesh_bin()).args(["programs", "--json", "--bpffs", &bpffs]))).unwrap()
         };
-        let row = |rows: &[Value], name: &str| rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} in {rows:?}")).clone();
+        let row =
+            |rows: &[Value], name: &str| rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no {name} in {rows:?}")).clone();
 
         // Listed without statistics: every attached program, with its id and machine code.
         let listed = programs();

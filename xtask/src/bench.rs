@@ -225,8 +225,7 @@ fn measure(cases: &[&'static Case]) -> Results {
         stats_cost::per_run_ns().expect("calibrating the BPF statistics")
     };
     println!("[bench] BPF statistics charge {stats_cost_ns:.0} ns per run of an empty program: subtracted per run");
-    let mut results =
-        Results { stats_cost_ns, metric: Series::new(), datapath_ns: Series::new(), datapath_share: Series::new() };
+    let mut results = Results { stats_cost_ns, metric: Series::new(), datapath_ns: Series::new(), datapath_share: Series::new() };
     for &case in cases {
         // Timed trials run with statistics off: their bookkeeping (two clock reads per program
         // run) would be charged to the meshed variants only.
@@ -315,8 +314,7 @@ fn report(all: &Results, selected: &[&Case]) -> Value {
                 .collect();
             median(&pairs)
         };
-        let (direct, meshed, vip, sockmap) =
-            (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip), value(Variant::Sockmap));
+        let (direct, meshed, vip, sockmap) = (value(Variant::Direct), value(Variant::Meshed), value(Variant::Vip), value(Variant::Sockmap));
         let (vip_meshed, vip_direct, sockmap_vip) =
             (ratio(Variant::Vip, Variant::Meshed), ratio(Variant::Vip, Variant::Direct), ratio(Variant::Sockmap, Variant::Vip));
         println!(

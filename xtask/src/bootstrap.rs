@@ -42,7 +42,8 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
 
 pub fn ensure() -> anyhow::Result<()> {
     apt_packages()?;
-    toolchain(2, HOST_TOOLCHAIN, &[])?;
+    // clippy and rustfmt: CI checks lints and formatting with the toolchain that builds.
+    toolchain(2, HOST_TOOLCHAIN, &["clippy", "rustfmt"])?;
     toolchain(3, EBPF_TOOLCHAIN, &["rust-src"])?;
     bpf_linker()
 }
@@ -78,7 +79,10 @@ pub fn apt_install_missing(packages: &[&str]) -> anyhow::Result<()> {
 /// `apt-get install` of `packages`, after an index update.
 pub fn apt_install(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(packages).env("DEBIAN_FRONTEND", "noninteractive"))
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(packages)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
 fn toolchain(n: usize, name: &str, components: &[&str]) -> anyhow::Result<()> {

@@ -204,9 +204,7 @@ mod tests {
 
     #[test]
     fn the_probe_is_the_program_not_its_test_harness() {
-        let artifact = |test: bool, exe: &str| {
-            serde_json::json!({"reason": "compiler-artifact", "target": {"name": "mesh-probe", "kind": ["bin"]}, "profile": {"test": test}, "executable": exe})
-        };
+        let artifact = |test: bool, exe: &str| serde_json::json!({"reason": "compiler-artifact", "target": {"name": "mesh-probe", "kind": ["bin"]}, "profile": {"test": test}, "executable": exe});
         // A fresh clone's build order: the harness first.
         let messages = [artifact(true, "/t/deps/mesh_probe-abc"), artifact(false, "/t/mesh-probe")];
         assert_eq!(bin_executable(&messages, "mesh-probe"), Some(PathBuf::from("/t/mesh-probe")));

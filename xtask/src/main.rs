@@ -32,6 +32,9 @@ enum Command {
     },
     /// Balance real connections over three backends, change the endpoints, watch it follow.
     Demo,
+    /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`, with the pinned
+    /// toolchain.
+    Lint,
     /// Benchmarks: `l4` and `l7` as ratios against a baseline in the same run, `control-plane`
     /// at 10k Services / 100k endpoints.
     Bench {
@@ -56,6 +59,10 @@ fn main() -> anyhow::Result<()> {
                 None => test::run()?,
             }
         }
+        Command::Lint => {
+            bootstrap::ensure()?;
+            lint()?;
+        }
         Command::Demo => {
             bootstrap::ensure()?;
             bootstrap::build(false)?;
@@ -67,5 +74,16 @@ fn main() -> anyhow::Result<()> {
             bench::run(&suite, &cases)?;
         }
     }
+    Ok(())
+}
+
+/// Formatting and lints, as CI checks them.
+fn lint() -> anyhow::Result<()> {
+    for args in [&["fmt", "--all", "--check"][..], &["clippy", "--all-targets", "--", "-D", "warnings"][..]] {
+        println!("[lint] cargo {}", args.join(" "));
+        let status = bootstrap::cargo().args(args).status()?;
+        anyhow::ensure!(status.success(), "cargo {} failed", args.join(" "));
+    }
+    println!("[lint] clean");
     Ok(())
 }

@@ -23,10 +23,7 @@ pub fn run() -> anyhow::Result<()> {
 
     println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces)");
     let integration = cargo_test(
-        cargo()
-            .args(["test", "-p", "mesh-tests"])
-            .env("MESH_BIN", target_bin("mesh"))
-            .env("MESH_PROBE_BIN", target_bin("mesh-probe")),
+        cargo().args(["test", "-p", "mesh-tests"]).env("MESH_BIN", target_bin("mesh")).env("MESH_PROBE_BIN", target_bin("mesh-probe")),
         &mut total,
     );
 

@@ -1,6 +1,7 @@
 //! An in-memory `Datapath`, so reconciliation can be tested without a kernel.
-use super::{Datapath, DatapathError};
+#![forbid(unsafe_code)]
 use super::image::{MapImage, Op};
+use super::{Datapath, DatapathError};
 
 #[derive(Debug, Default)]
 pub struct FakeDatapath {
@@ -16,11 +17,7 @@ impl Datapath for FakeDatapath {
         if let Some(n) = self.fail_at.as_mut() {
             if *n == 0 {
                 self.fail_at = None;
-                return Err(DatapathError::Map {
-                    map: "fake",
-                    op: "insert",
-                    source: aya::maps::MapError::KeyNotFound,
-                });
+                return Err(DatapathError::Map { map: "fake", op: "insert", source: aya::maps::MapError::KeyNotFound });
             }
             *n -= 1;
         }

@@ -1,6 +1,7 @@
 //! The service maps as plain data: their whole content (`MapImage`), one write (`Op`), and
 //! the conversions between socket addresses and the kernel's address format. The kernel sync
 //! plans in these terms; `maps` carries them to and from the pinned maps.
+#![forbid(unsafe_code)]
 use std::{
     collections::BTreeMap,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -56,12 +57,7 @@ impl MapImage {
 
     /// Total entries, for the occupancy check and leak assertions.
     pub fn len(&self) -> usize {
-        self.frontends.len()
-            + self.services.len()
-            + self.slots.len()
-            + self.backends.len()
-            + self.maglev.len()
-            + self.names.len()
+        self.frontends.len() + self.services.len() + self.slots.len() + self.backends.len() + self.maglev.len() + self.names.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -143,8 +139,7 @@ impl MapImage {
                     id,
                     name: self.names.get(&id).cloned().unwrap_or_default(),
                     frontend: SocketAddr::new(ip_of(&key.addr), u16::from_be(key.port_be)),
-                    protocol: crate::state::Protocol::from_ip_proto(key.proto)
-                        .map_or_else(|| key.proto.to_string(), |p| p.to_string()),
+                    protocol: crate::state::Protocol::from_ip_proto(key.proto).map_or_else(|| key.proto.to_string(), |p| p.to_string()),
                     algorithm: if svc.flags & service_flags::MAGLEV != 0 { "maglev" } else { "random" },
                     affinity_timeout_s: (svc.flags & service_flags::AFFINITY != 0).then_some(svc.affinity_timeout_s),
                     l7: svc.flags & service_flags::L7 != 0,
@@ -156,4 +151,3 @@ impl MapImage {
         rows
     }
 }
-

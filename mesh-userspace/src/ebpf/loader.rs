@@ -262,14 +262,10 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
 pub(crate) fn attach_redirection(ebpf: &mut Ebpf, pin_dir: &Path, cgroup: &fs::File) -> Result<(), LoadError> {
     let name = program_names::REDIRECT;
     let sockhash = ebpf.map(map_names::SOCKHASH).expect("mesh_sockhash is declared by the programs");
-    let sockhash: SockHash<&MapData, SockKey> =
-        SockHash::try_from(sockhash).map_err(|e| LoadError::Map(map_names::SOCKHASH, e))?;
+    let sockhash: SockHash<&MapData, SockKey> = SockHash::try_from(sockhash).map_err(|e| LoadError::Map(map_names::SOCKHASH, e))?;
     let map_fd = sockhash.fd().try_clone().map_err(|e| LoadError::Map(map_names::SOCKHASH, e.into()))?;
-    let program: &mut SkMsg = ebpf
-        .program_mut(name)
-        .expect("mesh_redirect is in the object")
-        .try_into()
-        .map_err(|e| LoadError::Program(name, e))?;
+    let program: &mut SkMsg =
+        ebpf.program_mut(name).expect("mesh_redirect is in the object").try_into().map_err(|e| LoadError::Program(name, e))?;
     program.load().map_err(|e| LoadError::Program(name, e))?;
     let pin = link_pin(pin_dir, name);
     if let Some(link) = open_pinned(&pin) {

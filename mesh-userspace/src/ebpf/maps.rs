@@ -1,15 +1,16 @@
 //! The pinned service maps, opened from the pin directory: the agent writes through them, and
 //! `mesh services` reads them while the agent is down.
+#![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey,
-    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatKey, RevNatValue,
+    ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
 };
 
-use super::{Datapath, DatapathError, conn_table::ConnTable};
 use super::image::{MapImage, Op, addr_of, ip_of};
+use super::{Datapath, DatapathError, conn_table::ConnTable};
 
 pub struct PinnedMaps {
     frontends: HashMap<MapData, FrontendKey, FrontendValue>,
@@ -95,8 +96,7 @@ impl PinnedMaps {
     /// Removes the session-affinity entries of a deleted service, so that the LRU map holds
     /// only live clients (and a reused service id starts clean).
     fn forget_affinity(&mut self, service_id: u32) -> Result<(), DatapathError> {
-        let stale: Vec<AffinityKey> =
-            self.affinity.keys().filter_map(Result::ok).filter(|k| k.service_id == service_id).collect();
+        let stale: Vec<AffinityKey> = self.affinity.keys().filter_map(Result::ok).filter(|k| k.service_id == service_id).collect();
         for key in stale {
             ignore_missing(self.affinity.remove(&key)).map_err(map_err(map_names::AFFINITY, "delete"))?;
         }

@@ -1,6 +1,7 @@
 //! The attached programs as the kernel reports them, found through the pinned links: id, size
 //! and, while the kernel's BPF run-time statistics are on, how often each ran and for how long.
 //! This is what the datapath costs in CPU time; `mesh programs --sample SECS` measures it live.
+#![forbid(unsafe_code)]
 use std::{path::Path, time::Duration};
 
 use aya::programs::{
@@ -106,7 +107,11 @@ pub fn print_table(rows: &[ProgramRow], window: Option<Duration>) {
     }
     let total: u64 = rows.iter().map(|r| r.run_time_ns).sum();
     match window {
-        Some(w) => println!("datapath CPU time: {:.3?} in {w:?} ({:.3}% of one CPU)", Duration::from_nanos(total), total as f64 / w.as_nanos() as f64 * 100.0),
+        Some(w) => println!(
+            "datapath CPU time: {:.3?} in {w:?} ({:.3}% of one CPU)",
+            Duration::from_nanos(total),
+            total as f64 / w.as_nanos() as f64 * 100.0
+        ),
         None if rows.iter().all(|r| r.run_count == 0) => {
             println!("run counts need the kernel's BPF statistics: `mesh programs --sample SECS` turns them on for a while")
         }

@@ -79,11 +79,7 @@ impl Balancer {
     pub fn pick(&self, candidates: &[SocketAddr]) -> SocketAddr {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
-        let eligible: Vec<SocketAddr> = candidates
-            .iter()
-            .copied()
-            .filter(|e| !stats.get(e).is_some_and(|s| s.ejected(now)))
-            .collect();
+        let eligible: Vec<SocketAddr> = candidates.iter().copied().filter(|e| !stats.get(e).is_some_and(|s| s.ejected(now))).collect();
         let pool = if eligible.is_empty() { candidates } else { &eligible };
         let chosen = if pool.len() == 1 {
             pool[0]
@@ -96,7 +92,8 @@ impl Balancer {
             // An endpoint never measured is assumed as fast as the best measured one, so new
             // and readmitted endpoints are explored at once instead of waiting for the default
             // guess to decay; its in-flight count still keeps a burst off it.
-            let measured = pool.iter().filter_map(|e| stats.get(e).filter(|s| s.measured)).map(|s| s.cost(now) / f64::from(s.in_flight + 1));
+            let measured =
+                pool.iter().filter_map(|e| stats.get(e).filter(|s| s.measured)).map(|s| s.cost(now) / f64::from(s.in_flight + 1));
             let baseline = measured.fold(f64::INFINITY, f64::min);
             let baseline = if baseline.is_finite() { baseline } else { DEFAULT_RTT.as_nanos() as f64 };
             let cost = |e: &SocketAddr| match stats.get(e) {
@@ -112,7 +109,14 @@ impl Balancer {
 
     /// Records how a request to `endpoint` ended; `candidates` are the Service's endpoints, to
     /// keep ejections under the policy's share.
-    pub fn finish(&self, endpoint: SocketAddr, latency: Duration, failed: bool, candidates: &[SocketAddr], policy: &EjectionPolicy) -> Verdict {
+    pub fn finish(
+        &self,
+        endpoint: SocketAddr,
+        latency: Duration,
+        failed: bool,
+        candidates: &[SocketAddr],
+        policy: &EjectionPolicy,
+    ) -> Verdict {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
         let ejected_now = candidates.iter().filter(|e| stats.get(e).is_some_and(|s| s.ejected(now))).count();

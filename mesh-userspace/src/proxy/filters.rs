@@ -22,8 +22,13 @@ fn parse_traceparent(value: &str) -> Option<(String, String)> {
     let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
     match parts.as_slice() {
         [version, trace, parent, flags]
-            if hex(version, 2) && *version != "ff" && hex(trace, 32) && hex(parent, 16) && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0') && parent.bytes().any(|b| b != b'0') =>
+            if hex(version, 2)
+                && *version != "ff"
+                && hex(trace, 32)
+                && hex(parent, 16)
+                && hex(flags, 2)
+                && trace.bytes().any(|b| b != b'0')
+                && parent.bytes().any(|b| b != b'0') =>
         {
             Some(((*trace).to_owned(), (*flags).to_owned()))
         }
@@ -107,7 +112,11 @@ mod tests {
             ("/", "/bar", "/xyz", "/xyz/bar"),
             ("/foo", "/foo/bar", "/xyz/", "/xyz/bar"),
         ] {
-            assert_eq!(modify_path(path, &prefix(matched), &PathModifier::Prefix(replacement.into())), want, "{path} {matched}->{replacement}");
+            assert_eq!(
+                modify_path(path, &prefix(matched), &PathModifier::Prefix(replacement.into())),
+                want,
+                "{path} {matched}->{replacement}"
+            );
         }
     }
 
@@ -120,7 +129,11 @@ mod tests {
         assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"), "{out}");
         assert!(!out.contains("00f067aa0ba902b7"), "a new parent span: {out}");
 
-        for bad in ["garbage", "00-00000000000000000000000000000000-00f067aa0ba902b7-01", "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"] {
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+        ] {
             let mut headers = hyper::HeaderMap::new();
             headers.insert("traceparent", bad.parse().unwrap());
             propagate_trace(&mut headers);
@@ -147,4 +160,3 @@ mod tests {
         assert!(headers.get("x-gone").is_none());
     }
 }
-

@@ -20,7 +20,6 @@ pub fn reply(status: StatusCode, text: &str) -> Response<Body> {
     Response::builder().status(status).body(body).expect("static response parts are valid")
 }
 
-
 /// Istio's `destination_service` of a Service: `name.namespace.svc.cluster.local`.
 pub fn fqdn(service: &ObjectKey) -> String {
     crate::telemetry::identity::service_fqdn(Some(service))

@@ -58,6 +58,13 @@ struct PerService {
     balancer: Arc<Balancer>,
 }
 
+/// A backend Service's state for one request.
+struct ServiceState {
+    router: Arc<Router>,
+    budget: Arc<RetryBudget>,
+    balancer: Arc<Balancer>,
+    policy: EjectionPolicy,
+}
 
 /// The outbound proxy: listener and original destination here; then routing and filters
 /// (`router`, `filters`), deadlines, retries and budget (`retry`), endpoint choice
@@ -112,9 +119,8 @@ impl Outbound {
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
         };
-        let router = self.service_state(&service).map(|s| s.0);
-        let headers: Vec<(&str, &str)> =
-            req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
+        let router = self.service_state(&service).map(|s| s.router);
+        let headers: Vec<(&str, &str)> = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
         let Some(matched) = router.as_ref().and_then(|r| r.route(&parts)) else {
             outcome.flags = "NR";
@@ -163,7 +169,7 @@ impl Outbound {
         if let Some(client_side) = upgrade {
             return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
         }
-        let Some((_, budget, balancer, policy)) = self.service_state(&backend.service) else {
+        let Some(ServiceState { budget, balancer, policy, .. }) = self.service_state(&backend.service) else {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         };
@@ -235,7 +241,7 @@ impl Outbound {
     /// A Service's routes, retry budget, balancer and ejection policy, carried across
     /// snapshots: the router is rebuilt when the Service's view changes, the budget when its
     /// policy changes, the balancer forgets endpoints that are gone. None: no such Service.
-    fn service_state(&self, service: &ObjectKey) -> Option<(Arc<Router>, Arc<RetryBudget>, Arc<Balancer>, EjectionPolicy)> {
+    fn service_state(&self, service: &ObjectKey) -> Option<ServiceState> {
         let view = self.snapshot.borrow().services.get(service).cloned()?;
         let mut per_service = self.per_service.lock().expect("per-service lock");
         let entry = per_service.entry(service.clone()).or_insert_with(|| PerService {
@@ -255,10 +261,14 @@ impl Outbound {
             entry.balancer.retain(&live);
             entry.view = view.clone();
         }
-        Some((entry.router.clone(), entry.budget.clone(), entry.balancer.clone(), view.spec.outlier))
+        Some(ServiceState {
+            router: entry.router.clone(),
+            budget: entry.budget.clone(),
+            balancer: entry.balancer.clone(),
+            policy: view.spec.outlier,
+        })
     }
 }
-
 
 fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
     headers.contains_key(hyper::header::UPGRADE)

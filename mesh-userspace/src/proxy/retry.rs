@@ -204,7 +204,6 @@ impl Attempts<'_> {
             tokio::time::sleep(backoff).await;
         }
     }
-
 }
 
 #[cfg(test)]

@@ -59,7 +59,10 @@ impl Router {
             .iter()
             .enumerate()
             .flat_map(|(route, spec)| {
-                spec.rules.iter().enumerate().flat_map(move |(rule, r)| (0..r.matches.len()).map(move |matched| Candidate { route, rule, matched }))
+                spec.rules
+                    .iter()
+                    .enumerate()
+                    .flat_map(move |(rule, r)| (0..r.matches.len()).map(move |matched| Candidate { route, rule, matched }))
             })
             .collect();
         // Stable sort: candidates equal in every key keep rule and match order.
@@ -107,9 +110,7 @@ fn matches(m: &MatchSpec, r: &RequestParts<'_>) -> bool {
     };
     path_ok
         && m.method.as_deref().is_none_or(|want| want == r.method)
-        && m.headers.iter().all(|(name, value)| {
-            r.headers.iter().any(|(n, v)| n.eq_ignore_ascii_case(name) && value.matches(v))
-        })
+        && m.headers.iter().all(|(name, value)| r.headers.iter().any(|(n, v)| n.eq_ignore_ascii_case(name) && value.matches(v)))
         && m.query.iter().all(|(name, value)| {
             // The first value of a repeated parameter counts, as the spec recommends.
             query_pairs(r.query).find(|(n, _)| n == name).is_some_and(|(_, v)| value.matches(v))
@@ -117,11 +118,7 @@ fn matches(m: &MatchSpec, r: &RequestParts<'_>) -> bool {
 }
 
 fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, &str)> {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').unwrap_or((p, "")))
+    query.unwrap_or_default().split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').unwrap_or((p, "")))
 }
 
 /// Picks a backend by weight with `random` in `0..u32::MAX`; None when every weight is 0 (the

@@ -154,7 +154,6 @@ fn set_api_version(value: &mut serde_yaml::Value, version: &str) {
     }
 }
 
-
 /// The files `path` stands for, in name order.
 pub fn list_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if !fs::metadata(path)?.is_dir() {

@@ -210,9 +210,7 @@ pub fn workload_of_pod(pod: &str) -> String {
     };
     match parts.as_slice() {
         [head @ .., hash, id] if !head.is_empty() && alnum(hash, 6..=10) && alnum(id, 5..=5) => head.join("-"),
-        [head @ .., ordinal] if !head.is_empty() && !ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()) => {
-            head.join("-")
-        }
+        [head @ .., ordinal] if !head.is_empty() && !ordinal.is_empty() && ordinal.chars().all(|c| c.is_ascii_digit()) => head.join("-"),
         _ => pod.to_owned(),
     }
 }

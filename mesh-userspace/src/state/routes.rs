@@ -7,10 +7,13 @@
 //! them get a 500.
 use std::{fmt, time::Duration};
 
-use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
-    HttpRouteRulesMatchesQueryParamsType,
-}};
+use gateway_api::experimental::{
+    grpcroutes::GrpcRoute,
+    httproutes::{
+        HttpRoute, HttpRouteRules, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+        HttpRouteRulesMatchesQueryParamsType,
+    },
+};
 
 use super::model::{FieldError, ObjectKey, field_error as err};
 
@@ -128,9 +131,7 @@ pub struct RouteSpec {
 
 /// Regular expressions match the whole value, as Envoy-based implementations do.
 fn pattern(value: &str, field: &str) -> Result<Pattern, FieldError> {
-    regex::Regex::new(&format!("^(?:{value})$"))
-        .map(Pattern)
-        .map_err(|e| err(field, format!("not a valid regular expression: {e}")))
+    regex::Regex::new(&format!("^(?:{value})$")).map(Pattern).map_err(|e| err(field, format!("not a valid regular expression: {e}")))
 }
 
 fn duration(value: &str, field: &str) -> Result<Duration, FieldError> {
@@ -144,10 +145,8 @@ fn duration(value: &str, field: &str) -> Result<Duration, FieldError> {
 /// `Ok(None)`.
 pub fn validate(route: HttpRoute, key: ObjectKey, created: Option<String>) -> Result<Option<RouteSpec>, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let parents = service_parents(
-        route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)),
-        &key,
-    );
+    let parents =
+        service_parents(route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)), &key);
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.unwrap_or_default().into_iter().enumerate() {
         match validate_rule(rule, &format!("spec.rules[{i}]"), &key) {
@@ -320,11 +319,7 @@ fn validate_rule(rule: HttpRouteRules, field: &str, key: &ObjectKey) -> Result<R
     if filters.iter().any(|f| matches!(f, FilterSpec::Redirect { .. })) && filters.iter().any(|f| matches!(f, FilterSpec::Rewrite { .. })) {
         errors.push(err(format!("{field}.filters"), "RequestRedirect and URLRewrite cannot be used together"));
     }
-    if errors.is_empty() {
-        Ok(RuleSpec { matches, backends, request_timeout, backend_timeout, retry, filters })
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(RuleSpec { matches, backends, request_timeout, backend_timeout, retry, filters }) } else { Err(errors) }
 }
 
 fn validate_match(m: HttpRouteRulesMatches, field: &str) -> Result<MatchSpec, FieldError> {
@@ -370,9 +365,7 @@ fn validate_match(m: HttpRouteRulesMatches, field: &str) -> Result<MatchSpec, Fi
         };
         query.push((q.name, value));
     }
-    let method = m.method.map(|method| {
-        serde_json::to_value(&method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-    });
+    let method = m.method.map(|method| serde_json::to_value(&method).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default());
     Ok(MatchSpec { path, method, headers, query })
 }
 
@@ -381,7 +374,13 @@ fn edits(set: Vec<(String, String)>, add: Vec<(String, String)>, remove: Vec<Str
     HeaderEdits { set: lower(set), add: lower(add), remove: remove.into_iter().map(|n| n.to_ascii_lowercase()).collect() }
 }
 
-fn path_modifier(full: Option<String>, prefix: Option<String>, is_full: bool, field: &str, matches: &[MatchSpec]) -> Result<PathModifier, FieldError> {
+fn path_modifier(
+    full: Option<String>,
+    prefix: Option<String>,
+    is_full: bool,
+    field: &str,
+    matches: &[MatchSpec],
+) -> Result<PathModifier, FieldError> {
     if is_full {
         let value = full.ok_or_else(|| err(format!("{field}.replaceFullPath"), "required for ReplaceFullPath"))?;
         return Ok(PathModifier::Full(value));
@@ -468,12 +467,12 @@ fn validate_filter(
 /// order (service and method, then service, then method). Headers, filters and backendRefs
 /// mean the same as in an HTTPRoute.
 pub fn validate_grpc(route: GrpcRoute, key: ObjectKey, created: Option<String>) -> Result<Option<RouteSpec>, Vec<FieldError>> {
-    use gateway_api::experimental::grpcroutes::{GrpcRouteRulesFiltersType as Type, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethodType};
+    use gateway_api::experimental::grpcroutes::{
+        GrpcRouteRulesFiltersType as Type, GrpcRouteRulesMatchesHeadersType, GrpcRouteRulesMatchesMethodType,
+    };
     let mut errors = Vec::new();
-    let parents = service_parents(
-        route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)),
-        &key,
-    );
+    let parents =
+        service_parents(route.spec.parent_refs.unwrap_or_default().into_iter().map(|p| (p.kind, p.group, p.namespace, p.name)), &key);
     let mut rules = Vec::new();
     for (i, rule) in route.spec.rules.unwrap_or_default().into_iter().enumerate() {
         let field = format!("spec.rules[{i}]");
@@ -484,7 +483,12 @@ pub fn validate_grpc(route: GrpcRoute, key: ObjectKey, created: Option<String>) 
                 None => PathMatch::Prefix("/".into()),
                 Some(method) => {
                     let regex = method.r#type == Some(GrpcRouteRulesMatchesMethodType::RegularExpression);
-                    match grpc_path(regex, method.service.filter(|s| !s.is_empty()), method.method.filter(|s| !s.is_empty()), &format!("{f}.method")) {
+                    match grpc_path(
+                        regex,
+                        method.service.filter(|s| !s.is_empty()),
+                        method.method.filter(|s| !s.is_empty()),
+                        &format!("{f}.method"),
+                    ) {
                         Ok(path) => path,
                         Err(e) => {
                             errors.push(e);
@@ -496,13 +500,15 @@ pub fn validate_grpc(route: GrpcRoute, key: ObjectKey, created: Option<String>) 
             let mut headers = Vec::new();
             for (k, h) in m.headers.unwrap_or_default().into_iter().enumerate() {
                 let value = match h.r#type {
-                    Some(GrpcRouteRulesMatchesHeadersType::RegularExpression) => match pattern(&h.value, &format!("{f}.headers[{k}].value")) {
-                        Ok(p) => ValueMatch::RegularExpression(p),
-                        Err(e) => {
-                            errors.push(e);
-                            continue;
+                    Some(GrpcRouteRulesMatchesHeadersType::RegularExpression) => {
+                        match pattern(&h.value, &format!("{f}.headers[{k}].value")) {
+                            Ok(p) => ValueMatch::RegularExpression(p),
+                            Err(e) => {
+                                errors.push(e);
+                                continue;
+                            }
                         }
-                    },
+                    }
                     _ => ValueMatch::Exact(h.value),
                 };
                 headers.push((h.name.to_ascii_lowercase(), value));

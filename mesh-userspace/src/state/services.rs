@@ -2,11 +2,7 @@
 //! terminating-but-serving ones as a fallback, `internalTrafficPolicy: Local`, topology hints
 //! for `trafficDistribution: PreferClose`), applied here once per change so that the kernel only
 //! ever picks from a ready-made list.
-use std::{
-    collections::BTreeMap,
-    fmt,
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, fmt, net::SocketAddr};
 
 use serde::Serialize;
 
@@ -58,17 +54,9 @@ pub fn balanced(service: &ServiceSpec, slices: &[&SliceSpec], routed: bool, node
         }
         for vip in &service.cluster_ips {
             let family = Family::of(vip);
-            let key = LbServiceKey {
-                service: service.key.clone(),
-                port_name: port.name.clone(),
-                protocol: port.protocol,
-                family,
-            };
+            let key = LbServiceKey { service: service.key.clone(), port_name: port.name.clone(), protocol: port.protocol, family };
             let candidates = candidates(slices, &key);
-            let backends = usable(&candidates, service, node)
-                .into_iter()
-                .map(|(addr, _)| BackendSpec { addr })
-                .collect();
+            let backends = usable(&candidates, service, node).into_iter().map(|(addr, _)| BackendSpec { addr }).collect();
             out.push(LbService {
                 key,
                 frontend: SocketAddr::new(*vip, port.port),

@@ -334,14 +334,12 @@ impl Store {
             }
             return;
         };
-        let slices: Vec<&SliceSpec> =
-            self.slices_of.get(key).into_iter().flatten().filter_map(|s| self.slices.get(s)).collect();
+        let slices: Vec<&SliceSpec> = self.slices_of.get(key).into_iter().flatten().filter_map(|s| self.slices.get(s)).collect();
         let routes: Vec<Arc<RouteSpec>> =
             self.routes_of.get(key).into_iter().flatten().filter_map(|r| self.routes.get(r).cloned()).collect();
         let fresh = balanced(spec, &slices, !routes.is_empty(), &self.node);
 
-        let old_ports: BTreeMap<&LbServiceKey, &Arc<LbService>> =
-            old.iter().flat_map(|o| o.ports.iter()).map(|p| (&p.key, p)).collect();
+        let old_ports: BTreeMap<&LbServiceKey, &Arc<LbService>> = old.iter().flat_map(|o| o.ports.iter()).map(|p| (&p.key, p)).collect();
         let mut ports = Vec::with_capacity(fresh.len());
         let mut kept = BTreeSet::new();
         for lb in fresh {

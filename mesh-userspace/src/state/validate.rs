@@ -11,8 +11,8 @@ use k8s_openapi::{
 
 use super::{
     model::{
-        Algorithm, EjectionPolicy, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol, RetryBudgetPolicy,
-        ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
+        Algorithm, EjectionPolicy, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol, RetryBudgetPolicy, ServicePortSpec,
+        ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
     },
     routes::{self, RouteSpec},
 };
@@ -128,7 +128,8 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
         min_per_second: number("mesh.dev/retry-budget-min-per-second", budget.min_per_second, 1_000_000.0),
     };
     let outlier = EjectionPolicy {
-        consecutive_failures: number("mesh.dev/outlier-consecutive-failures", f64::from(outlier.consecutive_failures), 1000.0).max(1.0) as u32,
+        consecutive_failures: number("mesh.dev/outlier-consecutive-failures", f64::from(outlier.consecutive_failures), 1000.0).max(1.0)
+            as u32,
         base_ejection: std::time::Duration::from_millis(number(
             "mesh.dev/outlier-base-ejection-ms",
             outlier.base_ejection.as_millis() as f64,

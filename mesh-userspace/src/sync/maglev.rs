@@ -22,10 +22,7 @@ pub fn table(backends: &[SocketAddr], size: usize) -> Vec<u32> {
         return Vec::new();
     }
     let m = size as u64;
-    let perms: Vec<(u64, u64)> = backends
-        .iter()
-        .map(|b| (hash(0x5eed_0001, b) % m, hash(0x5eed_0002, b) % (m - 1) + 1))
-        .collect();
+    let perms: Vec<(u64, u64)> = backends.iter().map(|b| (hash(0x5eed_0001, b) % m, hash(0x5eed_0002, b) % (m - 1) + 1)).collect();
     let mut next = vec![0_u64; backends.len()];
     let mut table = vec![u32::MAX; size];
     let mut filled = 0;
@@ -73,11 +70,7 @@ mod tests {
         let before = table(&all, 16_381);
         let fewer: Vec<_> = all.iter().copied().filter(|a| *a != all[2]).collect();
         let after = table(&fewer, 16_381);
-        let moved = before
-            .iter()
-            .zip(&after)
-            .filter(|&(&b, &a)| all[b as usize] != all[2] && all[b as usize] != fewer[a as usize])
-            .count();
+        let moved = before.iter().zip(&after).filter(|&(&b, &a)| all[b as usize] != all[2] && all[b as usize] != fewer[a as usize]).count();
         // Entries not on the removed backend should almost all stay where they were.
         assert!(moved < 16_381 / 50, "{moved} entries of surviving backends moved");
     }

@@ -118,8 +118,9 @@ fn removing_every_service_leaves_empty_maps() {
 
 #[test]
 fn two_services_on_one_frontend_are_a_conflict() {
-    let err = plan(&MapImage::default(), &[lb("a", "10.96.0.1:80", &[], Algorithm::Random), lb("b", "10.96.0.1:80", &[], Algorithm::Random)])
-        .unwrap_err();
+    let err =
+        plan(&MapImage::default(), &[lb("a", "10.96.0.1:80", &[], Algorithm::Random), lb("b", "10.96.0.1:80", &[], Algorithm::Random)])
+            .unwrap_err();
     assert_eq!(err.to_string(), "10.96.0.1:80/TCP is claimed by both ns/a/TCP (IPv4) and ns/b/TCP (IPv4)");
 }
 
@@ -159,8 +160,9 @@ fn snapshot(services: &[LbService]) -> Snapshot {
 
 #[test]
 fn an_incremental_sync_writes_only_the_changed_service() {
-    let mut services: Vec<LbService> =
-        (0..100).map(|i| lb(&format!("s{i}"), &format!("10.96.0.{}:80", i + 1), &[&format!("10.0.0.{}:80", i + 1)], Algorithm::Random)).collect();
+    let mut services: Vec<LbService> = (0..100)
+        .map(|i| lb(&format!("s{i}"), &format!("10.96.0.{}:80", i + 1), &[&format!("10.0.0.{}:80", i + 1)], Algorithm::Random))
+        .collect();
     let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
     r.sync(&snapshot(&services), []).unwrap();
     let logged = r.datapath().log.len();
@@ -177,7 +179,7 @@ fn an_incremental_sync_writes_only_the_changed_service() {
 fn a_frontend_passed_from_one_service_to_another_in_one_change_stays_live() {
     let a = lb("a", "10.96.0.1:80", &["10.0.0.1:80"], Algorithm::Random);
     let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
-    r.sync(&snapshot(&[a.clone()]), []).unwrap();
+    r.sync(&snapshot(std::slice::from_ref(&a)), []).unwrap();
     // a moves to .2 and b takes .1: whatever order the keys come in, .1 ends up b's.
     let a2 = lb("a", "10.96.0.2:80", &["10.0.0.1:80"], Algorithm::Random);
     let b = lb("b", "10.96.0.1:80", &["10.0.0.9:80"], Algorithm::Random);
@@ -193,10 +195,12 @@ fn capacity_counts_old_and_new_entries_together() {
     // Every frontend readdressed at once: new ones are written before old ones go, so at the
     // peak the map holds both. Filling it to that point must be refused before any write.
     let n = sizes::MAX_FRONTENDS as usize / 2 + 1;
-    let first: Vec<LbService> = (0..n).map(|i| lb(&format!("s{i}"), &format!("10.96.{}.{}:80", i / 250, i % 250 + 1), &[], Algorithm::Random)).collect();
+    let first: Vec<LbService> =
+        (0..n).map(|i| lb(&format!("s{i}"), &format!("10.96.{}.{}:80", i / 250, i % 250 + 1), &[], Algorithm::Random)).collect();
     let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
     r.sync(&snapshot(&first), []).unwrap();
-    let moved: Vec<LbService> = (0..n).map(|i| lb(&format!("s{i}"), &format!("10.97.{}.{}:80", i / 250, i % 250 + 1), &[], Algorithm::Random)).collect();
+    let moved: Vec<LbService> =
+        (0..n).map(|i| lb(&format!("s{i}"), &format!("10.97.{}.{}:80", i / 250, i % 250 + 1), &[], Algorithm::Random)).collect();
     let logged = r.datapath().log.len();
     let err = r.sync(&snapshot(&moved), moved.iter().map(|s| s.key.clone())).unwrap_err().to_string();
     assert!(err.contains("during the change"), "{err}");

@@ -93,15 +93,6 @@ impl SyncFeed {
 /// A sync this big (a start, a large change) leaves megabytes of freed plans behind.
 const BIG_SYNC: usize = 10_000;
 
-/// Gives free heap pages back to the system (glibc keeps them otherwise).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases free heap memory.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
@@ -140,7 +131,7 @@ pub fn spawn<D: Datapath + Send + 'static>(
                     r.service_ids = reconciler.service_ids();
                     failed = None;
                     if stats.writes + stats.deletes > BIG_SYNC {
-                        release_free_memory();
+                        crate::host::release_free_memory();
                     }
                 }
                 Err(e) => {

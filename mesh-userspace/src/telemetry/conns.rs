@@ -1,5 +1,6 @@
 //! The live connection table as rows, read from the pinned maps (`ConnTable`), so that it
 //! works while the agent is down.
+#![forbid(unsafe_code)]
 use std::{net::SocketAddr, path::Path};
 
 use mesh_common::{ConnValue, direction};

@@ -1,13 +1,14 @@
 //! Who is on each end of a connection, for metric labels: Services by the id the kernel
 //! recorded (from the kernel sync), workloads by IP address (from the store's snapshot, which
 //! takes them from the EndpointSlices' `targetRef`s).
+#![forbid(unsafe_code)]
 use std::net::IpAddr;
 
 use mesh_common::{ConnValue, direction};
 
 use super::metrics::TcpLabels;
-pub use crate::state::ObjectKey as Named;
 use crate::ebpf::image::ip_of;
+pub use crate::state::ObjectKey as Named;
 
 const UNKNOWN: &str = "unknown";
 

@@ -1,5 +1,6 @@
 //! The Prometheus registry: Istio's TCP metrics (same names and labels, so existing dashboards
 //! and Kiali work) and mesh's own health as `mesh_*`.
+#![forbid(unsafe_code)]
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -96,7 +97,10 @@ impl Default for Metrics {
         let requests = Family::<HttpLabels, Counter>::default();
         // Istio's buckets, in milliseconds.
         let request_duration = Family::<HttpLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new([0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0])
+            Histogram::new([
+                0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+                600000.0, 1800000.0, 3600000.0,
+            ])
         });
         registry.register("istio_requests", "HTTP requests through the outbound proxy", requests.clone());
         registry.register(
@@ -109,7 +113,11 @@ impl Default for Metrics {
         let ejections = Family::<RetryLabels, Counter>::default();
         registry.register("mesh_endpoint_ejections", "Endpoints ejected after consecutive failures", ejections.clone());
         let config_file_reads = Counter::default();
-        registry.register("mesh_config_file_reads", "Configuration files read (each read is of a file that changed)", config_file_reads.clone());
+        registry.register(
+            "mesh_config_file_reads",
+            "Configuration files read (each read is of a file that changed)",
+            config_file_reads.clone(),
+        );
         let config_generation = Gauge::default();
         registry.register("mesh_config_generation", "Generation of the configuration the agent holds", config_generation.clone());
         let kernel_generation = Gauge::default();

@@ -45,8 +45,10 @@ fn serve(addr: SocketAddr) {
     // clients for a one-second SYN retransmit and measure that instead of the datapath).
     let crr_addr = SocketAddr::new(addr.ip(), addr.port() + 1);
     let crr = listen(crr_addr);
-    std::thread::spawn(move || for stream in crr.incoming() {
-        drop(stream);
+    std::thread::spawn(move || {
+        for stream in crr.incoming() {
+            drop(stream);
+        }
     });
     println!("{}", json!({ "serving": addr.to_string(), "connect_close": crr_addr.to_string() }));
     std::io::stdout().flush().unwrap();

@@ -102,7 +102,11 @@ fn waited_ms(child: std::process::Child, since_ns: u64) -> anyhow::Result<f64> {
 
 fn rss_mib(pid: u32) -> f64 {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let kib: f64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0.0);
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
     kib / 1024.0
 }
 
@@ -137,7 +141,10 @@ pub fn run() -> anyhow::Result<()> {
         let cgroup = TestCgroup::new("bench-cp");
         let dir = std::env::temp_dir().join(mesh_tests::unique_name("bench-cp"));
         fs::create_dir_all(&dir)?;
-        println!("[bench control-plane] writing {SERVICES} Services, {ENDPOINTS} endpoints in slices of {SLICE}, {} files", SERVICES / PER_FILE);
+        println!(
+            "[bench control-plane] writing {SERVICES} Services, {ENDPOINTS} endpoints in slices of {SLICE}, {} files",
+            SERVICES / PER_FILE
+        );
         for f in 0..SERVICES / PER_FILE {
             write_atomically(&dir, &format!("f{f:03}.yaml"), &file_text(f, false))?;
         }

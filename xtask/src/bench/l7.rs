@@ -254,7 +254,10 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
     println!("[bench l7] idle RSS: {}", idle.iter().map(|(n, r)| format!("{n} {r:.1} MiB")).collect::<Vec<_>>().join(", "));
 
     let mut cases = serde_json::Map::new();
-    println!("\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8}", "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "RSS MiB");
+    println!(
+        "\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8}",
+        "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "RSS MiB"
+    );
     for h2 in [false, true] {
         let proto = if h2 { "h2" } else { "http/1.1" };
         let (direct_rps, d50, d99) = load(h2, if h2 { BACKEND_H2 } else { BACKEND_H1 }, None);

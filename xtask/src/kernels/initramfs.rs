@@ -1,6 +1,11 @@
 //! The VM's whole root file system: busybox, the static agent, probe and test binaries (debug
 //! info stripped, they are the bulk), and `kernels/init.sh` as PID 1, packed as a newc cpio.
-use std::{fs, os::unix::fs::PermissionsExt as _, path::{Path, PathBuf}, process::Command};
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 

@@ -93,7 +93,8 @@ pub fn boot(pin: &Pin, image: &Path, initramfs: &Path, accel: &Accel, dir: &Path
     println!("\n[kernels] {}: booting {}; console log {}", pin.series, pin.package, log_path.display());
 
     let started = Instant::now();
-    let mut child = qemu(image, initramfs, accel, "").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting qemu-system-x86_64")?;
+    let mut child =
+        qemu(image, initramfs, accel, "").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().context("starting qemu-system-x86_64")?;
     let (lines, rx) = mpsc::channel::<String>();
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -195,7 +196,10 @@ impl Outcome {
         let kernel = self.kernel.as_deref().unwrap_or("?");
         let verdict = if self.ok() { "ok" } else { "FAILED" };
         let problem = self.problem().map(|p| format!(" ({p})")).unwrap_or_default();
-        format!("{:<5} {kernel:<22} {verdict}: {passed} passed, {failed} failed, {skipped} skipped in {:.0?}{problem}", self.series, self.elapsed)
+        format!(
+            "{:<5} {kernel:<22} {verdict}: {passed} passed, {failed} failed, {skipped} skipped in {:.0?}{problem}",
+            self.series, self.elapsed
+        )
     }
 }
 
@@ -271,10 +275,10 @@ impl Parser {
             self.verdicts.push((name.to_owned(), verdict));
         } else if let Some(name) = line.strip_prefix("---- ").and_then(|r| r.strip_suffix(" stdout ----")) {
             self.shown = Some(name.to_owned());
-        } else if self.section == Section::Successes {
-            if let (Some(name), Some(reason)) = (&self.shown, line.trim().strip_prefix("SKIP:")) {
-                self.skips.insert(name.clone(), reason.trim().to_owned());
-            }
+        } else if self.section == Section::Successes
+            && let (Some(name), Some(reason)) = (&self.shown, line.trim().strip_prefix("SKIP:"))
+        {
+            self.skips.insert(name.clone(), reason.trim().to_owned());
         }
         if self.section == Section::Failures && !line.starts_with("test result:") {
             self.failure_text.push(line.to_owned());

@@ -123,7 +123,12 @@ async fn a_connection_the_kernel_did_not_send_is_refused_politely() {
 async fn a_reset_before_any_response_is_retried_on_another_endpoint() {
     let good = backend("127.0.0.21:0", "good", false).await;
     let bad = backend(&format!("127.0.0.22:{}", good.port()), "bad", true).await;
-    let yaml = service("web", "10.96.0.10", &[good, bad], "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n");
+    let yaml = service(
+        "web",
+        "10.96.0.10",
+        &[good, bad],
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n",
+    );
     let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", Arc::new(TcpConnector)).await;
     for _ in 0..10 {
         assert_eq!(get(addr, &[]).await, (200, "good".into()));

@@ -58,7 +58,7 @@ fn path_precedence_exact_then_longest_prefix_then_regex() {
         ("/apix", "paths#0"),
         ("/api", "paths#1"),
         ("/api/v1/items/7", "paths#1"), // a prefix beats a regex
-        ("/api/v2", "paths#2"),          // "/api/v2/" is stored as "/api/v2"
+        ("/api/v2", "paths#2"),         // "/api/v2/" is stored as "/api/v2"
         ("/api/v2/items/7", "paths#2"),
         ("/api/v2/health", "paths#3"),
         ("/api/v2/health/x", "paths#2"),
@@ -155,18 +155,25 @@ fn weights_split_traffic_and_zero_weights_take_none() {
 #[test]
 fn bad_routes_are_rejected_naming_the_field() {
     let cases = [
-        ("  - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n", "spec.rules[0].matches[0].path.value: not a valid regular expression"),
+        (
+            "  - matches: [{path: {type: RegularExpression, value: \"(\"}}]\n",
+            "spec.rules[0].matches[0].path.value: not a valid regular expression",
+        ),
         ("  - matches: [{path: {value: api}}]\n", "spec.rules[0].matches[0].path.value: must start with \"/\""),
-        ("  - matches: [{headers: [{name: x, type: RegularExpression, value: \"[\"}]}]\n", "spec.rules[0].matches[0].headers[0].value: not a valid regular expression"),
+        (
+            "  - matches: [{headers: [{name: x, type: RegularExpression, value: \"[\"}]}]\n",
+            "spec.rules[0].matches[0].headers[0].value: not a valid regular expression",
+        ),
         ("  - backendRefs: [{name: web, port: 80, weight: -1}]\n", "spec.rules[0].backendRefs[0].weight: must be between 0 and 1000000"),
         ("  - timeouts: {request: soon}\n", "spec.rules[0].timeouts.request: not a Gateway API duration"),
-        ("  - timeouts: {request: 1s, backendRequest: 2s}\n", "spec.rules[0].timeouts.backendRequest: must not be longer than timeouts.request"),
+        (
+            "  - timeouts: {request: 1s, backendRequest: 2s}\n",
+            "spec.rules[0].timeouts.backendRequest: must not be longer than timeouts.request",
+        ),
         ("  - retry: {codes: [404]}\n", "spec.rules[0].retry.codes[0]: must be a 5xx status code"),
     ];
     for (rules, want) in cases {
-        let errors = load("r.yaml", route("bad", "2024-01-01T00:00:00Z", rules).as_str())
-            .expect_err(rules)
-            .to_string();
+        let errors = load("r.yaml", route("bad", "2024-01-01T00:00:00Z", rules).as_str()).expect_err(rules).to_string();
         assert!(errors.starts_with(&format!("r.yaml: HTTPRoute default/bad: {want}")), "{errors}\nwanted {want}");
     }
 }
@@ -182,7 +189,10 @@ fn timeouts_and_retry_are_kept() {
     assert_eq!(rule.request_timeout, Some(std::time::Duration::from_secs(10)));
     assert_eq!(rule.backend_timeout, Some(std::time::Duration::from_millis(500)));
     let retry = rule.retry.as_ref().unwrap();
-    assert_eq!((retry.codes.clone(), retry.attempts, retry.backoff), (vec![502, 503], Some(3), Some(std::time::Duration::from_millis(100))));
+    assert_eq!(
+        (retry.codes.clone(), retry.attempts, retry.backoff),
+        (vec![502, 503], Some(3), Some(std::time::Duration::from_millis(100)))
+    );
     assert_eq!(rule.backends[0].weight, 1, "weight defaults to 1");
 }
 

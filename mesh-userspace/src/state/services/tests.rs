@@ -16,7 +16,9 @@ fn catalog(spec_extra: &str, endpoints: &[Ep<'_>]) -> String {
         "apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: ns}}\nspec:\n  clusterIPs: [10.96.0.10, \"fd00::10\"]\n  ports:\n  - {{name: http, port: 80}}\n  - {{name: dns, port: 53, protocol: UDP}}\n{spec_extra}\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: web-1\n  namespace: ns\n  labels: {{kubernetes.io/service-name: web}}\naddressType: IPv4\nports:\n- {{name: http, port: 8080}}\n- {{name: dns, port: 5353, protocol: UDP}}\nendpoints:\n"
     );
     for (addr, ready, serving, terminating, node, hint) in endpoints {
-        y.push_str(&format!("- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: {node}\n"));
+        y.push_str(&format!(
+            "- addresses: [{addr}]\n  conditions: {{ready: {ready}, serving: {serving}, terminating: {terminating}}}\n  nodeName: {node}\n"
+        ));
         if let Some(h) = hint {
             y.push_str(&format!("  hints: {{forZones: [{{name: {h}}}]}}\n"));
         }
@@ -65,20 +67,20 @@ fn one_balanced_service_per_port_and_family_with_ports_resolved_by_name() {
 
 #[test]
 fn only_ready_endpoints_when_any_is_ready() {
-    let c = catalog("", &[
-        ep("10.0.0.1", R, "node-a", None),
-        ep("10.0.0.2", (false, false, false), "node-a", None),
-        ep("10.0.0.3", (false, true, true), "node-a", None),
-    ]);
+    let c = catalog(
+        "",
+        &[
+            ep("10.0.0.1", R, "node-a", None),
+            ep("10.0.0.2", (false, false, false), "node-a", None),
+            ep("10.0.0.3", (false, true, true), "node-a", None),
+        ],
+    );
     assert_eq!(http_backends(&c, &node(None)), ["10.0.0.1:8080"]);
 }
 
 #[test]
 fn serving_terminating_endpoints_are_the_fallback() {
-    let c = catalog("", &[
-        ep("10.0.0.2", (false, false, true), "node-a", None),
-        ep("10.0.0.3", (false, true, true), "node-a", None),
-    ]);
+    let c = catalog("", &[ep("10.0.0.2", (false, false, true), "node-a", None), ep("10.0.0.3", (false, true, true), "node-a", None)]);
     assert_eq!(http_backends(&c, &node(None)), ["10.0.0.3:8080"]);
 }
 

@@ -10,7 +10,9 @@ fn node() -> NodeContext {
 }
 
 fn service(name: &str, vip: &str) -> String {
-    format!("apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80}}]\n---\n")
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  clusterIP: {vip}\n  ports: [{{name: http, port: 80}}]\n---\n"
+    )
 }
 
 fn slice(service: &str, name: &str, addrs: &[&str]) -> String {
@@ -38,7 +40,11 @@ fn backends(snapshot: &Snapshot, name: &str) -> Vec<String> {
 fn store_with(n: usize) -> Store {
     let mut store = Store::new(node());
     for i in 0..n {
-        let yaml = format!("{}{}", service(&format!("s{i}"), &format!("10.96.{}.{}", i / 250, i % 250 + 1)), slice(&format!("s{i}"), &format!("s{i}-a"), &[&format!("10.1.{}.{}", i / 250, i % 250 + 1), "10.2.0.1"]));
+        let yaml = format!(
+            "{}{}",
+            service(&format!("s{i}"), &format!("10.96.{}.{}", i / 250, i % 250 + 1)),
+            slice(&format!("s{i}"), &format!("s{i}-a"), &[&format!("10.1.{}.{}", i / 250, i % 250 + 1), "10.2.0.1"])
+        );
         store.apply(upserts(&format!("s{i}.yaml"), &yaml)).unwrap();
     }
     store
