@@ -55,8 +55,8 @@ fn endpoint(n: usize) -> String {
     format!("10.{}.{}.{}", 128 + n / 65_536, (n / 256) % 256, n % 256)
 }
 
-/// The text of file `f`; Service 0 of each file is also a probe: a slice of its own holds one
-/// endpoint, `TARGET`, ready or not.
+/// The text of file `f`; Service 0 of each file is a probe: its one slice holds one endpoint,
+/// `TARGET`, ready or not.
 fn file_text(f: usize, probe_ready: bool) -> String {
     let slices = ENDPOINTS / SLICE;
     let mut text = String::new();
@@ -67,8 +67,12 @@ fn file_text(f: usize, probe_ready: bool) -> String {
                 "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n  conditions: {{ready: {probe_ready}}}\n---\n"
             ));
         }
-        // Slices spread over the Services: slice k belongs to Service k * SERVICES / slices.
-        for k in (i * slices).div_ceil(SERVICES)..((i + 1) * slices).div_ceil(SERVICES) {
+        // Slices spread over the Services, one Service in SERVICES / slices: slice k belongs to
+        // Service k * SERVICES / slices + 1 (never a probe Service, whose one endpoint must be
+        // the only one: a connect then reaches it at the first try).
+        let stride = SERVICES / slices;
+        if i % stride == 1 {
+            let k = i / stride;
             let endpoints: Vec<String> = (k * SLICE..(k + 1) * SLICE).map(endpoint).collect();
             text.push_str(&slice_yaml(i, k, &endpoints));
         }
