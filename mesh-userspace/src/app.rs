@@ -14,7 +14,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use anyhow::Context as _;
 use hyper::{Method, StatusCode};
 use tokio::{signal::unix::SignalKind, sync::watch};
 
@@ -58,6 +57,33 @@ pub struct AgentOptions {
     pub outbound_addr: SocketAddr,
     /// How long a file must stay the same before objects removed from it are removed.
     pub removal_quiet: Duration,
+}
+
+/// Why the agent could not start or stop cleanly; each keeps its cause (and errno).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--config {0}: no such file or directory")]
+    NoConfig(PathBuf),
+    #[error("installing signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+    #[error(transparent)]
+    Bind(#[from] admin::BindError),
+    #[error("opening the flow log: {0}")]
+    FlowLog(#[source] std::io::Error),
+    #[error("finding the cgroup v2 mount: {0}")]
+    Cgroup(#[source] std::io::Error),
+    #[error(transparent)]
+    Load(#[from] loader::LoadError),
+    #[error(transparent)]
+    Datapath(#[from] crate::ebpf::DatapathError),
+    #[error(transparent)]
+    Sync(#[from] crate::sync::SyncError),
+    #[error("starting the kernel sync thread: {0}")]
+    Thread(#[source] std::io::Error),
+    #[error("watching {0}: {1}")]
+    Watch(PathBuf, #[source] notify::Error),
+    #[error("removing pins under {0}: {1}")]
+    Teardown(PathBuf, #[source] std::io::Error),
 }
 
 /// How often the kernel-written maps are counted for `/metrics` (off the scrape path).
@@ -315,24 +341,24 @@ async fn watch_cgroup(agent: Arc<Agent>) {
     }
 }
 
-pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // Handlers first: a SIGTERM that arrives while starting up must still take the clean path.
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     raise_fd_limit();
     if !opts.config.exists() {
-        anyhow::bail!("--config {}: no such file or directory", opts.config.display());
+        return Err(AgentError::NoConfig(opts.config.clone()));
     }
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = admin::bind(opts.admin_addr).await?;
     let readiness_listener = admin::bind(opts.readiness_addr).await?;
     let metrics_listener = admin::bind(opts.metrics_addr).await?;
     let outbound_listener = admin::bind(opts.outbound_addr).await?;
-    let telemetry = Arc::new(Telemetry::new(&opts.flow_log).context("opening the flow log")?);
+    let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
 
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
-        None => host::cgroup2_root().context("finding the cgroup v2 mount")?,
+        None => host::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
     let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.programs)?;
     if let Some(logger) = loaded.logger.take() {
@@ -352,13 +378,13 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     let adopted = !reconciler.image().is_empty();
     let (report_tx, report_rx) = watch::channel(SyncReport::default());
     let feed = Arc::new(SyncFeed::default());
-    let sync_thread = worker::spawn(reconciler, feed.clone(), report_tx).context("starting the kernel sync thread")?;
+    let sync_thread = worker::spawn(reconciler, feed.clone(), report_tx).map_err(AgentError::Thread)?;
 
     let store = Store::new(opts.node.clone());
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
     let outbound = Arc::new(Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone()));
-    let source = FileSource::new(&opts.config, opts.removal_quiet).with_context(|| format!("watching {}", opts.config.display()))?;
+    let source = FileSource::new(&opts.config, opts.removal_quiet).map_err(|e| AgentError::Watch(opts.config.clone(), e))?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),
         cgroup: cgroup.clone(),
@@ -441,7 +467,7 @@ pub async fn run(opts: AgentOptions) -> anyhow::Result<()> {
     if opts.keep_datapath {
         tracing::info!(bpffs = %opts.bpffs.display(), "--keep-datapath: programs stay attached and maps pinned");
     } else {
-        loader::teardown(&opts.bpffs).with_context(|| format!("removing pins under {}", opts.bpffs.display()))?;
+        loader::teardown(&opts.bpffs).map_err(|e| AgentError::Teardown(opts.bpffs.clone(), e))?;
         tracing::info!("datapath detached and unpinned");
     }
     drop(lock);

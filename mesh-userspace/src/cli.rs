@@ -227,7 +227,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Some(w) => crate::ebpf::programs::sample(&bpffs, w),
                 None => crate::ebpf::programs::attached(&bpffs),
             }
-            .map_err(|e| pins_error(&bpffs, &format!("{e:#}")))?;
+            .map_err(|e| pins_error(&bpffs, &crate::ebpf::error_chain(&e)))?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {

@@ -32,20 +32,30 @@ impl ProgramRow {
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum ProgramsError {
+    #[error("pinned link {0}: {1}")]
+    Link(std::path::PathBuf, #[source] aya::programs::links::LinkError),
+    #[error("no pinned program links under {0}")]
+    NoLinks(std::path::PathBuf),
+    #[error("enabling BPF run-time statistics: {0}")]
+    Stats(#[source] aya::sys::SyscallError),
+}
+
 /// Every program attached through a link pinned under `pin_dir`, in program_names order.
-pub fn attached(pin_dir: &Path) -> anyhow::Result<Vec<ProgramRow>> {
+pub fn attached(pin_dir: &Path) -> Result<Vec<ProgramRow>, ProgramsError> {
     let mut wanted = Vec::new();
     for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()) {
         let pin = link_pin(pin_dir, name);
         if !pin.exists() {
             continue;
         }
-        let link: FdLink = PinnedLink::from_pin(&pin).map_err(|e| anyhow::anyhow!("{}: {e}", pin.display()))?.into();
-        let info = link.info().map_err(|e| anyhow::anyhow!("{}: {e}", pin.display()))?;
+        let link: FdLink = PinnedLink::from_pin(&pin).map_err(|e| ProgramsError::Link(pin.clone(), e))?.into();
+        let info = link.info().map_err(|e| ProgramsError::Link(pin.clone(), e))?;
         wanted.push((*name, info.program_id()));
     }
     if wanted.is_empty() {
-        anyhow::bail!("no pinned program links under {}", pin_dir.display());
+        return Err(ProgramsError::NoLinks(pin_dir.to_owned()));
     }
     let infos: Vec<ProgramInfo> = loaded_programs().filter_map(Result::ok).filter(|p| wanted.iter().any(|(_, id)| *id == p.id())).collect();
     Ok(wanted
@@ -65,9 +75,9 @@ pub fn attached(pin_dir: &Path) -> anyhow::Result<Vec<ProgramRow>> {
 }
 
 /// Turns statistics on for `window` and returns what ran meanwhile.
-pub fn sample(pin_dir: &Path, window: Duration) -> anyhow::Result<Vec<ProgramRow>> {
+pub fn sample(pin_dir: &Path, window: Duration) -> Result<Vec<ProgramRow>, ProgramsError> {
     // On while this fd is open (BPF_ENABLE_STATS, 5.8+); nothing global is left changed.
-    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(|e| anyhow::anyhow!("enabling BPF run-time statistics: {e}"))?;
+    let stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).map_err(ProgramsError::Stats)?;
     let before = attached(pin_dir)?;
     eprintln!("sampling the datapath for {window:?}...");
     std::thread::sleep(window);
