@@ -15,7 +15,7 @@
 
 /// Bumped whenever a key or value below changes layout. The agent compares it with the pinned
 /// `mesh_meta` map to tell a restart (adopt the pinned maps) from an upgrade (rebuild them).
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 
 /// Map names: also their file names under the pin directory. The kernel limits them to 15 bytes.
 pub mod map_names {
@@ -26,6 +26,9 @@ pub mod map_names {
     pub const MAGLEV: &str = "mesh_maglev";
     pub const AFFINITY: &str = "mesh_affinity";
     pub const REVNAT: &str = "mesh_revnat";
+    /// Socket cookie → the backends its `mesh_revnat` entries are for (`RevNatIndex`), so that
+    /// they are freed when the socket is (cgroup/sock_release).
+    pub const REVNAT_INDEX: &str = "mesh_revnat_idx";
     pub const META: &str = "mesh_meta";
     /// Service names by id, for `mesh services` while the agent is down. Never read by the
     /// kernel programs.
@@ -51,7 +54,7 @@ pub mod map_names {
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -59,6 +62,7 @@ pub mod map_names {
         MAGLEV,
         AFFINITY,
         REVNAT,
+        REVNAT_INDEX,
         META,
         NAMES,
         CONNS,
@@ -85,6 +89,8 @@ pub mod program_names {
     /// sock_ops: per-connection counters. Named apart from its section ("sockops"): aya
     /// confuses a function and a section of the same name.
     pub const SOCKOPS: &str = "mesh_sockops";
+    /// cgroup/sock_release: frees a UDP socket's reverse translations with the socket.
+    pub const SOCK_RELEASE: &str = "mesh_sock_rel";
 
     /// sock_ops: puts local sockets into the sockhash for same-node redirection (5.15+: it
     /// keys sockets by network namespace cookie).
@@ -96,7 +102,8 @@ pub mod program_names {
     pub const REDIRECTION: [&str; 2] = [REDIRECT, SOCKMAP];
 
     /// The programs always attached to the cgroup, in attach order.
-    pub const ALL: [&str; 9] = [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS];
+    pub const ALL: [&str; 10] =
+        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS, SOCK_RELEASE];
 }
 
 /// Map capacities.
@@ -113,6 +120,9 @@ pub mod sizes {
     /// Reverse translations of UDP sockets (LRU: a socket that closed ages out). TCP keeps
     /// its own in `mesh_conns`.
     pub const MAX_REVNAT: u32 = 65_536;
+    /// UDP sockets whose reverse translations are freed with them; beyond this many at once,
+    /// a socket's entries age out of `mesh_revnat` instead.
+    pub const MAX_REVNAT_INDEX: u32 = 16_384;
     /// Slots of the live-connection table, a power of two: a connection's slot is its socket
     /// cookie modulo this. Allocated up front (17 MiB): a connection takes its slot with two
     /// stores, where a hash map insert allocates and locks.
@@ -133,7 +143,10 @@ pub mod drop_counters {
     pub const EVENTS: u32 = 0;
     /// A new connection could not be tracked (its slot and `mesh_conns_ovfl` full).
     pub const CONNS: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// A live UDP socket's reverse translation was evicted from `mesh_revnat` (seen when its
+    /// reply arrives): the application saw the backend's address instead of the Service's.
+    pub const REVNAT: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Entries in a Maglev lookup table. Prime, and well above 100 x the backends a table is meant
@@ -301,6 +314,28 @@ pub struct RevNatValue {
     pub service_id: u32,
 }
 
+/// One backend a UDP socket sent to through a Service (`RevNatIndex`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatPeer {
+    pub addr: Addr,
+    pub port_be: u16,
+    pub _pad16: u16,
+}
+
+/// How many backends of one UDP socket are remembered for freeing at release; entries for more
+/// age out of the LRU.
+pub const REVNAT_INDEX_LEN: usize = 4;
+
+/// `mesh_revnat_idx` value: the `mesh_revnat` keys of one socket (with its cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatIndex {
+    pub peers: [RevNatPeer; REVNAT_INDEX_LEN],
+    pub count: u32,
+    pub _pad: u32,
+}
+
 /// `mesh_proxy` value: the agent's outbound listener. Port 0: no proxy running.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -459,6 +494,8 @@ mod pod {
     unsafe impl aya::Pod for AffinityValue {}
     unsafe impl aya::Pod for RevNatKey {}
     unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for RevNatPeer {}
+    unsafe impl aya::Pod for RevNatIndex {}
     unsafe impl aya::Pod for ConnValue {}
     unsafe impl aya::Pod for ConnEvent {}
     unsafe impl aya::Pod for SockKey {}

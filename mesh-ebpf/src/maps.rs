@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatKey,
-    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, drop_counters, sizes,
+    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatIndex,
+    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -35,6 +35,10 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue> = LruHashMap::pinned
 
 #[map(name = "mesh_revnat")]
 pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(sizes::MAX_REVNAT, 0);
+
+/// Socket cookie → its `mesh_revnat` keys, for sock_release to free them.
+#[map(name = "mesh_revnat_idx")]
+pub static REVNAT_INDEX: LruHashMap<u64, RevNatIndex> = LruHashMap::pinned(sizes::MAX_REVNAT_INDEX, 0);
 
 /// Slot 0 holds the layout version the maps were created with (see `LAYOUT_VERSION`).
 #[map(name = "mesh_meta")]

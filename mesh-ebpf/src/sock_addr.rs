@@ -5,7 +5,8 @@
 //! datagram for unconnected UDP) and nothing per packet. `getpeername4|6` and `recvmsg4|6` undo
 //! the rewrite for the application, which keeps seeing the VIP it dialled. A TCP socket keeps
 //! what it dialled in its live-connection entry (`crate::conns`), which sock_ops fills in and
-//! frees; UDP sockets keep it in the `mesh_revnat` LRU.
+//! frees; UDP sockets keep it in the `mesh_revnat` LRU, indexed by socket (`mesh_revnat_idx`)
+//! so that `sock_release` frees a socket's entries with it.
 //!
 //! Kernel quirks (all seen on 5.10 to 6.18):
 //! - Context fields are written with single 4-byte volatile stores; LLVM may merge two adjacent
@@ -25,18 +26,18 @@ use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_TCP_CLOSE, bpf_sock_addr},
     helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
-    macros::cgroup_sock_addr,
-    programs::SockAddrContext,
+    macros::{cgroup_sock, cgroup_sock_addr},
+    programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, RevNatKey,
-    RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags,
+    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
+    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags,
 };
 
 use crate::{
     conns,
-    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, SERVICES, SLOTS, count_drop},
+    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, count_drop},
 };
 
 /// Let the syscall go on (with the address as the program left it).
@@ -151,9 +152,42 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     }
     let rev_key = RevNatKey { cookie, addr: baddr, port_be: bport_be, _pad16: 0, _pad32: 0 };
     let rev_value = RevNatValue { addr: vip, port_be: vport_be, _pad16: 0, service_id };
+    // SAFETY: plain-integer value.
+    let known = unsafe { REVNAT.get(&rev_key) }.is_some();
     // A full LRU map evicts its oldest entry; failure here only loses the reverse translation.
     let _ = REVNAT.insert(&rev_key, &rev_value, 0);
+    if !known {
+        index_reverse_translation(cookie, baddr, bport_be);
+    }
     PROCEED
+}
+
+/// Remembers that the socket has a `mesh_revnat` entry for this backend, so that sock_release
+/// frees it with the socket. Without that, the entries of closed sockets fill the LRU, which
+/// then evicts those of live ones (an idle socket's reply would show the backend's address).
+/// Entries past `REVNAT_INDEX_LEN` backends per socket are not indexed: they age out.
+#[inline(always)]
+fn index_reverse_translation(cookie: u64, addr: Addr, port_be: u16) {
+    let peer = RevNatPeer { addr, port_be, _pad16: 0 };
+    match REVNAT_INDEX.get_ptr_mut(&cookie) {
+        Some(index) => {
+            // SAFETY: pointer from a successful lookup. Two sends racing on one socket can
+            // lose an index entry; that entry then ages out like an unindexed one.
+            let n = unsafe { (*index).count } as usize;
+            if n < REVNAT_INDEX_LEN {
+                unsafe {
+                    (*index).peers[n] = peer;
+                    (*index).count = n as u32 + 1;
+                }
+            }
+        }
+        None => {
+            let mut index = RevNatIndex::default();
+            index.peers[0] = peer;
+            index.count = 1;
+            let _ = REVNAT_INDEX.insert(&cookie, &index, 0);
+        }
+    }
 }
 
 /// A TCP socket's dial, in a DIALED entry of the live-connection table, which sock_ops turns
@@ -210,7 +244,12 @@ fn restore_service_address(ctx: &SockAddrContext, family: Family) {
     } else {
         let key = RevNatKey { cookie, addr, port_be, _pad16: 0, _pad32: 0 };
         // SAFETY: plain-integer value, see `balance`.
-        let Some(original) = (unsafe { REVNAT.get(&key) }) else { return };
+        let Some(original) = (unsafe { REVNAT.get(&key) }) else {
+            if was_evicted(cookie, addr, port_be) {
+                count_drop(drop_counters::REVNAT);
+            }
+            return;
+        };
         (original.addr, original.port_be)
     };
     let (addr, port_be) = original;
@@ -219,6 +258,47 @@ fn restore_service_address(ctx: &SockAddrContext, family: Family) {
     }
     write_user_addr(sa, family, &addr);
     write_user_port(sa, port_be);
+}
+
+/// Whether the socket had a reverse translation for this peer that the LRU has evicted since.
+#[inline(always)]
+fn was_evicted(cookie: u64, addr: Addr, port_be: u16) -> bool {
+    // SAFETY: plain-integer value.
+    let Some(index) = (unsafe { REVNAT_INDEX.get(&cookie) }) else { return false };
+    let mut i = 0;
+    while i < REVNAT_INDEX_LEN {
+        if (i as u32) < index.count && index.peers[i].addr == addr && index.peers[i].port_be == port_be {
+            return true;
+        }
+        i += 1;
+    }
+    false
+}
+
+/// cgroup/sock_release: a UDP socket's reverse translations go with it.
+#[cgroup_sock(sock_release)]
+pub fn mesh_sock_rel(ctx: SockContext) -> i32 {
+    // SAFETY: the context is valid for the program's run.
+    let protocol = unsafe { read_volatile(addr_of!((*ctx.sock).protocol)) } as u8;
+    if protocol != IPPROTO_UDP {
+        return PROCEED;
+    }
+    // SAFETY: helper valid for cgroup sock programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: plain-integer value; the socket is going, nothing else writes its index.
+    let Some(index) = (unsafe { REVNAT_INDEX.get(&cookie) }) else { return PROCEED };
+    let index = *index;
+    let mut i = 0;
+    while i < REVNAT_INDEX_LEN {
+        if (i as u32) < index.count {
+            let peer = index.peers[i];
+            let key = RevNatKey { cookie, addr: peer.addr, port_be: peer.port_be, _pad16: 0, _pad32: 0 };
+            let _ = REVNAT.remove(&key);
+        }
+        i += 1;
+    }
+    let _ = REVNAT_INDEX.remove(&cookie);
+    PROCEED
 }
 
 /// No usable endpoint: fail fast, never hang.

@@ -144,7 +144,7 @@ impl Agent {
         }
         metrics.kernel_generation.set(self.sync.borrow().generation as i64);
         let maps = self.maps.lock().expect("maps lock");
-        for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS)] {
+        for (reason, index) in [("events", drop_counters::EVENTS), ("conns", drop_counters::CONNS), ("revnat", drop_counters::REVNAT)] {
             metrics.dropped.get_or_create(&DropLabels { reason: reason.to_owned() }).set(maps.drops(index) as i64);
         }
         drop(maps);

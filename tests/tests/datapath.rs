@@ -232,6 +232,32 @@ fn udp_request_reply_through_a_vip() {
 }
 
 #[test]
+fn udp_reverse_translations_go_with_their_socket() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("udp-release");
+        let mut svc = service(ready3());
+        svc.protocol = "UDP";
+        svc.port = 53;
+        let agent = Agent::start(AgentSpec::new(&svc.render(), &cgroup));
+        let entries = |map: &str| agent.map_entries()[map].as_u64().unwrap_or(u64::MAX);
+        // One-shot sockets, as short-lived clients open them, connected or not: nothing of
+        // theirs stays behind (before, their entries filled the LRU until it evicted those of
+        // live sockets, whose replies then showed the backend's address).
+        for _ in 0..5 {
+            let answer = cgroup.probe(&["udp", "10.96.0.10:53", "6"]);
+            assert_eq!(error_count(&answer), 0, "{answer}");
+            assert_eq!(answer["sources"], serde_json::json!({"10.96.0.10:53": 6}), "{answer}");
+        }
+        let connected = cgroup.probe(&["udp-connected", "10.96.0.10:53", "2"]);
+        assert_eq!(connected["peer"], "10.96.0.10:53", "{connected}");
+        wait_until(|| entries("mesh_revnat") == 0 && entries("mesh_revnat_idx") == 0, || format!("{}", agent.map_entries()));
+        assert_eq!(agent.metric("mesh_kernel_dropped_records", &[("reason", "revnat")]), 0.0);
+        agent.stop();
+    });
+}
+
+#[test]
 fn endpoint_removal_applies_to_new_connections_while_established_ones_continue() {
     in_netns(|| {
         let _backends = three_backends();

@@ -215,6 +215,7 @@ fn bring_up(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Lo
 pub(crate) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), LoadError> {
     match ebpf.program_mut(name).expect("every program in program_names is in the object") {
         Program::CgroupSockAddr(p) => p.load(),
+        Program::CgroupSock(p) => p.load(),
         Program::SockOps(p) => p.load(),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     }
@@ -247,6 +248,7 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
     }
     let fd_link: Option<FdLink> = match program {
         Program::CgroupSockAddr(p) => link!(p),
+        Program::CgroupSock(p) => link!(p),
         Program::SockOps(p) => link!(p),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     };

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatKey, RevNatValue,
-    ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
+    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey,
+    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -25,6 +25,8 @@ pub struct PinnedMaps {
     conns: ConnTable,
     /// Kernel-written (UDP connect, sendmsg); read for occupancy.
     revnat: HashMap<MapData, RevNatKey, RevNatValue>,
+    /// Kernel-written: each UDP socket's revnat keys, freed at release; read for occupancy.
+    revnat_index: HashMap<MapData, u64, RevNatIndex>,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -57,6 +59,7 @@ impl PinnedMaps {
             affinity: open_hash(dir, map_names::AFFINITY)?,
             conns: ConnTable::open(dir).map_err(DatapathError::ConnTable)?,
             revnat: open_hash(dir, map_names::REVNAT)?,
+            revnat_index: open_hash(dir, map_names::REVNAT_INDEX)?,
             drops: PerCpuArray::try_from(open_map(dir, map_names::DROPS)?)
                 .map_err(|source| DatapathError::Open { path: dir.join(map_names::DROPS), source })?,
         })
@@ -116,6 +119,7 @@ impl PinnedMaps {
             (map_names::CONNS, conns.slots),
             (map_names::CONNS_OVERFLOW, conns.overflow),
             (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
+            (map_names::REVNAT_INDEX, self.revnat_index.keys().filter(Result::is_ok).count()),
         ])
     }
 
@@ -134,6 +138,7 @@ impl PinnedMaps {
             (map_names::CONNS, conns.slots),
             (map_names::CONNS_OVERFLOW, conns.overflow),
             (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
+            (map_names::REVNAT_INDEX, self.revnat_index.keys().filter(Result::is_ok).count()),
         ]
         .into_iter()
         .collect())

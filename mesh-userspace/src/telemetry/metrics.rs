@@ -91,7 +91,7 @@ impl Default for Metrics {
         registry.register("mesh_map_entries", "Entries in each pinned map", map_entries.clone());
         registry.register(
             "mesh_kernel_dropped_records",
-            "Records the kernel could not keep: reason=events (ring buffer full), conns (connection map full)",
+            "Records the kernel could not keep: reason=events (ring buffer full), conns (connection map full), revnat (a live UDP socket's reverse translation evicted)",
             dropped.clone(),
         );
         let requests = Family::<HttpLabels, Counter>::default();
