@@ -279,6 +279,10 @@ async fn run_source(
     feed: Arc<SyncFeed>,
     snapshots: watch::Sender<Arc<Snapshot>>,
 ) {
+    // The kernel is told nothing until every file has been read once: its first sync compares
+    // everything and removes what the configuration lacks, so syncing a half-read
+    // configuration would take down, for a moment, the adopted Services of files not yet read.
+    let mut read_all = false;
     while let Some(update) = source.next().await {
         match update {
             Update::Batch { origin, changes } => {
@@ -289,7 +293,9 @@ async fn run_source(
                         source.ack(true);
                         let snapshot = store.snapshot();
                         agent.telemetry.set_workloads(snapshot.workloads.clone());
-                        feed.publish(snapshot.clone(), applied.balanced.iter().cloned());
+                        if read_all {
+                            feed.publish(snapshot.clone(), applied.balanced.iter().cloned());
+                        }
                         let _ = snapshots.send(snapshot.clone());
                         let mut status = agent.status.lock().expect("status lock");
                         status.rejected.remove(&origin);
@@ -314,6 +320,7 @@ async fn run_source(
             }
             Update::Unreadable { origin, errors } => agent.reject(origin, &errors),
             Update::Synced => {
+                read_all = true;
                 let mut status = agent.status.lock().expect("status lock");
                 status.synced_at = Some(status.generation);
                 // The first sync compares everything, adopted state included.

@@ -259,3 +259,51 @@ fn the_cli_without_privileges_names_the_errno_and_does_not_blame_a_missing_agent
         agent.stop();
     });
 }
+
+#[test]
+fn a_restart_reading_many_files_never_drops_an_adopted_service_meanwhile() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("restart-many");
+        // The Service the client uses sorts last, after many files of other Services.
+        let config_dir = std::env::temp_dir().join(unique_name("many-files"));
+        std::fs::create_dir_all(&config_dir).expect("config dir");
+        for i in 0..150 {
+            let other = ServiceYaml {
+                name: &format!("s{i}"),
+                cluster_ip: &format!("10.96.1.{}", i + 1),
+                ..ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")])
+            }
+            .render();
+            std::fs::write(config_dir.join(format!("a{i:03}.yaml")), other).expect("other file");
+        }
+        std::fs::write(config_dir.join("z-web.yaml"), web(vec![Endpoint::ready("127.0.0.11")])).expect("web file");
+        let first = Agent::start(AgentSpec { keep_datapath: true, config_path: Some(config_dir.clone()), ..AgentSpec::new("", &cgroup) });
+        let bpffs = first.bpffs.clone();
+        let _pins = PinsGuard(bpffs.clone());
+        first.wait_backends(VIP, &["127.0.0.11:8080"]);
+        first.stop();
+
+        let stop_file = std::env::temp_dir().join(unique_name("stop"));
+        let client = cgroup
+            .command(probe_bin())
+            .args(["loop", VIP, stop_file.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("loop client");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // The next agent adopts the pinned datapath and reads the 151 files one by one: the
+        // kernel must keep serving what it has until everything is read.
+        let second =
+            Agent::start(AgentSpec { bpffs: Some(bpffs.clone()), config_path: Some(config_dir.clone()), ..AgentSpec::new("", &cgroup) });
+        second.wait_backends(VIP, &["127.0.0.11:8080"]);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::write(&stop_file, b"").expect("stop file");
+        let out = client.wait_with_output().expect("client");
+        let _ = std::fs::remove_file(&stop_file);
+        let result: Value = serde_json::from_slice(&out.stdout).expect("client json");
+        assert_eq!(error_count(&result), 0, "no connection may fail while the restarted agent reads its files: {result}");
+        second.stop();
+        let _ = std::fs::remove_dir_all(&config_dir);
+    });
+}
