@@ -250,3 +250,36 @@ fn an_idle_agent_does_not_read_its_configuration_again() {
         agent.stop();
     });
 }
+
+#[test]
+fn a_config_file_symlink_into_another_directory_follows_edits_of_its_target() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("file-link");
+        let base = std::env::temp_dir().join(unique_name("file-link"));
+        let (real_dir, link_dir) = (base.join("real"), base.join("etc"));
+        fs::create_dir_all(&real_dir).expect("real dir");
+        fs::create_dir_all(&link_dir).expect("link dir");
+        let real = real_dir.join("services.yaml");
+        fs::write(&real, web(vec![Endpoint::ready("127.0.0.11")])).expect("real file");
+        let link = link_dir.join("services.yaml");
+        symlink(&real, &link).expect("symlink");
+        let agent = Agent::start(AgentSpec { config_path: Some(link.clone()), ..AgentSpec::new("", &cgroup) });
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        // Edited where it lives, not through the link.
+        fs::write(&real, web(vec![Endpoint::ready("127.0.0.12")])).expect("edit target");
+        agent.wait_backends(VIP, &["127.0.0.12:8080"]);
+        // Re-pointed to a file in a third directory, then that file edited.
+        let other_dir = base.join("other");
+        fs::create_dir_all(&other_dir).expect("other dir");
+        let other = other_dir.join("web.yaml");
+        fs::write(&other, web(vec![Endpoint::ready("127.0.0.13")])).expect("other file");
+        let tmp = link_dir.join(".services.yaml.tmp");
+        symlink(&other, &tmp).expect("new link");
+        fs::rename(&tmp, &link).expect("re-point");
+        agent.wait_backends(VIP, &["127.0.0.13:8080"]);
+        fs::write(&other, web(vec![Endpoint::ready("127.0.0.14")])).expect("edit new target");
+        agent.wait_backends(VIP, &["127.0.0.14:8080"]);
+        agent.stop();
+        let _ = fs::remove_dir_all(&base);
+    });
+}

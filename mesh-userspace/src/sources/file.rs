@@ -241,6 +241,9 @@ pub struct FileSource {
     watcher: notify::RecommendedWatcher,
     /// The directory currently watched as the config directory (re-watched when replaced).
     watched_dir: Option<PathBuf>,
+    /// Where a `--config` file symlink points, and the directory watched for it.
+    target: Arc<Mutex<Option<PathBuf>>>,
+    watched_target_dir: Option<PathBuf>,
     /// Files to look at, in order.
     queue: BTreeSet<PathBuf>,
     /// Removals waiting for the file to stay the same: file -> (hash of the text, when).
@@ -258,7 +261,8 @@ impl FileSource {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let wake = Arc::new(Notify::new());
         let config = path.to_owned();
-        let (seen_cb, wake_cb) = (seen.clone(), wake.clone());
+        let target: Arc<Mutex<Option<PathBuf>>> = Arc::default();
+        let (seen_cb, wake_cb, target_cb) = (seen.clone(), wake.clone(), target.clone());
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             let Ok(event) = event else {
                 // Lost events (queue overflow): look at everything.
@@ -296,16 +300,15 @@ impl FileSource {
                     // Other names (an editor's or a writer's temporary file) are followed by
                     // an event of the file they become.
                 } else if *p == config {
-                    // The directory replaced or re-pointed, or the config file itself. (Not
-                    // an access: listing the directory opens it, and must not start a rescan.)
-                    if !settled {
-                        continue;
-                    }
-                    if config_is_dir || !config.exists() {
+                    // The directory or the file replaced or re-pointed, or the file written.
+                    // (Not an access: listing the directory opens it, and must not start a
+                    // rescan.) Looking at everything re-watches what the path now points to.
+                    if settled {
                         seen.everything = true;
-                    } else {
-                        seen.files.insert(p.clone());
                     }
+                } else if settled && target_cb.lock().expect("target lock").as_deref() == Some(p.as_path()) {
+                    // The file a `--config` symlink points to, in a directory of its own.
+                    seen.files.insert(config.clone());
                 }
                 // Anything else is a sibling of the config path (an editor's temporary file).
             }
@@ -324,6 +327,8 @@ impl FileSource {
             wake,
             watcher,
             watched_dir: None,
+            target,
+            watched_target_dir: None,
             queue: BTreeSet::new(),
             removals: HashMap::new(),
             in_flight: None,
@@ -350,6 +355,21 @@ impl FileSource {
                 Err(e) => tracing::warn!(path = %self.path.display(), "cannot watch the config directory: {e}"),
             }
         }
+        // A file symlink: its target may live elsewhere, and be edited there.
+        let target = (self.path.is_symlink() && self.path.is_file()).then(|| fs::canonicalize(&self.path).ok()).flatten();
+        let target_dir = target.as_deref().and_then(Path::parent).map(Path::to_owned).filter(|d| *d != watch_parent(&self.path));
+        if target_dir != self.watched_target_dir {
+            if let Some(old) = self.watched_target_dir.take() {
+                let _ = self.watcher.unwatch(&old);
+            }
+            if let Some(dir) = &target_dir {
+                match self.watcher.watch(dir, RecursiveMode::NonRecursive) {
+                    Ok(()) => self.watched_target_dir = Some(dir.clone()),
+                    Err(e) => tracing::warn!(path = %dir.display(), "cannot watch the directory of the config file's target: {e}"),
+                }
+            }
+        }
+        *self.target.lock().expect("target lock") = target;
     }
 
     /// Queues every file there is now and every file the store holds objects of.
