@@ -187,8 +187,10 @@ fn a_slow_endpoint_gets_clearly_less_traffic() {
         let agent = Agent::start(AgentSpec::new(&two_endpoints(""), &cgroup));
         let answer = cgroup.probe(&["get", VIP, "/", "100"]);
         let fast = names(&answer).into_iter().find(|(n, _)| n == "fast").map_or(0, |(_, c)| c);
-        // Random choice would give the slow one about half; peak EWMA learns after one request.
-        assert!(fast >= 90, "the fast endpoint should take most requests: {answer}");
+        // Random choice would give each about 50 (80 or more: p < 1e-9); peak EWMA learns after
+        // one request. Under CPU emulation the fast one's own latency spikes now and then, and
+        // the slow one's estimate decays meanwhile: 87 was seen there, so the bar is at 80.
+        assert!(fast >= 80, "the fast endpoint should take most requests: {answer}");
         agent.stop();
     });
 }
