@@ -425,6 +425,11 @@ pub struct ConnValue {
     /// The kernel's `bytes_acked` at establishment: 1 for the SYN of a connect()ed socket, 0
     /// for an accept()ed one. Subtracted to count payload only.
     pub acked_at_start: u32,
+    /// `rcv_nxt` when the socket entered FIN_WAIT2: at its close, a larger `rcv_nxt` says the
+    /// peer's FIN was received (a closed socket whose FIN was acknowledged alone goes to
+    /// TIME_WAIT without it).
+    pub rcv_nxt_at_fin_wait2: u32,
+    pub _pad: u32,
 }
 
 /// `mesh_sockhash` and `mesh_sockcook` key: one end of a TCP connection, as seen by its own

@@ -148,6 +148,14 @@ fn established(ctx: &SockOpsContext, dir: u8) {
 /// access: the FINs a socket has seen follow from the state it is in (or left).
 #[inline(always)]
 fn state_changed(ctx: &SockOpsContext) {
+    if ctx.arg(1) == BPF_TCP_FIN_WAIT2 {
+        // Remember where the receive side was: see `rcv_nxt_at_fin_wait2`.
+        if let Some(entry) = conns::find(cookie(ctx)) {
+            // SAFETY: an entry from `find`; see `established`.
+            unsafe { (*entry).rcv_nxt_at_fin_wait2 = (*ctx.ops).rcv_nxt };
+        }
+        return;
+    }
     if ctx.arg(1) != BPF_TCP_CLOSE {
         return;
     }
@@ -158,8 +166,16 @@ fn state_changed(ctx: &SockOpsContext) {
     unsafe {
         if (*entry).phase == conn_phase::ESTABLISHED {
             // The full socket leaves FIN_WAIT2 for TIME_WAIT (seen here as CLOSE) when the
-            // peer's FIN arrives; a FIN_WAIT2 timeout would also get here, off by one.
-            let fins = if old == BPF_TCP_FIN_WAIT2 { FIN_SENT | FIN_RECEIVED } else { fins_in(old) };
+            // peer's FIN arrives, but also, closed by its owner, as soon as its own FIN is
+            // acknowledged (tcp_rcv_state_process hands it to a timewait socket, which takes
+            // the peer's FIN later): the FIN was received if rcv_nxt moved since FIN_WAIT2.
+            // (Data received after FIN_WAIT2 and no FIN before the close would count one
+            // byte short.)
+            let fins = if old == BPF_TCP_FIN_WAIT2 {
+                if (*ctx.ops).rcv_nxt != (*entry).rcv_nxt_at_fin_wait2 { FIN_SENT | FIN_RECEIVED } else { FIN_SENT }
+            } else {
+                fins_in(old)
+            };
             let at = now();
             read_counters(ctx.ops, &mut *entry, fins, at);
             emit(conn_event::CLOSED, at, &*entry);

@@ -43,6 +43,26 @@ fn istio_tcp_metrics_count_connections_and_bytes_exactly() {
     });
 }
 
+/// A client that closes first while the server keeps its end open: the client's FIN is
+/// acknowledged alone, and the kernel hands the closed socket to a timewait socket before the
+/// server's FIN arrives. The received bytes must not lose one for a FIN never received.
+#[test]
+fn bytes_are_exact_when_the_client_closes_first_and_its_fin_is_acknowledged_alone() {
+    in_netns(|| {
+        let _backend = Backend::start("linger500", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("linger");
+        let agent = Agent::start(AgentSpec::new(&ServiceYaml::web(vec![Endpoint::ready("127.0.0.11")]).render(), &cgroup));
+        let answer = cgroup.probe(&["tcp", VIP, "3"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        let source = [("reporter", "source"), SERVICE];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &source) == 3.0, || agent.metrics());
+        // Response "linger500:hello\n": 16 bytes each.
+        assert_eq!(agent.metric("istio_tcp_sent_bytes_total", &source), 3.0 * 16.0, "{}", agent.metrics());
+        assert_eq!(agent.metric("istio_tcp_received_bytes_total", &source), 3.0 * 6.0, "{}", agent.metrics());
+        agent.stop();
+    });
+}
+
 /// Openings are counted from the live-connection table (no record per establishment): a
 /// long-lived connection shows up within a scan, and its close does not count it again.
 #[test]

@@ -312,6 +312,11 @@ fn answer_tcp(name: &str, stream: TcpStream) {
         }
         line.clear();
     }
+    // A backend named lingerNN keeps the connection NN ms after the client's FIN: the FIN is
+    // then acknowledged alone, before this side's own FIN.
+    if let Some(ms) = name.strip_prefix("linger").and_then(|m| m.parse::<u64>().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift64*), so both ends can know the payload.
