@@ -523,8 +523,10 @@ mod tests {
         assert_eq!(size_of::<AffinityValue>(), 16);
         assert_eq!(size_of::<RevNatKey>(), 32);
         assert_eq!(size_of::<RevNatValue>(), 24);
-        assert_eq!(size_of::<ConnValue>(), 136);
-        assert_eq!(size_of::<ConnEvent>(), 152);
+        assert_eq!(size_of::<ConnValue>(), 144);
+        assert_eq!(size_of::<ConnEvent>(), 160);
+        assert_eq!(size_of::<RevNatPeer>(), 20);
+        assert_eq!(size_of::<RevNatIndex>(), 88);
         assert_eq!(size_of::<SockKey>(), 48);
     }
 
