@@ -123,25 +123,10 @@ impl PinnedMaps {
         ])
     }
 
-    /// Entries per map, for `/config_dump` and leak checks.
+    /// Entries per map, for `/config_dump` and leak checks: the service maps as read back,
+    /// then the ones the kernel writes.
     pub fn occupancy(&self) -> Result<std::collections::BTreeMap<&'static str, usize>, DatapathError> {
-        let image = self.read_image()?;
-        let conns = self.conns.occupancy().map_err(DatapathError::ConnTable)?;
-        Ok([
-            (map_names::FRONTENDS, image.frontends.len()),
-            (map_names::SERVICES, image.services.len()),
-            (map_names::SLOTS, image.slots.len()),
-            (map_names::BACKENDS, image.backends.len()),
-            (map_names::MAGLEV, image.maglev.len()),
-            (map_names::NAMES, image.names.len()),
-            (map_names::AFFINITY, self.affinity.keys().filter(Result::is_ok).count()),
-            (map_names::CONNS, conns.slots),
-            (map_names::CONNS_OVERFLOW, conns.overflow),
-            (map_names::REVNAT, self.revnat.keys().filter(Result::is_ok).count()),
-            (map_names::REVNAT_INDEX, self.revnat_index.keys().filter(Result::is_ok).count()),
-        ]
-        .into_iter()
-        .collect())
+        Ok(self.read_image()?.entries().into_iter().chain(self.kernel_occupancy()?).collect())
     }
 }
 
