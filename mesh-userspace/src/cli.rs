@@ -271,7 +271,7 @@ fn validate_config(path: &std::path::Path) -> Result<(usize, usize, usize), crat
     let mut store = crate::state::Store::new(crate::state::NodeContext { node: String::new(), zone: None });
     let mut errors = Vec::new();
     for (file, objects) in files {
-        let origin = Origin::File(file);
+        let origin = Origin::File(file.into());
         let changes = objects.into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect();
         if let Err(mut e) = store.apply(changes) {
             errors.append(&mut e.0);

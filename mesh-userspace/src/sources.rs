@@ -9,7 +9,7 @@
 #![forbid(unsafe_code)]
 pub mod file;
 
-use std::{fmt, path::PathBuf, sync::Arc};
+use std::{fmt, path::Path, sync::Arc};
 
 use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -17,7 +17,8 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 /// Where an object came from, for error messages and for ownership (a file owns its objects).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
-    File(PathBuf),
+    /// Shared by every object of the file.
+    File(Arc<Path>),
     /// An API object: `kind namespace/name`.
     Api(String),
 }

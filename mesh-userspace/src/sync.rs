@@ -63,6 +63,9 @@ impl IdAllocator {
     }
 }
 
+/// A sync writing more entries than this rebuilds the map image compactly.
+const COMPACT_AFTER_OPS: usize = 4096;
+
 /// What the kernel holds for one balanced service port.
 #[derive(Debug, Clone)]
 struct Owned {
@@ -464,6 +467,9 @@ impl<D: crate::ebpf::Datapath> Reconciler<D> {
             }
         }
         self.needs_full = false;
+        if ops.len() > COMPACT_AFTER_OPS {
+            self.current.compact();
+        }
         Ok(stats)
     }
 

@@ -55,6 +55,21 @@ impl MapImage {
         }
     }
 
+    /// Rebuilds the maps with full nodes. Entries written in id order (as a sync writes them)
+    /// leave B-tree nodes about half full; built from sorted entries they are full. After a
+    /// large sync this gives back about a third of the image's memory.
+    pub fn compact(&mut self) {
+        fn rebuilt<K: Ord, V>(map: &mut BTreeMap<K, V>) {
+            *map = std::mem::take(map).into_iter().collect();
+        }
+        rebuilt(&mut self.frontends);
+        rebuilt(&mut self.services);
+        rebuilt(&mut self.slots);
+        rebuilt(&mut self.backends);
+        rebuilt(&mut self.maglev);
+        rebuilt(&mut self.names);
+    }
+
     /// Total entries, for the occupancy check and leak assertions.
     pub fn len(&self) -> usize {
         self.frontends.len() + self.services.len() + self.slots.len() + self.backends.len() + self.maglev.len() + self.names.len()

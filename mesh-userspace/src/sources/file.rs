@@ -49,7 +49,7 @@ struct Parsed {
 /// `parse`, with hashes; objects whose document hash is in `known` are not converted again (a
 /// change of one object in a big file converts one object).
 fn parse_hashed(file: &Path, text: &str, known: &BTreeMap<ObjectId, u64>) -> Result<Vec<Parsed>, ConfigErrors> {
-    let mut ctx = Parse { origin: Origin::File(file.to_owned()), known, objects: Vec::new(), errors: Vec::new() };
+    let mut ctx = Parse { origin: Origin::File(file.into()), known, objects: Vec::new(), errors: Vec::new() };
     for (index, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let object = format!("document {}", index + 1);
         match serde_yaml::Value::deserialize(doc) {
@@ -191,7 +191,7 @@ pub fn load(path: &Path) -> Result<Vec<(PathBuf, Vec<Object>)>, ConfigErrors> {
 
 fn unreadable(file: &Path, e: &std::io::Error) -> ConfigErrors {
     ConfigErrors(vec![ConfigError {
-        origin: Origin::File(file.to_owned()),
+        origin: Origin::File(file.into()),
         object: String::new(),
         field: String::new(),
         message: format!("cannot read: {e}"),
@@ -387,7 +387,7 @@ impl FileSource {
 
     /// Looks at one file; an update when the store must hear of it.
     fn look_at(&mut self, file: &Path, now: Instant) -> Option<Update> {
-        let origin = Origin::File(file.to_owned());
+        let origin = Origin::File(file.into());
         let state = self.files.entry(file.to_owned()).or_default();
         self.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let text = match fs::read_to_string(file) {

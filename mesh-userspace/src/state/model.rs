@@ -157,7 +157,9 @@ pub struct ServiceSpec {
     pub outlier: EjectionPolicy,
 }
 
-/// One endpoint of a slice: what kube-proxy's rules and telemetry need, nothing more.
+/// One endpoint of a slice: what kube-proxy's rules and telemetry need, nothing more. 32
+/// bytes: a cluster holds one per endpoint, and most endpoints have neither zone hints nor
+/// a pod name worth an allocation of their own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointSpec {
     pub addr: IpAddr,
@@ -166,10 +168,26 @@ pub struct EndpointSpec {
     pub terminating: bool,
     /// Whether `nodeName` is this agent's node (the name itself is not kept).
     pub local: bool,
+    pub extra: Option<Box<EndpointExtra>>,
+}
+
+/// The rarer parts of an endpoint, boxed together.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EndpointExtra {
     /// `hints.forZones`, `None` when the endpoint has no hints.
     pub zone_hints: Option<Box<[String]>>,
     /// `targetRef.name` (the pod), for telemetry.
     pub workload: Option<Box<str>>,
+}
+
+impl EndpointSpec {
+    pub fn zone_hints(&self) -> Option<&[String]> {
+        self.extra.as_ref()?.zone_hints.as_deref()
+    }
+
+    pub fn workload(&self) -> Option<&str> {
+        self.extra.as_ref()?.workload.as_deref()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -114,7 +114,7 @@ fn usable<'a>(
     let zone = node.zone.as_deref().filter(|_| service.prefer_same_zone && topology_usable(candidates, node));
     let in_zone = |ep: &EndpointSpec| match zone {
         None => true,
-        Some(zone) => ep.zone_hints.as_ref().is_some_and(|h| h.iter().any(|z| z == zone)),
+        Some(zone) => ep.zone_hints().is_some_and(|h| h.iter().any(|z| z == zone)),
     };
     let ready = pick(&|ep| ep.ready && in_zone(ep));
     if ready.is_empty() { pick(&fallback) } else { ready }
@@ -126,7 +126,7 @@ fn topology_usable(candidates: &BTreeMap<SocketAddr, &EndpointSpec>, node: &Node
     let Some(zone) = node.zone.as_deref() else { return false };
     let mut has_zone = false;
     for ep in candidates.values().filter(|ep| ep.ready) {
-        match &ep.zone_hints {
+        match ep.zone_hints() {
             Some(hints) if !hints.is_empty() => has_zone |= hints.iter().any(|z| z == zone),
             _ => return false,
         }

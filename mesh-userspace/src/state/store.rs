@@ -244,7 +244,7 @@ impl Store {
                         }
                     }
                     for ep in &slice.endpoints {
-                        if ep.workload.is_some() {
+                        if ep.workload().is_some() {
                             self.forget_workload(ep.addr);
                         }
                     }
@@ -280,7 +280,7 @@ impl Store {
             }
             Valid::Slice(slice) => {
                 for ep in &slice.endpoints {
-                    if let Some(pod) = &ep.workload {
+                    if let Some(pod) = ep.workload() {
                         let workload = ObjectKey::new(slice.key.namespace.clone(), workload_of_pod(pod));
                         self.remember_workload(ep.addr, workload);
                     }
@@ -383,7 +383,7 @@ fn claims_of(spec: &ServiceSpec) -> impl Iterator<Item = (IpAddr, u16, Protocol)
 /// validate`).
 pub fn load(origin: &std::path::Path, text: &str, node: NodeContext) -> Result<Store, ConfigErrors> {
     let objects = crate::sources::file::parse(origin, text)?;
-    let origin = Origin::File(origin.to_owned());
+    let origin = Origin::File(origin.into());
     let mut store = Store::new(node);
     store.apply(objects.into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect())?;
     Ok(store)

@@ -11,8 +11,8 @@ use k8s_openapi::{
 
 use super::{
     model::{
-        Algorithm, EjectionPolicy, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol, RetryBudgetPolicy, ServicePortSpec,
-        ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
+        Algorithm, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol, RetryBudgetPolicy,
+        ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
     },
     routes::{self, RouteSpec},
 };
@@ -221,6 +221,9 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
     if !errors.is_empty() {
         return Err(errors);
     }
+    // Exact sizes: the store keeps one of these per Service for as long as it exists.
+    cluster_ips.shrink_to_fit();
+    ports.shrink_to_fit();
     Ok(ServiceSpec {
         key: key.clone(),
         cluster_ips,
@@ -285,18 +288,21 @@ fn slice(slice: &EndpointSlice, key: &ObjectKey, node: &NodeContext) -> Result<O
         // Kubernetes semantics: a missing `ready` means ready, a missing `serving` the same as
         // `ready`, a missing `terminating` not terminating.
         let ready = conditions.ready.unwrap_or(true);
-        endpoints.push(EndpointSpec {
-            addr,
-            ready,
-            serving: conditions.serving.unwrap_or(ready),
-            terminating: conditions.terminating.unwrap_or(false),
-            local: endpoint.node_name.as_deref() == Some(node.node.as_str()),
+        let extra = EndpointExtra {
             zone_hints: endpoint
                 .hints
                 .as_ref()
                 .and_then(|h| h.for_zones.as_ref())
                 .map(|zones| zones.iter().map(|z| z.name.clone()).collect()),
             workload: endpoint.target_ref.as_ref().and_then(|r| r.name.as_deref()).map(Box::from),
+        };
+        endpoints.push(EndpointSpec {
+            addr,
+            ready,
+            serving: conditions.serving.unwrap_or(ready),
+            terminating: conditions.terminating.unwrap_or(false),
+            local: endpoint.node_name.as_deref() == Some(node.node.as_str()),
+            extra: (extra != EndpointExtra::default()).then(|| Box::new(extra)),
         });
     }
     if !errors.is_empty() {

@@ -206,3 +206,23 @@ fn capacity_counts_old_and_new_entries_together() {
     assert!(err.contains("during the change"), "{err}");
     assert_eq!(r.datapath().log.len(), logged, "nothing written");
 }
+
+#[test]
+fn a_large_sync_compacts_the_image_without_changing_it() {
+    // 30 services of 100 backends: over COMPACT_AFTER_OPS writes, so the image is rebuilt.
+    let backends: Vec<String> = (0..100).map(|i| format!("10.0.{}.{}:8080", i / 200, i % 200 + 1)).collect();
+    let backends: Vec<&str> = backends.iter().map(String::as_str).collect();
+    let names: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+    let vips: Vec<String> = (0..30).map(|i| format!("10.96.1.{}:80", i + 1)).collect();
+    let mut desired: Vec<LbService> = names.iter().zip(&vips).map(|(n, v)| lb(n, v, &backends, Algorithm::Random)).collect();
+    let mut r = Reconciler::new(FakeDatapath::default()).unwrap();
+    let stats = r.reconcile(&desired).unwrap();
+    assert!(stats.writes > COMPACT_AFTER_OPS, "{stats:?}");
+    assert_eq!(r.image(), &r.kernel_image().unwrap(), "the compacted image is what the kernel holds");
+    // Incremental work goes on from the compacted image: one backend fewer is one slot and one
+    // backend deleted, the last slot rewritten at most.
+    desired[0].backends.remove(0);
+    let stats = r.reconcile(&desired).unwrap();
+    assert!(stats.deletes == 2 && stats.writes <= 2, "{stats:?}");
+    assert_eq!(r.image(), &r.kernel_image().unwrap());
+}

@@ -27,7 +27,7 @@ fn slice(service: &str, name: &str, addrs: &[&str]) -> String {
 }
 
 fn upserts(file: &str, yaml: &str) -> Vec<Change> {
-    let origin = Origin::File(file.into());
+    let origin = Origin::File(std::path::Path::new(file).into());
     parse(Path::new(file), yaml).unwrap().into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect()
 }
 
@@ -100,7 +100,7 @@ fn two_services_on_one_address_are_refused_naming_both_but_a_swap_is_fine() {
 fn deleting_a_service_removes_its_ports_and_frontends_and_its_workloads_go_with_the_slice() {
     let mut store = store_with(2);
     assert_eq!(store.snapshot().workloads[&"10.1.0.1".parse::<IpAddr>().unwrap()].name, "s0");
-    let origin = Origin::File("s0.yaml".into());
+    let origin = Origin::File(std::path::Path::new("s0.yaml").into());
     let del = |kind, name: &str| Change::Delete { origin: origin.clone(), kind, namespace: "ns".into(), name: name.into() };
     let applied = store.apply(vec![del(Kind::Service, "s0"), del(Kind::EndpointSlice, "s0-a")]).unwrap();
     assert_eq!(applied.balanced.len(), 1);
@@ -123,7 +123,7 @@ fn a_route_makes_its_parent_l7_and_reaches_the_proxy_view() {
     let view = &snap.services[&ObjectKey::new("ns", "s0")];
     assert!(view.ports[0].l7);
     assert_eq!(view.routes.len(), 1);
-    let origin = Origin::File("r.yaml".into());
+    let origin = Origin::File(std::path::Path::new("r.yaml").into());
     store.apply(vec![Change::Delete { origin, kind: Kind::HttpRoute, namespace: "ns".into(), name: "r".into() }]).unwrap();
     assert!(!store.snapshot().services[&ObjectKey::new("ns", "s0")].ports[0].l7);
 }
@@ -133,7 +133,7 @@ fn an_object_moved_between_files_is_a_duplicate_until_the_old_file_lets_go() {
     let mut store = store_with(1);
     let moved = store.apply(upserts("new.yaml", &service("s0", "10.96.0.1"))).unwrap_err().to_string();
     assert!(moved.contains("defined twice (also in s0.yaml)"), "{moved}");
-    let origin = Origin::File("s0.yaml".into());
+    let origin = Origin::File(std::path::Path::new("s0.yaml").into());
     store.apply(vec![Change::Delete { origin, kind: Kind::Service, namespace: "ns".into(), name: "s0".into() }]).unwrap();
     store.apply(upserts("new.yaml", &service("s0", "10.96.0.1"))).unwrap();
 }

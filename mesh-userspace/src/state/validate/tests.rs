@@ -163,7 +163,7 @@ fn rejects_duplicates_across_files_naming_both() {
     use crate::sources::{Change, Origin, file::parse};
     let mut store = Store::new(node());
     let changes = |file: &str| -> Vec<Change> {
-        let origin = Origin::File(file.into());
+        let origin = Origin::File(std::path::Path::new(file).into());
         parse(Path::new(file), SERVICE).unwrap().into_iter().map(|object| Change::Upsert { origin: origin.clone(), object }).collect()
     };
     store.apply(changes("a.yaml")).unwrap();
