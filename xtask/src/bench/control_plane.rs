@@ -7,6 +7,9 @@
 //! (also while a change is applied), and the agent's RSS. "The kernel uses it" is observed from
 //! a process in the attached cgroup that connects every 100 us: to a Service whose only
 //! endpoint turns ready, or to the VIP of a Service that did not exist.
+//!
+//! For whoever chases memory: `MESH_BENCH_BIN` runs the agent through a wrapper (e.g. a script
+//! that execs heaptrack on the release binary), `MESH_BENCH_SMAPS=1` keeps its mappings.
 use std::{
     fs,
     path::Path,
@@ -114,6 +117,16 @@ fn rss_mib(pid: u32) -> f64 {
     kib / 1024.0
 }
 
+/// `RssAnon` and `RssFile` of /proc/PID/status in MiB: the heap against the mapped binary.
+fn rss_parts_mib(pid: u32) -> (f64, f64) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        status.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0.0)
+            / 1024.0
+    };
+    (field("RssAnon:"), field("RssFile:"))
+}
+
 fn scrape_ms(addr: &str) -> f64 {
     let started = Instant::now();
     let _ = http_get(addr, "/metrics");
@@ -137,7 +150,7 @@ fn cpu_ms(pid: u32) -> f64 {
 pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours reads the environment.
     unsafe {
-        std::env::set_var("MESH_BIN", release_bin("mesh"));
+        std::env::set_var("MESH_BIN", std::env::var_os("MESH_BENCH_BIN").unwrap_or_else(|| release_bin("mesh").into()));
         std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
     }
     let result = in_netns(|| -> anyhow::Result<Value> {
@@ -207,6 +220,12 @@ pub fn run() -> anyhow::Result<()> {
         }
         println!("[bench control-plane] a Service added: {:?} ms", add_ms);
         let rss = rss_mib(pid);
+        let (rss_anon, rss_file) = rss_parts_mib(pid);
+        if std::env::var_os("MESH_BENCH_SMAPS").is_some() {
+            // Where the memory is, mapping by mapping, for whoever is chasing RSS.
+            let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+            fs::write(workspace_root().join("target/bench/control-plane-smaps.txt"), smaps)?;
+        }
         agent.stop();
         let _ = fs::remove_dir_all(&dir);
         Ok(json!({
@@ -224,7 +243,7 @@ pub fn run() -> anyhow::Result<()> {
             "idle_cpu_ms_per_s": idle_cpu_ms_per_s,
             "service_added_ms": { "median": median(add_ms.clone()), "all": add_ms },
             "scrape_ms": { "idle_median": median(idle_scrapes), "during_change_max": busy_scrapes.iter().copied().fold(0.0, f64::max) },
-            "rss_mib": { "after_start": rss_started, "after_changes": rss },
+            "rss_mib": { "after_start": rss_started, "after_changes": rss, "anon": rss_anon, "file": rss_file },
             "kernel_backends": backends,
         }))
     })?;
