@@ -1,16 +1,26 @@
-//! The agent's HTTP endpoints: readiness (`/healthz/ready`, on all interfaces for kubelet) and
-//! the admin API (`/config_dump`, `/quitquitquit`, on localhost only). Small and apart from the
-//! data path: they share only the agent's status behind a lock.
+//! The agent's HTTP endpoints: readiness (`/healthz/ready`, on all interfaces for kubelet),
+//! metrics, and the admin API (`/config_dump`, `/quitquitquit`, on localhost only). Small and
+//! apart from the data path: they share only the agent's status behind a lock, and the same
+//! connection limits as every listener (`server`).
 #![forbid(unsafe_code)]
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http_body_util::Full;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
+use crate::server::{self, Limits, Slots, Watched};
+
+/// Who is asking: the two ends of the connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
 /// Answers one request. Kept synchronous: every admin answer is computed from memory or maps.
-pub type Handler = Arc<dyn Fn(&Method, &str) -> (StatusCode, String) + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&Method, &str, &Caller) -> (StatusCode, String) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding {0}: {1}")]
@@ -21,15 +31,22 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 }
 
 /// Serves `handler` on `listener` until `shutdown` turns true.
-pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
+    let limits = Limits::ADMIN;
+    let slots = Slots::new(limits.max_connections);
+    let http = Arc::new(limits.http());
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
-                let handler = handler.clone();
+            (stream, peer) = server::accept(&listener, name) => {
+                let Some(slot) = slots.take() else { continue };
+                let Ok(local) = stream.local_addr() else { continue };
+                let caller = Caller { peer, local };
+                let (handler, http) = (handler.clone(), http.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
+                    let (stream, activity) = Watched::new(stream);
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
-                        let (status, body) = handler(req.method(), req.uri().path());
+                        let (status, body) = handler(req.method(), req.uri().path(), &caller);
                         let content_type = if body.starts_with('{') || body.starts_with('[') { "application/json" } else { "text/plain; charset=utf-8" };
                         let response = Response::builder()
                             .status(status)
@@ -38,7 +55,10 @@ pub async fn serve(listener: TcpListener, handler: Handler, mut shutdown: watch:
                             .expect("static response parts are valid");
                         async move { Ok::<_, Infallible>(response) }
                     });
-                    let _ = http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+                    tokio::select! {
+                        _ = http.serve_connection(TokioIo::new(stream), service) => {}
+                        _ = activity.idle_for(limits.idle_timeout) => {}
+                    }
                 });
             }
             _ = shutdown.changed() => return,

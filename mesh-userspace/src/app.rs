@@ -27,6 +27,7 @@ use crate::{
     },
     host,
     proxy::{self, connect::TcpConnector, outbound::Outbound},
+    server::Limits,
     sources::{ConfigErrors, Origin, Source as _, Update, file::FileSource},
     state::{NodeContext, Snapshot, Store},
     sync::{
@@ -57,6 +58,8 @@ pub struct AgentOptions {
     pub outbound_addr: SocketAddr,
     /// How long a file must stay the same before objects removed from it are removed.
     pub removal_quiet: Duration,
+    /// For proxied requests whose route sets no timeout; zero for none.
+    pub default_request_timeout: Duration,
 }
 
 /// Why the agent could not start or stop cleanly; each keeps its cause (and errno).
@@ -210,7 +213,7 @@ impl Agent {
         (code, body)
     }
 
-    fn admin(&self, method: &Method, path: &str, quit: &watch::Sender<bool>) -> (StatusCode, String) {
+    fn admin(&self, method: &Method, path: &str, caller: &admin::Caller, quit: &watch::Sender<bool>) -> (StatusCode, String) {
         match (method, path) {
             (&Method::GET, "/config_dump") => {
                 let maps = self.maps.lock().expect("maps lock");
@@ -240,6 +243,14 @@ impl Agent {
                 }
             }
             (&Method::POST, "/quitquitquit") => {
+                // Only the agent's own user may stop it: any process on the node (or pod on
+                // its network) can reach a loopback port.
+                let uid = host::tcp_peer_uid(caller.local, caller.peer);
+                if uid != Some(host::effective_uid()) {
+                    tracing::warn!(peer = %caller.peer, uid = ?uid, "/quitquitquit refused: not the agent's user");
+                    return (StatusCode::FORBIDDEN, "only the agent's user may stop it\n".into());
+                }
+                tracing::info!(peer = %caller.peer, "stop asked by /quitquitquit");
                 let _ = quit.send(true);
                 (StatusCode::OK, "shutting down\n".into())
             }
@@ -390,7 +401,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let store = Store::new(opts.node.clone());
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
-    let outbound = Arc::new(Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone()));
+    let outbound = Arc::new(
+        Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
+            .with_default_request_timeout(opts.default_request_timeout),
+    );
     let source = FileSource::new(&opts.config, opts.removal_quiet).map_err(|e| AgentError::Watch(opts.config.clone(), e))?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),
@@ -435,21 +449,21 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (quit_tx, mut quit_rx) = watch::channel(false);
     let readiness_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p| agent.readiness(m, p))
+        Arc::new(move |m, p, _| agent.readiness(m, p))
     };
     let admin_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p| agent.admin(m, p, &quit_tx))
+        Arc::new(move |m, p, caller| agent.admin(m, p, caller, &quit_tx))
     };
     let metrics_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p| agent.metrics(m, p))
+        Arc::new(move |m, p, _| agent.metrics(m, p))
     };
     let servers = [
-        tokio::spawn(admin::serve(admin_listener, admin_handler, shutdown_rx.clone())),
-        tokio::spawn(admin::serve(readiness_listener, readiness_handler, shutdown_rx.clone())),
-        tokio::spawn(admin::serve(metrics_listener, metrics_handler, shutdown_rx.clone())),
-        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, shutdown_rx)),
+        tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
+        tokio::spawn(admin::serve("readiness", readiness_listener, readiness_handler, shutdown_rx.clone())),
+        tokio::spawn(admin::serve("metrics", metrics_listener, metrics_handler, shutdown_rx.clone())),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, Limits::PROXY, shutdown_rx)),
     ];
     tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
 

@@ -124,6 +124,10 @@ struct AgentArgs {
     /// (a writer may be half-way through it).
     #[arg(long, hide = true, default_value_t = 500)]
     removal_quiet_ms: u64,
+    /// How long a proxied request may take when its HTTPRoute rule sets no `timeouts.request`
+    /// (0: no limit). A route's own timeout, `0s` included, always wins.
+    #[arg(long, default_value_t = 15_000, value_name = "MS")]
+    default_request_timeout_ms: u64,
 }
 
 fn parse_conn_slots(s: &str) -> Result<u32, String> {
@@ -174,6 +178,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 flow_log: args.flow_log,
                 outbound_addr: args.outbound_addr,
                 removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
+                default_request_timeout: std::time::Duration::from_millis(args.default_request_timeout_ms),
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;

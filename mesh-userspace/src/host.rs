@@ -3,6 +3,7 @@
 //! /sys/fs/cgroup or, on hybrid systems, /sys/fs/cgroup/unified).
 use std::{
     fs, io,
+    net::SocketAddr,
     path::{Path, PathBuf},
 };
 
@@ -112,6 +113,39 @@ pub fn release_free_memory() {
     }
 }
 
+/// The user owning the other end of a TCP connection on this host: the socket whose local
+/// address is `peer` and remote address `local`, found in /proc/net/tcp{,6} (what SO_PEERCRED
+/// gives for Unix sockets). None when it is not a local socket (or is gone).
+pub fn tcp_peer_uid(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+    let table = if peer.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
+    let text = fs::read_to_string(table).ok()?;
+    let (want_local, want_remote) = (proc_net_addr(peer), proc_net_addr(local));
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
+        (fields.len() > 7 && fields[1].eq_ignore_ascii_case(&want_local) && fields[2].eq_ignore_ascii_case(&want_remote))
+            .then(|| fields[7].parse().ok())
+            .flatten()
+    })
+}
+
+/// An address as /proc/net/tcp prints it: the address's 32-bit words in host order, in hex,
+/// then the port.
+fn proc_net_addr(addr: SocketAddr) -> String {
+    let words: Vec<u32> = match addr.ip() {
+        std::net::IpAddr::V4(v4) => vec![u32::from_ne_bytes(v4.octets())],
+        std::net::IpAddr::V6(v6) => v6.octets().chunks(4).map(|c| u32::from_ne_bytes([c[0], c[1], c[2], c[3]])).collect(),
+    };
+    let hex: String = words.iter().map(|w| format!("{w:08X}")).collect();
+    format!("{hex}:{:04X}", addr.port())
+}
+
+/// This process's effective user.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +159,16 @@ mod tests {
         assert_eq!(parse_mount_points(info, "cgroup2"), vec![PathBuf::from("/sys/fs/cgroup/unified")]);
         assert_eq!(parse_mount_points(info, "bpf"), vec![PathBuf::from("/sys/fs/bpf"), PathBuf::from("/mnt/with space")]);
         assert!(parse_mount_points(info, "cgroup").is_empty());
+    }
+
+    #[test]
+    fn the_peer_of_a_loopback_connection_is_this_user() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, peer) = listener.accept().unwrap();
+        assert_eq!(peer, client.local_addr().unwrap());
+        assert_eq!(tcp_peer_uid(server.local_addr().unwrap(), peer), Some(effective_uid()));
+        // A peer that is no socket of this host's.
+        assert_eq!(tcp_peer_uid(server.local_addr().unwrap(), "127.0.0.1:1".parse().unwrap()), None);
     }
 }

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod host;
 pub mod proxy;
+pub mod server;
 pub mod sources;
 pub mod state;
 pub mod sync;

@@ -62,7 +62,7 @@ pub enum Verdict {
     Ejected,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Balancer {
     stats: Mutex<HashMap<SocketAddr, EndpointStats>>,
 }
@@ -75,8 +75,15 @@ impl Balancer {
     }
 
     /// Picks among `candidates` (never empty): ejected endpoints are left out unless that
-    /// would leave none; of two random ones, the cheaper.
-    pub fn pick(&self, candidates: &[SocketAddr]) -> SocketAddr {
+    /// would leave none; of two random ones, the cheaper. The endpoint counts one more request
+    /// in flight until the returned guard is finished or dropped (a client that goes away
+    /// drops it), so no way out of a request leaves the count raised.
+    pub fn pick(&self, candidates: &[SocketAddr]) -> InFlight<'_> {
+        let endpoint = self.choose(candidates);
+        InFlight { balancer: self, endpoint, started: Instant::now(), finished: false }
+    }
+
+    fn choose(&self, candidates: &[SocketAddr]) -> SocketAddr {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
         let eligible: Vec<SocketAddr> = candidates.iter().copied().filter(|e| !stats.get(e).is_some_and(|s| s.ejected(now))).collect();
@@ -109,14 +116,7 @@ impl Balancer {
 
     /// Records how a request to `endpoint` ended; `candidates` are the Service's endpoints, to
     /// keep ejections under the policy's share.
-    pub fn finish(
-        &self,
-        endpoint: SocketAddr,
-        latency: Duration,
-        failed: bool,
-        candidates: &[SocketAddr],
-        policy: &EjectionPolicy,
-    ) -> Verdict {
+    fn finish(&self, endpoint: SocketAddr, latency: Duration, failed: bool, candidates: &[SocketAddr], policy: &EjectionPolicy) -> Verdict {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
         let ejected_now = candidates.iter().filter(|e| stats.get(e).is_some_and(|s| s.ejected(now))).count();
@@ -151,6 +151,40 @@ impl Balancer {
     }
 }
 
+/// A request on its way to an endpoint the balancer picked.
+#[derive(Debug)]
+pub struct InFlight<'a> {
+    balancer: &'a Balancer,
+    endpoint: SocketAddr,
+    started: Instant,
+    finished: bool,
+}
+
+impl InFlight<'_> {
+    pub fn endpoint(&self) -> SocketAddr {
+        self.endpoint
+    }
+
+    /// The request ended: its latency is a sample, a failure counts toward ejection.
+    pub fn finish(mut self, failed: bool, candidates: &[SocketAddr], policy: &EjectionPolicy) -> Verdict {
+        self.finished = true;
+        self.balancer.finish(self.endpoint, self.started.elapsed(), failed, candidates, policy)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    /// Abandoned (the client went away, or the request was never the endpoint's fault): no
+    /// latency sample and no failure, only the in-flight count goes down.
+    fn drop(&mut self) {
+        if !self.finished {
+            let mut stats = self.balancer.stats.lock().expect("balancer lock");
+            if let Some(s) = stats.get_mut(&self.endpoint) {
+                s.in_flight = s.in_flight.saturating_sub(1);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,7 +199,7 @@ mod tests {
         let (slow, fast) = (addrs()[0], addrs()[1]);
         let mut picks = HashMap::new();
         for _ in 0..200 {
-            let e = b.pick(&addrs());
+            let e = b.pick(&addrs()).endpoint();
             *picks.entry(e).or_insert(0) += 1;
             let latency = if e == slow { Duration::from_millis(50) } else { Duration::from_millis(1) };
             b.finish(e, latency, false, &addrs(), &EjectionPolicy::default());
@@ -182,11 +216,29 @@ mod tests {
         assert_eq!(verdicts, [Verdict::Fine, Verdict::Fine, Verdict::Ejected]);
         assert!((0..50).all(|_| {
             let e = b.pick(&addrs());
-            b.finish(e, Duration::from_millis(1), false, &addrs(), &policy);
-            e == good
+            let endpoint = e.endpoint();
+            e.finish(false, &addrs(), &policy);
+            endpoint == good
         }));
         // The other one failing too would eject more than half: it stays in.
         let more: Vec<Verdict> = (0..3).map(|_| b.finish(good, Duration::from_millis(1), true, &addrs(), &policy)).collect();
         assert_eq!(more, [Verdict::Fine, Verdict::Fine, Verdict::Fine]);
+    }
+
+    #[test]
+    fn an_abandoned_request_does_not_keep_its_endpoint_busy() {
+        let b = Balancer::default();
+        let (slow, fast) = (addrs()[0], addrs()[1]);
+        // 60 requests to the slow endpoint, abandoned (their clients gave up)...
+        for _ in 0..60 {
+            drop(b.pick(&[slow]));
+        }
+        assert!(b.stats.lock().unwrap().values().all(|s| s.in_flight == 0));
+        // ...do not keep it out: with nothing measured, the two share the picks.
+        let mut picks: HashMap<SocketAddr, usize> = HashMap::new();
+        for _ in 0..100 {
+            *picks.entry(b.pick(&addrs()).endpoint()).or_default() += 1;
+        }
+        assert!(picks.get(&slow).copied().unwrap_or(0) >= 20 && picks.get(&fast).copied().unwrap_or(0) >= 20, "{picks:?}");
     }
 }

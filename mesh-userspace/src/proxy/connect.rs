@@ -8,6 +8,7 @@ use std::{
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
+    time::Duration,
 };
 
 use hyper::{body::Bytes, rt::ReadBufCursor};
@@ -16,7 +17,7 @@ use hyper_util::{
         Client,
         connect::{Connected, Connection},
     },
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,6 +27,12 @@ pub trait Connector: Send + Sync + 'static {
     fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>>;
 }
 
+/// An endpoint that neither accepts nor refuses (SYNs dropped) is given up on after this
+/// (Envoy's default connect timeout), and the attempt counts as a connect failure.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pooled connections to endpoints unused for this long are closed.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Plain TCP, without Nagle's algorithm: a proxy forwards small writes at once, and Nagle's
 /// wait for an ACK (delayed on the other side) shows as milliseconds of tail latency.
 #[derive(Debug, Clone, Copy, Default)]
@@ -34,7 +41,10 @@ pub struct TcpConnector;
 impl Connector for TcpConnector {
     fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
         Box::pin(async move {
-            let stream = tokio::net::TcpStream::connect(endpoint).await?;
+            let connecting = tokio::net::TcpStream::connect(endpoint);
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer to connect within {CONNECT_TIMEOUT:?}")))??;
             stream.set_nodelay(true)?;
             Ok(Conn::new(stream))
         })
@@ -115,8 +125,16 @@ impl Upstream {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
         let service = ConnectService(connector);
         Self {
-            http1: Client::builder(TokioExecutor::new()).build(service.clone()),
-            http2: Client::builder(TokioExecutor::new()).http2_only(true).build(service),
+            http1: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .build(service.clone()),
+            http2: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                .timer(TokioTimer::new())
+                .http2_only(true)
+                .build(service),
         }
     }
 

@@ -1,9 +1,22 @@
 //! What every layer of the proxy shares: the body type, a plain reply, and what happened to a
 //! request (for its metric labels).
-use std::{convert::Infallible, net::SocketAddr};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+};
 
 use http_body_util::{BodyExt, Full};
-use hyper::{Response, StatusCode, body::Bytes};
+use hyper::{
+    HeaderMap, Response, StatusCode,
+    body::{Bytes, Frame, Incoming, SizeHint},
+    header::{self, HeaderName},
+};
 
 pub use super::connect::Body;
 use crate::state::ObjectKey;
@@ -23,4 +36,74 @@ pub fn reply(status: StatusCode, text: &str) -> Response<Body> {
 /// Istio's `destination_service` of a Service: `name.namespace.svc.cluster.local`.
 pub fn fqdn(service: &ObjectKey) -> String {
     crate::telemetry::identity::service_fqdn(Some(service))
+}
+
+/// The client's request body as it streams to an endpoint, noting whether reading it failed
+/// (malformed chunking, a client that went away): that failure is the client's.
+pub struct ClientBody {
+    inner: Incoming,
+    failed: Arc<AtomicBool>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
+        let failed = Arc::new(AtomicBool::new(false));
+        (Self { inner, failed: failed.clone() }, failed)
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(_))) = &polled {
+            self.failed.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Headers that concern one connection only (RFC 9110 7.6.1), never forwarded: `Connection`
+/// and every header it names, `Keep-Alive`, `Proxy-Connection`, `Proxy-Authorization` and
+/// `Proxy-Authenticate` (meant for this hop), `Transfer-Encoding` (each hop frames its own
+/// body), `TE` except `trailers` (gRPC needs it end to end), `Upgrade` unless the request is an
+/// upgrade being passed through.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .filter(|n| !(upgrading && n == header::UPGRADE))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate"] {
+        headers.remove(name);
+    }
+    headers.remove(header::TRANSFER_ENCODING);
+    if !upgrading {
+        headers.remove(header::CONNECTION);
+        headers.remove(header::UPGRADE);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("trailers"))));
+    headers.remove(header::TE);
+    if te_trailers {
+        headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
+    }
 }

@@ -10,30 +10,37 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     sync::{Arc, Mutex},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode, service::service_fn};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-};
+use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
     balancer::Balancer,
     connect::{Connector, Upstream},
     filters::{apply_edits, modify_path, propagate_trace, redirect_response},
-    http::{Body, Outcome, reply},
+    http::{Body, ClientBody, Outcome, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
 use crate::{
     ebpf::maps::OrigDstMap,
-    state::{ObjectKey, Protocol, ServiceView, Snapshot, model::EjectionPolicy, routes::FilterSpec},
+    server::{self, Limits, Slots, Watched},
+    state::{
+        ObjectKey, Protocol, ServiceView, Snapshot,
+        model::{AppProtocol, EjectionPolicy},
+        routes::FilterSpec,
+    },
     telemetry::Telemetry,
 };
+
+/// How long a request may take when its route names no timeout (Envoy's route default): a
+/// backend that never answers must not hold a client, a connection and an endpoint's
+/// in-flight count forever. `timeouts.request: 0s` on a route turns it off (streams).
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Where a captured connection was going: the proxy asks this for every accepted connection.
 /// In production the kernel recorded it (`mesh_l7orig`); tests give a fake.
@@ -75,6 +82,8 @@ pub struct Outbound {
     orig_dst: Box<dyn OrigDst>,
     upstream: Upstream,
     per_service: Mutex<HashMap<ObjectKey, PerService>>,
+    /// For routes that set no request timeout; None: no limit.
+    default_request_timeout: Option<Duration>,
 }
 
 impl Outbound {
@@ -84,7 +93,20 @@ impl Outbound {
         snapshot: watch::Receiver<Arc<Snapshot>>,
         telemetry: Arc<Telemetry>,
     ) -> Self {
-        Self { snapshot, telemetry, orig_dst, upstream: Upstream::new(connector), per_service: Mutex::new(HashMap::new()) }
+        Self {
+            snapshot,
+            telemetry,
+            orig_dst,
+            upstream: Upstream::new(connector),
+            per_service: Mutex::new(HashMap::new()),
+            default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+        }
+    }
+
+    /// The request timeout of routes that set none (zero: no limit).
+    pub fn with_default_request_timeout(mut self, timeout: Duration) -> Self {
+        self.default_request_timeout = (!timeout.is_zero()).then_some(timeout);
+        self
     }
 
     /// The Service a captured client dialled.
@@ -119,6 +141,12 @@ impl Outbound {
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
         };
+        // RFC 9112 3.2: a request with more than one Host is answered 400 (which one would a
+        // route, or the backend, believe?).
+        if req.headers().get_all(hyper::header::HOST).iter().nth(1).is_some() {
+            outcome.flags = "DPE";
+            return reply(StatusCode::BAD_REQUEST, "more than one Host header\n");
+        }
         let router = self.service_state(&service).map(|s| s.router);
         let headers: Vec<(&str, &str)> = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
@@ -135,18 +163,28 @@ impl Outbound {
             return reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight\n");
         };
         outcome.backend = Some(backend.service.clone());
-        let endpoints = self.snapshot.borrow().services.get(&backend.service).map(|v| v.endpoints(backend.port)).unwrap_or_default();
+        let (endpoints, app_protocol) = match self.snapshot.borrow().services.get(&backend.service) {
+            Some(view) => (view.endpoints(backend.port), view.app_protocol(backend.port)),
+            None => (Vec::new(), AppProtocol::Unknown),
+        };
         if endpoints.is_empty() {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         }
-        // The route's request timeout, or the client's own grpc-timeout if sooner.
+        // The route's request timeout (a default when it names none, none for "0s"), or the
+        // client's own grpc-timeout if sooner.
         let grpc = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let deadline = [matched.rule.request_timeout.filter(|t| !t.is_zero()), grpc].into_iter().flatten().min().map(|t| started + t);
+        let route_timeout = match matched.rule.request_timeout {
+            None => self.default_request_timeout,
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+        };
+        let deadline = [route_timeout, grpc].into_iter().flatten().min().map(|t| started + t);
         drop(parts);
 
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut head, body) = req.into_parts();
+        strip_hop_by_hop(&mut head.headers, upgrade.is_some());
         let mut path = head.uri.path().to_owned();
         for filter in filters {
             match filter {
@@ -163,6 +201,7 @@ impl Outbound {
             }
         }
         propagate_trace(&mut head.headers);
+        speak_upstream(&mut head, app_protocol);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
 
@@ -190,13 +229,18 @@ impl Outbound {
             },
             _ => {
                 // Streamed as it comes: one attempt.
+                let (body, client_failed) = ClientBody::new(body);
                 let mut stream_body = Some(body.boxed());
-                return attempts.send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, |_| stream_body.take()).await;
+                return attempts
+                    .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, Some(&client_failed), |_| {
+                        stream_body.take()
+                    })
+                    .await;
             }
         };
         let bytes = replayable.unwrap_or_default();
         attempts
-            .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, |_| {
+            .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, None, |_| {
                 Some(Full::new(bytes.clone()).map_err(|never: Infallible| match never {}).boxed())
             })
             .await
@@ -224,7 +268,8 @@ impl Outbound {
             Ok(r) => r,
             Err(e) => {
                 outcome.flags = "UF";
-                return reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"));
+                tracing::debug!(%endpoint, error = %e, "upstream upgrade request failed");
+                return reply(StatusCode::BAD_GATEWAY, "upstream connect error or disconnect/reset before headers\n");
             }
         };
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -270,6 +315,30 @@ impl Outbound {
     }
 }
 
+/// The HTTP version toward the endpoint is the backend port's (`appProtocol`), not the
+/// client's: an HTTP/2 client may call an HTTP/1.1-only backend. Unsaid, HTTP/1.1, except for
+/// gRPC, which only HTTP/2 carries. An HTTP/2 request's authority becomes the HTTP/1.1 Host.
+fn speak_upstream(head: &mut hyper::http::request::Parts, app_protocol: AppProtocol) {
+    let grpc =
+        head.headers.get(hyper::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("application/grpc"));
+    let h2 = match app_protocol {
+        AppProtocol::H2c => true,
+        AppProtocol::Http1 => false,
+        AppProtocol::Unknown => grpc,
+    };
+    if h2 {
+        head.version = hyper::Version::HTTP_2;
+        return;
+    }
+    if head.version == hyper::Version::HTTP_2
+        && !head.headers.contains_key(hyper::header::HOST)
+        && let Some(host) = head.uri.authority().and_then(|a| a.as_str().parse().ok())
+    {
+        head.headers.insert(hyper::header::HOST, host);
+    }
+    head.version = hyper::Version::HTTP_11;
+}
+
 fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
     headers.contains_key(hyper::header::UPGRADE)
         && headers
@@ -278,24 +347,40 @@ fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
             .any(|v| v.to_str().is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade"))))
 }
 
-/// Accepts captured connections until `shutdown` turns true.
-pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, mut shutdown: watch::Receiver<bool>) {
+/// Accepts captured connections until `shutdown` turns true, within `limits`.
+pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limits, mut shutdown: watch::Receiver<bool>) {
     let mut snapshots = outbound.snapshot.clone();
+    let slots = Slots::new(limits.max_connections);
+    // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
+    let http = Arc::new(limits.http());
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else { continue };
+            (stream, peer) = server::accept(&listener, "outbound") => {
+                let Some(slot) = slots.take() else {
+                    tracing::debug!(%peer, max = limits.max_connections, "outbound listener full; connection closed");
+                    continue;
+                };
                 let _ = stream.set_nodelay(true);
                 let service = outbound.original_service(peer);
-                let outbound = outbound.clone();
+                let (outbound, http) = (outbound.clone(), http.clone());
                 tokio::spawn(async move {
+                    let _slot = slot;
+                    let (stream, activity) = Watched::new(stream);
+                    let in_flight = activity.clone();
                     let svc = service_fn(move |req| {
+                        let busy = in_flight.busy();
                         let outbound = outbound.clone();
                         let service = service.clone();
-                        async move { Ok::<_, Infallible>(outbound.handle(service, req).await) }
+                        async move {
+                            let response = outbound.handle(service, req).await;
+                            drop(busy);
+                            Ok::<_, Infallible>(response)
+                        }
                     });
-                    // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
-                    let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
+                    tokio::select! {
+                        _ = http.serve_connection_with_upgrades(TokioIo::new(stream), svc) => {}
+                        _ = activity.idle_for(limits.idle_timeout) => {}
+                    }
                 });
             }
             Ok(()) = snapshots.changed() => {

@@ -3,7 +3,10 @@
 //! Service's budget allows it.
 use std::{
     net::SocketAddr,
-    sync::Mutex,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -11,10 +14,10 @@ use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 
 use super::{
-    balancer::{Balancer, EjectionPolicy, Verdict},
+    balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
     connect::Upstream,
     filters::apply_edits,
-    http::{Body, Outcome, fqdn, reply},
+    http::{Body, Outcome, fqdn, reply, strip_hop_by_hop},
 };
 use crate::{
     state::{
@@ -111,7 +114,9 @@ impl Attempts<'_> {
     /// Sends the request, retrying on another endpoint in the safe cases: the body can be
     /// replayed (`next_body` gives it again), the failure happened before a response (connect
     /// failure, reset) or the response code is one the route's `retry` names, the deadline
-    /// leaves room, and the backend Service's retry budget allows it.
+    /// leaves room, and the backend Service's retry budget allows it. `client_body_failed`
+    /// tells a streamed body that broke on the client's side (malformed chunking, a client gone
+    /// away) from an endpoint failure: the client gets 400 and the endpoint is not blamed.
     #[expect(clippy::too_many_arguments, reason = "one request's context, used once")]
     pub async fn send(
         &self,
@@ -122,13 +127,14 @@ impl Attempts<'_> {
         deadline: Option<Instant>,
         filters: &[FilterSpec],
         outcome: &mut Outcome,
+        client_body_failed: Option<&AtomicBool>,
         mut next_body: impl FnMut(usize) -> Option<Body>,
     ) -> Response<Body> {
         let codes: &[u16] = rule.retry.as_ref().map_or(&[], |r| r.codes.as_slice());
         // Without a `retry` block, only a failure before any response is retried, once.
         let max_retries = rule.retry.as_ref().map_or(1, |r| r.attempts.unwrap_or(DEFAULT_RETRIES));
         let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
-        let (budget, balancer, policy, service) = (self.budget, self.balancer, self.policy, self.service);
+        let (budget, balancer, service) = (self.budget, self.balancer, self.service);
         budget.record_request();
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
@@ -140,24 +146,16 @@ impl Attempts<'_> {
             }
             let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
             let pool = if fresh.is_empty() { endpoints } else { &fresh };
-            let endpoint = balancer.pick(pool);
+            // Dropped on any way out that is not the endpoint's doing (client gone, body
+            // already sent), the guard only takes back the in-flight count.
+            let picked = balancer.pick(pool);
+            let endpoint = picked.endpoint();
             tried.push(endpoint);
             outcome.endpoint = Some(endpoint);
-            let now = Instant::now();
-            // Every way out of this attempt reports to the balancer (in-flight counts, latency,
-            // failures for ejection).
-            let finish = |failed: bool| {
-                if balancer.finish(endpoint, now.elapsed(), failed, endpoints, &policy) == Verdict::Ejected {
-                    tracing::warn!(%endpoint, service = %service, "endpoint ejected after consecutive failures");
-                    self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
-                }
-            };
             let Some(body) = next_body(attempt) else {
-                finish(false);
                 return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
             };
             let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
-                finish(false);
                 return reply(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let mut request = Request::new(body);
@@ -165,23 +163,31 @@ impl Attempts<'_> {
             *request.method_mut() = head.method.clone();
             *request.uri_mut() = uri;
             *request.headers_mut() = head.headers.clone();
+            let now = Instant::now();
             let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
             let sent = self.upstream.request(request);
             let result = match limit {
                 Some(limit) => match tokio::time::timeout_at(limit.into(), sent).await {
                     Ok(r) => r,
                     Err(_) => {
-                        finish(true);
+                        self.report(picked, true, endpoints);
                         outcome.flags = "UT";
                         return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
                     }
                 },
                 None => sent.await,
             };
-            finish(result.as_ref().map_or(true, |r| r.status().is_server_error()));
+            if result.is_err() && client_body_failed.is_some_and(|f| f.load(Ordering::Acquire)) {
+                // Envoy's DPE: downstream protocol error.
+                outcome.flags = "DPE";
+                return reply(StatusCode::BAD_REQUEST, "malformed or incomplete request body\n");
+            }
+            self.report(picked, result.as_ref().map_or(true, |r| r.status().is_server_error()), endpoints);
             let failed = match result {
                 Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
                     outcome.flags = "-";
+                    let upgraded = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+                    strip_hop_by_hop(response.headers_mut(), upgraded);
                     for filter in filters {
                         if let FilterSpec::ResponseHeaders(edits) = filter {
                             apply_edits(response.headers_mut(), edits);
@@ -189,10 +195,15 @@ impl Attempts<'_> {
                     }
                     return response.map(BodyExt::boxed);
                 }
-                Ok(response) => response.map(BodyExt::boxed),
+                Ok(mut response) => {
+                    strip_hop_by_hop(response.headers_mut(), false);
+                    response.map(BodyExt::boxed)
+                }
                 Err(e) => {
                     outcome.flags = "UF";
-                    reply(StatusCode::BAD_GATEWAY, &format!("upstream {endpoint}: {e}\n"))
+                    // The endpoint's address stays in the agent's log, not in a reply to a client.
+                    tracing::debug!(%endpoint, service = %service, error = %e, "upstream request failed");
+                    reply(StatusCode::BAD_GATEWAY, "upstream connect error or disconnect/reset before headers\n")
                 }
             };
             let time_left = deadline.is_none_or(|d| d.saturating_duration_since(Instant::now()) > backoff);
@@ -202,6 +213,15 @@ impl Attempts<'_> {
             attempt += 1;
             self.telemetry.metrics.retries.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
             tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Tells the balancer how an attempt ended (latency, failure toward ejection).
+    fn report(&self, picked: InFlight<'_>, failed: bool, endpoints: &[SocketAddr]) {
+        let endpoint = picked.endpoint();
+        if picked.finish(failed, endpoints, &self.policy) == Verdict::Ejected {
+            tracing::warn!(%endpoint, service = %self.service, "endpoint ejected after consecutive failures");
+            self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(self.service) }).inc();
         }
     }
 }

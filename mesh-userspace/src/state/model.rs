@@ -135,6 +135,31 @@ pub struct ServicePortSpec {
     pub name: String,
     pub protocol: Protocol,
     pub port: u16,
+    pub app_protocol: AppProtocol,
+}
+
+/// What a Service port speaks over TCP, as its `appProtocol` (or, Istio's convention, its
+/// name's prefix) says: the HTTP version the proxy uses toward its endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AppProtocol {
+    /// `kubernetes.io/h2c`, `grpc`, `http2`, `h2c`: HTTP/2 with prior knowledge.
+    H2c,
+    /// `http`, `kubernetes.io/http`: HTTP/1.1.
+    Http1,
+    /// Not said: HTTP/1.1, except gRPC requests (they need HTTP/2).
+    #[default]
+    Unknown,
+}
+
+impl AppProtocol {
+    pub fn of_port(app_protocol: Option<&str>, name: &str) -> Self {
+        let said = app_protocol.unwrap_or_else(|| name.split('-').next().unwrap_or_default());
+        match said.to_ascii_lowercase().as_str() {
+            "kubernetes.io/h2c" | "grpc" | "http2" | "h2c" => AppProtocol::H2c,
+            "http" | "kubernetes.io/http" => AppProtocol::Http1,
+            _ => AppProtocol::Unknown,
+        }
+    }
 }
 
 /// A Service, validated.

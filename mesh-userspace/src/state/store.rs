@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    model::{NodeContext, ObjectKey, Protocol, ServiceSpec, SliceSpec, workload_of_pod},
+    model::{AppProtocol, NodeContext, ObjectKey, Protocol, ServiceSpec, SliceSpec, workload_of_pod},
     routes::RouteSpec,
     services::{LbService, LbServiceKey, balanced},
     validate::{self, Valid},
@@ -31,6 +31,11 @@ pub struct ServiceView {
 }
 
 impl ServiceView {
+    /// What `port` (the first port when None) speaks.
+    pub fn app_protocol(&self, port: Option<u16>) -> AppProtocol {
+        self.spec.ports.iter().find(|p| port.is_none_or(|n| p.port == n)).map_or(AppProtocol::Unknown, |p| p.app_protocol)
+    }
+
     /// Endpoints of `port` (the Service's first port when None), IPv4 first.
     pub fn endpoints(&self, port: Option<u16>) -> Vec<SocketAddr> {
         self.ports

@@ -11,8 +11,8 @@ use k8s_openapi::{
 
 use super::{
     model::{
-        Algorithm, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol, RetryBudgetPolicy,
-        ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
+        Algorithm, AppProtocol, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol,
+        RetryBudgetPolicy, ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
     },
     routes::{self, RouteSpec},
 };
@@ -177,7 +177,8 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
             port(target, &format!("{field}.targetPort"), &mut errors);
         }
         if let (Some(protocol), Some(port)) = (proto, number) {
-            ports.push(ServicePortSpec { name, protocol, port });
+            let app_protocol = AppProtocol::of_port(p.app_protocol.as_deref(), &name);
+            ports.push(ServicePortSpec { name, protocol, port, app_protocol });
         }
     }
 

@@ -66,16 +66,28 @@ fn service(name: &str, vip: &str, endpoints: &[SocketAddr], extra: &str) -> Stri
 
 /// A proxy for `yaml` whose every connection dialled `dialled`, on an ephemeral port.
 async fn proxy(yaml: &str, dialled: &str, connector: Arc<dyn Connector>) -> (SocketAddr, watch::Sender<bool>) {
+    proxy_with(yaml, dialled, connector, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await
+}
+
+async fn proxy_with(
+    yaml: &str,
+    dialled: &str,
+    connector: Arc<dyn Connector>,
+    limits: Limits,
+    default_timeout: Duration,
+) -> (SocketAddr, watch::Sender<bool>) {
     let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
     let (_tx, rx) = watch::channel(store.snapshot());
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
-    let outbound = Arc::new(Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry));
+    let outbound = Arc::new(
+        Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry).with_default_request_timeout(default_timeout),
+    );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         let _keep_snapshots = _tx;
-        serve(outbound, listener, stopped).await;
+        serve(outbound, listener, limits, stopped).await;
     });
     (addr, stop)
 }
@@ -160,3 +172,5 @@ async fn upstream_connections_go_through_the_connector() {
     assert_eq!(get(addr, &[]).await, (200, "through the tunnel".into()));
     assert_eq!(connector.count.load(Ordering::Relaxed), 1);
 }
+
+mod abuse;

@@ -1,0 +1,293 @@
+//! The proxy against slow, idle, greedy and malformed clients and against backends that hang.
+//! Every wait is for an event (a close, an answer); `BOUND` is only the safety net that turns
+//! "never" into a failure.
+use std::time::Duration;
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+
+use super::*;
+
+const BOUND: Duration = Duration::from_secs(30);
+
+const SELF_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
+    spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+
+/// Limits small enough for a test to reach.
+fn short() -> Limits {
+    Limits { header_timeout: Duration::from_millis(300), idle_timeout: Duration::from_millis(300), ..Limits::PROXY }
+}
+
+/// Reads until the proxy closes the connection; what it sent.
+async fn until_closed(stream: &mut TcpStream) -> String {
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(BOUND, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    read.await.expect("the proxy closes the connection");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+/// Sends raw bytes as one request and reads the status line of the answer.
+async fn raw_status(proxy: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(proxy).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = tokio::time::timeout(BOUND, stream.read(&mut buf)).await.expect("an answer").unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
+}
+
+/// A backend that answers every request with the headers it received, `name: value` a line.
+async fn echo_headers(addr: &str) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                    let lines: String = req.headers().iter().map(|(n, v)| format!("{n}: {}\n", v.to_str().unwrap_or("?"))).collect();
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(lines))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    local
+}
+
+/// A backend that reads requests and never answers; reports each connection's end (EOF).
+async fn silent(addr: &str) -> (SocketAddr, mpsc::UnboundedReceiver<&'static str>) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => {
+                            let _ = tx.send("closed");
+                            return;
+                        }
+                        Ok(_) => {
+                            let _ = tx.send("request");
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (local, rx)
+}
+
+#[tokio::test]
+async fn a_client_trickling_its_request_head_is_cut_off() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let (addr, _stop) = proxy_with(
+        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        short(),
+        DEFAULT_REQUEST_TIMEOUT,
+    )
+    .await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    // A header line every 50 ms, never the blank line that ends the head: always active,
+    // never done.
+    let trickle = tokio::spawn(async move {
+        writer.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n").await?;
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            writer.write_all(format!("X-Slow-{i}: 1\r\n").as_bytes()).await?;
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(BOUND, async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    closed.await.expect("the proxy closes a connection whose head never ends");
+    trickle.abort();
+}
+
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let (addr, _stop) = proxy_with(
+        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        short(),
+        DEFAULT_REQUEST_TIMEOUT,
+    )
+    .await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let response = sender.send_request(Request::builder().uri("http://web/").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    // Nothing more is asked: the proxy ends the connection.
+    tokio::time::timeout(BOUND, conn).await.expect("the proxy closes an idle HTTP/2 connection").unwrap().ok();
+}
+
+#[tokio::test]
+async fn a_full_listener_closes_new_connections_until_one_frees() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let limits = Limits { max_connections: 2, ..Limits::PROXY };
+    let (addr, _stop) = proxy_with(
+        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        limits,
+        DEFAULT_REQUEST_TIMEOUT,
+    )
+    .await;
+    // Two kept-alive connections, each known to the proxy (it answered on them).
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let response =
+            sender.send_request(Request::builder().uri("/").header("host", "web").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        response.into_body().collect().await.unwrap();
+        held.push((sender, conn));
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    assert_eq!(until_closed(&mut third).await, "", "a connection over the cap is closed unanswered");
+    // One closes; a new connection is served once the proxy has seen it go.
+    let (sender, conn) = held.remove(0);
+    drop(sender);
+    conn.abort();
+    let served = tokio::time::timeout(BOUND, async {
+        loop {
+            let stream = TcpStream::connect(addr).await.unwrap();
+            if let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+                tokio::spawn(conn);
+                let request = Request::builder().uri("/").header("host", "web").body(Empty::<Bytes>::new()).unwrap();
+                if sender.send_request(request).await.is_ok_and(|r| r.status() == 200) {
+                    return;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    served.await.expect("a slot frees when a connection closes");
+}
+
+#[tokio::test]
+async fn a_request_head_over_60_kib_is_refused_with_431() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[v1], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let big = "a".repeat(100 * 1024);
+    let status = raw_status(addr, format!("GET / HTTP/1.1\r\nHost: web\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 431"), "{status}");
+    // A head under the limit still passes.
+    let fine = "a".repeat(30 * 1024);
+    let status = raw_status(addr, format!("GET / HTTP/1.1\r\nHost: web\r\nX-Big: {fine}\r\n\r\n").as_bytes()).await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+}
+
+#[tokio::test]
+async fn a_request_with_two_host_headers_is_refused() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[v1], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let status = raw_status(addr, b"GET / HTTP/1.1\r\nHost: web\r\nHost: evil\r\n\r\n").await;
+    assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop() {
+    let echo = echo_headers("127.0.0.1:0").await;
+    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[echo], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (code, seen) = get(
+        addr,
+        &[
+            ("connection", "x-secret, keep-alive"),
+            ("x-secret", "for this hop"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "trailers, deflate"),
+            ("x-kept", "yes"),
+        ],
+    )
+    .await;
+    assert_eq!(code, 200);
+    let lines: Vec<&str> = seen.lines().collect();
+    assert!(lines.contains(&"x-kept: yes") && lines.contains(&"te: trailers"), "{seen}");
+    for gone in ["x-secret", "keep-alive", "proxy-authorization", "proxy-connection"] {
+        assert!(!lines.iter().any(|l| l.starts_with(&format!("{gone}:"))), "{gone} reached the backend:\n{seen}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_request_body_is_the_clients_fault_not_the_endpoints() {
+    let a = backend("127.0.0.31:0", "a", false).await;
+    let b = backend(&format!("127.0.0.32:{}", a.port()), "b", false).await;
+    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[a, b], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    // A chunk size that is no number: the client's error, answered 400 every time.
+    for _ in 0..12 {
+        let status = raw_status(addr, b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
+        assert!(status.starts_with("HTTP/1.1 400"), "{status}");
+    }
+    // Neither endpoint was ejected for it: both still take requests.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..60 {
+        let (code, body) = get(addr, &[]).await;
+        assert_eq!(code, 200);
+        seen.insert(body);
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 2, "one endpoint stopped getting requests: {seen:?}");
+}
+
+#[tokio::test]
+async fn a_backend_that_never_answers_gets_a_504_by_default() {
+    let (hung, _events) = silent("127.0.0.1:0").await;
+    let (addr, _stop) = proxy_with(
+        &service("web", "10.96.0.10", &[hung], SELF_ROUTE),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        Limits::PROXY,
+        Duration::from_millis(300),
+    )
+    .await;
+    let answered = tokio::time::timeout(BOUND, get(addr, &[])).await.expect("answered without a route timeout");
+    assert_eq!(answered.0, 504);
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    let (hung, mut events) = silent("127.0.0.1:0").await;
+    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[hung], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let mut client = TcpStream::connect(addr).await.unwrap();
+    client.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
+    let first = tokio::time::timeout(BOUND, events.recv()).await.expect("the request reached the backend");
+    assert_eq!(first, Some("request"));
+    drop(client);
+    let next = tokio::time::timeout(BOUND, events.recv()).await.expect("the upstream connection is closed");
+    assert_eq!(next, Some("closed"));
+}
