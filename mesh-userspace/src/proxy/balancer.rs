@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    sync::Mutex,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -78,9 +78,9 @@ impl Balancer {
     /// would leave none; of two random ones, the cheaper. The endpoint counts one more request
     /// in flight until the returned guard is finished or dropped (a client that goes away
     /// drops it), so no way out of a request leaves the count raised.
-    pub fn pick(&self, candidates: &[SocketAddr]) -> InFlight<'_> {
+    pub fn pick(self: &Arc<Self>, candidates: &[SocketAddr]) -> InFlight {
         let endpoint = self.choose(candidates);
-        InFlight { balancer: self, endpoint, started: Instant::now(), finished: false }
+        InFlight { balancer: self.clone(), endpoint, started: Instant::now(), finished: false }
     }
 
     fn choose(&self, candidates: &[SocketAddr]) -> SocketAddr {
@@ -151,16 +151,16 @@ impl Balancer {
     }
 }
 
-/// A request on its way to an endpoint the balancer picked.
+/// A request on its way to an endpoint the balancer picked (until its response has ended).
 #[derive(Debug)]
-pub struct InFlight<'a> {
-    balancer: &'a Balancer,
+pub struct InFlight {
+    balancer: Arc<Balancer>,
     endpoint: SocketAddr,
     started: Instant,
     finished: bool,
 }
 
-impl InFlight<'_> {
+impl InFlight {
     pub fn endpoint(&self) -> SocketAddr {
         self.endpoint
     }
@@ -172,7 +172,7 @@ impl InFlight<'_> {
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     /// Abandoned (the client went away, or the request was never the endpoint's fault): no
     /// latency sample and no failure, only the in-flight count goes down.
     fn drop(&mut self) {
@@ -195,7 +195,7 @@ mod tests {
 
     #[test]
     fn the_faster_endpoint_takes_most_requests() {
-        let b = Balancer::default();
+        let b = Arc::new(Balancer::default());
         let (slow, fast) = (addrs()[0], addrs()[1]);
         let mut picks = HashMap::new();
         for _ in 0..200 {
@@ -209,7 +209,7 @@ mod tests {
 
     #[test]
     fn consecutive_failures_eject_within_the_share() {
-        let b = Balancer::default();
+        let b = Arc::new(Balancer::default());
         let policy = EjectionPolicy { consecutive_failures: 3, base_ejection: Duration::from_secs(60), max_ejected_share: 0.5 };
         let (bad, good) = (addrs()[0], addrs()[1]);
         let verdicts: Vec<Verdict> = (0..3).map(|_| b.finish(bad, Duration::from_millis(1), true, &addrs(), &policy)).collect();
@@ -227,7 +227,7 @@ mod tests {
 
     #[test]
     fn an_abandoned_request_does_not_keep_its_endpoint_busy() {
-        let b = Balancer::default();
+        let b = Arc::new(Balancer::default());
         let (slow, fast) = (addrs()[0], addrs()[1]);
         // 60 requests to the slow endpoint, abandoned (their clients gave up)...
         for _ in 0..60 {

@@ -107,3 +107,79 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
         headers.insert(header::TE, header::HeaderValue::from_static("trailers"));
     }
 }
+
+/// How a response body ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// Every byte reached the client.
+    Complete,
+    /// The endpoint cut it short or reset it.
+    UpstreamError,
+    /// Dropped before the end: the client went away.
+    Abandoned,
+}
+
+impl End {
+    /// Envoy's response flag for a response that did not complete, if any: UC (upstream
+    /// connection termination), DC (downstream connection termination).
+    pub fn flag(self) -> Option<&'static str> {
+        match self {
+            End::Complete => None,
+            End::UpstreamError => Some("UC"),
+            End::Abandoned => Some("DC"),
+        }
+    }
+}
+
+type OnEnd = Box<dyn FnOnce(End) + Send + Sync>;
+
+/// A response body that reports how it ended, once: what a request's metrics, latency and
+/// endpoint health are recorded from (a response is not over at its headers).
+pub struct Tracked {
+    inner: Body,
+    on_end: Option<OnEnd>,
+}
+
+impl Tracked {
+    pub fn wrap(inner: Body, on_end: impl FnOnce(End) + Send + Sync + 'static) -> Body {
+        Tracked { inner, on_end: Some(Box::new(on_end)) }.boxed()
+    }
+
+    fn end(&mut self, how: End) {
+        if let Some(on_end) = self.on_end.take() {
+            on_end(how);
+        }
+    }
+}
+
+impl hyper::body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.end(End::Complete),
+            Poll::Ready(Some(Err(_))) => self.end(End::UpstreamError),
+            // hyper stops polling a body that says it is over.
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.end(End::Complete),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        let how = if hyper::body::Body::is_end_stream(&self.inner) { End::Complete } else { End::Abandoned };
+        self.end(how);
+    }
+}

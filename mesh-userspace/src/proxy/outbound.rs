@@ -22,7 +22,7 @@ use super::{
     balancer::Balancer,
     connect::{Connector, Upstream},
     filters::{apply_edits, modify_path, propagate_trace, redirect_response},
-    http::{Body, ClientBody, Outcome, reply, strip_hop_by_hop},
+    http::{Body, ClientBody, Outcome, Tracked, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
@@ -121,19 +121,20 @@ impl Outbound {
         self.per_service.lock().expect("per-service lock").retain(|service, _| snapshot.services.contains_key(service));
     }
 
-    /// Proxies one request and counts it.
+    /// Proxies one request and counts it once its response has ended (or was abandoned).
     async fn handle(self: Arc<Self>, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
         let mut outcome = Outcome { backend: None, endpoint: None, flags: "-" };
         let response = self.forward(service, req, &mut outcome).await;
-        self.telemetry.record_request(
-            outcome.backend.as_ref(),
-            outcome.endpoint.map(|e| e.ip()),
-            response.status().as_u16(),
-            outcome.flags,
-            started.elapsed().as_secs_f64() * 1000.0,
-        );
-        response
+        let code = response.status().as_u16();
+        let telemetry = self.telemetry.clone();
+        response.map(|body| {
+            Tracked::wrap(body, move |end| {
+                let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
+                let millis = started.elapsed().as_secs_f64() * 1000.0;
+                telemetry.record_request(outcome.backend.as_ref(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
+            })
+        })
     }
 
     async fn forward(&self, service: Option<ObjectKey>, mut req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {

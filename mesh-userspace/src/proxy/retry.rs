@@ -4,7 +4,7 @@
 use std::{
     net::SocketAddr,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -17,7 +17,7 @@ use super::{
     balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
     connect::Upstream,
     filters::apply_edits,
-    http::{Body, Outcome, fqdn, reply, strip_hop_by_hop},
+    http::{Body, End, Outcome, Tracked, fqdn, reply, strip_hop_by_hop},
 };
 use crate::{
     state::{
@@ -103,10 +103,10 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 /// One request's way through the retry layer, for one backend Service.
 pub struct Attempts<'a> {
     pub upstream: &'a Upstream,
-    pub telemetry: &'a Telemetry,
+    pub telemetry: &'a Arc<Telemetry>,
     pub service: &'a ObjectKey,
     pub budget: &'a RetryBudget,
-    pub balancer: &'a Balancer,
+    pub balancer: &'a Arc<Balancer>,
     pub policy: EjectionPolicy,
 }
 
@@ -182,7 +182,7 @@ impl Attempts<'_> {
                 outcome.flags = "DPE";
                 return reply(StatusCode::BAD_REQUEST, "malformed or incomplete request body\n");
             }
-            self.report(picked, result.as_ref().map_or(true, |r| r.status().is_server_error()), endpoints);
+            let status_failed = result.as_ref().map_or(true, |r| r.status().is_server_error());
             let failed = match result {
                 Ok(mut response) if !codes.contains(&response.status().as_u16()) => {
                     outcome.flags = "-";
@@ -193,13 +193,19 @@ impl Attempts<'_> {
                             apply_edits(response.headers_mut(), edits);
                         }
                     }
-                    return response.map(BodyExt::boxed);
+                    // The endpoint is judged when its response has ended: a body cut short is
+                    // a failure, and the latency is the whole response's.
+                    let report = self.reporter(endpoints);
+                    return response
+                        .map(|body| Tracked::wrap(body.boxed(), move |end| report(picked, status_failed || end == End::UpstreamError)));
                 }
                 Ok(mut response) => {
+                    self.report(picked, status_failed, endpoints);
                     strip_hop_by_hop(response.headers_mut(), false);
                     response.map(BodyExt::boxed)
                 }
                 Err(e) => {
+                    self.report(picked, true, endpoints);
                     outcome.flags = "UF";
                     // The endpoint's address stays in the agent's log, not in a reply to a client.
                     tracing::debug!(%endpoint, service = %service, error = %e, "upstream request failed");
@@ -217,11 +223,19 @@ impl Attempts<'_> {
     }
 
     /// Tells the balancer how an attempt ended (latency, failure toward ejection).
-    fn report(&self, picked: InFlight<'_>, failed: bool, endpoints: &[SocketAddr]) {
-        let endpoint = picked.endpoint();
-        if picked.finish(failed, endpoints, &self.policy) == Verdict::Ejected {
-            tracing::warn!(%endpoint, service = %self.service, "endpoint ejected after consecutive failures");
-            self.telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(self.service) }).inc();
+    fn report(&self, picked: InFlight, failed: bool, endpoints: &[SocketAddr]) {
+        self.reporter(endpoints)(picked, failed);
+    }
+
+    /// `report`, owning what it needs, for when the response body ends.
+    fn reporter(&self, endpoints: &[SocketAddr]) -> impl FnOnce(InFlight, bool) + Send + Sync + 'static {
+        let (telemetry, service, policy, endpoints) = (self.telemetry.clone(), self.service.clone(), self.policy, endpoints.to_vec());
+        move |picked, failed| {
+            let endpoint = picked.endpoint();
+            if picked.finish(failed, &endpoints, &policy) == Verdict::Ejected {
+                tracing::warn!(%endpoint, service = %service, "endpoint ejected after consecutive failures");
+                telemetry.metrics.ejections.get_or_create(&RetryLabels { destination_service: fqdn(&service) }).inc();
+            }
         }
     }
 }

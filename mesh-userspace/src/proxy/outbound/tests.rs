@@ -76,11 +76,24 @@ async fn proxy_with(
     limits: Limits,
     default_timeout: Duration,
 ) -> (SocketAddr, watch::Sender<bool>) {
+    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout).await;
+    (addr, stop)
+}
+
+/// `proxy_with`, and the proxy's telemetry to look at.
+async fn proxy_observed(
+    yaml: &str,
+    dialled: &str,
+    connector: Arc<dyn Connector>,
+    limits: Limits,
+    default_timeout: Duration,
+) -> (SocketAddr, watch::Sender<bool>, Arc<Telemetry>) {
     let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
     let (_tx, rx) = watch::channel(store.snapshot());
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
     let outbound = Arc::new(
-        Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry).with_default_request_timeout(default_timeout),
+        Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())
+            .with_default_request_timeout(default_timeout),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -89,7 +102,7 @@ async fn proxy_with(
         let _keep_snapshots = _tx;
         serve(outbound, listener, limits, stopped).await;
     });
-    (addr, stop)
+    (addr, stop, telemetry)
 }
 
 async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {

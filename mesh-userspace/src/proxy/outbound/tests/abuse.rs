@@ -291,3 +291,74 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
     let next = tokio::time::timeout(BOUND, events.recv()).await.expect("the upstream connection is closed");
     assert_eq!(next, Some("closed"));
 }
+
+/// A backend that promises 100 bytes, sends 5 and closes.
+async fn cut_short(addr: &str) -> SocketAddr {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
+            });
+        }
+    });
+    local
+}
+
+/// A GET whose body may break: (status, body or "CUT").
+async fn get_lossy(proxy: SocketAddr) -> (u16, String) {
+    let stream = TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let request = Request::builder().uri("/").header("host", "web").body(Empty::<Bytes>::new()).unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let code = response.status().as_u16();
+    match response.into_body().collect().await {
+        Ok(body) => (code, String::from_utf8_lossy(&body.to_bytes()).into_owned()),
+        Err(_) => (code, "CUT".into()),
+    }
+}
+
+#[tokio::test]
+async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
+    let good = backend("127.0.0.41:0", "good", false).await;
+    let cut = cut_short(&format!("127.0.0.42:{}", good.port())).await;
+    let yaml = service("web", "10.96.0.10", &[good, cut], SELF_ROUTE);
+    let (addr, _stop, telemetry) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+    // Requests go on until the endpoint that cuts its responses short is ejected (five in a
+    // row by default): a cut response is a failure, not a 200 like any other.
+    let mut cuts = 0;
+    let ejected = tokio::time::timeout(BOUND, async {
+        loop {
+            if get_lossy(addr).await.1 == "CUT" {
+                cuts += 1;
+            }
+            if telemetry.metrics.encode().lines().any(|l| l.starts_with("mesh_endpoint_ejections_total{") && !l.ends_with(" 0")) {
+                return;
+            }
+        }
+    });
+    ejected.await.expect("the endpoint cutting responses short is ejected");
+    assert!(cuts >= 5, "{cuts} cut responses");
+    for _ in 0..20 {
+        assert_eq!(get_lossy(addr).await, (200, "good".into()));
+    }
+    // Each cut response is counted with Envoy's UC flag (upstream connection termination).
+    let metrics = telemetry.metrics.encode();
+    let flagged: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"UC\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(flagged, f64::from(cuts), "{metrics}");
+}
