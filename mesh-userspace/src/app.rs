@@ -271,15 +271,34 @@ impl Agent {
 }
 
 /// The proxy holds two descriptors per proxied connection: use all the hard limit allows.
-fn raise_fd_limit() {
+/// Raises the soft limit of open files to the hard one; returns the limit now in force.
+fn raise_fd_limit() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid rlimit buffers.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
         }
     }
+    Some(limit.rlim_cur)
+}
+
+/// File descriptors kept for everything but proxied connections: maps, programs, the admin,
+/// readiness and metrics listeners and their clients, config watches.
+const RESERVED_FDS: u64 = 256;
+
+/// The proxy's limits under an open-file limit of `nofile`: a proxied connection holds two
+/// descriptors (the client's and the endpoint's), and the reserve stays free, so that readiness
+/// and metrics answer even while the proxy is full.
+fn proxy_limits(nofile: Option<u64>) -> Limits {
+    let cap = nofile.map_or(Limits::PROXY.max_connections, |n| (n.saturating_sub(RESERVED_FDS) / 2).max(16) as usize);
+    Limits { max_connections: cap.min(Limits::PROXY.max_connections), ..Limits::PROXY }
 }
 
 /// Feeds the store from the source, and the consumers from the store, until the source ends.
@@ -363,7 +382,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // Handlers first: a SIGTERM that arrives while starting up must still take the clean path.
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    raise_fd_limit();
+    let nofile = raise_fd_limit();
     if !opts.config.exists() {
         return Err(AgentError::NoConfig(opts.config.clone()));
     }
@@ -463,9 +482,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("readiness", readiness_listener, readiness_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("metrics", metrics_listener, metrics_handler, shutdown_rx.clone())),
-        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, Limits::PROXY, shutdown_rx)),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits(nofile), shutdown_rx)),
     ];
-    tracing::info!(admin = %opts.admin_addr, readiness = %opts.readiness_addr, metrics = %opts.metrics_addr, "serving");
+    tracing::info!(
+        admin = %opts.admin_addr,
+        readiness = %opts.readiness_addr,
+        metrics = %opts.metrics_addr,
+        outbound = %opts.outbound_addr,
+        max_proxied_connections = proxy_limits(nofile).max_connections,
+        "serving"
+    );
 
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM"),

@@ -255,6 +255,8 @@ pub struct AgentSpec<'a> {
     pub port_base: u16,
     /// Read this configuration path instead of writing `yaml` to a directory of its own.
     pub config_path: Option<PathBuf>,
+    /// Start the agent with this limit of open files (soft and hard).
+    pub nofile: Option<u64>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -270,6 +272,7 @@ impl<'a> AgentSpec<'a> {
             wait_ready: true,
             port_base: 15000,
             config_path: None,
+            nofile: None,
         }
     }
 }
@@ -333,6 +336,15 @@ impl Agent {
             cmd.arg("--keep-datapath");
         }
         cmd.args(&spec.extra_args);
+        if let Some(n) = spec.nofile {
+            // SAFETY: setrlimit is async-signal-safe; nothing else runs between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: n, rlim_max: n };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                });
+            }
+        }
         agent.child = Some(cmd.spawn().expect("spawn mesh agent"));
         agent.wait_ready(spec.wait_ready);
         agent
@@ -343,6 +355,10 @@ impl Agent {
         let tmp = self.config_dir.join(".services.yaml.tmp");
         fs::write(&tmp, yaml).expect("write config");
         fs::rename(&tmp, self.config_dir.join("services.yaml")).expect("rename config");
+    }
+
+    pub fn log_path(&self) -> PathBuf {
+        self.log.clone()
     }
 
     pub fn log(&self) -> String {
@@ -363,6 +379,16 @@ impl Agent {
             assert!(Instant::now() < deadline, "agent not ready after 60s:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Where the admin API is served.
+    pub fn admin_addr(&self) -> &str {
+        &self.admin
+    }
+
+    /// Whether the agent process has exited (of itself).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_some())
     }
 
     /// Where `/metrics` is served.

@@ -16,7 +16,9 @@
 //! mesh-probe get-h2 ADDR PATH COUNT [H:V,..]  the same as get, over HTTP/2 prior knowledge
 //! mesh-probe hold-many ADDR N STOPFILE  N connections at once, a keep-alive GET on each;
 //!                                      prints a line, holds them until STOPFILE exists
-//! mesh-probe raw ADDR KIND             send a malformed request (garbage, huge-header) and
+//! mesh-probe hold-idle ADDR N STOPFILE  N connections that send nothing; prints a line, then
+//!                                      holds them until STOPFILE exists
+//! mesh-probe raw ADDR KIND             send a raw request (garbage, huge-header, quit) and
 //!                                      print the status line that comes back
 //! mesh-probe upgrade ADDR             GET with Upgrade, then a line through the upgraded stream
 //! mesh-probe echo-serve ADDR           per connection: read to EOF, send it all back, close
@@ -71,6 +73,7 @@ fn main() {
         "upgrade" => upgrade(addr()),
         "raw" => raw(addr(), arg(2)),
         "hold-many" => hold_many(addr(), count(), Path::new(arg(3))),
+        "hold-idle" => hold_idle(addr(), count(), Path::new(arg(3))),
         "echo-serve" => echo_serve(addr()),
         "echo-check" => echo_check(addr(), &args[2..]),
         "abort-serve" => abort_serve(addr(), count()),
@@ -530,10 +533,27 @@ fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
     }
 }
 
+fn hold_idle(addr: SocketAddr, n: usize, stop: &Path) {
+    let mut streams = Vec::with_capacity(n);
+    let mut connect_errors = 0;
+    for _ in 0..n {
+        match connect(addr) {
+            Ok(s) => streams.push(s),
+            Err(_) => connect_errors += 1,
+        }
+    }
+    println!("{}", json!({ "held": streams.len(), "connect_errors": connect_errors }));
+    std::io::stdout().flush().expect("stdout");
+    while !stop.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn raw(addr: SocketAddr, kind: &str) {
     let request = match kind {
         "garbage" => "THIS IS NOT HTTP\r\n\r\n".to_owned(),
         "huge-header" => format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(1 << 20)),
+        "quit" => "POST /quitquitquit HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n".to_owned(),
         _ => usage(),
     };
     let result = connect(addr).and_then(|mut stream| {
