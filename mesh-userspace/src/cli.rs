@@ -89,8 +89,9 @@ struct AgentArgs {
     /// Admin API (/config_dump), localhost only by default.
     #[arg(long, default_value = "127.0.0.1:15000")]
     admin_addr: SocketAddr,
-    /// Readiness probe (/healthz/ready).
-    #[arg(long, default_value = "0.0.0.0:15021")]
+    /// Readiness probe (/healthz/ready). Localhost by default: the agent runs with the node's
+    /// network, and kubelet probes it there (`httpGet.host: 127.0.0.1`).
+    #[arg(long, default_value = "127.0.0.1:15021")]
     readiness_addr: SocketAddr,
     /// On exit, leave programs attached and maps pinned so traffic keeps flowing; the next
     /// agent adopts them.
@@ -100,7 +101,8 @@ struct AgentArgs {
     /// mesh.dev/l7: "true") are sent here. On Kubernetes use an address pods can reach.
     #[arg(long, default_value = "127.0.0.1:15001")]
     outbound_addr: SocketAddr,
-    /// Prometheus metrics (/metrics).
+    /// Prometheus metrics (/metrics), on every interface for Prometheus to scrape; the same
+    /// connection limits and timeouts as every listener apply.
     #[arg(long, default_value = "0.0.0.0:15020")]
     metrics_addr: SocketAddr,
     /// Write a JSON line per closed connection to this file, or `-` for stdout.
