@@ -36,6 +36,7 @@ use crate::{
     },
     telemetry::{
         self, FlowLog, Telemetry,
+        access_log::{self, AccessLog},
         metrics::{DropLabels, MapLabels},
     },
 };
@@ -60,6 +61,7 @@ pub struct AgentOptions {
     pub removal_quiet: Duration,
     /// For proxied requests whose route sets no timeout; zero for none.
     pub default_request_timeout: Duration,
+    pub access_log: access_log::Target,
 }
 
 /// Why the agent could not start or stop cleanly; each keeps its cause (and errno).
@@ -73,6 +75,8 @@ pub enum AgentError {
     Bind(#[from] admin::BindError),
     #[error("opening the flow log: {0}")]
     FlowLog(#[source] std::io::Error),
+    #[error("opening the access log: {0}")]
+    AccessLog(#[source] std::io::Error),
     #[error("finding the cgroup v2 mount: {0}")]
     Cgroup(#[source] std::io::Error),
     #[error(transparent)]
@@ -392,6 +396,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let metrics_listener = admin::bind(opts.metrics_addr).await?;
     let outbound_listener = admin::bind(opts.outbound_addr).await?;
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
+    let access_log = AccessLog::open(&opts.access_log, telemetry.metrics.access_log_dropped.clone()).map_err(AgentError::AccessLog)?;
 
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
@@ -422,7 +427,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
     let outbound = Arc::new(
         Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
-            .with_default_request_timeout(opts.default_request_timeout),
+            .with_default_request_timeout(opts.default_request_timeout)
+            .with_access_log(access_log),
     );
     let source = FileSource::new(&opts.config, opts.removal_quiet).map_err(|e| AgentError::Watch(opts.config.clone(), e))?;
     let agent = Arc::new(Agent {

@@ -126,6 +126,10 @@ struct AgentArgs {
     /// (a writer may be half-way through it).
     #[arg(long, hide = true, default_value_t = 500)]
     removal_quiet_ms: u64,
+    /// One JSON line per proxied request: a file (appended to) or `-` for stdout. Off by
+    /// default; lines the writer cannot keep up with are dropped and counted, never waited for.
+    #[arg(long, default_value = "off", value_name = "FILE|-")]
+    access_log: crate::telemetry::access_log::Target,
     /// How long a proxied request may take when its HTTPRoute rule sets no `timeouts.request`
     /// (0: no limit). A route's own timeout, `0s` included, always wins.
     #[arg(long, default_value_t = 15_000, value_name = "MS")]
@@ -181,6 +185,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 outbound_addr: args.outbound_addr,
                 removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
                 default_request_timeout: std::time::Duration::from_millis(args.default_request_timeout_ms),
+                access_log: args.access_log,
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;

@@ -7,6 +7,7 @@
 //! with each scan, as Istio's do, and end exact at close. No record at establishment: it cost
 //! a fifth of the kernel's per-connection time, for an opened count at most SCAN_INTERVAL
 //! earlier.
+pub mod access_log;
 pub mod conns;
 pub mod identity;
 pub mod metrics;
@@ -140,6 +141,11 @@ impl Telemetry {
         };
         self.metrics.requests.get_or_create(&labels).inc();
         self.metrics.request_duration.get_or_create(&labels).observe(millis);
+    }
+
+    /// The workload at `ip`, when it is an endpoint's.
+    pub fn workload_of(&self, ip: std::net::IpAddr) -> Option<identity::Named> {
+        self.identities.read().expect("identities lock").workloads.get(&ip).cloned()
     }
 
     /// Replaces the names used for labels.

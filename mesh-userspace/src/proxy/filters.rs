@@ -6,14 +6,14 @@ use super::http::{Body, reply};
 use crate::state::routes::{FilterSpec, HeaderEdits, MatchSpec, PathMatch, PathModifier};
 
 /// W3C trace context: a request without a valid `traceparent` starts a trace; one with it
-/// keeps its trace id and flags and gets this hop's span as parent.
-pub fn propagate_trace(headers: &mut hyper::HeaderMap) {
+/// keeps its trace id and flags and gets this hop's span as parent. Returns the trace id.
+pub fn propagate_trace(headers: &mut hyper::HeaderMap) -> Option<String> {
     let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
     let (trace_id, flags) = incoming.unwrap_or_else(|| (format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)), "01".to_owned()));
     let span_id = format!("{:016x}", fastrand::u64(1..));
-    if let Ok(value) = format!("00-{trace_id}-{span_id}-{flags}").parse() {
-        headers.insert("traceparent", value);
-    }
+    let value = format!("00-{trace_id}-{span_id}-{flags}").parse().ok()?;
+    headers.insert("traceparent", value);
+    Some(trace_id)
 }
 
 /// (trace id, flags) of a version-00 traceparent; None when malformed or all-zero.

@@ -6,7 +6,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     task::{Context, Poll},
 };
@@ -21,11 +21,31 @@ use hyper::{
 pub use super::connect::Body;
 use crate::state::ObjectKey;
 
-/// What happened to a request, for its metric labels.
+/// What happened to a request, for its metric labels and access log line.
+#[derive(Default)]
 pub struct Outcome {
     pub backend: Option<ObjectKey>,
     pub endpoint: Option<SocketAddr>,
+    /// Envoy-style response flags, "-" for none.
     pub flags: &'static str,
+    /// Endpoints tried.
+    pub attempts: u32,
+    /// The W3C trace id the request carried upstream.
+    pub trace_id: Option<String>,
+    /// Request body bytes buffered (replayable bodies).
+    pub request_bytes: u64,
+    /// A streamed request body, counted as it goes.
+    pub streamed: Option<Arc<ClientBodyState>>,
+}
+
+impl Outcome {
+    pub fn new() -> Self {
+        Self { flags: "-", ..Self::default() }
+    }
+
+    pub fn bytes_received(&self) -> u64 {
+        self.request_bytes + self.streamed.as_ref().map_or(0, |s| s.bytes.load(Ordering::Relaxed))
+    }
 }
 
 pub fn reply(status: StatusCode, text: &str) -> Response<Body> {
@@ -42,13 +62,20 @@ pub fn fqdn(service: &ObjectKey) -> String {
 /// (malformed chunking, a client that went away): that failure is the client's.
 pub struct ClientBody {
     inner: Incoming,
-    failed: Arc<AtomicBool>,
+    state: Arc<ClientBodyState>,
+}
+
+/// What a streamed request body did.
+#[derive(Debug, Default)]
+pub struct ClientBodyState {
+    pub failed: AtomicBool,
+    pub bytes: AtomicU64,
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming) -> (Self, Arc<AtomicBool>) {
-        let failed = Arc::new(AtomicBool::new(false));
-        (Self { inner, failed: failed.clone() }, failed)
+    pub fn new(inner: Incoming) -> (Self, Arc<ClientBodyState>) {
+        let state = Arc::new(ClientBodyState::default());
+        (Self { inner, state: state.clone() }, state)
     }
 }
 
@@ -58,8 +85,14 @@ impl hyper::body::Body for ClientBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Err(_))) = &polled {
-            self.failed.store(true, Ordering::Release);
+        match &polled {
+            Poll::Ready(Some(Err(_))) => self.state.failed.store(true, Ordering::Release),
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.state.bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+                }
+            }
+            _ => {}
         }
         polled
     }
@@ -131,23 +164,25 @@ impl End {
     }
 }
 
-type OnEnd = Box<dyn FnOnce(End) + Send + Sync>;
+type OnEnd = Box<dyn FnOnce(End, u64) + Send + Sync>;
 
-/// A response body that reports how it ended, once: what a request's metrics, latency and
-/// endpoint health are recorded from (a response is not over at its headers).
+/// A response body that reports how it ended, once, with the bytes it carried: what a
+/// request's metrics, latency and endpoint health are recorded from (a response is not over at
+/// its headers).
 pub struct Tracked {
     inner: Body,
+    bytes: u64,
     on_end: Option<OnEnd>,
 }
 
 impl Tracked {
-    pub fn wrap(inner: Body, on_end: impl FnOnce(End) + Send + Sync + 'static) -> Body {
-        Tracked { inner, on_end: Some(Box::new(on_end)) }.boxed()
+    pub fn wrap(inner: Body, on_end: impl FnOnce(End, u64) + Send + Sync + 'static) -> Body {
+        Tracked { inner, bytes: 0, on_end: Some(Box::new(on_end)) }.boxed()
     }
 
     fn end(&mut self, how: End) {
         if let Some(on_end) = self.on_end.take() {
-            on_end(how);
+            on_end(how, self.bytes);
         }
     }
 }
@@ -158,6 +193,11 @@ impl hyper::body::Body for Tracked {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            self.bytes += data.len() as u64;
+        }
         match &polled {
             Poll::Ready(None) => self.end(End::Complete),
             Poll::Ready(Some(Err(_))) => self.end(End::UpstreamError),

@@ -34,7 +34,10 @@ use crate::{
         model::{AppProtocol, EjectionPolicy},
         routes::FilterSpec,
     },
-    telemetry::Telemetry,
+    telemetry::{
+        Telemetry,
+        access_log::{AccessLog, Entry, rfc3339},
+    },
 };
 
 /// How long a request may take when its route names no timeout (Envoy's route default): a
@@ -84,6 +87,7 @@ pub struct Outbound {
     per_service: Mutex<HashMap<ObjectKey, PerService>>,
     /// For routes that set no request timeout; None: no limit.
     default_request_timeout: Option<Duration>,
+    access_log: Arc<AccessLog>,
 }
 
 impl Outbound {
@@ -100,7 +104,14 @@ impl Outbound {
             upstream: Upstream::new(connector),
             per_service: Mutex::new(HashMap::new()),
             default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
+            access_log: Arc::new(AccessLog::off()),
         }
+    }
+
+    /// Logs every request to `log`.
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Arc::new(log);
+        self
     }
 
     /// The request timeout of routes that set none (zero: no limit).
@@ -121,18 +132,48 @@ impl Outbound {
         self.per_service.lock().expect("per-service lock").retain(|service, _| snapshot.services.contains_key(service));
     }
 
-    /// Proxies one request and counts it once its response has ended (or was abandoned).
-    async fn handle(self: Arc<Self>, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    /// Proxies one request from `peer` and counts (and logs) it once its response has ended
+    /// or was abandoned.
+    async fn handle(self: Arc<Self>, peer: SocketAddr, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>) -> Response<Body> {
         let started = std::time::Instant::now();
-        let mut outcome = Outcome { backend: None, endpoint: None, flags: "-" };
+        let start_time = std::time::SystemTime::now();
+        // What the access log says of the request, taken before the request is consumed.
+        let asked = self.access_log.enabled().then(|| {
+            let authority = req.uri().authority().map(|a| a.to_string());
+            let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
+            (req.method().to_string(), host.or(authority).unwrap_or_default(), req.uri().path().to_owned(), version_name(req.version()))
+        });
+        let mut outcome = Outcome::new();
         let response = self.forward(service, req, &mut outcome).await;
         let code = response.status().as_u16();
-        let telemetry = self.telemetry.clone();
+        let (telemetry, access_log) = (self.telemetry.clone(), self.access_log.clone());
         response.map(|body| {
-            Tracked::wrap(body, move |end| {
+            Tracked::wrap(body, move |end, bytes_sent| {
                 let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
                 let millis = started.elapsed().as_secs_f64() * 1000.0;
                 telemetry.record_request(outcome.backend.as_ref(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
+                if let Some((method, authority, path, protocol)) = asked {
+                    let workload = |ip| telemetry.workload_of(ip).map(|w| format!("{}/{}", w.namespace, w.name));
+                    access_log.log(&Entry {
+                        start_time: rfc3339(start_time),
+                        source_address: peer,
+                        source_workload: workload(peer.ip()),
+                        destination_service: outcome.backend.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)),
+                        destination_workload: outcome.endpoint.and_then(|e| workload(e.ip())),
+                        method,
+                        authority,
+                        path,
+                        protocol,
+                        response_code: code,
+                        response_flags: flags.to_owned(),
+                        attempts: outcome.attempts,
+                        upstream_host: outcome.endpoint,
+                        duration_ms: millis,
+                        bytes_received: outcome.bytes_received(),
+                        bytes_sent,
+                        trace_id: outcome.trace_id.clone(),
+                    });
+                }
             })
         })
     }
@@ -201,7 +242,7 @@ impl Outbound {
                 _ => {}
             }
         }
-        propagate_trace(&mut head.headers);
+        outcome.trace_id = propagate_trace(&mut head.headers);
         speak_upstream(&mut head, app_protocol);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
@@ -230,16 +271,18 @@ impl Outbound {
             },
             _ => {
                 // Streamed as it comes: one attempt.
-                let (body, client_failed) = ClientBody::new(body);
+                let (body, client_body) = ClientBody::new(body);
+                outcome.streamed = Some(client_body.clone());
                 let mut stream_body = Some(body.boxed());
                 return attempts
-                    .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, Some(&client_failed), |_| {
+                    .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, Some(&client_body.failed), |_| {
                         stream_body.take()
                     })
                     .await;
             }
         };
         let bytes = replayable.unwrap_or_default();
+        outcome.request_bytes = bytes.len() as u64;
         attempts
             .send(&head, &target, &endpoints, matched.rule, deadline, filters, outcome, None, |_| {
                 Some(Full::new(bytes.clone()).map_err(|never: Infallible| match never {}).boxed())
@@ -340,6 +383,14 @@ fn speak_upstream(head: &mut hyper::http::request::Parts, app_protocol: AppProto
     head.version = hyper::Version::HTTP_11;
 }
 
+fn version_name(version: hyper::Version) -> &'static str {
+    match version {
+        hyper::Version::HTTP_2 => "HTTP/2",
+        hyper::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    }
+}
+
 fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
     headers.contains_key(hyper::header::UPGRADE)
         && headers
@@ -358,6 +409,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
         tokio::select! {
             (stream, peer) = server::accept(&listener, "outbound") => {
                 let Some(slot) = slots.take() else {
+                    outbound.telemetry.metrics.proxy_refused.inc();
                     tracing::debug!(%peer, max = limits.max_connections, "outbound listener full; connection closed");
                     continue;
                 };
@@ -373,7 +425,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                         let outbound = outbound.clone();
                         let service = service.clone();
                         async move {
-                            let response = outbound.handle(service, req).await;
+                            let response = outbound.handle(peer, service, req).await;
                             drop(busy);
                             Ok::<_, Infallible>(response)
                         }

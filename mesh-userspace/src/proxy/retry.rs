@@ -152,6 +152,7 @@ impl Attempts<'_> {
             let endpoint = picked.endpoint();
             tried.push(endpoint);
             outcome.endpoint = Some(endpoint);
+            outcome.attempts += 1;
             let Some(body) = next_body(attempt) else {
                 return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
             };
@@ -197,7 +198,7 @@ impl Attempts<'_> {
                     // a failure, and the latency is the whole response's.
                     let report = self.reporter(endpoints);
                     return response
-                        .map(|body| Tracked::wrap(body.boxed(), move |end| report(picked, status_failed || end == End::UpstreamError)));
+                        .map(|body| Tracked::wrap(body.boxed(), move |end, _| report(picked, status_failed || end == End::UpstreamError)));
                 }
                 Ok(mut response) => {
                     self.report(picked, status_failed, endpoints);

@@ -72,6 +72,10 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub kernel_generation: Gauge,
     pub config_rejected: Gauge,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
+    /// Connections the outbound proxy closed at once because it was full.
+    pub proxy_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -128,8 +132,22 @@ impl Default for Metrics {
             "Configuration sources (files) whose newest content was refused; their last good objects serve",
             config_rejected.clone(),
         );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "mesh_access_log_dropped",
+            "Access log lines dropped because the writer fell behind (requests never wait for it)",
+            access_log_dropped.clone(),
+        );
+        let proxy_refused = Counter::default();
+        registry.register(
+            "mesh_proxy_connections_refused",
+            "Connections the outbound proxy closed on arrival because it held its maximum (see the agent's open-file limit)",
+            proxy_refused.clone(),
+        );
         Self {
             registry,
+            access_log_dropped,
+            proxy_refused,
             config_file_reads,
             config_generation,
             kernel_generation,

@@ -14,6 +14,7 @@ use crate::{
     proxy::connect::{Conn, TcpConnector},
     state::{NodeContext, store},
     telemetry::FlowLog,
+    telemetry::access_log::Target,
 };
 
 /// Every connection was going to this address.
@@ -76,7 +77,7 @@ async fn proxy_with(
     limits: Limits,
     default_timeout: Duration,
 ) -> (SocketAddr, watch::Sender<bool>) {
-    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout).await;
+    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout, AccessLog::off()).await;
     (addr, stop)
 }
 
@@ -87,13 +88,15 @@ async fn proxy_observed(
     connector: Arc<dyn Connector>,
     limits: Limits,
     default_timeout: Duration,
+    access_log: AccessLog,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<Telemetry>) {
     let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
     let (_tx, rx) = watch::channel(store.snapshot());
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
     let outbound = Arc::new(
         Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())
-            .with_default_request_timeout(default_timeout),
+            .with_default_request_timeout(default_timeout)
+            .with_access_log(access_log),
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -184,6 +187,76 @@ async fn upstream_connections_go_through_the_connector() {
     let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", connector.clone()).await;
     assert_eq!(get(addr, &[]).await, (200, "through the tunnel".into()));
     assert_eq!(connector.count.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
+async fn every_request_is_logged_once_its_response_has_ended() {
+    let good = backend("127.0.0.51:0", "good", false).await;
+    let bad = backend(&format!("127.0.0.52:{}", good.port()), "bad", true).await;
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
+        spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("access.log");
+    let log = AccessLog::open(&Target::File(path.clone()), Default::default()).unwrap();
+    let (addr, _stop, _) = proxy_observed(
+        &service("web", "10.96.0.10", &[good, bad], route),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        Limits::PROXY,
+        DEFAULT_REQUEST_TIMEOUT,
+        log,
+    )
+    .await;
+    // Until one request met the resetting endpoint first (and was retried): every line is
+    // there, and one of them says two attempts.
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let lines = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        for sent in 1.. {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+            tokio::spawn(conn);
+            let request = Request::builder()
+                .method("POST")
+                .uri("/items?x=1")
+                .header("host", "web.ns")
+                .header("traceparent", format!("00-{trace}-00f067aa0ba902b7-01"))
+                .body(Full::new(Bytes::from_static(b"hello")))
+                .unwrap();
+            let response = sender.send_request(request).await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.into_body().collect().await.unwrap();
+            // The line is written after the body has ended, by the log's own thread.
+            loop {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+                if lines.len() == sent {
+                    if lines.iter().any(|l| l["attempts"] == 2) {
+                        return lines;
+                    }
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("a retried request within 30 s");
+    let line = lines.last().unwrap();
+    assert_eq!(line["method"], "POST");
+    assert_eq!(line["authority"], "web.ns");
+    assert_eq!(line["path"], "/items");
+    assert_eq!(line["protocol"], "HTTP/1.1");
+    assert_eq!(line["response_code"], 200);
+    assert_eq!(line["response_flags"], "-");
+    assert_eq!(line["attempts"], 2);
+    assert_eq!(line["upstream_host"], good.to_string());
+    assert_eq!(line["destination_service"], "ns/web");
+    assert_eq!(line["bytes_received"], 5);
+    assert_eq!(line["bytes_sent"], 4);
+    assert_eq!(line["trace_id"], trace);
+    assert!(line["start_time"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{line}");
+    assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
 }
 
 mod abuse;

@@ -334,7 +334,7 @@ async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
     let cut = cut_short(&format!("127.0.0.42:{}", good.port())).await;
     let yaml = service("web", "10.96.0.10", &[good, cut], SELF_ROUTE);
     let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
     // Requests go on until the endpoint that cuts its responses short is ejected (five in a
     // row by default): a cut response is a failure, not a 200 like any other.
     let mut cuts = 0;
