@@ -79,13 +79,30 @@ impl Balancer {
     /// in flight until the returned guard is finished or dropped (a client that goes away
     /// drops it), so no way out of a request leaves the count raised.
     pub fn pick(self: &Arc<Self>, candidates: &[SocketAddr]) -> InFlight {
-        let endpoint = self.choose(candidates);
-        InFlight { balancer: self.clone(), endpoint, started: Instant::now(), finished: false }
+        self.pick_within(candidates, None).expect("no cap, a pick")
     }
 
-    fn choose(&self, candidates: &[SocketAddr]) -> SocketAddr {
+    /// `pick`, among the endpoints with fewer than `max_in_flight` requests in flight (the
+    /// circuit breaker); None when every one has its maximum.
+    pub fn pick_within(self: &Arc<Self>, candidates: &[SocketAddr], max_in_flight: Option<u32>) -> Option<InFlight> {
+        let endpoint = self.choose(candidates, max_in_flight)?;
+        Some(InFlight { balancer: self.clone(), endpoint, started: Instant::now(), finished: false })
+    }
+
+    fn choose(&self, candidates: &[SocketAddr], max_in_flight: Option<u32>) -> Option<SocketAddr> {
         let now = Instant::now();
         let mut stats = self.stats.lock().expect("balancer lock");
+        let open: Vec<SocketAddr>;
+        let candidates = match max_in_flight {
+            None => candidates,
+            Some(max) => {
+                open = candidates.iter().copied().filter(|e| stats.get(e).is_none_or(|s| s.in_flight < max)).collect();
+                if open.is_empty() {
+                    return None;
+                }
+                &open
+            }
+        };
         let eligible: Vec<SocketAddr> = candidates.iter().copied().filter(|e| !stats.get(e).is_some_and(|s| s.ejected(now))).collect();
         let pool = if eligible.is_empty() { candidates } else { &eligible };
         let chosen = if pool.len() == 1 {
@@ -111,7 +128,7 @@ impl Balancer {
             if cost(&pool[a]) <= cost(&pool[b]) { pool[a] } else { pool[b] }
         };
         stats.entry(chosen).or_insert_with(|| EndpointStats::new(now)).in_flight += 1;
-        chosen
+        Some(chosen)
     }
 
     /// Records how a request to `endpoint` ended; `candidates` are the Service's endpoints, to

@@ -36,6 +36,9 @@ pub struct Outcome {
     pub request_bytes: u64,
     /// A streamed request body, counted as it goes.
     pub streamed: Option<Arc<ClientBodyState>>,
+    /// The backend's circuit breaker let it in; released with the outcome, at the response's
+    /// end.
+    pub admitted: Option<super::admission::Pass>,
 }
 
 impl Outcome {

@@ -19,6 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
 use super::{
+    admission::{Gate, TokenBucket},
     balancer::Balancer,
     connect::{Connector, Upstream},
     filters::{apply_edits, modify_path, propagate_trace, redirect_response},
@@ -31,7 +32,7 @@ use crate::{
     server::{self, Limits, Slots, Watched},
     state::{
         ObjectKey, Protocol, ServiceView, Snapshot,
-        model::{AppProtocol, EjectionPolicy},
+        model::{AppProtocol, CircuitBreakers, EjectionPolicy},
         routes::FilterSpec,
     },
     telemetry::{
@@ -66,14 +67,19 @@ struct PerService {
     router: Arc<Router>,
     budget: Arc<RetryBudget>,
     balancer: Arc<Balancer>,
+    rate_limit: Option<Arc<TokenBucket>>,
+    gate: Arc<Gate>,
 }
 
-/// A backend Service's state for one request.
+/// A Service's state for one request.
 struct ServiceState {
     router: Arc<Router>,
     budget: Arc<RetryBudget>,
     balancer: Arc<Balancer>,
     policy: EjectionPolicy,
+    rate_limit: Option<Arc<TokenBucket>>,
+    gate: Arc<Gate>,
+    breakers: CircuitBreakers,
 }
 
 /// The outbound proxy: listener and original destination here; then routing and filters
@@ -189,7 +195,16 @@ impl Outbound {
             outcome.flags = "DPE";
             return reply(StatusCode::BAD_REQUEST, "more than one Host header\n");
         }
-        let router = self.service_state(&service).map(|s| s.router);
+        let called = self.service_state(&service);
+        // The called Service's local rate limit, before anything else is spent on the request.
+        if let Some(Err(wait)) = called.as_ref().and_then(|s| s.rate_limit.as_ref()).map(|b| b.take()) {
+            outcome.flags = "RL";
+            let mut response = reply(StatusCode::TOO_MANY_REQUESTS, "local rate limit\n");
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            response.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+            return response;
+        }
+        let router = called.map(|s| s.router);
         let headers: Vec<(&str, &str)> = req.headers().iter().filter_map(|(n, v)| Some((n.as_str(), v.to_str().ok()?))).collect();
         let parts = RequestParts { method: req.method().as_str(), path: req.uri().path(), query: req.uri().query(), headers };
         let Some(matched) = router.as_ref().and_then(|r| r.route(&parts)) else {
@@ -250,10 +265,16 @@ impl Outbound {
         if let Some(client_side) = upgrade {
             return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
         }
-        let Some(ServiceState { budget, balancer, policy, .. }) = self.service_state(&backend.service) else {
+        let Some(ServiceState { budget, balancer, policy, gate, breakers, .. }) = self.service_state(&backend.service) else {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         };
+        // The backend's circuit breaker: held until the response has ended (with `outcome`).
+        let Some(pass) = gate.enter() else {
+            outcome.flags = "UO";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many requests in flight\n");
+        };
+        outcome.admitted = Some(pass);
         let attempts = Attempts {
             upstream: &self.upstream,
             telemetry: &self.telemetry,
@@ -261,6 +282,7 @@ impl Outbound {
             budget: &budget,
             balancer: &balancer,
             policy,
+            max_per_endpoint: breakers.max_requests_per_endpoint,
         };
 
         // A request is replayed (retried) only when its body is known small: buffered whole.
@@ -338,6 +360,8 @@ impl Outbound {
             router: Arc::new(Router::new(view.routes.clone())),
             budget: Arc::new(RetryBudget::new(view.spec.retry_budget)),
             balancer: Arc::new(Balancer::default()),
+            rate_limit: view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p))),
+            gate: Arc::new(Gate::default()),
         });
         if !Arc::ptr_eq(&entry.view, &view) {
             if entry.view.routes != view.routes {
@@ -346,15 +370,22 @@ impl Outbound {
             if entry.view.spec.retry_budget != view.spec.retry_budget {
                 entry.budget = Arc::new(RetryBudget::new(view.spec.retry_budget));
             }
+            if entry.rate_limit.as_ref().map(|b| b.policy()) != view.spec.rate_limit {
+                entry.rate_limit = view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p)));
+            }
             let live: Vec<SocketAddr> = view.ports.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)).collect();
             entry.balancer.retain(&live);
             entry.view = view.clone();
         }
+        entry.gate.set_max(view.spec.breakers.max_requests);
         Some(ServiceState {
             router: entry.router.clone(),
             budget: entry.budget.clone(),
             balancer: entry.balancer.clone(),
             policy: view.spec.outlier,
+            rate_limit: entry.rate_limit.clone(),
+            gate: entry.gate.clone(),
+            breakers: view.spec.breakers,
         })
     }
 }

@@ -108,6 +108,8 @@ pub struct Attempts<'a> {
     pub budget: &'a RetryBudget,
     pub balancer: &'a Arc<Balancer>,
     pub policy: EjectionPolicy,
+    /// The circuit breaker's requests in flight per endpoint.
+    pub max_per_endpoint: Option<u32>,
 }
 
 impl Attempts<'_> {
@@ -148,7 +150,10 @@ impl Attempts<'_> {
             let pool = if fresh.is_empty() { endpoints } else { &fresh };
             // Dropped on any way out that is not the endpoint's doing (client gone, body
             // already sent), the guard only takes back the in-flight count.
-            let picked = balancer.pick(pool);
+            let Some(picked) = balancer.pick_within(pool, self.max_per_endpoint) else {
+                outcome.flags = "UO";
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: every endpoint has its maximum in flight\n");
+            };
             let endpoint = picked.endpoint();
             tried.push(endpoint);
             outcome.endpoint = Some(endpoint);

@@ -180,6 +180,30 @@ pub struct ServiceSpec {
     pub l7: bool,
     pub retry_budget: RetryBudgetPolicy,
     pub outlier: EjectionPolicy,
+    /// `mesh.dev/rate-limit-*`: requests to this Service through this node's proxy.
+    pub rate_limit: Option<RateLimitPolicy>,
+    /// `mesh.dev/max-requests*`: requests in flight to this Service as a backend.
+    pub breakers: CircuitBreakers,
+}
+
+/// A local token bucket (Envoy's local rate limit): `per_second` tokens a second, up to
+/// `burst` saved; a request takes one or is answered 429.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimitPolicy {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+/// Envoy's circuit breakers, per backend Service and this node's proxy: past them a request is
+/// answered 503 (flag UO) at once instead of queueing on an overloaded backend. None: no limit
+/// (Istio's default too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CircuitBreakers {
+    /// Requests in flight to the Service (`mesh.dev/max-requests`).
+    pub max_requests: Option<u32>,
+    /// Requests in flight to one endpoint (`mesh.dev/max-requests-per-endpoint`): with HTTP/1.1,
+    /// one connection each, so it also caps the connections to an endpoint.
+    pub max_requests_per_endpoint: Option<u32>,
 }
 
 /// One endpoint of a slice: what kube-proxy's rules and telemetry need, nothing more. 32

@@ -11,8 +11,8 @@ use k8s_openapi::{
 
 use super::{
     model::{
-        Algorithm, AppProtocol, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey, Protocol,
-        RetryBudgetPolicy, ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
+        Algorithm, AppProtocol, CircuitBreakers, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey,
+        Protocol, RateLimitPolicy, RetryBudgetPolicy, ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
     },
     routes::{self, RouteSpec},
 };
@@ -137,6 +137,16 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
         ) as u64),
         max_ejected_share: number("mesh.dev/outlier-max-ejected-percent", outlier.max_ejected_share * 100.0, 100.0) / 100.0,
     };
+    let rate_limit = annotations.contains_key("mesh.dev/rate-limit-rps").then(|| {
+        let per_second = number("mesh.dev/rate-limit-rps", 0.0, 1_000_000.0);
+        // Without a burst, one second's worth (at least one request).
+        RateLimitPolicy { per_second, burst: number("mesh.dev/rate-limit-burst", per_second.ceil().max(1.0), 1_000_000.0).max(1.0) }
+    });
+    let mut limit = |name: &str| annotations.contains_key(name).then(|| number(name, 0.0, f64::from(u32::MAX)).max(1.0) as u32);
+    let breakers = CircuitBreakers {
+        max_requests: limit("mesh.dev/max-requests"),
+        max_requests_per_endpoint: limit("mesh.dev/max-requests-per-endpoint"),
+    };
 
     // ExternalName services are DNS aliases, headless ones have no VIP: nothing to balance.
     let balanced = spec.type_.as_deref() != Some("ExternalName");
@@ -236,6 +246,8 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
         l7,
         retry_budget,
         outlier,
+        rate_limit,
+        breakers,
     })
 }
 

@@ -362,3 +362,98 @@ async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
         .sum();
     assert_eq!(flagged, f64::from(cuts), "{metrics}");
 }
+
+/// `service`, with annotations on the Service.
+fn annotated(endpoints: &[SocketAddr], annotations: &str) -> String {
+    service("web", "10.96.0.10", endpoints, SELF_ROUTE).replacen(
+        "metadata: {name: web, namespace: ns}",
+        &format!("metadata: {{name: web, namespace: ns, annotations: {{{annotations}}}}}"),
+        1,
+    )
+}
+
+fn flagged(telemetry: &Telemetry, flag: &str) -> f64 {
+    telemetry
+        .metrics
+        .encode()
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{") && l.contains(&format!("response_flags=\"{flag}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_local_rate_limit_answers_429_with_retry_after() {
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    // One request a minute, two saved: the third in a row is over, whatever the machine's speed.
+    let yaml = annotated(&[v1], "mesh.dev/rate-limit-rps: \"0.0166\", mesh.dev/rate-limit-burst: \"2\"");
+    let (addr, _stop, telemetry) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+    assert_eq!(get(addr, &[]).await.0, 200);
+    assert_eq!(get(addr, &[]).await.0, 200);
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close\r\n\r\n").await.unwrap();
+    let answer = until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 429"), "{answer}");
+    let retry_after: u64 = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("retry-after: "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no retry-after: {answer}"));
+    assert!((1..=61).contains(&retry_after), "{retry_after}");
+    assert_eq!(flagged(&telemetry, "RL"), 1.0);
+}
+
+#[tokio::test]
+async fn circuit_breakers_answer_503_at_once_when_full() {
+    let (a, _a_events) = silent("127.0.0.61:0").await;
+    let (b, _b_events) = silent(&format!("127.0.0.62:{}", a.port())).await;
+    // Per Service: one request in flight at most.
+    let yaml = annotated(&[a, b], "mesh.dev/max-requests: \"1\"");
+    let (addr, _stop, telemetry) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
+    // The first is in flight (its endpoint never answers); the second is refused at once.
+    let refused = tokio::time::timeout(BOUND, async {
+        loop {
+            let (code, _) = get(addr, &[]).await;
+            if code == 503 {
+                return;
+            }
+        }
+    });
+    refused.await.expect("a 503 while the first request is in flight");
+    assert!(flagged(&telemetry, "UO") >= 1.0);
+    // The first leaves (its client goes away): the Service takes requests again (they hang
+    // too, so a request that is not refused at once is one that was let in).
+    drop(first);
+    let let_in = tokio::time::timeout(BOUND, async {
+        loop {
+            if tokio::time::timeout(Duration::from_millis(200), get(addr, &[])).await.is_err() {
+                return;
+            }
+        }
+    });
+    let_in.await.expect("let in once the first request has gone");
+
+    // Per endpoint: one each; two requests fill both endpoints, a third is refused.
+    let yaml = annotated(&[a, b], "mesh.dev/max-requests-per-endpoint: \"1\"");
+    let (addr, _stop, telemetry) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
+        held.push(s);
+    }
+    let refused = tokio::time::timeout(BOUND, async {
+        loop {
+            if get(addr, &[]).await.0 == 503 {
+                return;
+            }
+        }
+    });
+    refused.await.expect("a 503 once both endpoints have a request in flight");
+    assert!(flagged(&telemetry, "UO") >= 1.0);
+}
