@@ -9,7 +9,8 @@
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
-    path::PathBuf,
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -25,9 +26,9 @@ use crate::{
         Datapath as _, loader,
         maps::{OrigDstMap, PinnedMaps},
     },
-    host,
+    handoff, host,
     proxy::{self, connect::TcpConnector, outbound::Outbound},
-    server::Limits,
+    server::{Lifecycle, Limits},
     sources::{ConfigErrors, Origin, Source as _, Update, file::FileSource},
     state::{NodeContext, Snapshot, Store},
     sync::{
@@ -62,6 +63,11 @@ pub struct AgentOptions {
     /// For proxied requests whose route sets no timeout; zero for none.
     pub default_request_timeout: Duration,
     pub access_log: access_log::Target,
+    /// How long proxied connections may take to finish when the agent stops.
+    pub drain_timeout: Duration,
+    /// Take the listeners (and then the pin directory) of an agent running on the same pin
+    /// directory, which then drains and exits: a restart that refuses no connection.
+    pub take_over: bool,
 }
 
 /// Why the agent could not start or stop cleanly; each keeps its cause (and errno).
@@ -77,6 +83,8 @@ pub enum AgentError {
     FlowLog(#[source] std::io::Error),
     #[error("opening the access log: {0}")]
     AccessLog(#[source] std::io::Error),
+    #[error("taking over from the running agent: {0}")]
+    Handoff(String),
     #[error("finding the cgroup v2 mount: {0}")]
     Cgroup(#[source] std::io::Error),
     #[error(transparent)]
@@ -125,6 +133,8 @@ struct Agent {
     /// Files the source has read, and how many of them `/metrics` has counted.
     file_reads: Mutex<(Arc<std::sync::atomic::AtomicU64>, u64)>,
     telemetry: Arc<Telemetry>,
+    /// True once every configuration file has been read: the proxy accepts from then on.
+    config_read: watch::Sender<bool>,
 }
 
 impl Agent {
@@ -275,6 +285,59 @@ impl Agent {
 }
 
 /// The proxy holds two descriptors per proxied connection: use all the hard limit allows.
+/// The listener for `addr`: the predecessor's, when it handed one over for this address,
+/// otherwise a new one.
+async fn bind_or_inherit(
+    addr: SocketAddr,
+    inherited: &mut Option<Vec<(SocketAddr, std::net::TcpListener)>>,
+) -> Result<tokio::net::TcpListener, AgentError> {
+    if let Some(sockets) = inherited.as_mut()
+        && let Some(at) = sockets.iter().position(|(a, _)| *a == addr)
+    {
+        let (_, socket) = sockets.swap_remove(at);
+        socket.set_nonblocking(true).map_err(|e| AgentError::Handoff(e.to_string()))?;
+        return tokio::net::TcpListener::from_std(socket).map_err(|e| AgentError::Handoff(e.to_string()));
+    }
+    Ok(admin::bind(addr).await?)
+}
+
+/// Loads and attaches the datapath. A successor waits (up to 30 s) for its predecessor to let
+/// go of the pin directory; anyone else fails at once if it is in use.
+async fn load_when_free(opts: &AgentOptions, cgroup: &Path, successor: bool) -> Result<loader::Loaded, AgentError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match loader::load_and_attach(&opts.bpffs, cgroup, opts.programs) {
+            Err(loader::LoadError::InUse(_)) if successor && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
+/// Offers `sockets` to the next agent; resolves when one took them. Never resolves when they
+/// cannot be offered (the restart then is the old kind: the next agent binds anew).
+async fn offer_listeners(bpffs: &Path, sockets: Vec<(SocketAddr, OwnedFd)>) -> impl std::future::Future<Output = std::io::Result<()>> {
+    // The predecessor's offer may linger for a moment after it handed over.
+    let mut offer = handoff::Offer::new(bpffs, sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect());
+    for _ in 0..100 {
+        if offer.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        offer = handoff::Offer::new(bpffs, sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect());
+    }
+    async move {
+        match offer {
+            Ok(offer) => offer.handed_over().await,
+            Err(e) => {
+                tracing::warn!(error = %e, "restarts cannot hand over the listeners");
+                std::future::pending().await
+            }
+        }
+    }
+}
+
 /// Raises the soft limit of open files to the hard one; returns the limit now in force.
 fn raise_fd_limit() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
@@ -355,6 +418,7 @@ async fn run_source(
             Update::Unreadable { origin, errors } => agent.reject(origin, &errors),
             Update::Synced => {
                 read_all = true;
+                agent.config_read.send_replace(true);
                 let mut status = agent.status.lock().expect("status lock");
                 status.synced_at = Some(status.generation);
                 // The first sync compares everything, adopted state included.
@@ -390,11 +454,32 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     if !opts.config.exists() {
         return Err(AgentError::NoConfig(opts.config.clone()));
     }
+    // --take-over: a running agent on the same pin directory hands over its listeners (a
+    // restart): their sockets, with the connections waiting on them, change hands and are
+    // never re-bound. Without it, a running agent makes this one fail (pin directory in use).
+    let bpffs = opts.bpffs.clone();
+    let mut inherited = if opts.take_over {
+        tokio::task::spawn_blocking(move || handoff::take(&bpffs))
+            .await
+            .map_err(|e| AgentError::Handoff(e.to_string()))?
+            .map_err(|e| AgentError::Handoff(e.to_string()))?
+    } else {
+        None
+    };
+    let successor = inherited.is_some();
+    if successor {
+        tracing::info!("took over the listeners of the running agent; it drains and leaves");
+    }
     // Bind first: a port clash must fail before the datapath is touched.
-    let admin_listener = admin::bind(opts.admin_addr).await?;
-    let readiness_listener = admin::bind(opts.readiness_addr).await?;
-    let metrics_listener = admin::bind(opts.metrics_addr).await?;
-    let outbound_listener = admin::bind(opts.outbound_addr).await?;
+    let admin_listener = bind_or_inherit(opts.admin_addr, &mut inherited).await?;
+    let readiness_listener = bind_or_inherit(opts.readiness_addr, &mut inherited).await?;
+    let metrics_listener = bind_or_inherit(opts.metrics_addr, &mut inherited).await?;
+    let outbound_listener = bind_or_inherit(opts.outbound_addr, &mut inherited).await?;
+    drop(inherited);
+    let offered: Vec<_> = [&admin_listener, &readiness_listener, &metrics_listener, &outbound_listener]
+        .into_iter()
+        .filter_map(|l| handoff::duplicate(l).ok())
+        .collect();
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
     let access_log = AccessLog::open(&opts.access_log, telemetry.metrics.access_log_dropped.clone()).map_err(AgentError::AccessLog)?;
 
@@ -402,7 +487,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         Some(c) => c.clone(),
         None => host::cgroup2_root().map_err(AgentError::Cgroup)?,
     };
-    let mut loaded = loader::load_and_attach(&opts.bpffs, &cgroup, opts.programs)?;
+    let mut loaded = load_when_free(&opts, &cgroup, successor).await?;
     if let Some(logger) = loaded.logger.take() {
         tokio::spawn(forward_kernel_logs(logger));
     }
@@ -441,6 +526,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         kernel_entries: Mutex::new(Vec::new()),
         file_reads: Mutex::new((source.reads(), 0)),
         telemetry: telemetry.clone(),
+        config_read: watch::Sender::new(false),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -471,6 +557,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let telemetry_task = tokio::spawn(telemetry::run(telemetry, opts.bpffs.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let lifecycle = Lifecycle { ready: agent.config_read.subscribe(), drain: shutdown_rx.clone(), drain_timeout: opts.drain_timeout };
     let (quit_tx, mut quit_rx) = watch::channel(false);
     let readiness_handler: admin::Handler = {
         let agent = agent.clone();
@@ -488,8 +575,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("readiness", readiness_listener, readiness_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("metrics", metrics_listener, metrics_handler, shutdown_rx.clone())),
-        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits(nofile), shutdown_rx)),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits(nofile), lifecycle)),
     ];
+    drop(shutdown_rx);
+    // The next agent on this pin directory takes the listeners from here.
+    let handed_over = offer_listeners(&opts.bpffs, offered).await;
+    tokio::pin!(handed_over);
     tracing::info!(
         admin = %opts.admin_addr,
         readiness = %opts.readiness_addr,
@@ -499,10 +590,17 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         "serving"
     );
 
+    let mut handed = false;
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM"),
         _ = sigint.recv() => tracing::info!("SIGINT"),
         _ = quit_rx.changed() => tracing::info!("/quitquitquit"),
+        result = &mut handed_over => {
+            handed = result.is_ok();
+            if handed {
+                tracing::info!("a new agent took the listeners; stopping here and leaving the datapath to it");
+            }
+        }
     }
 
     for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task] {
@@ -510,14 +608,19 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     feed.stop();
     let _ = tokio::task::spawn_blocking(move || sync_thread.join()).await;
+    // Handed over: the successor waits for the pin directory; it is free before the drain.
+    let mut lock = loaded.take_lock();
+    if handed {
+        drop(lock.take());
+    }
+    // Stop accepting, let requests in flight finish (bounded by --drain-timeout-ms).
     let _ = shutdown_tx.send(true);
     for server in servers {
         let _ = server.await;
     }
     drop(agent);
-    let lock = loaded.take_lock();
     drop(loaded);
-    if opts.keep_datapath {
+    if opts.keep_datapath || handed {
         tracing::info!(bpffs = %opts.bpffs.display(), "--keep-datapath: programs stay attached and maps pinned");
     } else {
         loader::teardown(&opts.bpffs).map_err(|e| AgentError::Teardown(opts.bpffs.clone(), e))?;

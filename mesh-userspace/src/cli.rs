@@ -130,6 +130,15 @@ struct AgentArgs {
     /// default; lines the writer cannot keep up with are dropped and counted, never waited for.
     #[arg(long, default_value = "off", value_name = "FILE|-")]
     access_log: crate::telemetry::access_log::Target,
+    /// Restart without refusing a connection: take the listening sockets of the agent running
+    /// on the same --bpffs (it stops accepting, leaves the datapath to this one and drains),
+    /// then its pin directory. Implies that the old agent keeps the datapath.
+    #[arg(long)]
+    take_over: bool,
+    /// On SIGTERM (or when a new agent takes over), how long proxied connections may take to
+    /// finish their requests in flight before they are cut.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    drain_timeout_ms: u64,
     /// How long a proxied request may take when its HTTPRoute rule sets no `timeouts.request`
     /// (0: no limit). A route's own timeout, `0s` included, always wins.
     #[arg(long, default_value_t = 15_000, value_name = "MS")]
@@ -186,6 +195,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
                 default_request_timeout: std::time::Duration::from_millis(args.default_request_timeout_ms),
                 access_log: args.access_log,
+                drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
+                take_over: args.take_over,
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;

@@ -4,6 +4,7 @@ pub mod app;
 pub mod check;
 pub mod cli;
 pub mod ebpf;
+pub mod handoff;
 pub mod host;
 pub mod proxy;
 pub mod server;

@@ -34,6 +34,17 @@ use tokio::{
     time::Instant,
 };
 
+/// When a listener starts and stops serving.
+#[derive(Debug, Clone)]
+pub struct Lifecycle {
+    /// Accept only once this is true.
+    pub ready: tokio::sync::watch::Receiver<bool>,
+    /// Stop accepting and drain once this is true.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+    /// How long open connections may take to finish once draining.
+    pub drain_timeout: Duration,
+}
+
 /// What one listener allows each client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -162,6 +173,13 @@ impl Slots {
 
     pub fn open(&self) -> usize {
         self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open (looked at every 20 ms: only used while draining).
+    pub async fn wait_empty(&self) {
+        while self.open() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Connections closed at once because the listener was full.

@@ -52,6 +52,55 @@ fn restart_with_keep_datapath_loses_no_connection() {
 }
 
 #[test]
+fn a_restart_with_take_over_refuses_no_l7_request() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("take-over");
+        // An L7 Service: its connections go to the agent's proxy, which is what restarts.
+        let yaml = format!(
+            "{}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: web, namespace: test}}\n\
+             spec:\n  parentRefs: [{{kind: Service, name: web, port: 80}}]\n  rules:\n  - backendRefs: [{{name: web, port: 80}}]\n",
+            web(vec![Endpoint::ready("127.0.0.11")])
+        );
+        // keep_datapath only so that stopping it later does not expect the pins gone: a
+        // handed-over agent leaves the datapath to its successor either way.
+        let mut first = Agent::start(AgentSpec { keep_datapath: true, ..AgentSpec::new(&yaml, &cgroup) });
+        let bpffs = first.bpffs.clone();
+        let _pins = PinsGuard(bpffs.clone());
+        assert_eq!(names(&cgroup.probe(&["get", VIP, "/", "1"])), vec![("b1".to_owned(), 1)], "{}", first.log());
+
+        let stop_file = std::env::temp_dir().join(unique_name("stop"));
+        let client = cgroup
+            .command(probe_bin())
+            .args(["http-loop", VIP, stop_file.to_str().unwrap()])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn the request loop");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let second =
+            Agent::start(AgentSpec { bpffs: Some(bpffs.clone()), extra_args: vec!["--take-over"], ..AgentSpec::new(&yaml, &cgroup) });
+        // The first one leaves of itself once it has drained.
+        let log = first.log_path();
+        wait_until(|| first.exited(), || std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(first.log().contains("a new agent took the listeners"), "{}", first.log());
+        assert!(second.log().contains("took over the listeners"), "{}", second.log());
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        std::fs::write(&stop_file, b"").expect("stop file");
+        let out = client.wait_with_output().expect("client");
+        let _ = std::fs::remove_file(&stop_file);
+        let result: Value = serde_json::from_slice(&out.stdout).expect("client json");
+        assert_eq!(result["errors"], serde_json::json!({}), "no request may fail across the restart: {result}");
+        let answered = result["names"]["b1"].as_u64().unwrap_or(0);
+        assert_eq!(result["names"].as_object().map(|n| n.len()), Some(1), "every answer from the backend: {result}");
+        assert!(answered > 20, "the client kept asking: {result}");
+        first.stop();
+        assert!(bpffs.join("mesh_frontends").exists(), "the datapath stayed for the successor");
+        assert_eq!(names(&cgroup.probe(&["get", VIP, "/", "3"])), vec![("b1".to_owned(), 3)], "{}", second.log());
+        second.stop();
+    });
+}
+
+#[test]
 fn invalid_configuration_is_rejected_whole_and_the_last_good_one_keeps_serving() {
     in_netns(|| {
         let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);

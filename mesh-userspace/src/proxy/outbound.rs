@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     ebpf::maps::OrigDstMap,
-    server::{self, Limits, Slots, Watched},
+    server::{self, Lifecycle, Limits, Slots, Watched},
     state::{
         ObjectKey, Protocol, ServiceView, Snapshot,
         model::{AppProtocol, CircuitBreakers, EjectionPolicy},
@@ -431,11 +431,22 @@ fn is_upgrade(headers: &hyper::HeaderMap) -> bool {
 }
 
 /// Accepts captured connections until `shutdown` turns true, within `limits`.
-pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limits, mut shutdown: watch::Receiver<bool>) {
+/// Accepts nothing before `lifecycle.ready` (the configuration has been read whole: until then
+/// a request would find no route; connections wait in the backlog), and drains when
+/// `lifecycle.drain` turns true: no more accepts, every connection asked to finish (HTTP/1.1
+/// `Connection: close` after its response in flight, HTTP/2 GOAWAY), returns once they have or
+/// after `lifecycle.drain_timeout`.
+pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limits, lifecycle: Lifecycle) {
+    let Lifecycle { mut ready, mut drain, drain_timeout } = lifecycle;
+    tokio::select! {
+        _ = ready.wait_for(|r| *r) => {}
+        _ = drain.wait_for(|d| *d) => return,
+    }
     let mut snapshots = outbound.snapshot.clone();
     let slots = Slots::new(limits.max_connections);
     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
     let http = Arc::new(limits.http());
+    let for_connections = drain.clone();
     loop {
         tokio::select! {
             (stream, peer) = server::accept(&listener, "outbound") => {
@@ -446,7 +457,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                 };
                 let _ = stream.set_nodelay(true);
                 let service = outbound.original_service(peer);
-                let (outbound, http) = (outbound.clone(), http.clone());
+                let (outbound, http, mut draining) = (outbound.clone(), http.clone(), for_connections.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
                     let (stream, activity) = Watched::new(stream);
@@ -461,9 +472,18 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                             Ok::<_, Infallible>(response)
                         }
                     });
-                    tokio::select! {
-                        _ = http.serve_connection_with_upgrades(TokioIo::new(stream), svc) => {}
-                        _ = activity.idle_for(limits.idle_timeout) => {}
+                    let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    tokio::pin!(connection);
+                    let mut asked_to_finish = false;
+                    loop {
+                        tokio::select! {
+                            _ = connection.as_mut() => return,
+                            _ = activity.idle_for(limits.idle_timeout) => return,
+                            _ = draining.wait_for(|d| *d), if !asked_to_finish => {
+                                asked_to_finish = true;
+                                connection.as_mut().graceful_shutdown();
+                            }
+                        }
                     }
                 });
             }
@@ -471,8 +491,16 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                 let snapshot = snapshots.borrow_and_update().clone();
                 outbound.prune(&snapshot);
             }
-            _ = shutdown.changed() => return,
+            _ = drain.wait_for(|d| *d) => break,
         }
+    }
+    drop(listener);
+    let open = slots.open();
+    if open > 0 {
+        tracing::info!(connections = open, timeout_ms = drain_timeout.as_millis() as u64, "draining proxied connections");
+    }
+    if tokio::time::timeout(drain_timeout, slots.wait_empty()).await.is_err() {
+        tracing::warn!(connections = slots.open(), "drain timeout: the remaining proxied connections are cut");
     }
 }
 

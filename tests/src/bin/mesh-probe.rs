@@ -16,6 +16,8 @@
 //! mesh-probe get-h2 ADDR PATH COUNT [H:V,..]  the same as get, over HTTP/2 prior knowledge
 //! mesh-probe hold-many ADDR N STOPFILE  N connections at once, a keep-alive GET on each;
 //!                                      prints a line, holds them until STOPFILE exists
+//! mesh-probe http-loop ADDR STOPFILE   HTTP GETs, a connection each, until STOPFILE exists;
+//!                                      prints the answers and errors
 //! mesh-probe hold-idle ADDR N STOPFILE  N connections that send nothing; prints a line, then
 //!                                      holds them until STOPFILE exists
 //! mesh-probe raw ADDR KIND             send a raw request (garbage, huge-header, quit) and
@@ -61,6 +63,7 @@ fn main() {
         "peer" => peer(addr()),
         "hold" => hold(addr()),
         "loop" => connect_loop(addr(), Path::new(arg(2))),
+        "http-loop" => http_loop(addr(), Path::new(arg(2))),
         "serve-h2" => h2::serve(arg(1), arg(2).parse().unwrap_or_else(|_| usage())),
         "get-h2" => {
             let n: usize = arg(3).parse().unwrap_or_else(|_| usage());
@@ -231,6 +234,17 @@ fn connect_loop(addr: SocketAddr, stop: &Path) {
         }
     }
     println!("{}", json!({ "ok": ok, "errors": errors }));
+}
+
+fn http_loop(addr: SocketAddr, stop: &Path) {
+    let (mut names, mut errors) = (BTreeMap::<String, usize>::new(), BTreeMap::<String, usize>::new());
+    while !stop.exists() {
+        match http_get(addr, "/", &[]) {
+            Ok(name) => *names.entry(name).or_default() += 1,
+            Err(e) => *errors.entry(error_name(&e)).or_default() += 1,
+        }
+    }
+    println!("{}", json!({ "names": names, "errors": errors }));
 }
 
 /// TCP and UDP backends named NAME on every ADDR, until killed. TCP answers each line with

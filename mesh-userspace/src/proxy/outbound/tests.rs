@@ -12,6 +12,7 @@ use hyper::body::Bytes;
 use super::*;
 use crate::{
     proxy::connect::{Conn, TcpConnector},
+    server::Lifecycle,
     state::{NodeContext, store},
     telemetry::FlowLog,
     telemetry::access_log::Target,
@@ -103,7 +104,8 @@ async fn proxy_observed(
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         let _keep_snapshots = _tx;
-        serve(outbound, listener, limits, stopped).await;
+        let (_ready_tx, ready) = watch::channel(true);
+        serve(outbound, listener, limits, Lifecycle { ready, drain: stopped, drain_timeout: Duration::from_secs(5) }).await;
     });
     (addr, stop, telemetry)
 }
