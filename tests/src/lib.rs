@@ -198,7 +198,8 @@ pub fn probe_outside(args: &[&str]) -> Value {
     parse_probe(Command::new(probe_bin()).args(args))
 }
 
-fn parse_probe(cmd: &mut Command) -> Value {
+/// Runs a mesh-probe command line and parses its JSON answer.
+pub fn parse_probe(cmd: &mut Command) -> Value {
     let out = run(cmd);
     serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("probe output {out:?}: {e}"))
 }
@@ -257,6 +258,8 @@ pub struct AgentSpec<'a> {
     pub config_path: Option<PathBuf>,
     /// Start the agent with this limit of open files (soft and hard).
     pub nofile: Option<u64>,
+    /// The proxy's address, instead of 127.0.0.1 at `port_base + 1`.
+    pub outbound_addr: Option<&'a str>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -273,6 +276,7 @@ impl<'a> AgentSpec<'a> {
             port_base: 15000,
             config_path: None,
             nofile: None,
+            outbound_addr: None,
         }
     }
 }
@@ -326,7 +330,7 @@ impl Agent {
             .args(["--node", spec.node])
             .args(["--admin-addr", &agent.admin, "--readiness-addr", &agent.readiness, "--metrics-addr", &agent.metrics])
             .arg("--outbound-addr")
-            .arg(format!("127.0.0.1:{}", spec.port_base + 1))
+            .arg(spec.outbound_addr.map_or_else(|| format!("127.0.0.1:{}", spec.port_base + 1), str::to_owned))
             .stdout(Stdio::null())
             .stderr(fs::File::create(&agent.log).expect("log file"));
         if let Some(zone) = spec.zone {

@@ -405,3 +405,70 @@ fn a_reset_before_any_response_is_retried_on_another_endpoint() {
         agent.stop();
     });
 }
+
+/// A network namespace of its own, like a pod's, joined to this one by a veth pair: this side
+/// is 10.200.0.1, the pod 10.200.0.2. Gone when dropped.
+struct PodNetns {
+    holder: std::process::Child,
+}
+
+impl PodNetns {
+    fn new() -> Self {
+        let holder = std::process::Command::new("unshare").args(["-n", "sleep", "1000"]).spawn().expect("unshare");
+        let pid = holder.id().to_string();
+        let sh = |args: &[&str]| {
+            let status = std::process::Command::new(args[0]).args(&args[1..]).status().expect(args[0]);
+            assert!(status.success(), "{args:?}");
+        };
+        // The kernel names the peer veth0 (busybox's ip cannot name it).
+        sh(&["ip", "link", "add", "mesh-node", "type", "veth"]);
+        sh(&["ip", "addr", "add", "10.200.0.1/24", "dev", "mesh-node"]);
+        sh(&["ip", "link", "set", "mesh-node", "up"]);
+        // The namespace exists once unshare has made it: retry until the move works.
+        wait_until(
+            || std::process::Command::new("ip").args(["link", "set", "veth0", "netns", &pid]).status().is_ok_and(|s| s.success()),
+            || "moving veth0 into the pod namespace".into(),
+        );
+        for args in [
+            ["ip", "addr", "add", "10.200.0.2/24", "dev", "veth0"].as_slice(),
+            &["ip", "link", "set", "veth0", "up"],
+            &["ip", "link", "set", "lo", "up"],
+        ] {
+            let mut cmd = vec!["nsenter", "-t", &pid, "-n"];
+            cmd.extend_from_slice(args);
+            sh(&cmd);
+        }
+        Self { holder }
+    }
+
+    /// `mesh-probe args` run in the pod namespace, in `cgroup`.
+    fn probe(&self, cgroup: &TestCgroup, args: &[&str]) -> Value {
+        let pid = self.holder.id().to_string();
+        parse_probe(cgroup.command("nsenter").args(["-t", &pid, "-n"]).arg(probe_bin()).args(args))
+    }
+}
+
+impl Drop for PodNetns {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+#[test]
+fn a_pod_in_its_own_network_namespace_reaches_the_nodes_proxy() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let pod = PodNetns::new();
+        let cgroup = TestCgroup::new("l7-pod");
+        // The node's address, not loopback: a pod's 127.0.0.1 is its own.
+        let agent = Agent::start(AgentSpec {
+            outbound_addr: Some("10.200.0.1:15001"),
+            ..AgentSpec::new(&config("  - backendRefs: [{name: web, port: 80}]\n"), &cgroup)
+        });
+        let answer = pod.probe(&cgroup, &["get", VIP, "/", "5"]);
+        assert_eq!(names(&answer), vec![("b1".to_owned(), 5)], "{answer}\n{}", agent.log());
+        assert_eq!(agent.metric("istio_requests_total", &[("response_code", "200")]), 5.0);
+        agent.stop();
+    });
+}
