@@ -128,3 +128,30 @@ fn only_the_agents_user_may_stop_it() {
         agent.stop();
     });
 }
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
+
+#[test]
+fn memory_comes_back_after_thousands_of_connections_close() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let cgroup = TestCgroup::new("limits-rss");
+        let agent = Agent::start(AgentSpec::new(&config(), &cgroup));
+        assert!(proxied_ok(&cgroup), "{}", agent.log());
+        let idle = rss_kib(agent.pid());
+        let holder = hold_idle(&cgroup, 3000);
+        // Every connection accepted (the proxy counts them open).
+        let busy = rss_kib(agent.pid());
+        release(holder);
+        // Back within 10% of idle, once the proxy has seen them close (it looks every 2 s).
+        wait_until_for(
+            Duration::from_secs(60),
+            || rss_kib(agent.pid()) * 10 <= idle * 11,
+            || format!("RSS {} KiB after the connections closed; {idle} KiB idle, {busy} KiB with them open", rss_kib(agent.pid())),
+        );
+        agent.stop();
+    });
+}

@@ -46,6 +46,11 @@ use crate::{
 /// in-flight count forever. `timeouts.request: 0s` on a route turns it off (streams).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How often the proxy looks whether a peak of connections has passed, and how high a peak
+/// must have been to be worth giving memory back after.
+const TRIM_CHECK: Duration = Duration::from_secs(2);
+const TRIM_AFTER_PEAK: usize = 256;
+
 /// Where a captured connection was going: the proxy asks this for every accepted connection.
 /// In production the kernel recorded it (`mesh_l7orig`); tests give a fake.
 pub trait OrigDst: Send + Sync {
@@ -447,14 +452,28 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
     let http = Arc::new(limits.http());
     let for_connections = drain.clone();
+    // Thousands of connections come and go in bursts; their buffers, freed, stay with the
+    // allocator. When most of a peak has closed, the free pages go back to the system.
+    let mut peak = 0usize;
+    let mut trim_check = tokio::time::interval(TRIM_CHECK);
+    trim_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = trim_check.tick() => {
+                let open = slots.open();
+                if peak >= TRIM_AFTER_PEAK && open <= peak / 4 {
+                    tracing::debug!(peak, open, "most connections of a peak closed; returning free memory");
+                    peak = open;
+                    tokio::task::spawn_blocking(crate::host::release_free_memory);
+                }
+            }
             (stream, peer) = server::accept(&listener, "outbound") => {
                 let Some(slot) = slots.take() else {
                     outbound.telemetry.metrics.proxy_refused.inc();
                     tracing::debug!(%peer, max = limits.max_connections, "outbound listener full; connection closed");
                     continue;
                 };
+                peak = peak.max(slots.open());
                 let _ = stream.set_nodelay(true);
                 let service = outbound.original_service(peer);
                 let (outbound, http, mut draining) = (outbound.clone(), http.clone(), for_connections.clone());
