@@ -32,24 +32,9 @@ pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
 /// when a quarter of the ring is full, so that records are read in batches.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(100);
 
-/// Where closed-connection records go, one JSON object a line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FlowLog {
-    Off,
-    Stdout,
-    File(PathBuf),
-}
-
-impl std::str::FromStr for FlowLog {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(match s {
-            "" | "off" => FlowLog::Off,
-            "-" | "stdout" => FlowLog::Stdout,
-            path => FlowLog::File(path.into()),
-        })
-    }
-}
+/// Where closed-connection records go, one JSON object a line: off, stdout or a file, as
+/// the access log.
+pub use access_log::Target as FlowLog;
 
 /// A live connection already counted as opened, with the bytes counted so far (only the
 /// difference is added).

@@ -16,7 +16,8 @@ use serde::Serialize;
 /// Lines waiting for the writer at most.
 const QUEUE: usize = 8192;
 
-/// Where the access log goes (`--access-log`).
+/// Where a log of JSON lines goes (`--access-log`, `--flow-log`): `off`, `-` (stdout) or a
+/// file.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Target {
     #[default]

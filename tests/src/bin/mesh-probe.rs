@@ -518,7 +518,8 @@ fn upgrade(addr: SocketAddr) {
     }
 }
 
-fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
+/// `n` connections to `addr`, and how many could not be made.
+fn connect_many(addr: SocketAddr, n: usize) -> (Vec<TcpStream>, usize) {
     let mut streams = Vec::with_capacity(n);
     let mut connect_errors = 0;
     for _ in 0..n {
@@ -527,6 +528,19 @@ fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
             Err(_) => connect_errors += 1,
         }
     }
+    (streams, connect_errors)
+}
+
+/// Holds on until `stop` exists.
+fn until_exists(stop: &Path) {
+    std::io::stdout().flush().expect("stdout");
+    while !stop.exists() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
+    let (mut streams, connect_errors) = connect_many(addr, n);
     let mut ok = 0;
     for stream in &mut streams {
         let answered = (|| -> std::io::Result<bool> {
@@ -541,26 +555,13 @@ fn hold_many(addr: SocketAddr, n: usize, stop: &Path) {
         }
     }
     println!("{}", json!({ "held": streams.len(), "ok": ok, "connect_errors": connect_errors }));
-    std::io::stdout().flush().expect("stdout");
-    while !stop.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_exists(stop);
 }
 
 fn hold_idle(addr: SocketAddr, n: usize, stop: &Path) {
-    let mut streams = Vec::with_capacity(n);
-    let mut connect_errors = 0;
-    for _ in 0..n {
-        match connect(addr) {
-            Ok(s) => streams.push(s),
-            Err(_) => connect_errors += 1,
-        }
-    }
+    let (streams, connect_errors) = connect_many(addr, n);
     println!("{}", json!({ "held": streams.len(), "connect_errors": connect_errors }));
-    std::io::stdout().flush().expect("stdout");
-    while !stop.exists() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    until_exists(stop);
 }
 
 fn raw(addr: SocketAddr, kind: &str) {
