@@ -144,8 +144,15 @@ impl Outbound {
     }
 
     /// Proxies one request from `peer` and counts (and logs) it once its response has ended
-    /// or was abandoned.
-    async fn handle(self: Arc<Self>, peer: SocketAddr, service: Option<ObjectKey>, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    /// or was abandoned; `busy` keeps its connection from counting as idle until then (a
+    /// streamed response may be quiet for a while).
+    async fn handle(
+        self: Arc<Self>,
+        peer: SocketAddr,
+        service: Option<ObjectKey>,
+        req: Request<hyper::body::Incoming>,
+        busy: server::Busy,
+    ) -> Response<Body> {
         let started = std::time::Instant::now();
         let start_time = std::time::SystemTime::now();
         // What the access log says of the request, taken before the request is consumed.
@@ -160,6 +167,7 @@ impl Outbound {
         let (telemetry, access_log) = (self.telemetry.clone(), self.access_log.clone());
         response.map(|body| {
             Tracked::wrap(body, move |end, bytes_sent| {
+                drop(busy);
                 let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
                 let millis = started.elapsed().as_secs_f64() * 1000.0;
                 telemetry.record_request(outcome.backend.as_ref(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
@@ -485,11 +493,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                         let busy = in_flight.busy();
                         let outbound = outbound.clone();
                         let service = service.clone();
-                        async move {
-                            let response = outbound.handle(peer, service, req).await;
-                            drop(busy);
-                            Ok::<_, Infallible>(response)
-                        }
+                        async move { Ok::<_, Infallible>(outbound.handle(peer, service, req, busy).await) }
                     });
                     let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::pin!(connection);

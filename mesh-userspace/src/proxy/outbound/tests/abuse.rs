@@ -457,3 +457,30 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
     refused.await.expect("a 503 once both endpoints have a request in flight");
     assert!(flagged(&telemetry, "UO") >= 1.0);
 }
+
+#[tokio::test]
+async fn a_streamed_response_quiet_for_longer_than_the_idle_timeout_is_not_cut() {
+    // A backend that answers half its body, pauses for three idle timeouts, then the rest.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let slow = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
+                tokio::time::sleep(Duration::from_millis(900)).await;
+                let _ = stream.write_all(b"5\r\nworld\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    let (addr, _stop) = proxy_with(
+        &service("web", "10.96.0.10", &[slow], SELF_ROUTE),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        short(),
+        DEFAULT_REQUEST_TIMEOUT,
+    )
+    .await;
+    assert_eq!(get_lossy(addr).await, (200, "helloworld".into()));
+}
