@@ -255,8 +255,8 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
 
     let mut cases = serde_json::Map::new();
     println!(
-        "\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>8}",
-        "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "RSS MiB"
+        "\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>11} {:>8}",
+        "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "cpu us/req", "RSS MiB"
     );
     for h2 in [false, true] {
         let proto = if h2 { "h2" } else { "http/1.1" };
@@ -268,12 +268,18 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
             let before = usage(*pid).1;
             let (rps, p50, p99) = load(h2, if h2 { h2_target } else { h1_target }, cgroup_for);
             let (rss, after) = usage(*pid);
+            // CPU per request: what noise moves least (the run's length is SECS).
+            let requests = rps * SECS.parse::<f64>().unwrap_or(1.0);
+            let cpu_us = if requests > 0.0 { (after - before) * 1e6 / requests } else { f64::NAN };
             println!(
-                "{proto:<8} {name:<7} {rps:>10.0} {:>7.2} {p50:>10.0} {p99:>10.0} {:>8.2} {rss:>8.1}",
+                "{proto:<8} {name:<7} {rps:>10.0} {:>7.2} {p50:>10.0} {p99:>10.0} {:>8.2} {cpu_us:>11.1} {rss:>8.1}",
                 rps / direct_rps,
                 after - before
             );
-            rows.push(json!({ "via": name, "rps": rps, "vs_direct": rps / direct_rps, "p50_us": p50, "p99_us": p99, "cpu_s": after - before, "rss_mib": rss }));
+            rows.push(json!({
+                "via": name, "rps": rps, "vs_direct": rps / direct_rps, "p50_us": p50, "p99_us": p99,
+                "cpu_s": after - before, "cpu_us_per_request": cpu_us, "rss_mib": rss
+            }));
         }
         cases.insert(proto.to_owned(), Value::Array(rows));
     }
