@@ -39,6 +39,7 @@ use crate::{
         self, FlowLog, Telemetry,
         access_log::{self, AccessLog},
         metrics::{DropLabels, MapLabels},
+        traces::{self, Tracer},
     },
 };
 
@@ -63,6 +64,7 @@ pub struct AgentOptions {
     /// For proxied requests whose route sets no timeout; zero for none.
     pub default_request_timeout: Duration,
     pub access_log: access_log::Target,
+    pub traces: traces::TraceConfig,
     /// How long proxied connections may take to finish when the agent stops.
     pub drain_timeout: Duration,
     /// Take the listeners (and then the pin directory) of an agent running on the same pin
@@ -83,6 +85,8 @@ pub enum AgentError {
     FlowLog(#[source] std::io::Error),
     #[error("opening the access log: {0}")]
     AccessLog(#[source] std::io::Error),
+    #[error(transparent)]
+    Traces(#[from] traces::EndpointError),
     #[error("taking over from the running agent: {0}")]
     Handoff(String),
     #[error("finding the cgroup v2 mount: {0}")]
@@ -482,6 +486,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .collect();
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
     let access_log = AccessLog::open(&opts.access_log, telemetry.metrics.access_log_dropped.clone()).map_err(AgentError::AccessLog)?;
+    let tracer = Tracer::start(&opts.traces, telemetry.metrics.spans_dropped.clone())?;
 
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
@@ -513,7 +518,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let outbound = Arc::new(
         Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
             .with_default_request_timeout(opts.default_request_timeout)
-            .with_access_log(access_log),
+            .with_access_log(access_log)
+            .with_tracer(tracer),
     );
     let source = FileSource::new(&opts.config, opts.removal_quiet).map_err(|e| AgentError::Watch(opts.config.clone(), e))?;
     let agent = Arc::new(Agent {

@@ -126,6 +126,14 @@ struct AgentArgs {
     /// (a writer may be half-way through it).
     #[arg(long, hide = true, default_value_t = 500)]
     removal_quiet_ms: u64,
+    /// Export the proxy's spans (one per request, one per attempt) to this OTLP/HTTP traces
+    /// endpoint, e.g. `http://otel-collector.observability:4318/v1/traces`. Off by default.
+    #[arg(long, value_name = "URL")]
+    otlp_traces: Option<String>,
+    /// The share of requests without a sampled or unsampled parent (`traceparent`) that start a
+    /// traced trace; a parent's decision is always followed.
+    #[arg(long, default_value_t = 0.01, value_name = "RATIO", value_parser = parse_ratio)]
+    trace_sampling: f64,
     /// One JSON line per proxied request: a file (appended to) or `-` for stdout. Off by
     /// default; lines the writer cannot keep up with are dropped and counted, never waited for.
     #[arg(long, default_value = "off", value_name = "FILE|-")]
@@ -143,6 +151,13 @@ struct AgentArgs {
     /// (0: no limit). A route's own timeout, `0s` included, always wins.
     #[arg(long, default_value_t = 15_000, value_name = "MS")]
     default_request_timeout_ms: u64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("must be a number from 0 to 1, got {s:?}")),
+    }
 }
 
 fn parse_conn_slots(s: &str) -> Result<u32, String> {
@@ -195,6 +210,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
                 default_request_timeout: std::time::Duration::from_millis(args.default_request_timeout_ms),
                 access_log: args.access_log,
+                traces: crate::telemetry::traces::TraceConfig { endpoint: args.otlp_traces, sampling: args.trace_sampling },
                 drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
                 take_over: args.take_over,
             };

@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod conns;
 pub mod identity;
 pub mod metrics;
+pub mod traces;
 
 use std::{
     collections::HashMap,

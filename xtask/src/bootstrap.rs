@@ -2,7 +2,10 @@
 //! milliseconds: Debian's LLVM 22 (for bpf-linker), the Rust toolchain aya 0.16 needs, the
 //! pinned eBPF nightly with rust-src, and bpf-linker built against LLVM 22. The nightly's LLVM
 //! major must equal bpf-linker's, or linking fails with "Invalid record".
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context as _, bail};
 
@@ -160,4 +163,28 @@ pub fn target_bin(name: &str) -> PathBuf {
 
 pub fn release_bin(name: &str) -> PathBuf {
     workspace_root().join("target/release").join(name)
+}
+
+/// A Python with PyPI's opentelemetry-proto, in a venv under target/ (made once): the
+/// OpenTelemetry project's own decoder for the proxy's OTLP export test.
+pub fn otel_python() -> anyhow::Result<PathBuf> {
+    let venv = workspace_root().join("target/otel-venv");
+    let python = venv.join("bin/python");
+    let has_package = |python: &Path| {
+        Command::new(python)
+            .args(["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if has_package(&python) {
+        return Ok(python);
+    }
+    println!("[bootstrap] a Python venv with opentelemetry-proto (PyPI) in {}", venv.display());
+    if !Command::new("python3").args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
+        apt_install_missing(&["python3-venv"])?;
+        run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
+    }
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "opentelemetry-proto"]))?;
+    anyhow::ensure!(has_package(&python), "opentelemetry-proto installed, but {} cannot import it", python.display());
+    Ok(python)
 }

@@ -19,7 +19,11 @@ pub fn run() -> anyhow::Result<()> {
 
     let mut total = Tally::default();
     println!("[test] unit tests");
-    let unit = cargo_test(cargo().args(["test", "-p", "mesh-common", "-p", "mesh-userspace", "-p", "xtask"]), &mut total);
+    let otel_python = bootstrap::otel_python()?;
+    let unit = cargo_test(
+        cargo().args(["test", "-p", "mesh-common", "-p", "mesh-userspace", "-p", "xtask"]).env("MESH_OTEL_PYTHON", otel_python),
+        &mut total,
+    );
 
     println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces)");
     let integration = cargo_test(

@@ -1,40 +1,9 @@
-//! Gateway API filters and the per-hop headers the proxy sets: header edits, path rewrites,
-//! redirects (answered by the proxy itself), W3C trace context.
+//! Gateway API filters: header edits, path rewrites, redirects (answered by the proxy
+//! itself). Trace context is `telemetry::traces`.
 use hyper::{Request, Response, StatusCode};
 
 use super::http::{Body, reply};
 use crate::state::routes::{FilterSpec, HeaderEdits, MatchSpec, PathMatch, PathModifier};
-
-/// W3C trace context: a request without a valid `traceparent` starts a trace; one with it
-/// keeps its trace id and flags and gets this hop's span as parent. Returns the trace id.
-pub fn propagate_trace(headers: &mut hyper::HeaderMap) -> Option<String> {
-    let incoming = headers.get("traceparent").and_then(|v| v.to_str().ok()).and_then(parse_traceparent);
-    let (trace_id, flags) = incoming.unwrap_or_else(|| (format!("{:016x}{:016x}", fastrand::u64(1..), fastrand::u64(..)), "01".to_owned()));
-    let span_id = format!("{:016x}", fastrand::u64(1..));
-    let value = format!("00-{trace_id}-{span_id}-{flags}").parse().ok()?;
-    headers.insert("traceparent", value);
-    Some(trace_id)
-}
-
-/// (trace id, flags) of a version-00 traceparent; None when malformed or all-zero.
-fn parse_traceparent(value: &str) -> Option<(String, String)> {
-    let parts: Vec<&str> = value.trim().split('-').collect();
-    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
-    match parts.as_slice() {
-        [version, trace, parent, flags]
-            if hex(version, 2)
-                && *version != "ff"
-                && hex(trace, 32)
-                && hex(parent, 16)
-                && hex(flags, 2)
-                && trace.bytes().any(|b| b != b'0')
-                && parent.bytes().any(|b| b != b'0') =>
-        {
-            Some(((*trace).to_owned(), (*flags).to_owned()))
-        }
-        _ => None,
-    }
-}
 
 /// RequestHeaderModifier / ResponseHeaderModifier: set replaces, add appends, remove removes.
 /// Invalid names or values are skipped (validation keeps them out in practice).
@@ -117,29 +86,6 @@ mod tests {
                 want,
                 "{path} {matched}->{replacement}"
             );
-        }
-    }
-
-    #[test]
-    fn trace_context_continues_or_starts_a_trace() {
-        let mut headers = hyper::HeaderMap::new();
-        headers.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".parse().unwrap());
-        propagate_trace(&mut headers);
-        let out = headers["traceparent"].to_str().unwrap().to_owned();
-        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && out.ends_with("-01"), "{out}");
-        assert!(!out.contains("00f067aa0ba902b7"), "a new parent span: {out}");
-
-        for bad in [
-            "garbage",
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
-        ] {
-            let mut headers = hyper::HeaderMap::new();
-            headers.insert("traceparent", bad.parse().unwrap());
-            propagate_trace(&mut headers);
-            let out = headers["traceparent"].to_str().unwrap().to_owned();
-            let old_trace = bad.get(3..35).unwrap_or(bad);
-            assert!(parse_traceparent(&out).is_some() && !out.contains(old_trace), "{bad} -> {out}");
         }
     }
 

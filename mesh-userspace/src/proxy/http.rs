@@ -20,6 +20,7 @@ use hyper::{
 
 pub use super::connect::Body;
 use crate::state::ObjectKey;
+use crate::telemetry::traces::{Kind, Span, TraceContext, Tracer, Value, random_id};
 
 /// What happened to a request, for its metric labels and access log line.
 #[derive(Default)]
@@ -30,8 +31,8 @@ pub struct Outcome {
     pub flags: &'static str,
     /// Endpoints tried.
     pub attempts: u32,
-    /// The W3C trace id the request carried upstream.
-    pub trace_id: Option<String>,
+    /// The request's trace context and its own span id.
+    pub trace: Option<RequestTrace>,
     /// Request body bytes buffered (replayable bodies).
     pub request_bytes: u64,
     /// A streamed request body, counted as it goes.
@@ -224,5 +225,85 @@ impl Drop for Tracked {
     fn drop(&mut self) {
         let how = if hyper::body::Body::is_end_stream(&self.inner) { End::Complete } else { End::Abandoned };
         self.end(how);
+    }
+}
+
+/// A request's trace: the context it came with and the span that stands for it here.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestTrace {
+    pub context: TraceContext,
+    pub span: [u8; 8],
+    pub start: std::time::SystemTime,
+}
+
+impl RequestTrace {
+    pub fn new(context: TraceContext) -> Self {
+        Self { context, span: random_id(), start: std::time::SystemTime::now() }
+    }
+
+    /// A new span for one attempt, child of the request's: its id goes upstream in
+    /// `traceparent`.
+    pub fn attempt(&self, tracer: &Arc<Tracer>, method: &str, endpoint: SocketAddr, resend: u32) -> AttemptTrace {
+        AttemptTrace {
+            tracer: tracer.clone(),
+            request: *self,
+            span: random_id(),
+            start: std::time::SystemTime::now(),
+            method: method.to_owned(),
+            endpoint,
+            resend,
+        }
+    }
+}
+
+/// One attempt's span, recorded when the attempt ends (with its response's body, for the
+/// last one).
+pub struct AttemptTrace {
+    tracer: Arc<Tracer>,
+    request: RequestTrace,
+    pub span: [u8; 8],
+    start: std::time::SystemTime,
+    method: String,
+    endpoint: SocketAddr,
+    resend: u32,
+}
+
+impl AttemptTrace {
+    /// `traceparent` for the attempt's request.
+    pub fn header(&self) -> String {
+        self.request.context.header(self.span)
+    }
+
+    /// Records the span (sampled traces, tracing on): `status` when a response came.
+    pub fn finish(self, status: Option<u16>, failed: bool) {
+        if !self.request.context.sampled || !self.tracer.enabled() {
+            return;
+        }
+        let mut attributes = vec![
+            ("http.request.method", Value::Str(self.method.clone())),
+            ("server.address", Value::Str(self.endpoint.ip().to_string())),
+            ("server.port", Value::Int(i64::from(self.endpoint.port()))),
+            ("network.peer.address", Value::Str(self.endpoint.ip().to_string())),
+        ];
+        if let Some(code) = status {
+            attributes.push(("http.response.status_code", Value::Int(i64::from(code))));
+        }
+        if self.resend > 0 {
+            attributes.push(("http.request.resend_count", Value::Int(i64::from(self.resend))));
+        }
+        if failed {
+            attributes.push(("error.type", Value::Str(status.map_or_else(|| "connection".to_owned(), |c| c.to_string()))));
+        }
+        self.tracer.record(Span {
+            trace_id: self.request.context.trace_id,
+            span_id: self.span,
+            parent: Some(self.request.span),
+            name: self.method,
+            kind: Kind::Client,
+            start: self.start,
+            end: std::time::SystemTime::now(),
+            attributes,
+            error: failed,
+        });
     }
 }

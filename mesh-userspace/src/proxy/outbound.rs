@@ -22,8 +22,8 @@ use super::{
     admission::{Gate, TokenBucket},
     balancer::Balancer,
     connect::{Connector, Upstream},
-    filters::{apply_edits, modify_path, propagate_trace, redirect_response},
-    http::{Body, ClientBody, Outcome, Tracked, reply, strip_hop_by_hop},
+    filters::{apply_edits, modify_path, redirect_response},
+    http::{Body, ClientBody, Outcome, RequestTrace, Tracked, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
@@ -38,6 +38,7 @@ use crate::{
     telemetry::{
         Telemetry,
         access_log::{AccessLog, Entry, rfc3339},
+        traces::{self, Kind, Span, TraceContext, Tracer},
     },
 };
 
@@ -99,6 +100,7 @@ pub struct Outbound {
     /// For routes that set no request timeout; None: no limit.
     default_request_timeout: Option<Duration>,
     access_log: Arc<AccessLog>,
+    tracer: Arc<Tracer>,
 }
 
 impl Outbound {
@@ -116,7 +118,14 @@ impl Outbound {
             per_service: Mutex::new(HashMap::new()),
             default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             access_log: Arc::new(AccessLog::off()),
+            tracer: Arc::new(Tracer::off()),
         }
+    }
+
+    /// Exports a span per request and per attempt through `tracer`.
+    pub fn with_tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = Arc::new(tracer);
+        self
     }
 
     /// Logs every request to `log`.
@@ -155,8 +164,8 @@ impl Outbound {
     ) -> Response<Body> {
         let started = std::time::Instant::now();
         let start_time = std::time::SystemTime::now();
-        // What the access log says of the request, taken before the request is consumed.
-        let asked = self.access_log.enabled().then(|| {
+        // What the access log and the request's span say of it, taken before it is consumed.
+        let asked = (self.access_log.enabled() || self.tracer.enabled()).then(|| {
             let authority = req.uri().authority().map(|a| a.to_string());
             let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_owned);
             (req.method().to_string(), host.or(authority).unwrap_or_default(), req.uri().path().to_owned(), version_name(req.version()))
@@ -164,14 +173,18 @@ impl Outbound {
         let mut outcome = Outcome::new();
         let response = self.forward(service, req, &mut outcome).await;
         let code = response.status().as_u16();
-        let (telemetry, access_log) = (self.telemetry.clone(), self.access_log.clone());
+        let (telemetry, access_log, tracer) = (self.telemetry.clone(), self.access_log.clone(), self.tracer.clone());
         response.map(|body| {
             Tracked::wrap(body, move |end, bytes_sent| {
                 drop(busy);
                 let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
                 let millis = started.elapsed().as_secs_f64() * 1000.0;
                 telemetry.record_request(outcome.backend.as_ref(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
-                if let Some((method, authority, path, protocol)) = asked {
+                let Some((method, authority, path, protocol)) = asked else { return };
+                if let Some(trace) = outcome.trace.filter(|t| t.context.sampled && tracer.enabled()) {
+                    tracer.record(request_span(&trace, &method, &authority, &path, peer, code, flags));
+                }
+                if access_log.enabled() {
                     let workload = |ip| telemetry.workload_of(ip).map(|w| format!("{}/{}", w.namespace, w.name));
                     access_log.log(&Entry {
                         start_time: rfc3339(start_time),
@@ -190,7 +203,7 @@ impl Outbound {
                         duration_ms: millis,
                         bytes_received: outcome.bytes_received(),
                         bytes_sent,
-                        trace_id: outcome.trace_id.clone(),
+                        trace_id: outcome.trace.map(|t| t.context.trace_id_hex()),
                     });
                 }
             })
@@ -208,6 +221,10 @@ impl Outbound {
             outcome.flags = "DPE";
             return reply(StatusCode::BAD_REQUEST, "more than one Host header\n");
         }
+        // The request's place in its trace: every request that reaches routing is a span.
+        let traceparent = req.headers().get("traceparent").and_then(|v| v.to_str().ok());
+        let trace = RequestTrace::new(TraceContext::from_header(traceparent, self.tracer.sampling()));
+        outcome.trace = Some(trace);
         let called = self.service_state(&service);
         // The called Service's local rate limit, before anything else is spent on the request.
         if let Some(Err(wait)) = called.as_ref().and_then(|s| s.rate_limit.as_ref()).map(|b| b.take()) {
@@ -270,7 +287,10 @@ impl Outbound {
                 _ => {}
             }
         }
-        outcome.trace_id = propagate_trace(&mut head.headers);
+        if let Ok(value) = trace.context.header(trace.span).parse() {
+            // What an upgraded connection carries; attempts set their own.
+            head.headers.insert("traceparent", value);
+        }
         speak_upstream(&mut head, app_protocol);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
@@ -296,6 +316,8 @@ impl Outbound {
             balancer: &balancer,
             policy,
             max_per_endpoint: breakers.max_requests_per_endpoint,
+            tracer: &self.tracer,
+            trace,
         };
 
         // A request is replayed (retried) only when its body is known small: buffered whole.
@@ -425,6 +447,32 @@ fn speak_upstream(head: &mut hyper::http::request::Parts, app_protocol: AppProto
         head.headers.insert(hyper::header::HOST, host);
     }
     head.version = hyper::Version::HTTP_11;
+}
+
+/// The span of a whole request (the server side of the proxy; attempts are its children).
+fn request_span(trace: &RequestTrace, method: &str, authority: &str, path: &str, peer: SocketAddr, code: u16, flags: &str) -> Span {
+    use traces::Value::{Int, Str};
+    let mut attributes = vec![
+        ("http.request.method", Str(method.to_owned())),
+        ("url.path", Str(path.to_owned())),
+        ("server.address", Str(authority.to_owned())),
+        ("client.address", Str(peer.ip().to_string())),
+        ("http.response.status_code", Int(i64::from(code))),
+    ];
+    if flags != "-" {
+        attributes.push(("mesh.response_flags", Str(flags.to_owned())));
+    }
+    Span {
+        trace_id: trace.context.trace_id,
+        span_id: trace.span,
+        parent: trace.context.parent,
+        name: method.to_owned(),
+        kind: Kind::Server,
+        start: trace.start,
+        end: std::time::SystemTime::now(),
+        attributes,
+        error: code >= 500,
+    }
 }
 
 fn version_name(version: hyper::Version) -> &'static str {

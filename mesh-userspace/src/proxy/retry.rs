@@ -17,7 +17,7 @@ use super::{
     balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
     connect::Upstream,
     filters::apply_edits,
-    http::{Body, End, Outcome, Tracked, fqdn, reply, strip_hop_by_hop},
+    http::{Body, End, Outcome, RequestTrace, Tracked, fqdn, reply, strip_hop_by_hop},
 };
 use crate::{
     state::{
@@ -25,7 +25,7 @@ use crate::{
         model::RetryBudgetPolicy,
         routes::{FilterSpec, RuleSpec},
     },
-    telemetry::{Telemetry, metrics::RetryLabels},
+    telemetry::{Telemetry, metrics::RetryLabels, traces::Tracer},
 };
 
 /// The body length a request announces: Some(0) for none, None when chunked (unknown).
@@ -110,6 +110,9 @@ pub struct Attempts<'a> {
     pub policy: EjectionPolicy,
     /// The circuit breaker's requests in flight per endpoint.
     pub max_per_endpoint: Option<u32>,
+    pub tracer: &'a Arc<Tracer>,
+    /// The request's trace: each attempt is a span under it.
+    pub trace: RequestTrace,
 }
 
 impl Attempts<'_> {
@@ -164,11 +167,15 @@ impl Attempts<'_> {
             let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
                 return reply(StatusCode::BAD_REQUEST, "bad request target\n");
             };
+            let attempt_trace = self.trace.attempt(self.tracer, head.method.as_str(), endpoint, attempt as u32);
             let mut request = Request::new(body);
             *request.version_mut() = head.version;
             *request.method_mut() = head.method.clone();
             *request.uri_mut() = uri;
             *request.headers_mut() = head.headers.clone();
+            if let Ok(value) = attempt_trace.header().parse() {
+                request.headers_mut().insert("traceparent", value);
+            }
             let now = Instant::now();
             let limit = [rule.backend_timeout.filter(|t| !t.is_zero()).map(|t| now + t), deadline].into_iter().flatten().min();
             let sent = self.upstream.request(request);
@@ -177,6 +184,7 @@ impl Attempts<'_> {
                     Ok(r) => r,
                     Err(_) => {
                         self.report(picked, true, endpoints);
+                        attempt_trace.finish(None, true);
                         outcome.flags = "UT";
                         return reply(StatusCode::GATEWAY_TIMEOUT, "upstream timeout\n");
                     }
@@ -184,6 +192,7 @@ impl Attempts<'_> {
                 None => sent.await,
             };
             if result.is_err() && client_body_failed.is_some_and(|f| f.load(Ordering::Acquire)) {
+                attempt_trace.finish(None, false);
                 // Envoy's DPE: downstream protocol error.
                 outcome.flags = "DPE";
                 return reply(StatusCode::BAD_REQUEST, "malformed or incomplete request body\n");
@@ -202,16 +211,24 @@ impl Attempts<'_> {
                     // The endpoint is judged when its response has ended: a body cut short is
                     // a failure, and the latency is the whole response's.
                     let report = self.reporter(endpoints);
-                    return response
-                        .map(|body| Tracked::wrap(body.boxed(), move |end, _| report(picked, status_failed || end == End::UpstreamError)));
+                    let code = response.status().as_u16();
+                    return response.map(|body| {
+                        Tracked::wrap(body.boxed(), move |end, _| {
+                            let failed = status_failed || end == End::UpstreamError;
+                            report(picked, failed);
+                            attempt_trace.finish(Some(code), failed);
+                        })
+                    });
                 }
                 Ok(mut response) => {
                     self.report(picked, status_failed, endpoints);
+                    attempt_trace.finish(Some(response.status().as_u16()), status_failed);
                     strip_hop_by_hop(response.headers_mut(), false);
                     response.map(BodyExt::boxed)
                 }
                 Err(e) => {
                     self.report(picked, true, endpoints);
+                    attempt_trace.finish(None, true);
                     outcome.flags = "UF";
                     // The endpoint's address stays in the agent's log, not in a reply to a client.
                     tracing::debug!(%endpoint, service = %service, error = %e, "upstream request failed");

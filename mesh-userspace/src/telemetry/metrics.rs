@@ -76,6 +76,8 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Connections the outbound proxy closed at once because it was full.
     pub proxy_refused: Counter,
+    /// Spans not exported: the queue was full or the collector refused them.
+    pub spans_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -144,8 +146,15 @@ impl Default for Metrics {
             "Connections the outbound proxy closed on arrival because it held its maximum (see the agent's open-file limit)",
             proxy_refused.clone(),
         );
+        let spans_dropped = Counter::default();
+        registry.register(
+            "mesh_trace_spans_dropped",
+            "Spans not exported: the queue was full (requests never wait for it) or the collector did not take them",
+            spans_dropped.clone(),
+        );
         Self {
             registry,
+            spans_dropped,
             access_log_dropped,
             proxy_refused,
             config_file_reads,

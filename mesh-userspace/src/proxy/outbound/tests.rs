@@ -16,6 +16,7 @@ use crate::{
     state::{NodeContext, store},
     telemetry::FlowLog,
     telemetry::access_log::Target,
+    telemetry::traces::{TraceConfig, Tracer},
 };
 
 /// Every connection was going to this address.
@@ -78,7 +79,7 @@ async fn proxy_with(
     limits: Limits,
     default_timeout: Duration,
 ) -> (SocketAddr, watch::Sender<bool>) {
-    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout, AccessLog::off()).await;
+    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout, |o| o).await;
     (addr, stop)
 }
 
@@ -89,16 +90,15 @@ async fn proxy_observed(
     connector: Arc<dyn Connector>,
     limits: Limits,
     default_timeout: Duration,
-    access_log: AccessLog,
+    configure: impl FnOnce(Outbound) -> Outbound,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<Telemetry>) {
     let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
     let (_tx, rx) = watch::channel(store.snapshot());
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
-    let outbound = Arc::new(
+    let outbound = Arc::new(configure(
         Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())
-            .with_default_request_timeout(default_timeout)
-            .with_access_log(access_log),
-    );
+            .with_default_request_timeout(default_timeout),
+    ));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
@@ -206,7 +206,7 @@ async fn every_request_is_logged_once_its_response_has_ended() {
         Arc::new(TcpConnector),
         Limits::PROXY,
         DEFAULT_REQUEST_TIMEOUT,
-        log,
+        |o| o.with_access_log(log),
     )
     .await;
     // Until one request met the resetting endpoint first (and was retried): every line is
@@ -259,6 +259,103 @@ async fn every_request_is_logged_once_its_response_has_ended() {
     assert_eq!(line["trace_id"], trace);
     assert!(line["start_time"].as_str().is_some_and(|t| t.ends_with('Z') && t.len() == 24), "{line}");
     assert!(line["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{line}");
+}
+
+/// The OTLP receiver (tests/otlp/receiver.py, decoding with PyPI opentelemetry-proto): its
+/// port, and its spans as they arrive. None, with the reason printed, without the Python that
+/// has the package (`cargo xtask test` provides it in MESH_OTEL_PYTHON).
+fn otlp_receiver() -> Option<(u16, std::process::Child, tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>)> {
+    use std::io::BufRead as _;
+    let Some(python) = std::env::var_os("MESH_OTEL_PYTHON") else {
+        eprintln!("skipped: MESH_OTEL_PYTHON (a Python with opentelemetry-proto) is not set; `cargo xtask test` sets it");
+        return None;
+    };
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/otlp/receiver.py");
+    let mut child =
+        std::process::Command::new(python).arg(script).stdout(std::process::Stdio::piped()).spawn().expect("the OTLP receiver starts");
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let port: u16 = lines.next().expect("a port line").unwrap().trim().parse().expect("a port");
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if tx.send(serde_json::from_str(&line).expect("a span as JSON")).is_err() {
+                return;
+            }
+        }
+    });
+    Some((port, child, rx))
+}
+
+#[tokio::test]
+async fn a_retried_request_is_one_trace_with_a_span_per_attempt_exported_over_otlp() {
+    let Some((port, mut receiver, mut spans)) = otlp_receiver() else { return };
+    let good = backend("127.0.0.71:0", "good", false).await;
+    let bad = backend(&format!("127.0.0.72:{}", good.port()), "bad", true).await;
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
+        spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+    let config = TraceConfig { endpoint: Some(format!("http://127.0.0.1:{port}/v1/traces")), sampling: 0.0 };
+    let tracer = Tracer::start(&config, Default::default()).unwrap();
+    let (addr, _stop, _) = proxy_observed(
+        &service("web", "10.96.0.10", &[good, bad], route),
+        "10.96.0.10:80",
+        Arc::new(TcpConnector),
+        Limits::PROXY,
+        DEFAULT_REQUEST_TIMEOUT,
+        |o| o.with_tracer(tracer),
+    )
+    .await;
+    let parent = "00f067aa0ba902b7";
+    // An unsampled parent: followed, nothing exported.
+    let unsampled = format!("{:032x}", fastrand::u128(1..));
+    assert_eq!(get(addr, &[("traceparent", &format!("00-{unsampled}-{parent}-00"))]).await.0, 200);
+    // Sampled requests until one met the resetting endpoint first and was retried.
+    let mut traces: std::collections::HashMap<String, Vec<serde_json::Value>> = std::collections::HashMap::new();
+    let retried = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        loop {
+            let trace = format!("{:032x}", fastrand::u128(1..));
+            assert_eq!(get(addr, &[("traceparent", &format!("00-{trace}-{parent}-01"))]).await, (200, "good".into()));
+            // Its spans: the request's comes when its response has ended, after its attempts'.
+            loop {
+                let span = spans.recv().await.expect("the receiver runs");
+                let id = span["trace_id"].as_str().unwrap().to_owned();
+                assert_ne!(id, unsampled, "an unsampled trace was exported: {span}");
+                let done = span["kind"] == 2;
+                traces.entry(id.clone()).or_default().push(span);
+                if done && id == trace {
+                    break;
+                }
+            }
+            if traces[&trace].len() == 3 {
+                return trace;
+            }
+        }
+    })
+    .await
+    .expect("a retried request within 60 s");
+    let spans = &traces[&retried];
+    let request = spans.iter().find(|s| s["kind"] == 2).unwrap();
+    let attempts: Vec<&serde_json::Value> = spans.iter().filter(|s| s["kind"] == 3).collect();
+    assert_eq!(request["parent"], parent, "the request continues the client's span: {request}");
+    assert_eq!(request["service"], "mesh");
+    assert_eq!(request["attributes"]["http.request.method"], "GET");
+    assert_eq!(request["attributes"]["http.response.status_code"], 200);
+    assert_eq!(attempts.len(), 2, "{spans:?}");
+    for attempt in &attempts {
+        assert_eq!(attempt["parent"], request["span_id"], "attempts are children of the request: {attempt}");
+        assert!(attempt["start"].as_u64() >= request["start"].as_u64() && attempt["end"].as_u64() <= request["end"].as_u64(), "{spans:?}");
+    }
+    let (first, second) = if attempts[0]["attributes"].get("http.request.resend_count").is_none() {
+        (attempts[0], attempts[1])
+    } else {
+        (attempts[1], attempts[0])
+    };
+    assert_eq!(first["status"], 2, "the reset attempt is an error: {first}");
+    assert_eq!(first["attributes"]["network.peer.address"], "127.0.0.72");
+    assert_eq!(second["attributes"]["http.request.resend_count"], 1, "{second}");
+    assert_eq!(second["attributes"]["http.response.status_code"], 200);
+    assert_eq!(second["attributes"]["network.peer.address"], "127.0.0.71");
+    let _ = receiver.kill();
+    let _ = receiver.wait();
 }
 
 mod abuse;

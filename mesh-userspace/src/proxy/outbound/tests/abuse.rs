@@ -334,7 +334,7 @@ async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
     let cut = cut_short(&format!("127.0.0.42:{}", good.port())).await;
     let yaml = service("web", "10.96.0.10", &[good, cut], SELF_ROUTE);
     let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
     // Requests go on until the endpoint that cuts its responses short is ejected (five in a
     // row by default): a cut response is a failure, not a 200 like any other.
     let mut cuts = 0;
@@ -388,7 +388,7 @@ async fn a_local_rate_limit_answers_429_with_retry_after() {
     // One request a minute, two saved: the third in a row is over, whatever the machine's speed.
     let yaml = annotated(&[v1], "mesh.dev/rate-limit-rps: \"0.0166\", mesh.dev/rate-limit-burst: \"2\"");
     let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
     assert_eq!(get(addr, &[]).await.0, 200);
     assert_eq!(get(addr, &[]).await.0, 200);
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -411,7 +411,7 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
     // Per Service: one request in flight at most.
     let yaml = annotated(&[a, b], "mesh.dev/max-requests: \"1\"");
     let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
     let mut first = TcpStream::connect(addr).await.unwrap();
     first.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
     // The first is in flight (its endpoint never answers); the second is refused at once.
@@ -440,7 +440,7 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
     // Per endpoint: one each; two requests fill both endpoints, a third is refused.
     let yaml = annotated(&[a, b], "mesh.dev/max-requests-per-endpoint: \"1\"");
     let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, AccessLog::off()).await;
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
