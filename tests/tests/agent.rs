@@ -242,9 +242,11 @@ fn an_agent_started_on_a_bad_configuration_is_not_ready_until_it_is_fixed() {
         let cgroup = TestCgroup::new("unready");
         let bad = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: test}\nspec: {clusterIP: 10.96.0.10, sessionAffinity: Sticky}\n";
         let agent = Agent::start(AgentSpec { wait_ready: false, ..AgentSpec::new(bad, &cgroup) });
+        // Readiness answers before the file is read: wait for the refusal to show.
+        let refusal = "Service test/web: spec.sessionAffinity: must be None or ClientIP";
+        wait_until(|| agent.readiness().1.contains(refusal), || format!("{:?}\n{}", agent.readiness(), agent.log()));
         let (code, body) = agent.readiness();
         assert_eq!(code, 503, "{body}");
-        assert!(body.contains("Service test/web: spec.sessionAffinity: must be None or ClientIP"), "{body}");
         // Nothing is balanced yet: the VIP is unknown to the kernel.
         assert_eq!(cgroup.probe(&["tcp", VIP, "1"])["errors"]["ENETUNREACH"], 1);
 
