@@ -127,13 +127,14 @@ fn send_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    // socklen_t or size_t, depending on the libc (musl, glibc).
+    msg.msg_controllen = space as _;
     // SAFETY: the control buffer has room for one header and the descriptors (CMSG_SPACE).
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
         (*cmsg).cmsg_level = libc::SOL_SOCKET;
         (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of_val(fds) as u32) as usize;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of_val(fds) as u32) as _;
         std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast::<RawFd>(), fds.len());
     }
     // SAFETY: a valid msghdr on a socket we own.
@@ -152,7 +153,8 @@ fn recv_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    // socklen_t or size_t, depending on the libc (musl, glibc).
+    msg.msg_controllen = space as _;
     // SAFETY: a valid msghdr on a socket we own; received descriptors close on exec.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
