@@ -321,7 +321,10 @@ async fn load_when_free(opts: &AgentOptions, cgroup: &Path, successor: bool) -> 
 
 /// Offers `sockets` to the next agent; resolves when one took them. Never resolves when they
 /// cannot be offered (the restart then is the old kind: the next agent binds anew).
-async fn offer_listeners(bpffs: &Path, sockets: Vec<(SocketAddr, OwnedFd)>) -> impl std::future::Future<Output = std::io::Result<()>> {
+async fn offer_listeners(
+    bpffs: &Path,
+    sockets: Vec<(SocketAddr, OwnedFd)>,
+) -> impl std::future::Future<Output = std::io::Result<handoff::Successor>> {
     // The predecessor's offer may linger for a moment after it handed over.
     let mut offer = handoff::Offer::new(bpffs, sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect());
     for _ in 0..100 {
@@ -341,6 +344,9 @@ async fn offer_listeners(bpffs: &Path, sockets: Vec<(SocketAddr, OwnedFd)>) -> i
         }
     }
 }
+
+/// How long a handed-over agent goes on serving while its successor starts.
+const SUCCESSOR_START_LIMIT: Duration = Duration::from_secs(120);
 
 /// Raises the soft limit of open files to the hard one; returns the limit now in force.
 fn raise_fd_limit() -> Option<u64> {
@@ -462,7 +468,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // restart): their sockets, with the connections waiting on them, change hands and are
     // never re-bound. Without it, a running agent makes this one fail (pin directory in use).
     let bpffs = opts.bpffs.clone();
-    let mut inherited = if opts.take_over {
+    let taken = if opts.take_over {
         tokio::task::spawn_blocking(move || handoff::take(&bpffs))
             .await
             .map_err(|e| AgentError::Handoff(e.to_string()))?
@@ -470,9 +476,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     } else {
         None
     };
-    let successor = inherited.is_some();
+    let successor = taken.is_some();
+    let (mut inherited, predecessor) = match taken {
+        Some(taken) => (Some(taken.sockets), Some(taken.predecessor)),
+        None => (None, None),
+    };
     if successor {
-        tracing::info!("took over the listeners of the running agent; it drains and leaves");
+        tracing::info!("took over the listeners of the running agent; it serves until this one does, then drains and leaves");
     }
     // Bind first: a port clash must fail before the datapath is touched.
     let admin_listener = bind_or_inherit(opts.admin_addr, &mut inherited).await?;
@@ -584,6 +594,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits(nofile), lifecycle)),
     ];
     drop(shutdown_rx);
+    // Taken over: once this agent accepts (its configuration read), the predecessor may stop.
+    if let Some(predecessor) = predecessor {
+        let mut read = agent.config_read.subscribe();
+        tokio::spawn(async move {
+            if read.wait_for(|r| *r).await.is_ok() {
+                tracing::info!("serving: the previous agent stops accepting now");
+                predecessor.serving();
+            }
+        });
+    }
     // The next agent on this pin directory takes the listeners from here.
     let handed_over = offer_listeners(&opts.bpffs, offered).await;
     tokio::pin!(handed_over);
@@ -596,18 +616,19 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         "serving"
     );
 
-    let mut handed = false;
+    let mut successor = None;
     tokio::select! {
         _ = sigterm.recv() => tracing::info!("SIGTERM"),
         _ = sigint.recv() => tracing::info!("SIGINT"),
         _ = quit_rx.changed() => tracing::info!("/quitquitquit"),
         result = &mut handed_over => {
-            handed = result.is_ok();
-            if handed {
+            successor = result.ok();
+            if successor.is_some() {
                 tracing::info!("a new agent took the listeners; stopping here and leaving the datapath to it");
             }
         }
     }
+    let handed = successor.is_some();
 
     for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task] {
         task.abort();
@@ -618,6 +639,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut lock = loaded.take_lock();
     if handed {
         drop(lock.take());
+    }
+    // Until the successor accepts, this agent goes on accepting and serving with what it knows.
+    if let Some(successor) = successor {
+        let state = successor.serving(SUCCESSOR_START_LIMIT).await;
+        tracing::info!(successor = ?state, "the new agent serves (or will not); this one stops accepting");
     }
     // Stop accepting, let requests in flight finish (bounded by --drain-timeout-ms).
     let _ = shutdown_tx.send(true);

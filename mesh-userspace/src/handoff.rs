@@ -6,8 +6,11 @@
 //!
 //! The rendezvous is an abstract Unix socket named after the pin directory, so only agents
 //! serving the same datapath meet, and nothing is left on disk. A successor asks, the running
-//! agent answers with its listeners and their addresses, stops accepting, releases the pin
-//! directory (the datapath stays) and drains its connections.
+//! agent answers with its listeners and their addresses, stops writing the kernel's maps and
+//! releases the pin directory (the datapath stays), but goes on accepting and serving with
+//! what it knows until the successor says it serves (or goes away); then it stops accepting
+//! and drains. Both accept on the same sockets meanwhile: no client waits for the successor's
+//! start.
 use std::{
     io::{self, Read, Write},
     net::SocketAddr,
@@ -57,9 +60,10 @@ impl Offer {
         Ok(Self { listener, sockets })
     }
 
-    /// Waits for a successor and hands it the sockets; returns once they are handed over. A
-    /// caller that is not a successor is ignored. Cancelled by dropping it.
-    pub async fn handed_over(self) -> io::Result<()> {
+    /// Waits for a successor and hands it the sockets; returns once they are handed over, with
+    /// the line to the successor. A caller that is not a successor is ignored. Cancelled by
+    /// dropping it.
+    pub async fn handed_over(self) -> io::Result<Successor> {
         self.listener.set_nonblocking(true)?;
         let listener = tokio::net::UnixListener::from_std(self.listener)?;
         let sockets = std::sync::Arc::new(self.sockets);
@@ -69,14 +73,55 @@ impl Offer {
             let sockets = sockets.clone();
             // A few small blocking reads and writes, each bounded by a timeout.
             let handed = tokio::task::spawn_blocking(move || serve_successor(stream, &sockets)).await.map_err(io::Error::other)?;
-            if handed.is_ok() {
-                return Ok(());
+            if let Ok(stream) = handed {
+                return Ok(Successor(stream));
             }
         }
     }
 }
 
-fn serve_successor(mut stream: UnixStream, sockets: &[(SocketAddr, OwnedFd)]) -> io::Result<()> {
+/// The running agent's line to the agent that took its sockets.
+pub struct Successor(UnixStream);
+
+impl Successor {
+    /// Resolves when the successor serves (it said so), is gone (the line closed), or `limit`
+    /// has passed.
+    pub async fn serving(self, limit: Duration) -> SuccessorState {
+        let mut stream = self.0;
+        tokio::task::spawn_blocking(move || {
+            let _ = stream.set_read_timeout(Some(limit));
+            let mut said = [0u8; SERVING.len()];
+            match stream.read_exact(&mut said) {
+                Ok(()) if said == SERVING => SuccessorState::Serving,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => SuccessorState::Silent,
+                _ => SuccessorState::Gone,
+            }
+        })
+        .await
+        .unwrap_or(SuccessorState::Gone)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SuccessorState {
+    Serving,
+    Gone,
+    Silent,
+}
+
+/// The agent that took the sockets: tells its predecessor when it serves.
+pub struct Predecessor(UnixStream);
+
+impl Predecessor {
+    /// The predecessor may stop accepting now.
+    pub fn serving(mut self) {
+        let _ = self.0.write_all(SERVING);
+    }
+}
+
+const SERVING: &[u8] = b"serving\n";
+
+fn serve_successor(mut stream: UnixStream, sockets: &[(SocketAddr, OwnedFd)]) -> io::Result<UnixStream> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut ask = [0u8; ASK.len()];
@@ -90,11 +135,11 @@ fn serve_successor(mut stream: UnixStream, sockets: &[(SocketAddr, OwnedFd)]) ->
     // The successor holds them once it says so.
     let mut ok = [0u8; 3];
     stream.read_exact(&mut ok)?;
-    if &ok == b"ok\n" { Ok(()) } else { Err(io::Error::other("the successor did not confirm")) }
+    if &ok == b"ok\n" { Ok(stream) } else { Err(io::Error::other("the successor did not confirm")) }
 }
 
 /// Asks a running agent at `pin_dir` for its listeners. None when no agent offers them.
-pub fn take(pin_dir: &Path) -> Result<Option<Vec<(SocketAddr, std::net::TcpListener)>>, HandoffError> {
+pub fn take(pin_dir: &Path) -> Result<Option<Taken>, HandoffError> {
     let mut stream = match UnixStream::connect_addr(&rendezvous(pin_dir)) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => return Ok(None),
@@ -113,7 +158,13 @@ pub fn take(pin_dir: &Path) -> Result<Option<Vec<(SocketAddr, std::net::TcpListe
         sockets.push((addr, std::net::TcpListener::from(fd)));
     }
     stream.write_all(b"ok\n").map_err(HandoffError::Exchange)?;
-    Ok(Some(sockets))
+    Ok(Some(Taken { sockets, predecessor: Predecessor(stream) }))
+}
+
+/// What a successor took: the sockets, and the line to tell the predecessor it serves.
+pub struct Taken {
+    pub sockets: Vec<(SocketAddr, std::net::TcpListener)>,
+    pub predecessor: Predecessor,
 }
 
 fn send_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
@@ -205,10 +256,13 @@ mod tests {
         let mut early = std::net::TcpStream::connect(addr).unwrap();
         let path = dir.path().to_owned();
         let taken = tokio::task::spawn_blocking(move || take(&path)).await.unwrap().unwrap().expect("an offer");
-        handed.await.unwrap().unwrap();
+        let line = handed.await.unwrap().unwrap();
+        // The predecessor hears when the successor serves.
+        let (heard, ()) = tokio::join!(line.serving(Duration::from_secs(30)), async { taken.predecessor.serving() });
+        assert_eq!(heard, SuccessorState::Serving);
         drop(listener);
-        assert_eq!(taken.len(), 1);
-        let (got_addr, successor) = taken.into_iter().next().unwrap();
+        assert_eq!(taken.sockets.len(), 1);
+        let (got_addr, successor) = taken.sockets.into_iter().next().unwrap();
         assert_eq!(got_addr, addr);
         assert_eq!(successor.local_addr().unwrap(), addr);
         // The early client is accepted by the successor, on the same socket.

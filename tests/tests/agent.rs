@@ -81,8 +81,10 @@ fn a_restart_with_take_over_refuses_no_l7_request() {
             Agent::start(AgentSpec { bpffs: Some(bpffs.clone()), extra_args: vec!["--take-over"], ..AgentSpec::new(&yaml, &cgroup) });
         // The first one leaves of itself once it has drained.
         let log = first.log_path();
-        wait_until(|| first.exited(), || std::fs::read_to_string(&log).unwrap_or_default());
+        // (It serves until the new one serves, then drains: a slow start makes this long.)
+        wait_until_for(std::time::Duration::from_secs(120), || first.exited(), || std::fs::read_to_string(&log).unwrap_or_default());
         assert!(first.log().contains("a new agent took the listeners"), "{}", first.log());
+        assert!(first.log().contains("successor=Serving"), "the old agent stopped when the new one served: {}", first.log());
         assert!(second.log().contains("took over the listeners"), "{}", second.log());
         std::thread::sleep(std::time::Duration::from_millis(300));
         std::fs::write(&stop_file, b"").expect("stop file");

@@ -30,6 +30,13 @@ fn cpu_share(pid: u32, window: Duration) -> f64 {
     (cpu_seconds(pid) - cpu) / wall.elapsed().as_secs_f64()
 }
 
+/// The most CPU an agent that is waiting, not spinning, may use, given what it used idle in
+/// the same run: a loop retrying accept takes a whole core; periodic work (slow under
+/// emulation) is already in `idle`.
+fn not_spinning(idle: f64) -> f64 {
+    2.0 * idle + 0.15
+}
+
 /// `n` idle connections to the VIP from the cgroup, held until the returned file is created.
 fn hold_idle(cgroup: &TestCgroup, n: usize) -> (std::process::Child, std::path::PathBuf) {
     let stop = std::env::temp_dir().join(unique_name("idle-stop"));
@@ -65,13 +72,14 @@ fn a_full_proxy_leaves_readiness_and_metrics_answering() {
         // 384 files: the proxy may hold (384 - 256) / 2 = 64 connections.
         let agent = Agent::start(AgentSpec { nofile: Some(384), ..AgentSpec::new(&config(), &cgroup) });
         assert!(proxied_ok(&cgroup), "{}", agent.log());
+        let idle = cpu_share(agent.pid(), Duration::from_secs(2));
         // More connections than the agent has descriptors.
         let holder = hold_idle(&cgroup, 400);
         // The proxy is full and refuses more, but the agent's own endpoints answer.
         assert_eq!(agent.readiness().0, 200, "{}", agent.log());
         assert!(agent.metrics().contains("mesh_config_generation"));
         let share = cpu_share(agent.pid(), Duration::from_secs(2));
-        assert!(share < 0.25, "the agent used {share:.2} of a core while full");
+        assert!(share <= not_spinning(idle), "the agent used {share:.2} of a core while full, {idle:.2} idle");
         release(holder);
         wait_until(|| proxied_ok(&cgroup), || agent.log());
         agent.stop();
@@ -85,6 +93,7 @@ fn running_out_of_file_descriptors_is_logged_and_waited_out() {
         let cgroup = TestCgroup::new("limits-fds");
         let agent = Agent::start(AgentSpec::new(&config(), &cgroup));
         assert!(proxied_ok(&cgroup), "{}", agent.log());
+        let idle = cpu_share(agent.pid(), Duration::from_secs(2));
         // Lower the limit under the running agent: its proxy's cap no longer protects it.
         let limit = (agent.open_fds() + 40) as u64;
         let rlimit = libc::rlimit { rlim_cur: limit, rlim_max: limit };
@@ -95,7 +104,7 @@ fn running_out_of_file_descriptors_is_logged_and_waited_out() {
         wait_until(|| agent.log().contains("cannot accept connections"), || agent.log());
         // Waiting, not spinning on accept.
         let share = cpu_share(agent.pid(), Duration::from_secs(2));
-        assert!(share < 0.25, "the agent used {share:.2} of a core while out of descriptors");
+        assert!(share <= not_spinning(idle), "the agent used {share:.2} of a core while out of descriptors, {idle:.2} idle");
         release(holder);
         wait_until(|| proxied_ok(&cgroup), || agent.log());
         assert!(agent.log().contains("accepting connections again"), "{}", agent.log());
