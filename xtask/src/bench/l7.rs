@@ -231,9 +231,12 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
              spec: {{parentRefs: [{{kind: Service, name: {name}}}], rules: [{{backendRefs: [{{name: {name}, port: 80}}]}}]}}\n"
         )
     };
+    // The HTTP/2 backend speaks only HTTP/2 (prior knowledge): its port says so, as a Service
+    // must for the proxy to use h2c toward it.
     let service = |name: &str, vip: &str, port: u16| {
+        let app_protocol = if port == 8081 { ", appProtocol: kubernetes.io/h2c" } else { "" };
         format!(
-            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80}}]}}\n---\n\
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: bench}}\nspec: {{clusterIP: {vip}, ports: [{{port: 80{app_protocol}}}]}}\n---\n\
              apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {name}, namespace: bench, labels: {{kubernetes.io/service-name: {name}}}}}\n\
              addressType: IPv4\nports: [{{port: {port}}}]\nendpoints: [{{addresses: [127.0.0.11]}}]\n---\n{}",
             route(name)
