@@ -244,12 +244,14 @@ impl RequestTrace {
     /// A new span for one attempt, child of the request's: its id goes upstream in
     /// `traceparent`.
     pub fn attempt(&self, tracer: &Arc<Tracer>, method: &str, endpoint: SocketAddr, resend: u32) -> AttemptTrace {
+        // What only a recorded span needs is kept only then (this runs for every attempt).
+        let recorded = self.context.sampled && tracer.enabled();
         AttemptTrace {
-            tracer: tracer.clone(),
+            tracer: recorded.then(|| tracer.clone()),
             request: *self,
             span: random_id(),
             start: std::time::SystemTime::now(),
-            method: method.to_owned(),
+            method: if recorded { method.to_owned() } else { String::new() },
             endpoint,
             resend,
         }
@@ -259,7 +261,8 @@ impl RequestTrace {
 /// One attempt's span, recorded when the attempt ends (with its response's body, for the
 /// last one).
 pub struct AttemptTrace {
-    tracer: Arc<Tracer>,
+    /// None when the span is not recorded (unsampled, or tracing off).
+    tracer: Option<Arc<Tracer>>,
     request: RequestTrace,
     pub span: [u8; 8],
     start: std::time::SystemTime,
@@ -276,9 +279,7 @@ impl AttemptTrace {
 
     /// Records the span (sampled traces, tracing on): `status` when a response came.
     pub fn finish(self, status: Option<u16>, failed: bool) {
-        if !self.request.context.sampled || !self.tracer.enabled() {
-            return;
-        }
+        let Some(tracer) = self.tracer else { return };
         let mut attributes = vec![
             ("http.request.method", Value::Str(self.method.clone())),
             ("server.address", Value::Str(self.endpoint.ip().to_string())),
@@ -294,7 +295,7 @@ impl AttemptTrace {
         if failed {
             attributes.push(("error.type", Value::Str(status.map_or_else(|| "connection".to_owned(), |c| c.to_string()))));
         }
-        self.tracer.record(Span {
+        tracer.record(Span {
             trace_id: self.request.context.trace_id,
             span_id: self.span,
             parent: Some(self.request.span),
