@@ -88,7 +88,7 @@ pub enum AgentError {
     #[error(transparent)]
     Traces(#[from] traces::EndpointError),
     #[error("taking over from the running agent: {0}")]
-    Handoff(String),
+    Handoff(#[from] handoff::HandoffError),
     #[error("finding the cgroup v2 mount: {0}")]
     Cgroup(#[source] std::io::Error),
     #[error(transparent)]
@@ -288,7 +288,6 @@ impl Agent {
     }
 }
 
-/// The proxy holds two descriptors per proxied connection: use all the hard limit allows.
 /// The listener for `addr`: the predecessor's, when it handed one over for this address,
 /// otherwise a new one.
 async fn bind_or_inherit(
@@ -299,8 +298,8 @@ async fn bind_or_inherit(
         && let Some(at) = sockets.iter().position(|(a, _)| *a == addr)
     {
         let (_, socket) = sockets.swap_remove(at);
-        socket.set_nonblocking(true).map_err(|e| AgentError::Handoff(e.to_string()))?;
-        return tokio::net::TcpListener::from_std(socket).map_err(|e| AgentError::Handoff(e.to_string()));
+        socket.set_nonblocking(true).map_err(handoff::HandoffError::Exchange)?;
+        return Ok(tokio::net::TcpListener::from_std(socket).map_err(handoff::HandoffError::Exchange)?);
     }
     Ok(admin::bind(addr).await?)
 }
@@ -321,26 +320,22 @@ async fn load_when_free(opts: &AgentOptions, cgroup: &Path, successor: bool) -> 
 
 /// Offers `sockets` to the next agent; resolves when one took them. Never resolves when they
 /// cannot be offered (the restart then is the old kind: the next agent binds anew).
-async fn offer_listeners(
-    bpffs: &Path,
-    sockets: Vec<(SocketAddr, OwnedFd)>,
-) -> impl std::future::Future<Output = std::io::Result<handoff::Successor>> {
-    // The predecessor's offer may linger for a moment after it handed over.
-    let mut offer = handoff::Offer::new(bpffs, sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect());
+async fn offer_listeners(bpffs: &Path, sockets: &[(SocketAddr, OwnedFd)]) -> std::io::Result<handoff::Successor> {
+    let duplicates = || sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect();
+    // The predecessor's offer may linger for a moment after it handed over: up to 2 s.
+    let mut offer = handoff::Offer::new(bpffs, duplicates());
     for _ in 0..100 {
         if offer.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-        offer = handoff::Offer::new(bpffs, sockets.iter().filter_map(|(a, fd)| Some((*a, fd.try_clone().ok()?))).collect());
+        offer = handoff::Offer::new(bpffs, duplicates());
     }
-    async move {
-        match offer {
-            Ok(offer) => offer.handed_over().await,
-            Err(e) => {
-                tracing::warn!(error = %e, "restarts cannot hand over the listeners");
-                std::future::pending().await
-            }
+    match offer {
+        Ok(offer) => offer.handed_over().await,
+        Err(e) => {
+            tracing::warn!(error = %e, "restarts cannot hand over the listeners");
+            std::future::pending().await
         }
     }
 }
@@ -348,7 +343,8 @@ async fn offer_listeners(
 /// How long a handed-over agent goes on serving while its successor starts.
 const SUCCESSOR_START_LIMIT: Duration = Duration::from_secs(120);
 
-/// Raises the soft limit of open files to the hard one; returns the limit now in force.
+/// Raises the soft limit of open files to the hard one (the proxy holds two descriptors per
+/// proxied connection: use all the hard limit allows); returns the limit now in force.
 fn raise_fd_limit() -> Option<u64> {
     let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: valid rlimit buffers.
@@ -460,7 +456,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // Handlers first: a SIGTERM that arrives while starting up must still take the clean path.
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
-    let nofile = raise_fd_limit();
+    let proxy_limits = proxy_limits(raise_fd_limit());
     if !opts.config.exists() {
         return Err(AgentError::NoConfig(opts.config.clone()));
     }
@@ -471,8 +467,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let taken = if opts.take_over {
         tokio::task::spawn_blocking(move || handoff::take(&bpffs))
             .await
-            .map_err(|e| AgentError::Handoff(e.to_string()))?
-            .map_err(|e| AgentError::Handoff(e.to_string()))?
+            .map_err(|e| handoff::HandoffError::Exchange(std::io::Error::other(e)))??
     } else {
         None
     };
@@ -591,7 +586,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("readiness", readiness_listener, readiness_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("metrics", metrics_listener, metrics_handler, shutdown_rx.clone())),
-        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits(nofile), lifecycle)),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits, lifecycle)),
     ];
     drop(shutdown_rx);
     // Taken over: once this agent accepts (its configuration read), the predecessor may stop.
@@ -605,14 +600,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         });
     }
     // The next agent on this pin directory takes the listeners from here.
-    let handed_over = offer_listeners(&opts.bpffs, offered).await;
+    let handed_over = offer_listeners(&opts.bpffs, &offered);
     tokio::pin!(handed_over);
     tracing::info!(
         admin = %opts.admin_addr,
         readiness = %opts.readiness_addr,
         metrics = %opts.metrics_addr,
         outbound = %opts.outbound_addr,
-        max_proxied_connections = proxy_limits(nofile).max_connections,
+        max_proxied_connections = proxy_limits.max_connections,
         "serving"
     );
 
