@@ -27,6 +27,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
     server::conn::auto,
 };
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -142,7 +143,8 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 pub struct Slots {
     open: Arc<AtomicUsize>,
     max: usize,
-    refused: Arc<AtomicU64>,
+    /// Connections closed at once because the listener was full (a metric's counter).
+    refused: Counter,
 }
 
 /// One open connection; frees its slot when dropped.
@@ -156,8 +158,9 @@ impl Drop for Slot {
 }
 
 impl Slots {
-    pub fn new(max: usize) -> Self {
-        Self { open: Arc::new(AtomicUsize::new(0)), max, refused: Arc::new(AtomicU64::new(0)) }
+    /// At most `max` open connections; each one refused counts in `refused`.
+    pub fn new(max: usize, refused: Counter) -> Self {
+        Self { open: Arc::new(AtomicUsize::new(0)), max, refused }
     }
 
     /// A slot, or None when `max` connections are open (the caller closes the connection).
@@ -166,7 +169,7 @@ impl Slots {
         if taken {
             Some(Slot(self.open.clone()))
         } else {
-            self.refused.fetch_add(1, Ordering::Relaxed);
+            self.refused.inc();
             None
         }
     }
@@ -184,7 +187,7 @@ impl Slots {
 
     /// Connections closed at once because the listener was full.
     pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
+        self.refused.get()
     }
 }
 
@@ -302,7 +305,7 @@ mod tests {
 
     #[test]
     fn slots_refuse_over_the_cap_and_come_back_when_freed() {
-        let slots = Slots::new(2);
+        let slots = Slots::new(2, Counter::default());
         let a = slots.take().unwrap();
         let _b = slots.take().unwrap();
         assert!(slots.take().is_none());

@@ -287,15 +287,16 @@ impl Outbound {
                 _ => {}
             }
         }
-        if let Ok(value) = trace.context.header(trace.span).parse() {
-            // What an upgraded connection carries; attempts set their own.
-            head.headers.insert("traceparent", value);
-        }
         speak_upstream(&mut head, app_protocol);
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
 
         if let Some(client_side) = upgrade {
+            // An upgrade is one attempt without a span of its own: the request's span is its
+            // parent. (Other requests get a traceparent per attempt.)
+            if let Ok(value) = trace.context.header(trace.span).parse() {
+                head.headers.insert("traceparent", value);
+            }
             return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
         }
         let Some(ServiceState { budget, balancer, policy, gate, breakers, .. }) = self.service_state(&backend.service) else {
@@ -504,7 +505,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
         _ = drain.wait_for(|d| *d) => return,
     }
     let mut snapshots = outbound.snapshot.clone();
-    let slots = Slots::new(limits.max_connections);
+    let slots = Slots::new(limits.max_connections, outbound.telemetry.metrics.proxy_refused.clone());
     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
     let http = Arc::new(limits.http());
     let for_connections = drain.clone();
@@ -525,7 +526,6 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
             }
             (stream, peer) = server::accept(&listener, "outbound") => {
                 let Some(slot) = slots.take() else {
-                    outbound.telemetry.metrics.proxy_refused.inc();
                     tracing::debug!(%peer, max = limits.max_connections, "outbound listener full; connection closed");
                     continue;
                 };
