@@ -167,19 +167,29 @@ pub struct Taken {
     pub predecessor: Predecessor,
 }
 
-fn send_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
-    assert!(fds.len() <= MAX_FDS);
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+/// A control buffer with room for `fds` descriptors.
+fn control_buffer(fds: usize) -> Vec<u8> {
     // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(size_of_val(fds) as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
+    vec![0u8; unsafe { libc::CMSG_SPACE((fds * size_of::<RawFd>()) as u32) } as usize]
+}
+
+/// A message header over one data buffer and a control buffer; both must outlive its use.
+fn message_header(iov: &mut libc::iovec, control: &mut [u8]) -> libc::msghdr {
+    // SAFETY: msghdr is plain data; all-zero is a valid empty header.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
+    msg.msg_iov = iov;
     msg.msg_iovlen = 1;
     msg.msg_control = control.as_mut_ptr().cast();
     // socklen_t or size_t, depending on the libc (musl, glibc).
-    msg.msg_controllen = space as _;
+    msg.msg_controllen = control.len() as _;
+    msg
+}
+
+fn send_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
+    assert!(fds.len() <= MAX_FDS);
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    let mut control = control_buffer(fds.len());
+    let msg = message_header(&mut iov, &mut control);
     // SAFETY: the control buffer has room for one header and the descriptors (CMSG_SPACE).
     unsafe {
         let cmsg = libc::CMSG_FIRSTHDR(&msg);
@@ -196,16 +206,8 @@ fn send_fds(stream: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
 fn recv_fds(stream: &UnixStream) -> io::Result<(Vec<u8>, Vec<OwnedFd>)> {
     let mut data = vec![0u8; 4096];
     let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS * size_of::<RawFd>()) as u32) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the recvmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // socklen_t or size_t, depending on the libc (musl, glibc).
-    msg.msg_controllen = space as _;
+    let mut control = control_buffer(MAX_FDS);
+    let mut msg = message_header(&mut iov, &mut control);
     // SAFETY: a valid msghdr on a socket we own; received descriptors close on exec.
     let n = unsafe { libc::recvmsg(stream.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
