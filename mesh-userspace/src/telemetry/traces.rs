@@ -232,6 +232,8 @@ impl Endpoint {
 }
 
 fn export(rx: Receiver<Span>, endpoint: Endpoint, dropped: Counter) {
+    // Who sends the spans, encoded once: the same in every batch.
+    let resource = resource();
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
     let mut last_warning: Option<Instant> = None;
     loop {
@@ -248,7 +250,7 @@ fn export(rx: Receiver<Span>, endpoint: Endpoint, dropped: Counter) {
             }
         }
         if !batch.is_empty() {
-            if let Err(e) = endpoint.post(&encode(&batch)) {
+            if let Err(e) = endpoint.post(&encode(&resource, &batch)) {
                 dropped.inc_by(batch.len() as u64);
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
                     tracing::warn!(endpoint = %endpoint.host_port, error = %e, spans = batch.len(), "exporting spans failed; they are dropped");
@@ -307,16 +309,21 @@ fn unix_nanos(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// An `ExportTraceServiceRequest` holding `spans`, from one resource (this agent).
-pub fn encode(spans: &[Span]) -> Vec<u8> {
+/// This agent as an OTLP `Resource` (encoded): `service.name` and `host.name`.
+fn resource() -> Vec<u8> {
+    let mut resource = Vec::new();
+    key_value(&mut resource, 1, "service.name", &Value::Str("mesh".into()));
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        key_value(&mut resource, 1, "host.name", &Value::Str(host.trim().to_owned()));
+    }
+    resource
+}
+
+/// An `ExportTraceServiceRequest` holding `spans`, from `resource` (encoded).
+pub fn encode(resource: &[u8], spans: &[Span]) -> Vec<u8> {
     let mut out = Vec::new();
     message(&mut out, 1, |resource_spans| {
-        message(resource_spans, 1, |resource| {
-            key_value(resource, 1, "service.name", &Value::Str("mesh".into()));
-            if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
-                key_value(resource, 1, "host.name", &Value::Str(host.trim().to_owned()));
-            }
-        });
+        bytes_field(resource_spans, 1, resource);
         message(resource_spans, 2, |scope_spans| {
             message(scope_spans, 1, |scope| {
                 bytes_field(scope, 1, b"mesh-proxy");
