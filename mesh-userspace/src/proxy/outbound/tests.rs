@@ -69,21 +69,12 @@ fn service(name: &str, vip: &str, endpoints: &[SocketAddr], extra: &str) -> Stri
 
 /// A proxy for `yaml` whose every connection dialled `dialled`, on an ephemeral port.
 async fn proxy(yaml: &str, dialled: &str, connector: Arc<dyn Connector>) -> (SocketAddr, watch::Sender<bool>) {
-    proxy_with(yaml, dialled, connector, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await
-}
-
-async fn proxy_with(
-    yaml: &str,
-    dialled: &str,
-    connector: Arc<dyn Connector>,
-    limits: Limits,
-    default_timeout: Duration,
-) -> (SocketAddr, watch::Sender<bool>) {
-    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, limits, default_timeout, |o| o).await;
+    let (addr, stop, _) = proxy_observed(yaml, dialled, connector, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
     (addr, stop)
 }
 
-/// `proxy_with`, and the proxy's telemetry to look at.
+/// `proxy` with `limits`, a default request timeout and whatever `configure` adds; its
+/// telemetry to look at.
 async fn proxy_observed(
     yaml: &str,
     dialled: &str,
@@ -92,22 +83,43 @@ async fn proxy_observed(
     default_timeout: Duration,
     configure: impl FnOnce(Outbound) -> Outbound,
 ) -> (SocketAddr, watch::Sender<bool>, Arc<Telemetry>) {
+    let running = start(yaml, dialled, connector, limits, |o| configure(o.with_default_request_timeout(default_timeout)), true).await;
+    (running.addr, running.stop, running.telemetry)
+}
+
+/// A proxy being served, with its life cycle in the test's hands.
+struct Running {
+    addr: SocketAddr,
+    /// Send true to drain.
+    stop: watch::Sender<bool>,
+    /// Send true once "the configuration is read".
+    ready: watch::Sender<bool>,
+    telemetry: Arc<Telemetry>,
+    /// `serve` itself: finished once drained.
+    served: tokio::task::JoinHandle<()>,
+}
+
+async fn start(
+    yaml: &str,
+    dialled: &str,
+    connector: Arc<dyn Connector>,
+    limits: Limits,
+    configure: impl FnOnce(Outbound) -> Outbound,
+    ready_at_start: bool,
+) -> Running {
     let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
-    let (_tx, rx) = watch::channel(store.snapshot());
+    let (snapshots, rx) = watch::channel(store.snapshot());
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
-    let outbound = Arc::new(configure(
-        Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())
-            .with_default_request_timeout(default_timeout),
-    ));
+    let outbound = Arc::new(configure(Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        let _keep_snapshots = _tx;
-        let (_ready_tx, ready) = watch::channel(true);
-        serve(outbound, listener, limits, Lifecycle { ready, drain: stopped, drain_timeout: Duration::from_secs(5) }).await;
+    let (stop, drain) = watch::channel(false);
+    let (ready, ready_rx) = watch::channel(ready_at_start);
+    let served = tokio::spawn(async move {
+        let _keep_snapshots = snapshots;
+        serve(outbound, listener, limits, Lifecycle { ready: ready_rx, drain, drain_timeout: Duration::from_secs(30) }).await;
     });
-    (addr, stop, telemetry)
+    Running { addr, stop, ready, telemetry, served }
 }
 
 async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {
@@ -122,6 +134,18 @@ async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {
     let code = response.status().as_u16();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (code, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Service `web`'s HTTPRoute to itself: its connections go to the proxy, every request to it.
+const SELF_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
+    spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+
+/// Service `web` whose two endpoints share a port: `good_ip` answers "good", `bad_ip` resets
+/// every connection before answering. Its YAML, and the good endpoint.
+async fn good_and_resetting(good_ip: &str, bad_ip: &str) -> (String, SocketAddr) {
+    let good = backend(&format!("{good_ip}:0"), "good", false).await;
+    let bad = backend(&format!("{bad_ip}:{}", good.port()), "bad", true).await;
+    (service("web", "10.96.0.10", &[good, bad], SELF_ROUTE), good)
 }
 
 const ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: split, namespace: ns}\n\
@@ -151,14 +175,7 @@ async fn a_connection_the_kernel_did_not_send_is_refused_politely() {
 
 #[tokio::test]
 async fn a_reset_before_any_response_is_retried_on_another_endpoint() {
-    let good = backend("127.0.0.21:0", "good", false).await;
-    let bad = backend(&format!("127.0.0.22:{}", good.port()), "bad", true).await;
-    let yaml = service(
-        "web",
-        "10.96.0.10",
-        &[good, bad],
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\nspec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n",
-    );
+    let (yaml, _) = good_and_resetting("127.0.0.21", "127.0.0.22").await;
     let (addr, _stop) = proxy(&yaml, "10.96.0.10:80", Arc::new(TcpConnector)).await;
     for _ in 0..10 {
         assert_eq!(get(addr, &[]).await, (200, "good".into()));
@@ -193,22 +210,13 @@ async fn upstream_connections_go_through_the_connector() {
 
 #[tokio::test]
 async fn every_request_is_logged_once_its_response_has_ended() {
-    let good = backend("127.0.0.51:0", "good", false).await;
-    let bad = backend(&format!("127.0.0.52:{}", good.port()), "bad", true).await;
-    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
-        spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+    let (yaml, good) = good_and_resetting("127.0.0.51", "127.0.0.52").await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let log = AccessLog::open(&Target::File(path.clone()), Default::default()).unwrap();
-    let (addr, _stop, _) = proxy_observed(
-        &service("web", "10.96.0.10", &[good, bad], route),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        Limits::PROXY,
-        DEFAULT_REQUEST_TIMEOUT,
-        |o| o.with_access_log(log),
-    )
-    .await;
+    let (addr, _stop, _) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o.with_access_log(log))
+            .await;
     // Until one request met the resetting endpoint first (and was retried): every line is
     // there, and one of them says two attempts.
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -289,21 +297,12 @@ fn otlp_receiver() -> Option<(u16, std::process::Child, tokio::sync::mpsc::Unbou
 #[tokio::test]
 async fn a_retried_request_is_one_trace_with_a_span_per_attempt_exported_over_otlp() {
     let Some((port, mut receiver, mut spans)) = otlp_receiver() else { return };
-    let good = backend("127.0.0.71:0", "good", false).await;
-    let bad = backend(&format!("127.0.0.72:{}", good.port()), "bad", true).await;
-    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
-        spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
+    let (yaml, _) = good_and_resetting("127.0.0.71", "127.0.0.72").await;
     let config = TraceConfig { endpoint: Some(format!("http://127.0.0.1:{port}/v1/traces")), sampling: 0.0 };
     let tracer = Tracer::start(&config, Default::default()).unwrap();
-    let (addr, _stop, _) = proxy_observed(
-        &service("web", "10.96.0.10", &[good, bad], route),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        Limits::PROXY,
-        DEFAULT_REQUEST_TIMEOUT,
-        |o| o.with_tracer(tracer),
-    )
-    .await;
+    let (addr, _stop, _) =
+        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o.with_tracer(tracer))
+            .await;
     let parent = "00f067aa0ba902b7";
     // An unsampled parent: followed, nothing exported.
     let unsampled = format!("{:032x}", fastrand::u128(1..));

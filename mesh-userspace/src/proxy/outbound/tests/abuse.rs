@@ -13,9 +13,6 @@ use super::*;
 
 const BOUND: Duration = Duration::from_secs(30);
 
-const SELF_ROUTE: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r, namespace: ns}\n\
-    spec: {parentRefs: [{kind: Service, name: web}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n";
-
 /// Limits small enough for a test to reach.
 fn short() -> Limits {
     Limits { header_timeout: Duration::from_millis(300), idle_timeout: Duration::from_millis(300), ..Limits::PROXY }
@@ -46,62 +43,72 @@ async fn raw_status(proxy: SocketAddr, request: &[u8]) -> String {
     String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_owned()
 }
 
-/// A backend that answers every request with the headers it received, `name: value` a line.
-async fn echo_headers(addr: &str) -> SocketAddr {
+/// A backend on `addr` that hands each accepted connection to `serve`, on a task of its own.
+async fn raw_backend<F, Fut>(addr: &str, serve: F) -> SocketAddr
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind(addr).await.unwrap();
     let local = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
-                    let lines: String = req.headers().iter().map(|(n, v)| format!("{n}: {}\n", v.to_str().unwrap_or("?"))).collect();
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(lines))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
+            tokio::spawn(serve(stream));
         }
     });
     local
 }
 
+/// Service `web` at 10.96.0.10, routed to itself (L7), over `endpoints`.
+fn web(endpoints: &[SocketAddr]) -> String {
+    service("web", "10.96.0.10", endpoints, SELF_ROUTE)
+}
+
+/// A proxy for `yaml` whose clients dialled web's VIP; its telemetry to look at.
+async fn web_proxy(yaml: &str, limits: Limits, default_timeout: Duration) -> (SocketAddr, watch::Sender<bool>, Arc<Telemetry>) {
+    proxy_observed(yaml, "10.96.0.10:80", Arc::new(TcpConnector), limits, default_timeout, |o| o).await
+}
+
+/// A backend that answers every request with the headers it received, `name: value` a line.
+async fn echo_headers(addr: &str) -> SocketAddr {
+    raw_backend(addr, |stream| async move {
+        let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+            let lines: String = req.headers().iter().map(|(n, v)| format!("{n}: {}\n", v.to_str().unwrap_or("?"))).collect();
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(lines))))
+        });
+        let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+    })
+    .await
+}
+
 /// A backend that reads requests and never answers; reports each connection's end (EOF).
 async fn silent(addr: &str) -> (SocketAddr, mpsc::UnboundedReceiver<&'static str>) {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let local = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => {
-                            let _ = tx.send("closed");
-                            return;
-                        }
-                        Ok(_) => {
-                            let _ = tx.send("request");
-                        }
+    let local = raw_backend(addr, move |mut stream| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => {
+                        let _ = tx.send("closed");
+                        return;
+                    }
+                    Ok(_) => {
+                        let _ = tx.send("request");
                     }
                 }
-            });
+            }
         }
-    });
+    })
+    .await;
     (local, rx)
 }
 
 #[tokio::test]
 async fn a_client_trickling_its_request_head_is_cut_off() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
-    let (addr, _stop) = proxy_with(
-        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        short(),
-        DEFAULT_REQUEST_TIMEOUT,
-    )
-    .await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), short(), DEFAULT_REQUEST_TIMEOUT).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     // A header line every 50 ms, never the blank line that ends the head: always active,
@@ -130,14 +137,7 @@ async fn a_client_trickling_its_request_head_is_cut_off() {
 #[tokio::test]
 async fn an_idle_http2_connection_is_closed() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
-    let (addr, _stop) = proxy_with(
-        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        short(),
-        DEFAULT_REQUEST_TIMEOUT,
-    )
-    .await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), short(), DEFAULT_REQUEST_TIMEOUT).await;
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, conn) =
         hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
@@ -153,14 +153,7 @@ async fn an_idle_http2_connection_is_closed() {
 async fn a_full_listener_closes_new_connections_until_one_frees() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
     let limits = Limits { max_connections: 2, ..Limits::PROXY };
-    let (addr, _stop) = proxy_with(
-        &service("web", "10.96.0.10", &[v1], SELF_ROUTE),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        limits,
-        DEFAULT_REQUEST_TIMEOUT,
-    )
-    .await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), limits, DEFAULT_REQUEST_TIMEOUT).await;
     // Two kept-alive connections, each known to the proxy (it answered on them).
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -198,7 +191,7 @@ async fn a_full_listener_closes_new_connections_until_one_frees() {
 #[tokio::test]
 async fn a_request_head_over_60_kib_is_refused_with_431() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
-    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[v1], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let big = "a".repeat(100 * 1024);
     let status = raw_status(addr, format!("GET / HTTP/1.1\r\nHost: web\r\nX-Big: {big}\r\n\r\n").as_bytes()).await;
     assert!(status.starts_with("HTTP/1.1 431"), "{status}");
@@ -211,7 +204,7 @@ async fn a_request_head_over_60_kib_is_refused_with_431() {
 #[tokio::test]
 async fn a_request_with_two_host_headers_is_refused() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
-    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[v1], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let status = raw_status(addr, b"GET / HTTP/1.1\r\nHost: web\r\nHost: evil\r\n\r\n").await;
     assert!(status.starts_with("HTTP/1.1 400"), "{status}");
 }
@@ -219,7 +212,7 @@ async fn a_request_with_two_host_headers_is_refused() {
 #[tokio::test]
 async fn hop_by_hop_headers_stay_on_their_hop() {
     let echo = echo_headers("127.0.0.1:0").await;
-    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[echo], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (addr, _stop, _) = web_proxy(&web(&[echo]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let (code, seen) = get(
         addr,
         &[
@@ -245,7 +238,7 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
 async fn a_malformed_request_body_is_the_clients_fault_not_the_endpoints() {
     let a = backend("127.0.0.31:0", "a", false).await;
     let b = backend(&format!("127.0.0.32:{}", a.port()), "b", false).await;
-    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[a, b], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (addr, _stop, _) = web_proxy(&web(&[a, b]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     // A chunk size that is no number: the client's error, answered 400 every time.
     for _ in 0..12 {
         let status = raw_status(addr, b"POST / HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").await;
@@ -267,14 +260,7 @@ async fn a_malformed_request_body_is_the_clients_fault_not_the_endpoints() {
 #[tokio::test]
 async fn a_backend_that_never_answers_gets_a_504_by_default() {
     let (hung, _events) = silent("127.0.0.1:0").await;
-    let (addr, _stop) = proxy_with(
-        &service("web", "10.96.0.10", &[hung], SELF_ROUTE),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        Limits::PROXY,
-        Duration::from_millis(300),
-    )
-    .await;
+    let (addr, _stop, _) = web_proxy(&web(&[hung]), Limits::PROXY, Duration::from_millis(300)).await;
     let answered = tokio::time::timeout(BOUND, get(addr, &[])).await.expect("answered without a route timeout");
     assert_eq!(answered.0, 504);
 }
@@ -282,7 +268,7 @@ async fn a_backend_that_never_answers_gets_a_504_by_default() {
 #[tokio::test]
 async fn a_client_that_goes_away_cancels_its_upstream_request() {
     let (hung, mut events) = silent("127.0.0.1:0").await;
-    let (addr, _stop) = proxy(&service("web", "10.96.0.10", &[hung], SELF_ROUTE), "10.96.0.10:80", Arc::new(TcpConnector)).await;
+    let (addr, _stop, _) = web_proxy(&web(&[hung]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let mut client = TcpStream::connect(addr).await.unwrap();
     client.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
     let first = tokio::time::timeout(BOUND, events.recv()).await.expect("the request reached the backend");
@@ -294,24 +280,18 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
 
 /// A backend that promises 100 bytes, sends 5 and closes.
 async fn cut_short(addr: &str) -> SocketAddr {
-    let listener = TcpListener::bind(addr).await.unwrap();
-    let local = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
-            });
+    raw_backend(addr, |mut stream| async move {
+        let mut head = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    local
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort").await;
+    })
+    .await
 }
 
 /// A GET whose body may break: (status, body or "CUT").
@@ -332,9 +312,8 @@ async fn get_lossy(proxy: SocketAddr) -> (u16, String) {
 async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
     let good = backend("127.0.0.41:0", "good", false).await;
     let cut = cut_short(&format!("127.0.0.42:{}", good.port())).await;
-    let yaml = service("web", "10.96.0.10", &[good, cut], SELF_ROUTE);
-    let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
+    let yaml = web(&[good, cut]);
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     // Requests go on until the endpoint that cuts its responses short is ejected (five in a
     // row by default): a cut response is a failure, not a 200 like any other.
     let mut cuts = 0;
@@ -365,7 +344,7 @@ async fn a_response_cut_short_is_flagged_and_counts_against_its_endpoint() {
 
 /// `service`, with annotations on the Service.
 fn annotated(endpoints: &[SocketAddr], annotations: &str) -> String {
-    service("web", "10.96.0.10", endpoints, SELF_ROUTE).replacen(
+    web(endpoints).replacen(
         "metadata: {name: web, namespace: ns}",
         &format!("metadata: {{name: web, namespace: ns, annotations: {{{annotations}}}}}"),
         1,
@@ -387,8 +366,7 @@ async fn a_local_rate_limit_answers_429_with_retry_after() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
     // One request a minute, two saved: the third in a row is over, whatever the machine's speed.
     let yaml = annotated(&[v1], "mesh.dev/rate-limit-rps: \"0.0166\", mesh.dev/rate-limit-burst: \"2\"");
-    let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     assert_eq!(get(addr, &[]).await.0, 200);
     assert_eq!(get(addr, &[]).await.0, 200);
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -410,8 +388,7 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
     let (b, _b_events) = silent(&format!("127.0.0.62:{}", a.port())).await;
     // Per Service: one request in flight at most.
     let yaml = annotated(&[a, b], "mesh.dev/max-requests: \"1\"");
-    let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let mut first = TcpStream::connect(addr).await.unwrap();
     first.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
     // The first is in flight (its endpoint never answers); the second is refused at once.
@@ -439,8 +416,7 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
 
     // Per endpoint: one each; two requests fill both endpoints, a third is refused.
     let yaml = annotated(&[a, b], "mesh.dev/max-requests-per-endpoint: \"1\"");
-    let (addr, _stop, telemetry) =
-        proxy_observed(&yaml, "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT, |o| o).await;
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut s = TcpStream::connect(addr).await.unwrap();
@@ -461,26 +437,83 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
 #[tokio::test]
 async fn a_streamed_response_quiet_for_longer_than_the_idle_timeout_is_not_cut() {
     // A backend that answers half its body, pauses for three idle timeouts, then the rest.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let slow = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
-                tokio::time::sleep(Duration::from_millis(900)).await;
-                let _ = stream.write_all(b"5\r\nworld\r\n0\r\n\r\n").await;
-            });
+    let slow = raw_backend("127.0.0.1:0", |mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n").await;
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let _ = stream.write_all(b"5\r\nworld\r\n0\r\n\r\n").await;
+    })
+    .await;
+    let (addr, _stop, _) = web_proxy(&web(&[slow]), short(), DEFAULT_REQUEST_TIMEOUT).await;
+    assert_eq!(get_lossy(addr).await, (200, "helloworld".into()));
+}
+
+#[tokio::test]
+async fn the_proxy_accepts_once_ready_and_lets_requests_in_flight_finish_when_draining() {
+    // A backend that says when a request arrived and answers once told to.
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let (answer_tx, answer) = watch::channel(false);
+    let backend_addr = raw_backend("127.0.0.1:0", move |mut stream| {
+        let (arrived_tx, mut answer) = (arrived_tx.clone(), answer.clone());
+        async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = arrived_tx.send(());
+            let _ = answer.wait_for(|a| *a).await;
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate").await;
+        }
+    })
+    .await;
+    let running = start(&web(&[backend_addr]), "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, |o| o, false).await;
+    let client = tokio::spawn(get_lossy(running.addr));
+    // Not ready (the configuration is not read yet): the connection waits, nothing reaches
+    // the backend.
+    assert!(tokio::time::timeout(Duration::from_millis(300), arrived.recv()).await.is_err(), "served before ready");
+    running.ready.send_replace(true);
+    tokio::time::timeout(BOUND, arrived.recv()).await.expect("served once ready");
+    // Draining: new connections are refused at once, the request in flight goes on.
+    running.stop.send_replace(true);
+    let refused = tokio::time::timeout(BOUND, async {
+        while TcpStream::connect(running.addr).await.is_ok() {
+            tokio::task::yield_now().await;
         }
     });
-    let (addr, _stop) = proxy_with(
-        &service("web", "10.96.0.10", &[slow], SELF_ROUTE),
-        "10.96.0.10:80",
-        Arc::new(TcpConnector),
-        short(),
-        DEFAULT_REQUEST_TIMEOUT,
-    )
+    refused.await.expect("the listener closes when draining starts");
+    assert!(!running.served.is_finished(), "the drain waits for the request in flight");
+    answer_tx.send_replace(true);
+    assert_eq!(client.await.unwrap(), (200, "late".into()));
+    tokio::time::timeout(BOUND, running.served).await.expect("the drain ends with its last request").unwrap();
+}
+
+#[tokio::test]
+async fn the_http_version_toward_endpoints_is_the_ports_not_the_clients() {
+    // An HTTP/2 client, an HTTP/1.1 backend (appProtocol unsaid): HTTP/1.1 upstream, the
+    // request's authority as its Host.
+    let echo = echo_headers("127.0.0.1:0").await;
+    let (addr, _stop, _) = web_proxy(&web(&[echo]), Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(Request::builder().uri("http://web.ns:80/x").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen = String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(seen.lines().any(|l| l == "host: web.ns:80"), "{seen}");
+
+    // An HTTP/1.1 client, a backend that speaks only HTTP/2 and whose port says so.
+    let h2_only = raw_backend("127.0.0.1:0", |stream| async move {
+        let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{:?}", req.version())))))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    })
     .await;
-    assert_eq!(get_lossy(addr).await, (200, "helloworld".into()));
+    let yaml =
+        web(&[h2_only]).replacen("ports: [{name: http, port: 80}]", "ports: [{name: http, port: 80, appProtocol: kubernetes.io/h2c}]", 1);
+    assert!(yaml.contains("appProtocol"));
+    let (addr, _stop, _) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+    assert_eq!(get(addr, &[]).await, (200, "HTTP/2.0".into()));
 }
