@@ -1,5 +1,6 @@
-//! The agent's HTTP endpoints: readiness (`/healthz/ready`, on all interfaces for kubelet),
-//! metrics, and the admin API (`/config_dump`, `/quitquitquit`, on localhost only). Small and
+//! The agent's HTTP endpoints: readiness (`/healthz/ready`, on the node's loopback, where
+//! kubelet probes it), metrics (all interfaces, for Prometheus), and the admin API
+//! (`/config_dump`, `/quitquitquit`, on localhost only). Small and
 //! apart from the data path: they share only the agent's status behind a lock, and the same
 //! connection limits as every listener (`server`).
 #![forbid(unsafe_code)]

@@ -139,8 +139,8 @@ struct AgentArgs {
     #[arg(long, default_value = "off", value_name = "FILE|-")]
     access_log: crate::telemetry::access_log::Target,
     /// Restart without refusing a connection: take the listening sockets of the agent running
-    /// on the same --bpffs (it stops accepting, leaves the datapath to this one and drains),
-    /// then its pin directory. Implies that the old agent keeps the datapath.
+    /// on the same --bpffs, then its pin directory (it leaves the datapath to this one, serves
+    /// until this one serves, then drains and exits).
     #[arg(long)]
     take_over: bool,
     /// On SIGTERM (or when a new agent takes over), how long proxied connections may take to

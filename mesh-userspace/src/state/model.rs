@@ -281,3 +281,18 @@ pub fn workload_of_pod(pod: &str) -> String {
         _ => pod.to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ports_protocol_comes_from_app_protocol_else_from_its_name() {
+        assert_eq!(AppProtocol::of_port(Some("kubernetes.io/h2c"), "web"), AppProtocol::H2c);
+        assert_eq!(AppProtocol::of_port(Some("kubernetes.io/http"), "grpc"), AppProtocol::Http1, "appProtocol wins");
+        assert_eq!(AppProtocol::of_port(None, "grpc-api"), AppProtocol::H2c);
+        assert_eq!(AppProtocol::of_port(None, "http-metrics"), AppProtocol::Http1);
+        assert_eq!(AppProtocol::of_port(None, "web"), AppProtocol::Unknown);
+        assert_eq!(AppProtocol::of_port(None, ""), AppProtocol::Unknown);
+    }
+}
