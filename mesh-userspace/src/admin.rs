@@ -34,7 +34,7 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, BindError> {
 /// Serves `handler` on `listener` until `shutdown` turns true.
 pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler, mut shutdown: watch::Receiver<bool>) {
     let limits = Limits::ADMIN;
-    let slots = Slots::new(limits.max_connections, Default::default());
+    let slots = Slots::new(limits.max_connections, Default::default(), Default::default());
     let http = Arc::new(limits.http());
     loop {
         tokio::select! {

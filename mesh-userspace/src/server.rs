@@ -17,7 +17,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -27,7 +27,7 @@ use hyper_util::{
     rt::{TokioExecutor, TokioTimer},
     server::conn::auto,
 };
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -141,7 +141,8 @@ fn is_resource_exhaustion(e: &io::Error) -> bool {
 /// Open connections of one listener, up to a cap.
 #[derive(Debug, Clone)]
 pub struct Slots {
-    open: Arc<AtomicUsize>,
+    /// Connections open now (a metric's gauge).
+    open: Gauge,
     max: usize,
     /// Connections closed at once because the listener was full (a metric's counter).
     refused: Counter,
@@ -149,23 +150,25 @@ pub struct Slots {
 
 /// One open connection; frees its slot when dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<AtomicUsize>);
+pub struct Slot(Gauge);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        self.0.dec();
     }
 }
 
 impl Slots {
-    /// At most `max` open connections; each one refused counts in `refused`.
-    pub fn new(max: usize, refused: Counter) -> Self {
-        Self { open: Arc::new(AtomicUsize::new(0)), max, refused }
+    /// At most `max` open connections, counted in `open`; each one refused counts in
+    /// `refused`.
+    pub fn new(max: usize, open: Gauge, refused: Counter) -> Self {
+        Self { open, max, refused }
     }
 
     /// A slot, or None when `max` connections are open (the caller closes the connection).
     pub fn take(&self) -> Option<Slot> {
-        let taken = self.open.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < self.max).then_some(n + 1)).is_ok();
+        let max = self.max as i64;
+        let taken = self.open.inner().try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok();
         if taken {
             Some(Slot(self.open.clone()))
         } else {
@@ -175,7 +178,7 @@ impl Slots {
     }
 
     pub fn open(&self) -> usize {
-        self.open.load(Ordering::Acquire)
+        self.open.get().max(0) as usize
     }
 
     /// Resolves once no connection is open (looked at every 20 ms: only used while draining).
@@ -201,6 +204,9 @@ struct ActivityInner {
     /// Milliseconds since `born` at the last read or write.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
+    /// Whether a request has started on this connection; `first_request` waits on `started`.
+    has_started: AtomicBool,
+    started: tokio::sync::Notify,
 }
 
 /// One request being served; the connection is not idle while it lives.
@@ -216,7 +222,13 @@ impl Drop for Busy {
 
 impl Activity {
     fn new() -> Self {
-        Self(Arc::new(ActivityInner { born: Instant::now(), last_ms: AtomicU64::new(0), in_flight: AtomicUsize::new(0) }))
+        Self(Arc::new(ActivityInner {
+            born: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            has_started: AtomicBool::new(false),
+            started: tokio::sync::Notify::new(),
+        }))
     }
 
     fn touch(&self) {
@@ -226,7 +238,18 @@ impl Activity {
     /// Marks a request in flight until the returned guard drops.
     pub fn busy(&self) -> Busy {
         self.0.in_flight.fetch_add(1, Ordering::AcqRel);
+        if !self.0.has_started.load(Ordering::Relaxed) && !self.0.has_started.swap(true, Ordering::AcqRel) {
+            // Stores a permit if nobody waits yet: `first_request` cannot miss it.
+            self.0.started.notify_one();
+        }
         Busy(self.clone())
+    }
+
+    /// Resolves once the connection's first request has started (at once if it has).
+    pub async fn first_request(&self) {
+        if !self.0.has_started.load(Ordering::Acquire) {
+            self.0.started.notified().await;
+        }
     }
 
     /// Resolves once the connection has been idle (no request in flight, no traffic) for
@@ -305,7 +328,7 @@ mod tests {
 
     #[test]
     fn slots_refuse_over_the_cap_and_come_back_when_freed() {
-        let slots = Slots::new(2, Counter::default());
+        let slots = Slots::new(2, Gauge::default(), Counter::default());
         let a = slots.take().unwrap();
         let _b = slots.take().unwrap();
         assert!(slots.take().is_none());

@@ -47,6 +47,10 @@ use crate::{
 /// in-flight count forever. `timeouts.request: 0s` on a route turns it off (streams).
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Once draining, how long a connection that has not started a request yet may take to send
+/// its first one (clients send it as soon as they connect; this only bounds a silent one).
+const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(2);
+
 /// How often the proxy looks whether a peak of connections has passed, and how high a peak
 /// must have been to be worth giving memory back after.
 const TRIM_CHECK: Duration = Duration::from_secs(2);
@@ -505,7 +509,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
         _ = drain.wait_for(|d| *d) => return,
     }
     let mut snapshots = outbound.snapshot.clone();
-    let slots = Slots::new(limits.max_connections, outbound.telemetry.metrics.proxy_refused.clone());
+    let slots = Slots::new(limits.max_connections, outbound.telemetry.metrics.proxy_open.clone(), outbound.telemetry.metrics.proxy_refused.clone());
     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
     let http = Arc::new(limits.http());
     let for_connections = drain.clone();
@@ -545,12 +549,18 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                     });
                     let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::pin!(connection);
-                    let mut asked_to_finish = false;
+                    let (mut draining_seen, mut asked_to_finish) = (false, false);
                     loop {
                         tokio::select! {
                             _ = connection.as_mut() => return,
                             _ = activity.idle_for(limits.idle_timeout) => return,
-                            _ = draining.wait_for(|d| *d), if !asked_to_finish => {
+                            _ = draining.wait_for(|d| *d), if !draining_seen => draining_seen = true,
+                            // A connection accepted just before the drain may hold a request
+                            // not read yet: asked to finish before hyper knows its HTTP
+                            // version, it would be closed unread (a reset for the client).
+                            // Its first request is answered (with `Connection: close` or a
+                            // GOAWAY); a client that sends none is closed after the grace.
+                            _ = tokio::time::timeout(FIRST_REQUEST_GRACE, activity.first_request()), if draining_seen && !asked_to_finish => {
                                 asked_to_finish = true;
                                 connection.as_mut().graceful_shutdown();
                             }

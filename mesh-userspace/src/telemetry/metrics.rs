@@ -76,6 +76,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Connections the outbound proxy closed at once because it was full.
     pub proxy_refused: Counter,
+    pub proxy_open: Gauge,
     /// Spans not exported: the queue was full or the collector refused them.
     pub spans_dropped: Counter,
 }
@@ -146,6 +147,8 @@ impl Default for Metrics {
             "Connections the outbound proxy closed on arrival because it held its maximum (see the agent's open-file limit)",
             proxy_refused.clone(),
         );
+        let proxy_open = Gauge::default();
+        registry.register("mesh_proxy_connections_open", "Client connections the outbound proxy holds open now", proxy_open.clone());
         let spans_dropped = Counter::default();
         registry.register(
             "mesh_trace_spans_dropped",
@@ -157,6 +160,7 @@ impl Default for Metrics {
             spans_dropped,
             access_log_dropped,
             proxy_refused,
+            proxy_open,
             config_file_reads,
             config_generation,
             kernel_generation,

@@ -487,6 +487,45 @@ async fn the_proxy_accepts_once_ready_and_lets_requests_in_flight_finish_when_dr
 }
 
 #[tokio::test]
+async fn a_connection_accepted_just_before_the_drain_gets_its_first_request_answered() {
+    // What a restart with --take-over met: the old agent had accepted a connection whose
+    // request it had not read when it began to drain, and closed it unread (a reset).
+    let backend = raw_backend("127.0.0.1:0", |mut stream| async move {
+        let mut buf = [0u8; 4096];
+        let _ = stream.read(&mut buf).await;
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+    })
+    .await;
+    let running = start(&web(&[backend]), "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, |o| o, true).await;
+    let mut stream = TcpStream::connect(running.addr).await.unwrap();
+    let open = running.telemetry.metrics.proxy_open.clone();
+    tokio::time::timeout(BOUND, async {
+        while open.get() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the proxy accepts the connection");
+    running.stop.send_replace(true);
+    let refused = tokio::time::timeout(BOUND, async {
+        while TcpStream::connect(running.addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    });
+    refused.await.expect("the listener closes when draining starts");
+    // Let the connection's task see the drain before the request arrives.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
+    let answer = until_closed(&mut stream).await.to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 200"), "answered, not closed unread: {answer:?}");
+    assert!(answer.contains("connection: close"), "and told to go elsewhere next: {answer:?}");
+    tokio::time::timeout(BOUND, running.served).await.expect("the drain ends with it").unwrap();
+    assert_eq!(open.get(), 0, "no connection left open");
+}
+
+#[tokio::test]
 async fn the_http_version_toward_endpoints_is_the_ports_not_the_clients() {
     // An HTTP/2 client, an HTTP/1.1 backend (appProtocol unsaid): HTTP/1.1 upstream, the
     // request's authority as its Host.
