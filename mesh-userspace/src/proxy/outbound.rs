@@ -509,7 +509,8 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
         _ = drain.wait_for(|d| *d) => return,
     }
     let mut snapshots = outbound.snapshot.clone();
-    let slots = Slots::new(limits.max_connections, outbound.telemetry.metrics.proxy_open.clone(), outbound.telemetry.metrics.proxy_refused.clone());
+    let slots =
+        Slots::new(limits.max_connections, outbound.telemetry.metrics.proxy_open.clone(), outbound.telemetry.metrics.proxy_refused.clone());
     // HTTP/1.1 or HTTP/2 with prior knowledge (h2c, gRPC), as the client speaks.
     let http = Arc::new(limits.http());
     let for_connections = drain.clone();
