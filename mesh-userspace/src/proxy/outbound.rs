@@ -395,14 +395,21 @@ impl Outbound {
     fn service_state(&self, service: &ObjectKey) -> Option<ServiceState> {
         let view = self.snapshot.borrow().services.get(service).cloned()?;
         let mut per_service = self.per_service.lock().expect("per-service lock");
-        let entry = per_service.entry(service.clone()).or_insert_with(|| PerService {
-            view: view.clone(),
-            router: Arc::new(Router::new(view.routes.clone())),
-            budget: Arc::new(RetryBudget::new(view.spec.retry_budget)),
-            balancer: Arc::new(Balancer::default()),
-            rate_limit: view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p))),
-            gate: Arc::new(Gate::default()),
-        });
+        // Looked up before inserting: the key is cloned once per Service, not per request.
+        if !per_service.contains_key(service) {
+            per_service.insert(
+                service.clone(),
+                PerService {
+                    view: view.clone(),
+                    router: Arc::new(Router::new(view.routes.clone())),
+                    budget: Arc::new(RetryBudget::new(view.spec.retry_budget)),
+                    balancer: Arc::new(Balancer::default()),
+                    rate_limit: view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p))),
+                    gate: Arc::new(Gate::default()),
+                },
+            );
+        }
+        let entry = per_service.get_mut(service).expect("inserted above");
         if !Arc::ptr_eq(&entry.view, &view) {
             if entry.view.routes != view.routes {
                 entry.router = Arc::new(Router::new(view.routes.clone()));

