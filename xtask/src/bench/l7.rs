@@ -214,16 +214,26 @@ fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f6
         Some(c) => c.command("taskset"),
         None => Command::new("taskset"),
     };
-    cmd.args(["-c", "0"]).arg(oha).args(["--no-tui", "--output-format", "json", "--latency-correction"]);
+    cmd.args(["-c", "0"]).arg(oha).args([
+        "--no-tui",
+        "--output-format",
+        "json",
+        "--latency-correction",
+        "--wait-ongoing-requests-after-deadline",
+    ]);
     cmd.args(["-q", &FIXED_RATE.to_string(), "-z", FIXED_SECS, "-c", FIXED_CONNECTIONS]).arg(format!("http://{target}/"));
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{cmd:?}: no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
     });
     let us = |p: &str| report["latencyPercentiles"][p].as_f64().map_or(f64::NAN, |s| s * 1e6);
-    let ok: u64 = report["statusCodeDistribution"].as_object().map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() == "200").filter_map(|(_, n)| n.as_u64()).sum());
+    let ok: u64 = report["statusCodeDistribution"]
+        .as_object()
+        .map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() == "200").filter_map(|(_, n)| n.as_u64()).sum());
     let errors: u64 = report["errorDistribution"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-    let other: u64 = report["statusCodeDistribution"].as_object().map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() != "200").filter_map(|(_, n)| n.as_u64()).sum());
+    let other: u64 = report["statusCodeDistribution"]
+        .as_object()
+        .map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() != "200").filter_map(|(_, n)| n.as_u64()).sum());
     let failed = (errors + other) as f64 / ((ok + errors + other).max(1)) as f64;
     (report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0), us("p50"), us("p99"), us("p99.9"), failed)
 }
