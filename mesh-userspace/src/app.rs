@@ -261,12 +261,17 @@ impl Agent {
                 }
             }
             (&Method::POST, "/quitquitquit") => {
-                // Only the agent's own user may stop it: any process on the node (or pod on
-                // its network) can reach a loopback port.
-                let uid = host::tcp_peer_uid(caller.local, caller.peer);
-                if uid != Some(host::effective_uid()) {
-                    tracing::warn!(peer = %caller.peer, uid = ?uid, "/quitquitquit refused: not the agent's user");
+                // Only the agent's own user in the agent's own container (its mount namespace;
+                // on a host, the host's) may stop it: any process on the node, and any
+                // host-network pod, can reach a loopback port, and such pods often run as root.
+                let peer = host::tcp_peer(caller.local, caller.peer);
+                if peer.map(|p| p.uid) != Some(host::effective_uid()) {
+                    tracing::warn!(peer = %caller.peer, uid = ?peer.map(|p| p.uid), "/quitquitquit refused: not the agent's user");
                     return (StatusCode::FORBIDDEN, "only the agent's user may stop it\n".into());
+                }
+                if !peer.is_some_and(|p| host::socket_held_in_own_mount_namespace(p.inode)) {
+                    tracing::warn!(peer = %caller.peer, "/quitquitquit refused: the caller runs in another container (mount namespace)");
+                    return (StatusCode::FORBIDDEN, "only a process in the agent's own container may stop it\n".into());
                 }
                 tracing::info!(peer = %caller.peer, "stop asked by /quitquitquit");
                 let _ = quit.send(true);

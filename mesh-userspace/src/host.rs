@@ -113,20 +113,52 @@ pub fn release_free_memory() {
     }
 }
 
-/// The user owning the other end of a TCP connection on this host: the socket whose local
-/// address is `peer` and remote address `local`, found in /proc/net/tcp{,6} (what SO_PEERCRED
-/// gives for Unix sockets). None when it is not a local socket (or is gone).
-pub fn tcp_peer_uid(local: SocketAddr, peer: SocketAddr) -> Option<u32> {
+/// The other end of a TCP connection on this host: its user and its socket's inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpPeer {
+    pub uid: u32,
+    pub inode: u64,
+}
+
+/// The other end of a local TCP connection: the socket whose local address is `peer` and
+/// remote address `local`, found in /proc/net/tcp{,6} (what SO_PEERCRED gives for Unix
+/// sockets). None when it is not a local socket (or is gone).
+pub fn tcp_peer(local: SocketAddr, peer: SocketAddr) -> Option<TcpPeer> {
     let table = if peer.is_ipv4() { "/proc/net/tcp" } else { "/proc/net/tcp6" };
     let text = fs::read_to_string(table).ok()?;
     let (want_local, want_remote) = (proc_net_addr(peer), proc_net_addr(local));
     text.lines().skip(1).find_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid ...
-        (fields.len() > 7 && fields[1].eq_ignore_ascii_case(&want_local) && fields[2].eq_ignore_ascii_case(&want_remote))
-            .then(|| fields[7].parse().ok())
-            .flatten()
+        // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode
+        if fields.len() <= 9 || !fields[1].eq_ignore_ascii_case(&want_local) || !fields[2].eq_ignore_ascii_case(&want_remote) {
+            return None;
+        }
+        Some(TcpPeer { uid: fields[7].parse().ok()?, inode: fields[9].parse().ok()? })
     })
+}
+
+/// Whether the processes holding socket `inode` all run in this process's mount namespace
+/// (its container; on a host, the host's). False when no visible process holds it. Scans
+/// /proc/*/fd: for rare administrative calls only.
+pub fn socket_held_in_own_mount_namespace(inode: u64) -> bool {
+    let Ok(own) = fs::read_link("/proc/self/ns/mnt") else { return false };
+    let wanted = PathBuf::from(format!("socket:[{inode}]"));
+    let Ok(processes) = fs::read_dir("/proc") else { return false };
+    let mut holders = 0;
+    for process in processes.flatten() {
+        let path = process.path();
+        if !process.file_name().to_str().is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit())) {
+            continue;
+        }
+        let Ok(fds) = fs::read_dir(path.join("fd")) else { continue };
+        if fds.flatten().any(|fd| fs::read_link(fd.path()).is_ok_and(|target| target == wanted)) {
+            if fs::read_link(path.join("ns/mnt")).ok().as_ref() != Some(&own) {
+                return false;
+            }
+            holders += 1;
+        }
+    }
+    holders > 0
 }
 
 /// An address as /proc/net/tcp prints it: the address's 32-bit words in host order, in hex,
@@ -167,8 +199,13 @@ mod tests {
         let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, peer) = listener.accept().unwrap();
         assert_eq!(peer, client.local_addr().unwrap());
-        assert_eq!(tcp_peer_uid(server.local_addr().unwrap(), peer), Some(effective_uid()));
+        let found = tcp_peer(server.local_addr().unwrap(), peer).expect("the client's socket");
+        assert_eq!(found.uid, effective_uid());
+        assert!(socket_held_in_own_mount_namespace(found.inode), "this process holds it");
         // A peer that is no socket of this host's.
-        assert_eq!(tcp_peer_uid(server.local_addr().unwrap(), "127.0.0.1:1".parse().unwrap()), None);
+        assert_eq!(tcp_peer(server.local_addr().unwrap(), "127.0.0.1:1".parse().unwrap()), None);
+        drop(client);
+        // Closed: no process holds the socket any more (its inode may linger in the table).
+        assert!(!socket_held_in_own_mount_namespace(found.inode));
     }
 }

@@ -118,19 +118,35 @@ fn only_the_agents_user_may_stop_it() {
     in_netns(|| {
         let cgroup = TestCgroup::new("limits-quit");
         let mut agent = Agent::start(AgentSpec::new(&config(), &cgroup));
-        let quit = |uid: Option<u32>| {
+        // Asks from another user, or from a process in a mount namespace of its own (what a
+        // host-network pod running as root is: another container, the same network).
+        let quit = |uid: Option<u32>, other_container: bool| {
             let mut cmd = std::process::Command::new(probe_bin());
             cmd.args(["raw", agent.admin_addr(), "quit"]);
             if let Some(uid) = uid {
                 cmd.uid(uid).gid(uid);
             }
+            if other_container {
+                // SAFETY: only async-signal-safe calls between fork and exec.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+            }
             let out = cmd.output().expect("mesh-probe");
             serde_json::from_slice::<Value>(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)))
         };
-        let nobody = quit(Some(65534));
+        let nobody = quit(Some(65534), false);
         assert!(nobody["status"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 403")), "{nobody}");
+        let root_elsewhere = quit(None, true);
+        assert!(root_elsewhere["status"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 403")), "{root_elsewhere}");
+        assert!(agent.log().contains("runs in another container"), "{}", agent.log());
         assert_eq!(agent.readiness().0, 200, "still running");
-        let root = quit(None);
+        let root = quit(None, false);
         assert!(root["status"].as_str().is_some_and(|s| s.starts_with("HTTP/1.1 200")), "{root}");
         let log = agent.log_path();
         wait_until(|| agent.exited(), || std::fs::read_to_string(&log).unwrap_or_default());
