@@ -6,7 +6,10 @@ use std::{
     io,
     net::SocketAddr,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -51,36 +54,153 @@ impl Connector for TcpConnector {
     }
 }
 
+/// The connections of one backend Service against its circuit breakers (`max-connections`,
+/// `max-pending-requests`; 0: no limit). The limits can change under live connections.
+#[derive(Debug, Default)]
+pub struct ConnectionLimit {
+    open: AtomicU32,
+    waiting: AtomicU32,
+    max_open: AtomicU32,
+    max_waiting: AtomicU32,
+    /// Woken when a connection closes.
+    closed: tokio::sync::Notify,
+}
+
+impl ConnectionLimit {
+    pub fn set(&self, max_open: Option<u32>, max_waiting: Option<u32>) {
+        self.max_open.store(max_open.unwrap_or(0), Ordering::Relaxed);
+        self.max_waiting.store(max_waiting.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    pub fn open(&self) -> u32 {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn try_open(&self) -> bool {
+        let max = self.max_open.load(Ordering::Relaxed);
+        self.open.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// A place for one more connection: at once, or after waiting (at most `max_waiting` wait
+    /// at a time, each at most `CONNECT_TIMEOUT`) for one to close. Overflow otherwise.
+    async fn take(self: &Arc<Self>) -> io::Result<OpenConnection> {
+        if self.try_open() {
+            return Ok(OpenConnection(self.clone()));
+        }
+        let max_waiting = self.max_waiting.load(Ordering::Relaxed);
+        if self.waiting.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max_waiting).then_some(n + 1)).is_err() {
+            return Err(Overflow::error("every connection the Service allows is open, and no request may wait"));
+        }
+        let waited = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            loop {
+                // Registered before looking again: a close in between is not missed.
+                let closed = self.closed.notified();
+                if self.try_open() {
+                    return;
+                }
+                closed.await;
+            }
+        })
+        .await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        match waited {
+            Ok(()) => Ok(OpenConnection(self.clone())),
+            Err(_) => Err(Overflow::error("no connection to the Service closed while the request waited for one")),
+        }
+    }
+}
+
+/// One connection counted against a `ConnectionLimit`, until dropped (closed).
+struct OpenConnection(Arc<ConnectionLimit>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+        self.0.closed.notify_one();
+    }
+}
+
+/// A connect refused by a Service's circuit breaker: the proxy's own doing (503, flag UO), not
+/// the endpoint's.
+#[derive(Debug)]
+pub struct Overflow(&'static str);
+
+impl std::fmt::Display for Overflow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for Overflow {}
+
+impl Overflow {
+    fn error(why: &'static str) -> io::Error {
+        io::Error::other(Overflow(why))
+    }
+
+    /// Whether `error` (or what caused it) is a circuit breaker's refusal.
+    pub fn caused(error: &(dyn std::error::Error + 'static)) -> bool {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()).is_some_and(|inner| inner.is::<Overflow>()) || e.is::<Overflow>() {
+                return true;
+            }
+            next = e.source();
+        }
+        false
+    }
+}
+
+/// A `Connector` whose connections count against a Service's `ConnectionLimit`.
+struct Limited {
+    inner: Arc<dyn Connector>,
+    limit: Arc<ConnectionLimit>,
+}
+
+impl Connector for Limited {
+    fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
+        let (inner, limit) = (self.inner.clone(), self.limit.clone());
+        Box::pin(async move {
+            let place = limit.take().await?;
+            let conn = inner.connect(endpoint).await?;
+            Ok(Conn { io: conn.io, _counted: Some(place) })
+        })
+    }
+}
+
 /// Any byte stream a `Connector` opens.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Stream for T {}
 
-/// A connection as the HTTP clients take it.
-pub struct Conn(TokioIo<Pin<Box<dyn Stream>>>);
+/// A connection as the HTTP clients take it (counted against its Service's limit while open).
+pub struct Conn {
+    io: TokioIo<Pin<Box<dyn Stream>>>,
+    _counted: Option<OpenConnection>,
+}
 
 impl Conn {
     pub fn new(stream: impl Stream) -> Self {
-        Self(TokioIo::new(Box::pin(stream)))
+        Self { io: TokioIo::new(Box::pin(stream)), _counted: None }
     }
 }
 
 impl hyper::rt::Read for Conn {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: ReadBufCursor<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        Pin::new(&mut self.io).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for Conn {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.io).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.io).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -115,15 +235,18 @@ impl tower_service::Service<hyper::Uri> for ConnectService {
 pub type Body = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
 
 /// Pooled connections to endpoints: HTTP/1.1, and HTTP/2 with prior knowledge (h2c) for
-/// requests that came in over HTTP/2 (gRPC).
+/// requests that came in over HTTP/2 (gRPC). One per backend Service, as Envoy has a pool
+/// per cluster: its connections count against the Service's limit.
 pub struct Upstream {
     http1: Client<ConnectService, Body>,
     http2: Client<ConnectService, Body>,
+    limit: Arc<ConnectionLimit>,
 }
 
 impl Upstream {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
-        let service = ConnectService(connector);
+        let limit = Arc::new(ConnectionLimit::default());
+        let service = ConnectService(Arc::new(Limited { inner: connector, limit: limit.clone() }));
         Self {
             http1: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
@@ -135,7 +258,13 @@ impl Upstream {
                 .timer(TokioTimer::new())
                 .http2_only(true)
                 .build(service),
+            limit,
         }
+    }
+
+    /// The Service's connection limits, and what is open against them.
+    pub fn limit(&self) -> &ConnectionLimit {
+        &self.limit
     }
 
     /// Sends `request` (its URI names the endpoint) in the HTTP version it came in with.

@@ -21,7 +21,7 @@ use tokio::{net::TcpListener, sync::watch};
 use super::{
     admission::{Gate, TokenBucket},
     balancer::Balancer,
-    connect::{Connector, Upstream},
+    connect::{Connector, Overflow, Upstream},
     filters::{apply_edits, modify_path, redirect_response},
     http::{Body, ClientBody, Outcome, RequestTrace, Tracked, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
@@ -79,6 +79,8 @@ struct PerService {
     balancer: Arc<Balancer>,
     rate_limit: Option<Arc<TokenBucket>>,
     gate: Arc<Gate>,
+    /// Pooled connections to the Service's endpoints, against its connection limits.
+    upstream: Arc<Upstream>,
 }
 
 /// A Service's state for one request.
@@ -90,6 +92,7 @@ struct ServiceState {
     rate_limit: Option<Arc<TokenBucket>>,
     gate: Arc<Gate>,
     breakers: CircuitBreakers,
+    upstream: Arc<Upstream>,
 }
 
 /// The outbound proxy: listener and original destination here; then routing and filters
@@ -99,7 +102,7 @@ pub struct Outbound {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     telemetry: Arc<Telemetry>,
     orig_dst: Box<dyn OrigDst>,
-    upstream: Upstream,
+    connector: Arc<dyn Connector>,
     per_service: Mutex<HashMap<ObjectKey, PerService>>,
     /// For routes that set no request timeout; None: no limit.
     default_request_timeout: Option<Duration>,
@@ -118,7 +121,7 @@ impl Outbound {
             snapshot,
             telemetry,
             orig_dst,
-            upstream: Upstream::new(connector),
+            connector,
             per_service: Mutex::new(HashMap::new()),
             default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             access_log: Arc::new(AccessLog::off()),
@@ -295,18 +298,18 @@ impl Outbound {
         let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
         let target = format!("{path}{query}");
 
+        let Some(ServiceState { budget, balancer, policy, gate, breakers, upstream, .. }) = self.service_state(&backend.service) else {
+            outcome.flags = "UH";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
+        };
         if let Some(client_side) = upgrade {
             // An upgrade is one attempt without a span of its own: the request's span is its
             // parent. (Other requests get a traceparent per attempt.)
             if let Ok(value) = trace.context.header(trace.span).parse() {
                 head.headers.insert("traceparent", value);
             }
-            return self.upgrade(head, body, &target, &endpoints, client_side, outcome).await;
+            return self.upgrade(&upstream, head, body, &target, &endpoints, client_side, outcome).await;
         }
-        let Some(ServiceState { budget, balancer, policy, gate, breakers, .. }) = self.service_state(&backend.service) else {
-            outcome.flags = "UH";
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
-        };
         // The backend's circuit breaker: held until the response has ended (with `outcome`).
         let Some(pass) = gate.enter() else {
             outcome.flags = "UO";
@@ -314,7 +317,7 @@ impl Outbound {
         };
         outcome.admitted = Some(pass);
         let attempts = Attempts {
-            upstream: &self.upstream,
+            upstream: &upstream,
             telemetry: &self.telemetry,
             service: &backend.service,
             budget: &budget,
@@ -354,8 +357,10 @@ impl Outbound {
 
     /// Upgrade (WebSocket and the like): one attempt; on 101 both connections are spliced and
     /// bytes pass through untouched until either side closes.
+    #[expect(clippy::too_many_arguments, reason = "one request's context, used once")]
     async fn upgrade(
         &self,
+        upstream: &Upstream,
         head: hyper::http::request::Parts,
         body: hyper::body::Incoming,
         target: &str,
@@ -370,8 +375,12 @@ impl Outbound {
         };
         let mut request = Request::from_parts(head, body.boxed());
         *request.uri_mut() = uri;
-        let mut response = match self.upstream.request(request).await {
+        let mut response = match upstream.request(request).await {
             Ok(r) => r,
+            Err(e) if Overflow::caused(&e) => {
+                outcome.flags = "UO";
+                return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many connections to the service\n");
+            }
             Err(e) => {
                 outcome.flags = "UF";
                 tracing::debug!(%endpoint, error = %e, "upstream upgrade request failed");
@@ -406,6 +415,7 @@ impl Outbound {
                     balancer: Arc::new(Balancer::default()),
                     rate_limit: view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p))),
                     gate: Arc::new(Gate::default()),
+                    upstream: Arc::new(Upstream::new(self.connector.clone())),
                 },
             );
         }
@@ -425,6 +435,7 @@ impl Outbound {
             entry.view = view.clone();
         }
         entry.gate.set_max(view.spec.breakers.max_requests);
+        entry.upstream.limit().set(view.spec.breakers.max_connections, view.spec.breakers.max_pending_requests);
         Some(ServiceState {
             router: entry.router.clone(),
             budget: entry.budget.clone(),
@@ -433,6 +444,7 @@ impl Outbound {
             rate_limit: entry.rate_limit.clone(),
             gate: entry.gate.clone(),
             breakers: view.spec.breakers,
+            upstream: entry.upstream.clone(),
         })
     }
 }

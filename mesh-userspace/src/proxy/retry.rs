@@ -15,7 +15,7 @@ use hyper::{Request, Response, StatusCode};
 
 use super::{
     balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
-    connect::Upstream,
+    connect::{Overflow, Upstream},
     filters::apply_edits,
     http::{Body, End, Outcome, RequestTrace, Tracked, fqdn, reply, strip_hop_by_hop},
 };
@@ -225,6 +225,14 @@ impl Attempts<'_> {
                     attempt_trace.finish(Some(response.status().as_u16()), status_failed);
                     strip_hop_by_hop(response.headers_mut(), false);
                     response.map(BodyExt::boxed)
+                }
+                Err(e) if Overflow::caused(&e) => {
+                    // The Service's connection limit, not the endpoint: nobody is blamed (the
+                    // guard only takes back the in-flight count), nothing retried.
+                    drop(picked);
+                    attempt_trace.finish(None, false);
+                    outcome.flags = "UO";
+                    return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many connections to the service\n");
                 }
                 Err(e) => {
                     self.report(picked, true, endpoints);

@@ -182,7 +182,8 @@ pub struct ServiceSpec {
     pub outlier: EjectionPolicy,
     /// `mesh.dev/rate-limit-*`: requests to this Service through this node's proxy.
     pub rate_limit: Option<RateLimitPolicy>,
-    /// `mesh.dev/max-requests*`: requests in flight to this Service as a backend.
+    /// `mesh.dev/max-requests*`, `max-connections`, `max-pending-requests`: what this Service,
+    /// as a backend, takes at once.
     pub breakers: CircuitBreakers,
 }
 
@@ -204,6 +205,12 @@ pub struct CircuitBreakers {
     /// Requests in flight to one endpoint (`mesh.dev/max-requests-per-endpoint`): with HTTP/1.1,
     /// one connection each, so it also caps the connections to an endpoint.
     pub max_requests_per_endpoint: Option<u32>,
+    /// Connections open to the Service's endpoints (`mesh.dev/max-connections`). A request
+    /// that finds none idle and the maximum open waits for one to close (a pending request).
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection at once (`mesh.dev/max-pending-requests`; without it,
+    /// none wait: at `max_connections` a request with no idle connection is refused).
+    pub max_pending_requests: Option<u32>,
 }
 
 /// One endpoint of a slice: what kube-proxy's rules and telemetry need, nothing more. 32

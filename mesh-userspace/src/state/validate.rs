@@ -146,6 +146,8 @@ fn service(service: &Service, key: &ObjectKey) -> Result<ServiceSpec, Vec<FieldE
     let breakers = CircuitBreakers {
         max_requests: limit("mesh.dev/max-requests"),
         max_requests_per_endpoint: limit("mesh.dev/max-requests-per-endpoint"),
+        max_connections: limit("mesh.dev/max-connections"),
+        max_pending_requests: limit("mesh.dev/max-pending-requests"),
     };
 
     // ExternalName services are DNS aliases, headless ones have no VIP: nothing to balance.

@@ -434,6 +434,87 @@ async fn circuit_breakers_answer_503_at_once_when_full() {
     assert!(flagged(&telemetry, "UO") >= 1.0);
 }
 
+/// A keep-alive backend that holds its first request until `answer` turns true and answers
+/// every other at once; says when a request arrived, and counts the connections it accepted.
+async fn holding_backend() -> (SocketAddr, mpsc::UnboundedReceiver<()>, watch::Sender<bool>, Arc<std::sync::atomic::AtomicUsize>) {
+    let (arrived_tx, arrived) = mpsc::unbounded_channel();
+    let (answer_tx, answer) = watch::channel(false);
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let counted = connections.clone();
+    let addr = raw_backend("127.0.0.1:0", move |mut stream| {
+        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (arrived_tx, mut answer, first) = (arrived_tx.clone(), answer.clone(), first.clone());
+        async move {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+                while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                    head.drain(..end + 4);
+                    let _ = arrived_tx.send(());
+                    if first.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                        let _ = answer.wait_for(|a| *a).await;
+                    }
+                    if stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    (addr, arrived, answer_tx, connections)
+}
+
+#[tokio::test]
+async fn at_its_connection_limit_a_service_lets_one_request_wait_and_refuses_the_next() {
+    let (backend, mut arrived, answer, connections) = holding_backend().await;
+    let yaml = annotated(&[backend], "mesh.dev/max-connections: \"1\", mesh.dev/max-pending-requests: \"1\"");
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+    // The first request holds the Service's only connection.
+    let first = tokio::spawn(get_lossy(addr));
+    tokio::time::timeout(BOUND, arrived.recv()).await.expect("the first request reaches the backend");
+    // Two more, with no idle connection: one may wait for it, the other is refused at once
+    // (which one depends on which the proxy reads first).
+    let (second, third) = (tokio::spawn(get_lossy(addr)), tokio::spawn(get_lossy(addr)));
+    let refused = tokio::time::timeout(BOUND, async {
+        while flagged(&telemetry, "UO") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    refused.await.expect("one of them is refused while the other waits");
+    answer.send_replace(true);
+    assert_eq!(tokio::time::timeout(BOUND, first).await.unwrap().unwrap(), (200, "ok".into()));
+    let mut codes =
+        vec![tokio::time::timeout(BOUND, second).await.unwrap().unwrap().0, tokio::time::timeout(BOUND, third).await.unwrap().unwrap().0];
+    codes.sort();
+    assert_eq!(codes, vec![200, 503], "the waiting one is served on the connection the first left idle");
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1, "never a second connection");
+    assert_eq!(flagged(&telemetry, "UO"), 1.0);
+}
+
+#[tokio::test]
+async fn at_its_connection_limit_without_pending_requests_a_service_refuses_at_once() {
+    let (backend, mut arrived, answer, connections) = holding_backend().await;
+    let yaml = annotated(&[backend], "mesh.dev/max-connections: \"1\"");
+    let (addr, _stop, telemetry) = web_proxy(&yaml, Limits::PROXY, DEFAULT_REQUEST_TIMEOUT).await;
+    let first = tokio::spawn(get_lossy(addr));
+    tokio::time::timeout(BOUND, arrived.recv()).await.expect("the first request reaches the backend");
+    let (code, body) = tokio::time::timeout(BOUND, get_lossy(addr)).await.expect("refused at once, not queued");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("too many connections"), "{body}");
+    answer.send_replace(true);
+    assert_eq!(tokio::time::timeout(BOUND, first).await.unwrap().unwrap(), (200, "ok".into()));
+    // The connection is idle again: the next request takes it.
+    assert_eq!(tokio::time::timeout(BOUND, get_lossy(addr)).await.unwrap(), (200, "ok".into()));
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(flagged(&telemetry, "UO"), 1.0, "refused by the breaker, not blamed on the endpoint");
+}
+
 #[tokio::test]
 async fn a_streamed_response_quiet_for_longer_than_the_idle_timeout_is_not_cut() {
     // A backend that answers half its body, pauses for three idle timeouts, then the rest.
