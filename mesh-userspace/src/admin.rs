@@ -11,7 +11,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Bytes, service::service
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
-use crate::server::{self, Limits, Slots, Watched};
+use crate::server::{self, Activity, Limits, Slots};
 
 /// Who is asking: the two ends of the connection.
 #[derive(Debug, Clone, Copy)]
@@ -45,8 +45,10 @@ pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler, 
                 let (handler, http) = (handler.clone(), http.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let (stream, activity) = Watched::new(stream);
+                    let activity = Activity::new();
+                    let in_flight = activity.clone();
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let busy = in_flight.busy();
                         let (status, body) = handler(req.method(), req.uri().path(), &caller);
                         let content_type = if body.starts_with('{') || body.starts_with('[') { "application/json" } else { "text/plain; charset=utf-8" };
                         let response = Response::builder()
@@ -54,7 +56,10 @@ pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler, 
                             .header("content-type", content_type)
                             .body(Full::new(Bytes::from(body)))
                             .expect("static response parts are valid");
-                        async move { Ok::<_, Infallible>(response) }
+                        async move {
+                            drop(busy);
+                            Ok::<_, Infallible>(response)
+                        }
                     });
                     tokio::select! {
                         _ = http.serve_connection(TokioIo::new(stream), service) => {}

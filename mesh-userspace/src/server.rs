@@ -6,20 +6,19 @@
 //!   memory), it logs once per stretch, backs off (5 ms doubling to 1 s) and tries again;
 //!   errors that concern one connection only are skipped.
 //! - `Slots` caps open connections per listener; a connection over the cap is closed at once.
-//! - `Watched` closes a connection with no request in flight and no byte either way for
-//!   `Limits::idle_timeout` (both HTTP versions); hyper's header read timeout bounds a client
-//!   that trickles a request head (HTTP/1.1; hyper also starts it while a keep-alive
-//!   connection waits for its next request).
+//! - `Activity` closes a connection with no request in flight for `Limits::idle_timeout`
+//!   (both HTTP versions), as Envoy's idle timeout does: bytes that are no request (HTTP/2
+//!   PINGs, a HEADERS frame trickled forever) do not keep it open. hyper's header read
+//!   timeout bounds a client that trickles an HTTP/1.1 request head (hyper also starts it
+//!   while a keep-alive connection waits for its next request).
 #![forbid(unsafe_code)]
 use std::{
     io,
     net::SocketAddr,
-    pin::Pin,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    task::{Context, Poll},
     time::Duration,
 };
 
@@ -29,7 +28,6 @@ use hyper_util::{
 };
 use prometheus_client::metrics::{counter::Counter, gauge::Gauge};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
     // The runtime's clock, so that tests can run it paused.
     time::Instant,
@@ -54,7 +52,7 @@ pub struct Limits {
     /// A request head (HTTP/1.1) must arrive whole within this, counted from when the
     /// connection starts waiting for it.
     pub header_timeout: Duration,
-    /// A connection with no request in flight and no traffic is closed after this.
+    /// A connection with no request in flight for this long is closed.
     pub idle_timeout: Duration,
     /// Request line and headers (HTTP/1.1), or the header list (HTTP/2), at most: 431 above.
     pub max_header_bytes: usize,
@@ -194,14 +192,14 @@ impl Slots {
     }
 }
 
-/// A connection's activity: when a byte last moved, and how many requests are in flight.
+/// A connection's activity: when its last request ended, and how many are in flight.
 #[derive(Debug, Clone)]
 pub struct Activity(Arc<ActivityInner>);
 
 #[derive(Debug)]
 struct ActivityInner {
     born: Instant,
-    /// Milliseconds since `born` at the last read or write.
+    /// Milliseconds since `born` when the last request ended.
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
     /// Whether a request has started on this connection; `first_request` waits on `started`.
@@ -220,8 +218,8 @@ impl Drop for Busy {
     }
 }
 
-impl Activity {
-    fn new() -> Self {
+impl Default for Activity {
+    fn default() -> Self {
         Self(Arc::new(ActivityInner {
             born: Instant::now(),
             last_ms: AtomicU64::new(0),
@@ -229,6 +227,13 @@ impl Activity {
             has_started: AtomicBool::new(false),
             started: tokio::sync::Notify::new(),
         }))
+    }
+}
+
+impl Activity {
+    /// A connection just accepted: idle from now until its first request.
+    pub fn new() -> Self {
+        Self::default()
     }
 
     fn touch(&self) {
@@ -252,8 +257,7 @@ impl Activity {
         }
     }
 
-    /// Resolves once the connection has been idle (no request in flight, no traffic) for
-    /// `idle`. Wakes only when the earliest possible deadline passes, not on a tick.
+    /// Resolves once the connection has been idle (no request in flight) for `idle`. Wakes only when the earliest possible deadline passes, not on a tick.
     pub async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.0.born + Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));
@@ -265,60 +269,6 @@ impl Activity {
             let next = if Instant::now() >= deadline { Instant::now() + idle } else { deadline };
             tokio::time::sleep_until(next).await;
         }
-    }
-}
-
-/// A stream whose reads and writes are noted in an `Activity`.
-pub struct Watched<T> {
-    inner: T,
-    activity: Activity,
-}
-
-impl<T> Watched<T> {
-    pub fn new(inner: T) -> (Self, Activity) {
-        let activity = Activity::new();
-        (Self { inner, activity: activity.clone() }, activity)
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.activity.touch();
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<T> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        polled
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 }
 

@@ -29,7 +29,7 @@ use super::{
 };
 use crate::{
     ebpf::maps::OrigDstMap,
-    server::{self, Lifecycle, Limits, Slots, Watched},
+    server::{self, Activity, Lifecycle, Limits, Slots},
     state::{
         ObjectKey, Protocol, ServiceView, Snapshot,
         model::{AppProtocol, CircuitBreakers, EjectionPolicy},
@@ -559,7 +559,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                 let (outbound, http, mut draining) = (outbound.clone(), http.clone(), for_connections.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
-                    let (stream, activity) = Watched::new(stream);
+                    let activity = Activity::new();
                     let in_flight = activity.clone();
                     let svc = service_fn(move |req| {
                         let busy = in_flight.busy();

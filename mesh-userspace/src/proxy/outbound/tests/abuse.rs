@@ -150,6 +150,38 @@ async fn an_idle_http2_connection_is_closed() {
 }
 
 #[tokio::test]
+async fn an_http2_connection_kept_busy_with_pings_but_no_request_is_closed() {
+    // Bytes that are not requests (PINGs here; a HEADERS frame trickled forever is the same)
+    // must not hold a connection open: idle means no request in flight, as in Envoy.
+    let v1 = backend("127.0.0.1:0", "v1", false).await;
+    let (addr, _stop, _) = web_proxy(&web(&[v1]), short(), DEFAULT_REQUEST_TIMEOUT).await;
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let pinging = tokio::spawn(async move {
+        writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+        // An empty SETTINGS frame, then a PING every third of the idle timeout.
+        writer.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+        loop {
+            writer.write_all(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).await?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        #[allow(unreachable_code)]
+        Ok::<_, std::io::Error>(())
+    });
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(BOUND, async {
+        loop {
+            match reader.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    });
+    closed.await.expect("the proxy closes a connection that never asks anything");
+    pinging.abort();
+}
+
+#[tokio::test]
 async fn a_full_listener_closes_new_connections_until_one_frees() {
     let v1 = backend("127.0.0.1:0", "v1", false).await;
     let limits = Limits { max_connections: 2, ..Limits::PROXY };
