@@ -68,8 +68,13 @@ pub struct ConnectionLimit {
 
 impl ConnectionLimit {
     pub fn set(&self, max_open: Option<u32>, max_waiting: Option<u32>) {
-        self.max_open.store(max_open.unwrap_or(0), Ordering::Relaxed);
+        let max_open = max_open.unwrap_or(0);
+        let before = self.max_open.swap(max_open, Ordering::AcqRel);
         self.max_waiting.store(max_waiting.unwrap_or(0), Ordering::Relaxed);
+        if max_open != before {
+            // A raised (or removed) limit may have room for requests that wait now.
+            self.closed.notify_waiters();
+        }
     }
 
     pub fn open(&self) -> u32 {
@@ -271,5 +276,38 @@ impl Upstream {
     pub fn request(&self, request: hyper::Request<Body>) -> hyper_util::client::legacy::ResponseFuture {
         let client = if request.version() == hyper::Version::HTTP_2 { &self.http2 } else { &self.http1 };
         client.request(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A paused clock: were a waiter not woken, the runtime would jump to its timeout and the
+    // waiter would fail instead.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_limit_lets_waiters_in_when_a_connection_closes_or_the_limit_rises() {
+        let limit = Arc::new(ConnectionLimit::default());
+        limit.set(Some(1), Some(1));
+        let first = limit.take().await.expect("room for one");
+        let waiter = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.take().await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        let refused = limit.take().await.err().expect("one waits already: the next is refused");
+        assert!(Overflow::caused(&refused), "{refused}");
+        drop(first);
+        waiter.await.unwrap().expect("the waiter takes the closed connection's place");
+
+        let _held = limit.take().await.expect("room again");
+        let waiter = tokio::spawn({
+            let limit = limit.clone();
+            async move { limit.take().await.map(|_| ()) }
+        });
+        tokio::task::yield_now().await;
+        limit.set(Some(2), Some(1));
+        waiter.await.unwrap().expect("a raised limit lets the waiter in");
+        assert_eq!(limit.open(), 1, "the waiter's connection, dropped, is no longer counted");
     }
 }
