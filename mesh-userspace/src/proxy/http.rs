@@ -57,6 +57,13 @@ pub fn reply(status: StatusCode, text: &str) -> Response<Body> {
     Response::builder().status(status).body(body).expect("static response parts are valid")
 }
 
+/// The answer to a request refused by its backend Service's connection limit (circuit
+/// breaker): 503, flag UO.
+pub fn connections_overflow(outcome: &mut Outcome) -> Response<Body> {
+    outcome.flags = "UO";
+    reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many connections to the service\n")
+}
+
 /// Istio's `destination_service` of a Service: `name.namespace.svc.cluster.local`.
 pub fn fqdn(service: &ObjectKey) -> String {
     crate::telemetry::identity::service_fqdn(Some(service))

@@ -23,7 +23,7 @@ use super::{
     balancer::Balancer,
     connect::{Connector, Overflow, Upstream},
     filters::{apply_edits, modify_path, redirect_response},
-    http::{Body, ClientBody, Outcome, RequestTrace, Tracked, reply, strip_hop_by_hop},
+    http::{Body, ClientBody, Outcome, RequestTrace, Tracked, connections_overflow, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
@@ -377,10 +377,7 @@ impl Outbound {
         *request.uri_mut() = uri;
         let mut response = match upstream.request(request).await {
             Ok(r) => r,
-            Err(e) if Overflow::caused(&e) => {
-                outcome.flags = "UO";
-                return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many connections to the service\n");
-            }
+            Err(e) if Overflow::caused(&e) => return connections_overflow(outcome),
             Err(e) => {
                 outcome.flags = "UF";
                 tracing::debug!(%endpoint, error = %e, "upstream upgrade request failed");
@@ -405,7 +402,8 @@ impl Outbound {
         let view = self.snapshot.borrow().services.get(service).cloned()?;
         let mut per_service = self.per_service.lock().expect("per-service lock");
         // Looked up before inserting: the key is cloned once per Service, not per request.
-        if !per_service.contains_key(service) {
+        let created = !per_service.contains_key(service);
+        if created {
             per_service.insert(
                 service.clone(),
                 PerService {
@@ -420,7 +418,13 @@ impl Outbound {
             );
         }
         let entry = per_service.get_mut(service).expect("inserted above");
-        if !Arc::ptr_eq(&entry.view, &view) {
+        let changed = !Arc::ptr_eq(&entry.view, &view);
+        if created || changed {
+            // The breakers' limits follow the Service's annotations (live requests carry over).
+            entry.gate.set_max(view.spec.breakers.max_requests);
+            entry.upstream.limit().set(view.spec.breakers.max_connections, view.spec.breakers.max_pending_requests);
+        }
+        if changed {
             if entry.view.routes != view.routes {
                 entry.router = Arc::new(Router::new(view.routes.clone()));
             }
@@ -434,8 +438,6 @@ impl Outbound {
             entry.balancer.retain(&live);
             entry.view = view.clone();
         }
-        entry.gate.set_max(view.spec.breakers.max_requests);
-        entry.upstream.limit().set(view.spec.breakers.max_connections, view.spec.breakers.max_pending_requests);
         Some(ServiceState {
             router: entry.router.clone(),
             budget: entry.budget.clone(),

@@ -17,7 +17,7 @@ use super::{
     balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
     connect::{Overflow, Upstream},
     filters::apply_edits,
-    http::{Body, End, Outcome, RequestTrace, Tracked, fqdn, reply, strip_hop_by_hop},
+    http::{Body, End, Outcome, RequestTrace, Tracked, connections_overflow, fqdn, reply, strip_hop_by_hop},
 };
 use crate::{
     state::{
@@ -231,8 +231,7 @@ impl Attempts<'_> {
                     // guard only takes back the in-flight count), nothing retried.
                     drop(picked);
                     attempt_trace.finish(None, false);
-                    outcome.flags = "UO";
-                    return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: too many connections to the service\n");
+                    return connections_overflow(outcome);
                 }
                 Err(e) => {
                     self.report(picked, true, endpoints);

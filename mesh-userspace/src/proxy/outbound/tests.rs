@@ -97,6 +97,20 @@ struct Running {
     telemetry: Arc<Telemetry>,
     /// `serve` itself: finished once drained.
     served: tokio::task::JoinHandle<()>,
+    /// A new configuration for the proxy: `apply(yaml)`.
+    config: watch::Sender<Arc<Snapshot>>,
+}
+
+impl Running {
+    /// Gives the proxy the objects of `yaml` in place of its configuration.
+    fn apply(&self, yaml: &str) {
+        self.config.send_replace(snapshot_of(yaml));
+    }
+}
+
+fn snapshot_of(yaml: &str) -> Arc<Snapshot> {
+    let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
+    store.snapshot()
 }
 
 async fn start(
@@ -107,19 +121,16 @@ async fn start(
     configure: impl FnOnce(Outbound) -> Outbound,
     ready_at_start: bool,
 ) -> Running {
-    let store = store::load(Path::new("t.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap_or_else(|e| panic!("{e}"));
-    let (snapshots, rx) = watch::channel(store.snapshot());
+    let (config, rx) = watch::channel(snapshot_of(yaml));
     let telemetry = Arc::new(Telemetry::new(&FlowLog::Off).unwrap());
     let outbound = Arc::new(configure(Outbound::new(Box::new(AlwaysTo(dialled.parse().unwrap())), connector, rx, telemetry.clone())));
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, drain) = watch::channel(false);
     let (ready, ready_rx) = watch::channel(ready_at_start);
-    let served = tokio::spawn(async move {
-        let _keep_snapshots = snapshots;
-        serve(outbound, listener, limits, Lifecycle { ready: ready_rx, drain, drain_timeout: Duration::from_secs(30) }).await;
-    });
-    Running { addr, stop, ready, telemetry, served }
+    let served =
+        tokio::spawn(serve(outbound, listener, limits, Lifecycle { ready: ready_rx, drain, drain_timeout: Duration::from_secs(30) }));
+    Running { addr, stop, ready, telemetry, served, config }
 }
 
 async fn get(proxy: SocketAddr, headers: &[(&str, &str)]) -> (u16, String) {

@@ -19,7 +19,7 @@ fn short() -> Limits {
 }
 
 /// Reads until the proxy closes the connection; what it sent.
-async fn until_closed(stream: &mut TcpStream) -> String {
+async fn until_closed(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
     let mut got = Vec::new();
     let read = tokio::time::timeout(BOUND, async {
         let mut buf = [0u8; 4096];
@@ -121,16 +121,8 @@ async fn a_client_trickling_its_request_head_is_cut_off() {
         }
         Ok::<_, std::io::Error>(())
     });
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(BOUND, async {
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    });
-    closed.await.expect("the proxy closes a connection whose head never ends");
+    // (Fails the test if the proxy never closes it.)
+    until_closed(&mut reader).await;
     trickle.abort();
 }
 
@@ -158,26 +150,16 @@ async fn an_http2_connection_kept_busy_with_pings_but_no_request_is_closed() {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut reader, mut writer) = stream.into_split();
     let pinging = tokio::spawn(async move {
-        writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
-        // An empty SETTINGS frame, then a PING every third of the idle timeout.
-        writer.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
-        loop {
-            writer.write_all(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).await?;
+        // The preface, an empty SETTINGS frame, then a PING every third of the idle timeout
+        // for as long as the connection takes them.
+        let _ = writer.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        let _ = writer.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await;
+        while writer.write_all(&[0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]).await.is_ok() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        #[allow(unreachable_code)]
-        Ok::<_, std::io::Error>(())
     });
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(BOUND, async {
-        loop {
-            match reader.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    });
-    closed.await.expect("the proxy closes a connection that never asks anything");
+    // (Fails the test if the proxy never closes it.)
+    until_closed(&mut reader).await;
     pinging.abort();
 }
 
@@ -545,6 +527,22 @@ async fn at_its_connection_limit_without_pending_requests_a_service_refuses_at_o
     assert_eq!(tokio::time::timeout(BOUND, get_lossy(addr)).await.unwrap(), (200, "ok".into()));
     assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert_eq!(flagged(&telemetry, "UO"), 1.0, "refused by the breaker, not blamed on the endpoint");
+}
+
+#[tokio::test]
+async fn a_connection_limit_set_by_a_new_configuration_applies_to_the_next_request() {
+    let (backend, mut arrived, answer, connections) = holding_backend().await;
+    let running = start(&web(&[backend]), "10.96.0.10:80", Arc::new(TcpConnector), Limits::PROXY, |o| o, true).await;
+    // Without a limit, the first request opens a connection (and is held on it).
+    let first = tokio::spawn(get_lossy(running.addr));
+    tokio::time::timeout(BOUND, arrived.recv()).await.expect("the first request reaches the backend");
+    // The Service's annotations change under it: one connection at most, none may wait.
+    running.apply(&annotated(&[backend], "mesh.dev/max-connections: \"1\""));
+    let (code, body) = tokio::time::timeout(BOUND, get_lossy(running.addr)).await.expect("refused at once");
+    assert_eq!(code, 503, "the new limit counts the connection already open: {body}");
+    answer.send_replace(true);
+    assert_eq!(tokio::time::timeout(BOUND, first).await.unwrap().unwrap(), (200, "ok".into()));
+    assert_eq!(connections.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
