@@ -257,7 +257,8 @@ impl Activity {
         }
     }
 
-    /// Resolves once the connection has been idle (no request in flight) for `idle`. Wakes only when the earliest possible deadline passes, not on a tick.
+    /// Resolves once the connection has been idle (no request in flight) for `idle`. Wakes
+    /// only when the earliest possible deadline passes, not on a tick.
     pub async fn idle_for(&self, idle: Duration) {
         loop {
             let last = self.0.born + Duration::from_millis(self.0.last_ms.load(Ordering::Relaxed));

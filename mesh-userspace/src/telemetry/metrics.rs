@@ -76,6 +76,7 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Connections the outbound proxy closed at once because it was full.
     pub proxy_refused: Counter,
+    /// Client connections the outbound proxy holds open now.
     pub proxy_open: Gauge,
     /// Spans not exported: the queue was full or the collector refused them.
     pub spans_dropped: Counter,

@@ -30,7 +30,7 @@ const MESH_H2: &str = "10.96.0.11:80";
 
 /// The fixed-rate run: requests a second, how long, over how many connections.
 const FIXED_RATE: u32 = 2000;
-const FIXED_SECS: &str = "10s";
+const FIXED_SECONDS: u32 = 10;
 const FIXED_CONNECTIONS: &str = "16";
 /// Where mesh's traces go in the fixed-rate run: an nginx location that takes and drops them.
 const OTLP_SINK: &str = "127.0.0.11:4318";
@@ -221,20 +221,19 @@ fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f6
         "--latency-correction",
         "--wait-ongoing-requests-after-deadline",
     ]);
-    cmd.args(["-q", &FIXED_RATE.to_string(), "-z", FIXED_SECS, "-c", FIXED_CONNECTIONS]).arg(format!("http://{target}/"));
+    cmd.args(["-q", &FIXED_RATE.to_string(), "-z", &format!("{FIXED_SECONDS}s"), "-c", FIXED_CONNECTIONS]).arg(format!("http://{target}/"));
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!("{cmd:?}: no JSON report ({e}): {}", String::from_utf8_lossy(&out.stderr));
     });
     let us = |p: &str| report["latencyPercentiles"][p].as_f64().map_or(f64::NAN, |s| s * 1e6);
-    let ok: u64 = report["statusCodeDistribution"]
-        .as_object()
-        .map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() == "200").filter_map(|(_, n)| n.as_u64()).sum());
-    let errors: u64 = report["errorDistribution"].as_object().map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
-    let other: u64 = report["statusCodeDistribution"]
-        .as_object()
-        .map_or(0, |m| m.iter().filter(|(c, _)| c.as_str() != "200").filter_map(|(_, n)| n.as_u64()).sum());
-    let failed = (errors + other) as f64 / ((ok + errors + other).max(1)) as f64;
+    // Requests counted in one of oha's distributions, by key.
+    let count = |distribution: &str, keep: &dyn Fn(&str) -> bool| -> u64 {
+        report[distribution].as_object().map_or(0, |m| m.iter().filter(|(k, _)| keep(k)).filter_map(|(_, n)| n.as_u64()).sum())
+    };
+    let ok = count("statusCodeDistribution", &|code| code == "200");
+    let failed = count("statusCodeDistribution", &|code| code != "200") + count("errorDistribution", &|_| true);
+    let failed = failed as f64 / (ok + failed).max(1) as f64;
     (report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0), us("p50"), us("p99"), us("p99.9"), failed)
 }
 
@@ -346,16 +345,15 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
     println!("\n(h2: latency columns are h2load's mean; it reports no percentiles)");
 
     println!(
-        "\nfixed rate, HTTP/1.1, {FIXED_RATE} req/s for {FIXED_SECS} over {FIXED_CONNECTIONS} connections, latency corrected for coordinated omission"
+        "\nfixed rate, HTTP/1.1, {FIXED_RATE} req/s for {FIXED_SECONDS} s over {FIXED_CONNECTIONS} connections, latency corrected for coordinated omission"
     );
     println!("{:<16} {:>8} {:>9} {:>9} {:>10} {:>8} {:>11}", "via", "req/s", "p50 us", "p99 us", "p99.9 us", "failed", "cpu us/req");
     let mut fixed = Vec::new();
     let mut fixed_row = |via: &str, pid: Option<u32>, target: &str, cgroup: Option<&TestCgroup>| {
         let before = pid.map(|p| usage(p).1);
         let (rps, p50, p99, p999, failed) = fixed_rate(oha, target, cgroup);
-        let seconds: f64 = FIXED_SECS.trim_end_matches('s').parse().unwrap_or(1.0);
         let cpu_us = match (pid, before) {
-            (Some(p), Some(b)) if rps > 0.0 => (usage(p).1 - b) * 1e6 / (rps * seconds),
+            (Some(p), Some(b)) if rps > 0.0 => (usage(p).1 - b) * 1e6 / (rps * f64::from(FIXED_SECONDS)),
             _ => f64::NAN,
         };
         println!("{via:<16} {rps:>8.0} {p50:>9.0} {p99:>9.0} {p999:>10.0} {:>7.2}% {cpu_us:>11.1}", failed * 100.0);
@@ -386,6 +384,6 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
         "suite": "l7", "seconds": SECS,
         "idle_rss_mib": idle.into_iter().map(|(n, r)| (n, json!(r))).collect::<serde_json::Map<String, Value>>(),
         "cases": cases,
-        "fixed_rate": { "rps": FIXED_RATE, "duration": FIXED_SECS, "connections": FIXED_CONNECTIONS, "rows": fixed },
+        "fixed_rate": { "rps": FIXED_RATE, "seconds": FIXED_SECONDS, "connections": FIXED_CONNECTIONS, "rows": fixed },
     })
 }
