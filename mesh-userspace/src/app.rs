@@ -2,7 +2,7 @@
 //! servers, and takes them down in order on SIGTERM.
 //!
 //! ```text
-//! source (files) ──updates──► store ──snapshots──► kernel sync (thread "mesh-sync")
+//! source (files, or the Kubernetes API) ──updates──► store ──snapshots──► kernel sync (thread "mesh-sync")
 //!                                        ├───────► proxy (per-Service state across snapshots)
 //!                                        └───────► telemetry (workload names)
 //! ```
@@ -29,7 +29,7 @@ use crate::{
     handoff, host,
     proxy::{self, connect::TcpConnector, outbound::Outbound},
     server::{Lifecycle, Limits},
-    sources::{ConfigErrors, Origin, Source as _, Update, file::FileSource},
+    sources::{Change, ConfigErrors, Origin, Source, Update, file::FileSource, kube::KubeSource},
     state::{NodeContext, Snapshot, Store},
     sync::{
         Reconciler,
@@ -45,7 +45,7 @@ use crate::{
 
 #[derive(Debug, Clone)]
 pub struct AgentOptions {
-    pub config: PathBuf,
+    pub source: SourceOptions,
     /// None: the cgroup v2 root.
     pub cgroup: Option<PathBuf>,
     pub node: NodeContext,
@@ -59,8 +59,6 @@ pub struct AgentOptions {
     pub flow_log: FlowLog,
     /// The outbound proxy for L7 Services (connections are sent here by the kernel).
     pub outbound_addr: SocketAddr,
-    /// How long a file must stay the same before objects removed from it are removed.
-    pub removal_quiet: Duration,
     /// For proxied requests whose route sets no timeout; zero for none.
     pub default_request_timeout: Duration,
     pub access_log: access_log::Target,
@@ -72,11 +70,32 @@ pub struct AgentOptions {
     pub take_over: bool,
 }
 
+/// Where the configuration comes from.
+#[derive(Debug, Clone)]
+pub enum SourceOptions {
+    /// YAML files (a file or a directory), watched. `removal_quiet`: how long a file must stay
+    /// the same before objects removed from it are removed.
+    Files { config: PathBuf, removal_quiet: Duration },
+    /// The Kubernetes API, from this kubeconfig or else the in-cluster service account.
+    Kubernetes { kubeconfig: Option<PathBuf> },
+}
+
+impl std::fmt::Display for SourceOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SourceOptions::Files { config, .. } => write!(f, "{}", config.display()),
+            SourceOptions::Kubernetes { .. } => f.write_str("the Kubernetes API"),
+        }
+    }
+}
+
 /// Why the agent could not start or stop cleanly; each keeps its cause (and errno).
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("--config {0}: no such file or directory")]
     NoConfig(PathBuf),
+    #[error("{0}")]
+    Kube(#[from] crate::sources::kube::KubeError),
     #[error("installing signal handlers: {0}")]
     Signals(#[source] std::io::Error),
     #[error(transparent)]
@@ -204,10 +223,7 @@ impl Agent {
         } else if serving {
             body.push_str(&format!(
                 "ready: {} services from {} (generation {}, in the kernel: {})\n",
-                status.services,
-                self.opts.config.display(),
-                status.generation,
-                report.generation
+                status.services, self.opts.source, status.generation, report.generation
             ));
             StatusCode::OK
         } else {
@@ -247,7 +263,7 @@ impl Agent {
                         let dump = serde_json::json!({
                             "node": self.opts.node.node,
                             "zone": self.opts.node.zone,
-                            "config": self.opts.config,
+                            "config": self.opts.source.to_string(),
                             "bpffs": self.opts.bpffs,
                             "generation": status.generation,
                             "kernel_generation": self.sync.borrow().generation,
@@ -379,37 +395,47 @@ fn proxy_limits(nofile: Option<u64>) -> Limits {
     Limits { max_connections: cap.min(Limits::PROXY.max_connections), ..Limits::PROXY }
 }
 
+/// The source chosen on the command line.
+enum AnySource {
+    Files(FileSource),
+    Kube(KubeSource),
+}
+
+impl Source for AnySource {
+    async fn next(&mut self) -> Option<Update> {
+        match self {
+            AnySource::Files(s) => s.next().await,
+            AnySource::Kube(s) => s.next().await,
+        }
+    }
+
+    fn ack(&mut self, accepted: bool) {
+        match self {
+            AnySource::Files(s) => s.ack(accepted),
+            AnySource::Kube(s) => s.ack(accepted),
+        }
+    }
+}
+
 /// Feeds the store from the source, and the consumers from the store, until the source ends.
-async fn run_source(
+async fn run_source<S: Source>(
     agent: Arc<Agent>,
-    mut source: FileSource,
-    mut store: Store,
+    mut source: S,
+    store: Store,
     feed: Arc<SyncFeed>,
     snapshots: watch::Sender<Arc<Snapshot>>,
 ) {
-    // The kernel is told nothing until every file has been read once: its first sync compares
-    // everything and removes what the configuration lacks, so syncing a half-read
-    // configuration would take down, for a moment, the adopted Services of files not yet read.
-    let mut read_all = false;
+    let mut consumer = Consumer { agent, store, feed, snapshots, read_all: false };
     while let Some(update) = source.next().await {
         match update {
             Update::Batch { origin, changes } => {
                 let started = std::time::Instant::now();
                 let count = changes.len();
-                match store.apply(changes) {
+                match consumer.store.apply(changes) {
                     Ok(applied) => {
                         source.ack(true);
-                        let snapshot = store.snapshot();
-                        agent.telemetry.set_workloads(snapshot.workloads.clone());
-                        if read_all {
-                            feed.publish(snapshot.clone(), applied.balanced.iter().cloned());
-                        }
-                        let _ = snapshots.send(snapshot.clone());
-                        let mut status = agent.status.lock().expect("status lock");
-                        status.rejected.remove(&origin);
-                        status.generation = applied.generation;
-                        status.services = snapshot.balanced.len();
-                        status.last_applied = Some(SystemTime::now());
+                        consumer.publish(&applied.balanced, applied.generation);
+                        consumer.agent.status.lock().expect("status lock").rejected.remove(&origin);
                         tracing::info!(
                             %origin,
                             objects = count,
@@ -422,24 +448,115 @@ async fn run_source(
                     }
                     Err(errors) => {
                         source.ack(false);
-                        agent.reject(origin, &errors);
+                        consumer.agent.reject(origin, &errors);
                     }
                 }
             }
-            Update::Unreadable { origin, errors } => agent.reject(origin, &errors),
-            Update::Synced => {
-                read_all = true;
-                agent.config_read.send_replace(true);
-                let mut status = agent.status.lock().expect("status lock");
-                status.synced_at = Some(status.generation);
-                // The first sync compares everything, adopted state included.
-                feed.publish(store.snapshot(), []);
-                let (services, slices, routes) = store.counts();
-                tracing::info!(services, slices, routes, generation = status.generation, "configuration read");
-                // Reading everything once parsed far more than is kept: give the pages back.
-                crate::host::release_free_memory();
+            Update::Each { changes, unreadable } => consumer.apply_each(changes, unreadable),
+            Update::Unreadable { origin, errors } => consumer.agent.reject(origin, &errors),
+            Update::Synced => consumer.synced(),
+        }
+    }
+}
+
+/// The store and what it feeds.
+struct Consumer {
+    agent: Arc<Agent>,
+    store: Store,
+    feed: Arc<SyncFeed>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    /// The kernel is told nothing until the source has delivered everything once: its first
+    /// sync compares everything and removes what the configuration lacks, so syncing a
+    /// half-read configuration would take down, for a moment, adopted Services not yet read.
+    read_all: bool,
+}
+
+impl Consumer {
+    /// Hands the store's new snapshot to every consumer.
+    fn publish(&self, balanced: &[crate::state::LbServiceKey], generation: u64) {
+        let snapshot = self.store.snapshot();
+        self.agent.telemetry.set_workloads(snapshot.workloads.clone());
+        if self.read_all {
+            self.feed.publish(snapshot.clone(), balanced.iter().cloned());
+        }
+        let _ = self.snapshots.send(snapshot.clone());
+        let mut status = self.agent.status.lock().expect("status lock");
+        status.generation = generation;
+        status.services = snapshot.balanced.len();
+        status.last_applied = Some(SystemTime::now());
+    }
+
+    /// Applies what it can: the whole set at once when all of it is valid (one generation),
+    /// otherwise each change alone, so that a bad object is refused by itself.
+    fn apply_each(&mut self, changes: Vec<Change>, unreadable: Vec<(Origin, ConfigErrors)>) {
+        let started = std::time::Instant::now();
+        let count = changes.len();
+        for (origin, errors) in &unreadable {
+            self.agent.reject(origin.clone(), errors);
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let origins: Vec<Origin> = changes.iter().map(|c| c.origin().clone()).collect();
+        let (mut balanced, mut accepted, mut generation) = (Vec::new(), Vec::new(), 0);
+        match self.store.apply(changes.clone()) {
+            Ok(applied) => {
+                (balanced, accepted, generation) = (applied.balanced, origins, applied.generation);
+            }
+            Err(_) => {
+                for change in changes {
+                    let origin = change.origin().clone();
+                    match self.store.apply(vec![change]) {
+                        Ok(applied) => {
+                            balanced.extend(applied.balanced);
+                            generation = applied.generation;
+                            accepted.push(origin);
+                        }
+                        Err(errors) => self.agent.reject(origin, &errors),
+                    }
+                }
             }
         }
+        if accepted.is_empty() {
+            return;
+        }
+        balanced.sort();
+        balanced.dedup();
+        self.publish(&balanced, generation);
+        let mut status = self.agent.status.lock().expect("status lock");
+        for origin in &accepted {
+            status.rejected.remove(origin);
+        }
+        drop(status);
+        // One line per list; single watch events are many, so they are debug.
+        let level_info = count > 1;
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        if level_info {
+            tracing::info!(
+                objects = count,
+                accepted = accepted.len(),
+                balanced_changed = balanced.len(),
+                elapsed_us,
+                generation,
+                "objects applied"
+            );
+        } else {
+            tracing::debug!(origin = %accepted[0], balanced_changed = balanced.len(), elapsed_us, generation, "object applied");
+        }
+    }
+
+    /// The source has delivered everything once: the kernel may be told, readiness may follow.
+    fn synced(&mut self) {
+        self.read_all = true;
+        self.agent.config_read.send_replace(true);
+        let mut status = self.agent.status.lock().expect("status lock");
+        status.synced_at = Some(status.generation);
+        // The first sync compares everything, adopted state included.
+        self.feed.publish(self.store.snapshot(), []);
+        let (services, slices, routes) = self.store.counts();
+        tracing::info!(services, slices, routes, generation = status.generation, "configuration read");
+        // Reading everything once parsed far more than is kept: give the pages back.
+        crate::host::release_free_memory();
     }
 }
 
@@ -462,9 +579,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
     let proxy_limits = proxy_limits(raise_fd_limit());
-    if !opts.config.exists() {
-        return Err(AgentError::NoConfig(opts.config.clone()));
+    if let SourceOptions::Files { config, .. } = &opts.source
+        && !config.exists()
+    {
+        return Err(AgentError::NoConfig(config.clone()));
     }
+    // The source first: a bad config path or kubeconfig fails before anything is attached.
+    // The API server itself may be away: the watchers retry.
+    let (source, file_reads) = match &opts.source {
+        SourceOptions::Files { config, removal_quiet } => {
+            let files = FileSource::new(config, *removal_quiet).map_err(|e| AgentError::Watch(config.clone(), e))?;
+            let reads = files.reads();
+            (AnySource::Files(files), reads)
+        }
+        SourceOptions::Kubernetes { kubeconfig } => {
+            let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
+            (AnySource::Kube(KubeSource::new(client)), Arc::default())
+        }
+    };
     // --take-over: a running agent on the same pin directory hands over its listeners (a
     // restart): their sockets, with the connections waiting on them, change hands and are
     // never re-bound. Without it, a running agent makes this one fail (pin directory in use).
@@ -531,7 +663,6 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .with_access_log(access_log)
             .with_tracer(tracer),
     );
-    let source = FileSource::new(&opts.config, opts.removal_quiet).map_err(|e| AgentError::Watch(opts.config.clone(), e))?;
     let agent = Arc::new(Agent {
         opts: opts.clone(),
         cgroup: cgroup.clone(),
@@ -540,7 +671,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         sync: report_rx.clone(),
         maps: Mutex::new(PinnedMaps::open(&opts.bpffs)?),
         kernel_entries: Mutex::new(Vec::new()),
-        file_reads: Mutex::new((source.reads(), 0)),
+        file_reads: Mutex::new((file_reads, 0)),
         telemetry: telemetry.clone(),
         config_read: watch::Sender::new(false),
     });

@@ -68,12 +68,26 @@ enum ConfigCommand {
     Validate { path: PathBuf },
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    Files,
+    Kubernetes,
+}
+
 #[derive(Debug, clap::Args)]
 struct AgentArgs {
-    /// A multi-document YAML file, or a directory of them, holding v1 Services and
-    /// discovery.k8s.io/v1 EndpointSlices. Watched for changes.
-    #[arg(long)]
-    config: PathBuf,
+    /// Where Services, EndpointSlices and routes come from: YAML files (`--config`) or the
+    /// Kubernetes API server (the DaemonSet's choice).
+    #[arg(long, value_enum, default_value = "files")]
+    source: SourceKind,
+    /// With `--source files`: a multi-document YAML file, or a directory of them, holding v1
+    /// Services, discovery.k8s.io/v1 EndpointSlices and Gateway API routes. Watched for changes.
+    #[arg(long, required_if_eq("source", "files"))]
+    config: Option<PathBuf>,
+    /// With `--source kubernetes`: the kubeconfig to use (default: the pod's service account,
+    /// then KUBECONFIG or ~/.kube/config).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
     /// The cgroup v2 directory to attach to (default: the cgroup v2 root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -192,7 +206,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Agent(args) => {
             let opts = app::AgentOptions {
-                config: args.config,
+                source: match (args.source, args.config) {
+                    (SourceKind::Files, Some(config)) => {
+                        app::SourceOptions::Files { config, removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms) }
+                    }
+                    (SourceKind::Files, None) => anyhow::bail!("--source files needs --config PATH"),
+                    (SourceKind::Kubernetes, _) => app::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },
+                },
                 cgroup: args.cgroup,
                 node: NodeContext { node: args.node.unwrap_or_else(hostname), zone: args.zone },
                 bpffs: args.bpffs,
@@ -207,7 +227,6 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 metrics_addr: args.metrics_addr,
                 flow_log: args.flow_log,
                 outbound_addr: args.outbound_addr,
-                removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms),
                 default_request_timeout: std::time::Duration::from_millis(args.default_request_timeout_ms),
                 access_log: args.access_log,
                 traces: crate::telemetry::traces::TraceConfig { endpoint: args.otlp_traces, sampling: args.trace_sampling },

@@ -4,10 +4,11 @@
 //!
 //! - `file`: multi-document YAML files or a directory of them, watched; one file is one batch,
 //!   so a file is all-or-nothing.
-//! - A Kubernetes API source (watchers) goes beside it: one object per batch, so a bad object is
-//!   rejected alone.
+//! - `kube`: the Kubernetes API (watchers); each object is applied on its own merits, so a bad
+//!   object is rejected alone.
 #![forbid(unsafe_code)]
 pub mod file;
+pub mod kube;
 
 use std::{fmt, path::Path, sync::Arc};
 
@@ -95,6 +96,14 @@ pub enum Change {
     Delete { origin: Origin, kind: Kind, namespace: String, name: String },
 }
 
+impl Change {
+    pub fn origin(&self) -> &Origin {
+        match self {
+            Change::Upsert { origin, .. } | Change::Delete { origin, .. } => origin,
+        }
+    }
+}
+
 /// One problem in one field of one object from one origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -109,7 +118,8 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.origin)?;
-        if !self.object.is_empty() {
+        // An API object is its own origin: named once.
+        if !self.object.is_empty() && !matches!(&self.origin, Origin::Api(o) if *o == self.object) {
             write!(f, ": {}", self.object)?;
         }
         if !self.field.is_empty() {
@@ -140,6 +150,9 @@ impl fmt::Display for ConfigErrors {
 pub enum Update {
     /// Apply these changes together, or none of them.
     Batch { origin: Origin, changes: Vec<Change> },
+    /// Apply each change on its own: a bad one is refused alone (its origin says why) and the
+    /// rest applies, in one generation. `unreadable` are objects that did not parse.
+    Each { changes: Vec<Change>, unreadable: Vec<(Origin, ConfigErrors)> },
     /// The origin could not be read or parsed: nothing of it changes, and the reason is shown.
     Unreadable { origin: Origin, errors: ConfigErrors },
     /// Everything the source holds has been delivered once (readiness may follow).

@@ -18,6 +18,8 @@ use std::{
 
 pub use serde_json::Value;
 
+pub mod kube_api;
+
 static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
 
 /// A name unique to this test process: `mesh-test-<pid>-<n>-<label>`.
@@ -260,6 +262,8 @@ pub struct AgentSpec<'a> {
     pub nofile: Option<u64>,
     /// The proxy's address, instead of 127.0.0.1 at `port_base + 1`.
     pub outbound_addr: Option<&'a str>,
+    /// `--source kubernetes` with this kubeconfig (`yaml` is then unused).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -277,6 +281,7 @@ impl<'a> AgentSpec<'a> {
             config_path: None,
             nofile: None,
             outbound_addr: None,
+            kubeconfig: None,
         }
     }
 }
@@ -312,18 +317,17 @@ impl Agent {
             keep_datapath: spec.keep_datapath,
             log,
         };
-        let config = match spec.config_path {
-            Some(path) => path,
-            None => {
+        let mut cmd = Command::new(mesh_bin());
+        cmd.arg("agent");
+        match (spec.kubeconfig, spec.config_path) {
+            (Some(kubeconfig), _) => cmd.args(["--source", "kubernetes", "--kubeconfig"]).arg(kubeconfig),
+            (None, Some(path)) => cmd.arg("--config").arg(path),
+            (None, None) => {
                 agent.write_config(spec.yaml);
-                agent.config_dir.clone()
+                cmd.arg("--config").arg(&agent.config_dir)
             }
         };
-        let mut cmd = Command::new(mesh_bin());
-        cmd.arg("agent")
-            .arg("--config")
-            .arg(&config)
-            .arg("--cgroup")
+        cmd.arg("--cgroup")
             .arg(&spec.cgroup.path)
             .arg("--bpffs")
             .arg(&agent.bpffs)

@@ -15,8 +15,10 @@ pub const HOST_TOOLCHAIN: &str = "1.99.1";
 pub const EBPF_TOOLCHAIN: &str = "nightly-2026-07-01";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
-/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the tests' network namespaces.
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2"];
+/// Debian packages: LLVM 22 for bpf-linker, iproute2 for the tests' network namespaces,
+/// musl-tools for the static agent of the kernel VMs (ring's C, under the Kubernetes client's
+/// TLS, is compiled with musl-gcc).
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "iproute2", "musl-tools"];
 
 pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask lives in the workspace").to_owned()

@@ -1,0 +1,197 @@
+//! `mesh agent --source kubernetes` against a Kubernetes API server double (real HTTPS list and
+//! watch protocol, tests/src/kube_api.rs): objects reach the kernel and real connections, a bad
+//! object is refused alone, and the agent survives the API server going away, restarting and
+//! answering 410 Gone, without ever serving less than the last good state.
+use mesh_tests::{kube_api::KubeApi, *};
+
+const VIP: &str = "10.96.0.10:80";
+const SERVICES: &str = "api/v1/services";
+const SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
+const HTTPROUTES: &str = "apis/gateway.networking.k8s.io/v1/httproutes";
+const GRPCROUTES: &str = "apis/gateway.networking.k8s.io/v1/grpcroutes";
+
+fn agent_for(api: &KubeApi, cgroup: &TestCgroup, wait_ready: bool) -> Agent {
+    let mut spec = AgentSpec::new("", cgroup);
+    spec.kubeconfig = Some(api.kubeconfig.clone());
+    spec.wait_ready = wait_ready;
+    Agent::start(spec)
+}
+
+fn backends() -> [Backend; 3] {
+    [Backend::start("b1", &["127.0.0.11:8080"]), Backend::start("b2", &["127.0.0.12:8080"]), Backend::start("b3", &["127.0.0.13:8080"])]
+}
+
+fn web(addresses: &[&'static str]) -> String {
+    ServiceYaml::web(addresses.iter().map(|a| Endpoint::ready(a)).collect()).render()
+}
+
+/// A second Service, `test/api` at 10.96.0.20:80, on the same backends.
+fn api_service(addresses: &[&'static str]) -> String {
+    let mut s = ServiceYaml::web(addresses.iter().map(|a| Endpoint::ready(a)).collect());
+    s.name = "api";
+    s.cluster_ip = "10.96.0.20";
+    s.render()
+}
+
+#[test]
+fn services_and_endpoint_slices_from_the_api_reach_the_kernel_and_follow_every_change() {
+    in_netns(|| {
+        let _backends = backends();
+        // The Gateway API CRDs are not installed: no routes, and the agent serves anyway.
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11", "127.0.0.12"]));
+        let cgroup = TestCgroup::new("kube-crud");
+        let agent = agent_for(&api, &cgroup, true);
+        agent.wait_backends(VIP, &["127.0.0.11:8080", "127.0.0.12:8080"]);
+        let answer = cgroup.probe(&["tcp", VIP, "40"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        assert_eq!(backend_names(&answer), ["b1", "b2"], "{answer}");
+        let log = agent.log();
+        assert!(log.contains("no HTTPRoute resource"), "the missing CRD is said: {log}");
+        let (code, body) = agent.readiness();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("from the Kubernetes API"), "{body}");
+
+        // An endpoint added, then one removed: each a watch event.
+        api.apply_yaml(&web(&["127.0.0.11", "127.0.0.12", "127.0.0.13"]));
+        agent.wait_backends(VIP, &["127.0.0.11:8080", "127.0.0.12:8080", "127.0.0.13:8080"]);
+        api.apply_yaml(&web(&["127.0.0.13"]));
+        agent.wait_backends(VIP, &["127.0.0.13:8080"]);
+        let answer = cgroup.probe(&["tcp", VIP, "10"]);
+        assert_eq!(backend_names(&answer), ["b3"], "{answer}");
+
+        // Deleted: the VIP is no longer balanced (no route in this namespace).
+        assert!(api.delete("v1", "Service", "test", "web"));
+        wait_until(|| agent.kernel_backends(VIP).is_none(), || format!("{VIP} still in the kernel: {:?}", agent.kernel_backends(VIP)));
+        let answer = cgroup.probe(&["tcp", VIP, "2"]);
+        assert_eq!(error_count(&answer), 2, "{answer}");
+        // Only these kinds were asked for, and pods never cluster-wide.
+        for request in api.requests() {
+            assert!([SERVICES, SLICES, HTTPROUTES, GRPCROUTES].iter().any(|r| request.starts_with(&format!("GET /{r}"))), "{request}");
+        }
+        agent.stop();
+    });
+}
+
+#[test]
+fn a_bad_object_is_refused_alone_and_the_rest_applies() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        // Does not parse (a port is a string): the list carrying it must not fail whole.
+        let bad = api_service(&["127.0.0.12"]).replace("port: 80\n", "port: eighty\n");
+        api.apply_yaml(&bad);
+        // Parses but is invalid (a cluster IP that is not an address).
+        let mut invalid = ServiceYaml::web(vec![Endpoint::ready("127.0.0.13")]);
+        invalid.name = "broken";
+        invalid.cluster_ip = "10.96.0.300";
+        api.apply_yaml(&invalid.render());
+        let cgroup = TestCgroup::new("kube-bad");
+        let agent = agent_for(&api, &cgroup, true);
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        let (code, body) = agent.readiness();
+        assert_eq!(code, 200, "{body}");
+        assert!(body.contains("Service test/api: spec.ports[0].port"), "the refused object and field are named: {body}");
+        assert!(body.contains("Service test/broken: spec.clusterIP"), "{body}");
+        assert_eq!(agent.metric("mesh_config_rejected_sources", &[]), 2.0);
+        assert!(agent.kernel_backends("10.96.0.20:80").is_none(), "the refused Service is not served");
+
+        // Fixed: it applies, and its refusal is gone; the invalid one stays refused.
+        api.apply_yaml(&api_service(&["127.0.0.12"]));
+        agent.wait_backends("10.96.0.20:80", &["127.0.0.12:8080"]);
+        wait_until(|| agent.metric("mesh_config_rejected_sources", &[]) == 1.0, || agent.readiness().1);
+        // A good object made bad: refused, and its last good version keeps serving.
+        api.apply_yaml(&web(&["127.0.0.11"]).replace("port: 80\n", "port: -1\n"));
+        wait_until(|| agent.readiness().1.contains("Service test/web:"), || agent.readiness().1);
+        assert_eq!(agent.kernel_backends(VIP), Some(vec!["127.0.0.11:8080".to_owned()]));
+        // Deleting the refused object clears its refusal.
+        assert!(api.delete("v1", "Service", "test", "broken"));
+        wait_until(|| !agent.readiness().1.contains("test/broken"), || agent.readiness().1);
+        agent.stop();
+    });
+}
+
+#[test]
+fn the_api_server_going_away_restarting_and_answering_410_loses_nothing_and_a_relist_removes_what_went() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        api.apply_yaml(&api_service(&["127.0.0.12"]));
+        let cgroup = TestCgroup::new("kube-away");
+        let agent = agent_for(&api, &cgroup, true);
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        agent.wait_backends("10.96.0.20:80", &["127.0.0.12:8080"]);
+        let lists_before = api.lists_of(SERVICES);
+        assert_eq!(api.expired_watches(SERVICES), 0);
+
+        // A restart: watches are cut and resumed from their resourceVersion, no re-list.
+        api.restart();
+        api.apply_yaml(&web(&["127.0.0.13"]));
+        agent.wait_backends(VIP, &["127.0.0.13:8080"]);
+        assert_eq!(api.lists_of(SERVICES), lists_before, "resumed, not re-listed: {:?}", api.requests());
+
+        // Away: the kernel keeps serving everything it had.
+        api.set_down(true);
+        assert!(api.delete("v1", "Service", "test", "api"));
+        assert!(api.delete("discovery.k8s.io/v1", "EndpointSlice", "test", "api-1"));
+        api.apply_yaml(&web(&["127.0.0.11", "127.0.0.12"]));
+        // The history is gone too: resuming gets 410 Gone, and only a re-list can catch up.
+        api.compact();
+        let answer = cgroup.probe(&["tcp", "10.96.0.20:80", "5"]);
+        assert_eq!(backend_names(&answer), ["b2"], "served while the API server is away: {answer}");
+        assert!(agent.readiness().0 == 200, "{}", agent.readiness().1);
+
+        api.set_down(false);
+        agent.wait_backends(VIP, &["127.0.0.11:8080", "127.0.0.12:8080"]);
+        wait_until(|| agent.kernel_backends("10.96.0.20:80").is_none(), || format!("{:?}", agent.kernel_backends("10.96.0.20:80")));
+        assert!(api.lists_of(SERVICES) > lists_before, "a re-list after 410: {:?}", api.requests());
+        assert_eq!(api.expired_watches(SERVICES), 1, "resuming after the compaction was 410 Gone: {:?}", api.requests());
+        let log = agent.log();
+        assert!(log.contains("watching Services failed") && log.contains("watching Services again"), "{log}");
+        agent.stop();
+    });
+}
+
+#[test]
+fn an_api_server_away_at_start_holds_readiness_until_everything_is_listed() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[GRPCROUTES]);
+        api.set_down(true);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        let cgroup = TestCgroup::new("kube-late");
+        let agent = agent_for(&api, &cgroup, false);
+        let (code, body) = agent.readiness();
+        assert_eq!(code, 503, "nothing listed yet: {body}");
+        api.set_down(false);
+        wait_until(|| agent.readiness().0 == 200, || agent.readiness().1);
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        agent.stop();
+    });
+}
+
+#[test]
+fn lists_are_read_page_by_page() {
+    in_netns(|| {
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        // 1,200 Services: three pages of kube-rs's 500.
+        for i in 0..1200u32 {
+            let mut s = ServiceYaml::web(vec![]);
+            let name = format!("svc-{i}");
+            let ip = format!("10.96.{}.{}", 10 + i / 200, 1 + i % 200);
+            s.name = &name;
+            s.cluster_ip = &ip;
+            api.apply_yaml(&s.render());
+        }
+        let cgroup = TestCgroup::new("kube-pages");
+        let agent = agent_for(&api, &cgroup, true);
+        let pages = api.requests().iter().filter(|r| r.starts_with(&format!("GET /{SERVICES}?")) && r.contains("continue=")).count();
+        assert!(pages >= 2, "{:?}", api.requests());
+        let dump = agent.config_dump();
+        let services = dump["services"].as_array().map_or(0, Vec::len);
+        assert_eq!(services, 1200, "every page applied");
+        agent.stop();
+    });
+}
