@@ -2,9 +2,9 @@
 //! servers, and takes them down in order on SIGTERM.
 //!
 //! ```text
-//! source (files, or the Kubernetes API) ──updates──► store ──snapshots──► kernel sync (thread "mesh-sync")
-//!                                        ├───────► proxy (per-Service state across snapshots)
-//!                                        └───────► telemetry (workload names)
+//! source ──updates──► store ──snapshots──► kernel sync (thread "mesh-sync")
+//! (files or the               ├───────► proxy (per-Service state across snapshots)
+//!  Kubernetes API)            └───────► telemetry (workload names)
 //! ```
 use std::{
     collections::BTreeMap,
@@ -415,6 +415,13 @@ impl Source for AnySource {
             AnySource::Kube(s) => s.ack(accepted),
         }
     }
+
+    fn refused(&mut self, origin: &Origin, errors: &ConfigErrors) {
+        match self {
+            AnySource::Files(s) => s.refused(origin, errors),
+            AnySource::Kube(s) => s.refused(origin, errors),
+        }
+    }
 }
 
 /// Feeds the store from the source, and the consumers from the store, until the source ends.
@@ -452,7 +459,11 @@ async fn run_source<S: Source>(
                     }
                 }
             }
-            Update::Each { changes, unreadable } => consumer.apply_each(changes, unreadable),
+            Update::Each { changes, unreadable } => {
+                for (origin, errors) in consumer.apply_each(changes, unreadable) {
+                    source.refused(&origin, &errors);
+                }
+            }
             Update::Unreadable { origin, errors } => consumer.agent.reject(origin, &errors),
             Update::Synced => consumer.synced(),
         }
@@ -488,14 +499,15 @@ impl Consumer {
 
     /// Applies what it can: the whole set at once when all of it is valid (one generation),
     /// otherwise each change alone, so that a bad object is refused by itself.
-    fn apply_each(&mut self, changes: Vec<Change>, unreadable: Vec<(Origin, ConfigErrors)>) {
+    /// Returns the refused objects, with why.
+    fn apply_each(&mut self, changes: Vec<Change>, mut refused: Vec<(Origin, ConfigErrors)>) -> Vec<(Origin, ConfigErrors)> {
         let started = std::time::Instant::now();
         let count = changes.len();
-        for (origin, errors) in &unreadable {
+        for (origin, errors) in &refused {
             self.agent.reject(origin.clone(), errors);
         }
         if changes.is_empty() {
-            return;
+            return refused;
         }
         let origins: Vec<Origin> = changes.iter().map(|c| c.origin().clone()).collect();
         let (mut balanced, mut accepted, mut generation) = (Vec::new(), Vec::new(), 0);
@@ -512,13 +524,16 @@ impl Consumer {
                             generation = applied.generation;
                             accepted.push(origin);
                         }
-                        Err(errors) => self.agent.reject(origin, &errors),
+                        Err(errors) => {
+                            self.agent.reject(origin.clone(), &errors);
+                            refused.push((origin, errors));
+                        }
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return;
+            return refused;
         }
         balanced.sort();
         balanced.dedup();
@@ -543,6 +558,7 @@ impl Consumer {
         } else {
             tracing::debug!(origin = %accepted[0], balanced_changed = balanced.len(), elapsed_us, generation, "object applied");
         }
+        refused
     }
 
     /// The source has delivered everything once: the kernel may be told, readiness may follow.
@@ -594,7 +610,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         SourceOptions::Kubernetes { kubeconfig } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
-            (AnySource::Kube(KubeSource::new(client)), Arc::default())
+            (AnySource::Kube(KubeSource::new(client, opts.node.node.clone())), Arc::default())
         }
     };
     // --take-over: a running agent on the same pin directory hands over its listeners (a

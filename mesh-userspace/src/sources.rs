@@ -20,15 +20,29 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 pub enum Origin {
     /// Shared by every object of the file.
     File(Arc<Path>),
-    /// An API object: `kind namespace/name`.
-    Api(String),
+    /// An API object: itself.
+    Api(ApiObject),
+}
+
+/// An object of the Kubernetes API, by kind and key: `Service default/web`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ApiObject {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ApiObject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+    }
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::File(path) => write!(f, "{}", path.display()),
-            Origin::Api(object) => f.write_str(object),
+            Origin::Api(object) => object.fmt(f),
         }
     }
 }
@@ -119,7 +133,7 @@ impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}", self.origin)?;
         // An API object is its own origin: named once.
-        if !self.object.is_empty() && !matches!(&self.origin, Origin::Api(o) if *o == self.object) {
+        if !self.object.is_empty() && !matches!(&self.origin, Origin::Api(o) if o.to_string() == self.object) {
             write!(f, ": {}", self.object)?;
         }
         if !self.field.is_empty() {
@@ -167,4 +181,8 @@ pub trait Source: Send {
     /// Whether the store accepted the last `Update::Batch`: a source that diffs against what
     /// the store holds (files) needs to know.
     fn ack(&mut self, _accepted: bool) {}
+
+    /// An object of an `Update::Each` was refused: a source may tell its owner (the Kubernetes
+    /// source writes an Event on the object).
+    fn refused(&mut self, _origin: &Origin, _errors: &ConfigErrors) {}
 }

@@ -9,6 +9,7 @@ const SERVICES: &str = "api/v1/services";
 const SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
 const HTTPROUTES: &str = "apis/gateway.networking.k8s.io/v1/httproutes";
 const GRPCROUTES: &str = "apis/gateway.networking.k8s.io/v1/grpcroutes";
+const EVENTS: &str = "apis/events.k8s.io/v1/events";
 
 fn agent_for(api: &KubeApi, cgroup: &TestCgroup, wait_ready: bool) -> Agent {
     let mut spec = AgentSpec::new("", cgroup);
@@ -96,11 +97,35 @@ fn a_bad_object_is_refused_alone_and_the_rest_applies() {
         assert!(body.contains("Service test/broken: spec.clusterIP"), "{body}");
         assert_eq!(agent.metric("mesh_config_rejected_sources", &[]), 2.0);
         assert!(agent.kernel_backends("10.96.0.20:80").is_none(), "the refused Service is not served");
+        // Where kubectl describe looks: a Warning Event on each refused object, with the field.
+        let events_of = |name: &str| -> Vec<Value> {
+            api.list(EVENTS).into_iter().filter(|e| e["regarding"]["name"] == name && e["regarding"]["kind"] == "Service").collect()
+        };
+        wait_until(|| events_of("api").len() == 1 && events_of("broken").len() == 1, || format!("{:#?}", api.list(EVENTS)));
+        let event = &events_of("api")[0];
+        assert_eq!(event["type"], "Warning", "{event}");
+        assert_eq!(event["reason"], "Rejected", "{event}");
+        assert_eq!(event["reportingController"], "mesh-agent", "{event}");
+        assert_eq!(event["reportingInstance"], "node-a", "{event}");
+        assert!(event["note"].as_str().is_some_and(|n| n.contains("spec.ports[0].port")), "{event}");
+        assert_eq!(event["regarding"]["uid"], api.get(SERVICES, "test", "api").unwrap()["metadata"]["uid"], "{event}");
+        // The same refusal again (the object rewritten as it was): not written again. Refusals
+        // are written in order: once a later one is, the repeat has been passed over.
+        let writes_before = api.requests().iter().filter(|r| r.contains("/events")).count();
+        api.apply_yaml(&bad);
+        let mut later = ServiceYaml::web(vec![]);
+        later.name = "later";
+        later.cluster_ip = "10.96.0.301";
+        api.apply_yaml(&later.render());
+        wait_until(|| events_of("later").len() == 1, || format!("{:#?}", api.list(EVENTS)));
+        assert_eq!(events_of("api").len(), 1);
+        let writes_after = api.requests().iter().filter(|r| r.contains("/events")).count();
+        assert_eq!(writes_after, writes_before + 1, "only the later refusal was written: {:?}", api.requests());
 
-        // Fixed: it applies, and its refusal is gone; the invalid one stays refused.
+        // Fixed: it applies, and its refusal is gone; the invalid ones stay refused.
         api.apply_yaml(&api_service(&["127.0.0.12"]));
         agent.wait_backends("10.96.0.20:80", &["127.0.0.12:8080"]);
-        wait_until(|| agent.metric("mesh_config_rejected_sources", &[]) == 1.0, || agent.readiness().1);
+        wait_until(|| agent.metric("mesh_config_rejected_sources", &[]) == 2.0, || agent.readiness().1);
         // A good object made bad: refused, and its last good version keeps serving.
         api.apply_yaml(&web(&["127.0.0.11"]).replace("port: 80\n", "port: -1\n"));
         wait_until(|| agent.readiness().1.contains("Service test/web:"), || agent.readiness().1);

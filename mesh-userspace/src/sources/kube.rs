@@ -10,6 +10,8 @@
 //! - A kind whose resource does not exist (Gateway API CRDs not installed) counts as empty and
 //!   is looked for again with the watcher's backoff; it never holds readiness back.
 #![forbid(unsafe_code)]
+mod events;
+
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::{Path, PathBuf},
@@ -28,7 +30,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use super::{Change, ConfigError, ConfigErrors, Kind, Object, Origin, Update};
+use super::{ApiObject, Change, ConfigError, ConfigErrors, Kind, Object, Origin, Update};
 
 /// Why the API source could not start.
 #[derive(Debug, thiserror::Error)]
@@ -103,11 +105,12 @@ type WatchItem = Result<watcher::Event<DynamicObject>, watcher::Error>;
 
 /// Watches Services, EndpointSlices, HTTPRoutes and GRPCRoutes in every namespace.
 pub struct KubeSource {
-    events: mpsc::Receiver<(Kind, WatchItem)>,
+    watched: mpsc::Receiver<(Kind, WatchItem)>,
     kinds: HashMap<Kind, KindState>,
     ready: VecDeque<Update>,
     synced_sent: bool,
     watchers: Vec<JoinHandle<()>>,
+    events: events::Events,
 }
 
 impl Drop for KubeSource {
@@ -119,9 +122,10 @@ impl Drop for KubeSource {
 }
 
 impl KubeSource {
-    /// Starts the watchers (they connect in the background, with backoff).
-    pub fn new(client: Client) -> Self {
-        let (tx, events) = mpsc::channel(EVENT_QUEUE);
+    /// Starts the watchers (they connect in the background, with backoff). Events on refused
+    /// objects are written as this `node`'s agent.
+    pub fn new(client: Client, node: String) -> Self {
+        let (tx, watched) = mpsc::channel(EVENT_QUEUE);
         let watchers = KINDS
             .into_iter()
             .map(|kind| {
@@ -138,7 +142,8 @@ impl KubeSource {
             })
             .collect();
         Self {
-            events,
+            events: events::Events::new(client, node),
+            watched,
             kinds: KINDS.into_iter().map(|k| (k, KindState::default())).collect(),
             ready: VecDeque::new(),
             synced_sent: false,
@@ -231,8 +236,20 @@ impl super::Source for KubeSource {
             if let Some(update) = self.ready.pop_front() {
                 return Some(update);
             }
-            let (kind, item) = self.events.recv().await?;
+            let (kind, item) = self.watched.recv().await?;
             self.handle(kind, item);
+        }
+    }
+
+    fn refused(&mut self, origin: &Origin, errors: &ConfigErrors) {
+        if let Origin::Api(object) = origin {
+            let note = errors
+                .0
+                .iter()
+                .map(|e| if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) })
+                .collect::<Vec<_>>()
+                .join("; ");
+            self.events.refused(object, format!("mesh does not serve it: {note}"));
         }
     }
 }
@@ -248,7 +265,7 @@ fn key_of(object: &DynamicObject) -> Key {
 
 /// An API object's origin: itself (`Service default/web`), so its refusal is its own.
 pub fn origin(kind: Kind, namespace: &str, name: &str) -> Origin {
-    Origin::Api(format!("{kind} {namespace}/{name}"))
+    Origin::Api(ApiObject { kind, namespace: namespace.to_owned(), name: name.to_owned() })
 }
 
 /// The typed object, with what mesh never reads (managed fields, the last applied

@@ -1,7 +1,9 @@
 //! `cargo xtask bench control-plane`: how the agent copes with a big cluster's worth of
 //! Services (release build, in a network namespace of its own).
 //!
-//! 10,000 Services and 100,000 endpoints in EndpointSlices of 100, in 100 files of 100 Services.
+//! 10,000 Services and 100,000 endpoints in EndpointSlices of 100, in 100 files of 100 Services;
+//! then the same objects through the Kubernetes API source (the tests' API server double, in
+//! this process).
 //! Measured: cold start to ready (the kernel holds everything), one endpoint change from the
 //! file's rename to the kernel using it, a Service added the same way, `/metrics` scrape times
 //! (also while a change is applied), and the agent's RSS. "The kernel uses it" is observed from
@@ -18,7 +20,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, http_get, in_netns};
+use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, http_get, in_netns, kube_api::KubeApi};
 use serde_json::{Value, json};
 
 use crate::bootstrap::{release_bin, workspace_root};
@@ -66,9 +68,7 @@ fn file_text(f: usize, probe_ready: bool) -> String {
     for i in f * PER_FILE..(f + 1) * PER_FILE {
         text.push_str(&service_yaml(i));
         if i % PER_FILE == 0 {
-            text.push_str(&format!(
-                "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n  conditions: {{ready: {probe_ready}}}\n---\n"
-            ));
+            text.push_str(&probe_slice(i, probe_ready));
         }
         // Slices spread over the Services, one Service in SERVICES / slices: slice k belongs to
         // Service k * SERVICES / slices + 1 (never a probe Service, whose one endpoint must be
@@ -81,6 +81,13 @@ fn file_text(f: usize, probe_ready: bool) -> String {
         }
     }
     text
+}
+
+/// The probe slice of Service `i`: one endpoint, `TARGET`, ready or not.
+fn probe_slice(i: usize, ready: bool) -> String {
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n  conditions: {{ready: {ready}}}\n---\n"
+    )
 }
 
 fn write_atomically(dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
@@ -147,6 +154,32 @@ fn cpu_ms(pid: u32) -> f64 {
     ticks * 1000.0 / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Where the agent reads the objects: files in a directory, or the API server double.
+enum Feed {
+    Files(std::path::PathBuf),
+    Api(KubeApi),
+}
+
+impl Feed {
+    /// Writes file `name` (atomically), or creates/replaces its objects in the API.
+    fn write(&self, name: &str, text: &str) -> anyhow::Result<()> {
+        match self {
+            Feed::Files(dir) => write_atomically(dir, name, text),
+            Feed::Api(api) => {
+                api.apply_yaml(text);
+                Ok(())
+            }
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Feed::Files(_) => "files",
+            Feed::Api(_) => "kubernetes",
+        }
+    }
+}
+
 pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours reads the environment.
     unsafe {
@@ -155,97 +188,13 @@ pub fn run() -> anyhow::Result<()> {
     }
     let result = in_netns(|| -> anyhow::Result<Value> {
         let _target = Backend::start("target", &[&format!("{TARGET}:8080")]);
-        let cgroup = TestCgroup::new("bench-cp");
         let dir = std::env::temp_dir().join(mesh_tests::unique_name("bench-cp"));
         fs::create_dir_all(&dir)?;
-        println!(
-            "[bench control-plane] writing {SERVICES} Services, {ENDPOINTS} endpoints in slices of {SLICE}, {} files",
-            SERVICES / PER_FILE
-        );
-        for f in 0..SERVICES / PER_FILE {
-            write_atomically(&dir, &format!("f{f:03}.yaml"), &file_text(f, false))?;
-        }
-        let bytes: u64 = fs::read_dir(&dir)?.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum();
-
-        let started = Instant::now();
-        let agent = Agent::start(AgentSpec { config_path: Some(dir.clone()), ..AgentSpec::new("", &cgroup) });
-        let ready_s = started.elapsed().as_secs_f64();
-        let pid = agent.pid();
-        let cpu_start_ms = cpu_ms(pid);
-        println!("[bench control-plane] ready after {ready_s:.2} s ({:.0} ms CPU)", cpu_start_ms);
-        let metrics = agent.metrics_addr().to_owned();
-        let idle_scrapes: Vec<f64> = (0..5).map(|_| scrape_ms(&metrics)).collect();
-        let backends = agent.metric("mesh_map_entries", &[("map", "mesh_backends")]);
-        anyhow::ensure!(backends as usize >= ENDPOINTS, "the kernel holds {backends} backends after start, not {ENDPOINTS}");
-        let rss_started = rss_mib(pid);
-
-        // The agent's CPU rate with nothing changing (live-connection scans, gauges), to take
-        // out of the change windows.
-        let idle_cpu_before = cpu_ms(pid);
-        std::thread::sleep(Duration::from_secs(2));
-        let idle_cpu_ms_per_s = (cpu_ms(pid) - idle_cpu_before) / 2.0;
-
-        // One endpoint changed: the probe Service of file f turns its endpoint ready.
-        let mut change_ms = Vec::new();
-        let mut busy_scrapes = Vec::new();
-        let mut change_cpu_ms = Vec::new();
-        for f in 0..CHANGES {
-            let vip = format!("{}:80", vip(f * PER_FILE));
-            let child = waiter(&cgroup, &vip)?;
-            std::thread::sleep(Duration::from_millis(200));
-            let text = file_text(f, true);
-            let cpu_before = cpu_ms(pid);
-            let t0 = now_ns();
-            write_atomically(&dir, &format!("f{f:03}.yaml"), &text)?;
-            busy_scrapes.push(scrape_ms(&metrics));
-            change_ms.push(waited_ms(child, t0)?);
-            std::thread::sleep(Duration::from_millis(500));
-            change_cpu_ms.push(cpu_ms(pid) - cpu_before);
-        }
-        println!("[bench control-plane] one endpoint change: {:?} ms", change_ms);
-
-        // A Service added (a new file).
-        let mut add_ms = Vec::new();
-        for n in 0..CHANGES {
-            let i = SERVICES + n;
-            let child = waiter(&cgroup, &format!("{}:80", vip(i)))?;
-            std::thread::sleep(Duration::from_millis(200));
-            let text = format!(
-                "{}apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: s{i}-probe\n  namespace: bench\n  labels: {{kubernetes.io/service-name: s{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}]\nendpoints:\n- addresses: [\"{TARGET}\"]\n---\n",
-                service_yaml(i)
-            );
-            let t0 = now_ns();
-            write_atomically(&dir, &format!("new{n}.yaml"), &text)?;
-            add_ms.push(waited_ms(child, t0)?);
-        }
-        println!("[bench control-plane] a Service added: {:?} ms", add_ms);
-        let rss = rss_mib(pid);
-        let (rss_anon, rss_file) = rss_parts_mib(pid);
-        if std::env::var_os("MESH_BENCH_SMAPS").is_some() {
-            // Where the memory is, mapping by mapping, for whoever is chasing RSS.
-            let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
-            fs::write(workspace_root().join("target/bench/control-plane-smaps.txt"), smaps)?;
-        }
-        agent.stop();
+        let files = measure(Feed::Files(dir.clone()));
         let _ = fs::remove_dir_all(&dir);
-        Ok(json!({
-            "suite": "control-plane",
-            "services": SERVICES,
-            "endpoints": ENDPOINTS,
-            "slice_size": SLICE,
-            "files": SERVICES / PER_FILE,
-            "config_mib": bytes as f64 / 1048576.0,
-            "cold_start_s": ready_s,
-            "cold_start_cpu_ms": cpu_start_ms,
-            "endpoint_change_ms": { "median": median(change_ms.clone()), "max": change_ms.iter().copied().fold(0.0, f64::max), "all": change_ms },
-            // CPU of the 0.5 s after a change, less the idle rate (10 ms ticks: a rough figure).
-            "endpoint_change_cpu_ms": (median(change_cpu_ms) - idle_cpu_ms_per_s / 2.0).max(0.0),
-            "idle_cpu_ms_per_s": idle_cpu_ms_per_s,
-            "service_added_ms": { "median": median(add_ms.clone()), "all": add_ms },
-            "scrape_ms": { "idle_median": median(idle_scrapes), "during_change_max": busy_scrapes.iter().copied().fold(0.0, f64::max) },
-            "rss_mib": { "after_start": rss_started, "after_changes": rss, "anon": rss_anon, "file": rss_file },
-            "kernel_backends": backends,
-        }))
+        // The Gateway API CRDs are installed (empty): the agent watches four kinds.
+        let api = measure(Feed::Api(KubeApi::start(&[])));
+        Ok(json!({ "suite": "control-plane", "files": files?, "kubernetes": api? }))
     })?;
     let out = workspace_root().join("target/bench");
     fs::create_dir_all(&out)?;
@@ -254,4 +203,104 @@ pub fn run() -> anyhow::Result<()> {
     println!("\n{}", serde_json::to_string_pretty(&result)?);
     println!("[bench control-plane] written to {}", file.display());
     Ok(())
+}
+
+/// Cold start, endpoint changes, Services added, scrapes and RSS, with the objects fed by `feed`.
+fn measure(feed: Feed) -> anyhow::Result<Value> {
+    let label = feed.name();
+    let cgroup = TestCgroup::new("bench-cp");
+    println!(
+        "[bench control-plane] {label}: writing {SERVICES} Services, {ENDPOINTS} endpoints in slices of {SLICE}, {} batches",
+        SERVICES / PER_FILE
+    );
+    let mut bytes = 0;
+    for f in 0..SERVICES / PER_FILE {
+        let text = file_text(f, false);
+        bytes += text.len();
+        feed.write(&format!("f{f:03}.yaml"), &text)?;
+    }
+
+    let started = Instant::now();
+    let spec = match &feed {
+        Feed::Files(dir) => AgentSpec { config_path: Some(dir.clone()), ..AgentSpec::new("", &cgroup) },
+        Feed::Api(api) => AgentSpec { kubeconfig: Some(api.kubeconfig.clone()), ..AgentSpec::new("", &cgroup) },
+    };
+    let agent = Agent::start(spec);
+    let ready_s = started.elapsed().as_secs_f64();
+    let pid = agent.pid();
+    let cpu_start_ms = cpu_ms(pid);
+    println!("[bench control-plane] {label}: ready after {ready_s:.2} s ({:.0} ms CPU)", cpu_start_ms);
+    let metrics = agent.metrics_addr().to_owned();
+    let idle_scrapes: Vec<f64> = (0..5).map(|_| scrape_ms(&metrics)).collect();
+    let backends = agent.metric("mesh_map_entries", &[("map", "mesh_backends")]);
+    anyhow::ensure!(backends as usize >= ENDPOINTS, "the kernel holds {backends} backends after start, not {ENDPOINTS}");
+    let rss_started = rss_mib(pid);
+
+    // The agent's CPU rate with nothing changing (live-connection scans, gauges), to take
+    // out of the change windows.
+    let idle_cpu_before = cpu_ms(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let idle_cpu_ms_per_s = (cpu_ms(pid) - idle_cpu_before) / 2.0;
+
+    // One endpoint changed: the probe Service of file f turns its endpoint ready (through the
+    // API: the whole file's objects are written again, only the probe slice differs).
+    let mut change_ms = Vec::new();
+    let mut busy_scrapes = Vec::new();
+    let mut change_cpu_ms = Vec::new();
+    for f in 0..CHANGES {
+        let vip = format!("{}:80", vip(f * PER_FILE));
+        let child = waiter(&cgroup, &vip)?;
+        std::thread::sleep(Duration::from_millis(200));
+        let text = match &feed {
+            Feed::Files(_) => file_text(f, true),
+            Feed::Api(_) => probe_slice(f * PER_FILE, true),
+        };
+        let cpu_before = cpu_ms(pid);
+        let t0 = now_ns();
+        feed.write(&format!("f{f:03}.yaml"), &text)?;
+        busy_scrapes.push(scrape_ms(&metrics));
+        change_ms.push(waited_ms(child, t0)?);
+        std::thread::sleep(Duration::from_millis(500));
+        change_cpu_ms.push(cpu_ms(pid) - cpu_before);
+    }
+    println!("[bench control-plane] {label}: one endpoint change: {:?} ms", change_ms);
+
+    // A Service added (a new file, or two new objects).
+    let mut add_ms = Vec::new();
+    for n in 0..CHANGES {
+        let i = SERVICES + n;
+        let child = waiter(&cgroup, &format!("{}:80", vip(i)))?;
+        std::thread::sleep(Duration::from_millis(200));
+        let text = format!("{}{}", service_yaml(i), probe_slice(i, true));
+        let t0 = now_ns();
+        feed.write(&format!("new{n}.yaml"), &text)?;
+        add_ms.push(waited_ms(child, t0)?);
+    }
+    println!("[bench control-plane] {label}: a Service added: {:?} ms", add_ms);
+    let rss = rss_mib(pid);
+    let (rss_anon, rss_file) = rss_parts_mib(pid);
+    if std::env::var_os("MESH_BENCH_SMAPS").is_some() {
+        // Where the memory is, mapping by mapping, for whoever is chasing RSS.
+        let smaps = fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+        fs::write(workspace_root().join(format!("target/bench/control-plane-{label}-smaps.txt")), smaps)?;
+    }
+    agent.stop();
+    Ok(json!({
+        "source": label,
+        "services": SERVICES,
+        "endpoints": ENDPOINTS,
+        "slice_size": SLICE,
+        "batches": SERVICES / PER_FILE,
+        "config_mib": bytes as f64 / 1048576.0,
+        "cold_start_s": ready_s,
+        "cold_start_cpu_ms": cpu_start_ms,
+        "endpoint_change_ms": { "median": median(change_ms.clone()), "max": change_ms.iter().copied().fold(0.0, f64::max), "all": change_ms },
+        // CPU of the 0.5 s after a change, less the idle rate (10 ms ticks: a rough figure).
+        "endpoint_change_cpu_ms": (median(change_cpu_ms) - idle_cpu_ms_per_s / 2.0).max(0.0),
+        "idle_cpu_ms_per_s": idle_cpu_ms_per_s,
+        "service_added_ms": { "median": median(add_ms.clone()), "all": add_ms },
+        "scrape_ms": { "idle_median": median(idle_scrapes), "during_change_max": busy_scrapes.iter().copied().fold(0.0, f64::max) },
+        "rss_mib": { "after_start": rss_started, "after_changes": rss, "anon": rss_anon, "file": rss_file },
+        "kernel_backends": backends,
+    }))
 }
