@@ -29,7 +29,7 @@ use crate::{
     handoff, host,
     proxy::{self, connect::TcpConnector, outbound::Outbound},
     server::{Lifecycle, Limits},
-    sources::{Change, ConfigErrors, Origin, Source, Update, file::FileSource, kube::KubeSource},
+    sources::{Change, ConfigErrors, Origin, Outcome, Source, Update, file::FileSource, kube::KubeSource},
     state::{NodeContext, Snapshot, Store},
     sync::{
         Reconciler,
@@ -76,8 +76,9 @@ pub enum SourceOptions {
     /// YAML files (a file or a directory), watched. `removal_quiet`: how long a file must stay
     /// the same before objects removed from it are removed.
     Files { config: PathBuf, removal_quiet: Duration },
-    /// The Kubernetes API, from this kubeconfig or else the in-cluster service account.
-    Kubernetes { kubeconfig: Option<PathBuf> },
+    /// The Kubernetes API, from this kubeconfig or else the in-cluster service account; the
+    /// Lease electing the agent that writes route status and Events is in `lease_namespace`.
+    Kubernetes { kubeconfig: Option<PathBuf>, lease_namespace: String },
 }
 
 impl std::fmt::Display for SourceOptions {
@@ -137,7 +138,7 @@ struct Status {
     services: usize,
     last_applied: Option<SystemTime>,
     /// Origins whose newest content was refused, with why; their last good objects serve.
-    rejected: BTreeMap<Origin, String>,
+    rejected: BTreeMap<Origin, ConfigErrors>,
     /// The attached cgroup was removed: the datapath no longer sees any socket.
     cgroup_gone: bool,
 }
@@ -181,6 +182,8 @@ impl Agent {
             let status = self.status.lock().expect("status lock");
             metrics.config_generation.set(status.generation as i64);
             metrics.config_rejected.set(status.rejected.len() as i64);
+            let objects: usize = status.rejected.values().map(ConfigErrors::objects).sum();
+            metrics.config_rejected_objects.set(objects as i64);
         }
         metrics.kernel_generation.set(self.sync.borrow().generation as i64);
         let maps = self.maps.lock().expect("maps lock");
@@ -240,7 +243,7 @@ impl Agent {
                 body.push_str("the configuration was rejected:\n");
             }
             for errors in status.rejected.values() {
-                body.push_str(errors);
+                body.push_str(&errors.to_string());
                 body.push('\n');
             }
         }
@@ -259,7 +262,7 @@ impl Agent {
                 match read {
                     Ok((image, occupancy)) => {
                         let status = self.status.lock().expect("status lock");
-                        let rejected: Vec<&String> = status.rejected.values().collect();
+                        let rejected: Vec<String> = status.rejected.values().map(ConfigErrors::to_string).collect();
                         let dump = serde_json::json!({
                             "node": self.opts.node.node,
                             "zone": self.opts.node.zone,
@@ -305,7 +308,7 @@ impl Agent {
         if status.generation > 0 || self.adopted {
             tracing::warn!(%origin, generation = status.generation, "still serving the last good configuration");
         }
-        status.rejected.insert(origin, errors.to_string());
+        status.rejected.insert(origin, errors.clone());
     }
 }
 
@@ -416,10 +419,10 @@ impl Source for AnySource {
         }
     }
 
-    fn refused(&mut self, origin: &Origin, errors: &ConfigErrors) {
+    fn outcome(&mut self, outcome: Outcome) {
         match self {
-            AnySource::Files(s) => s.refused(origin, errors),
-            AnySource::Kube(s) => s.refused(origin, errors),
+            AnySource::Files(s) => s.outcome(outcome),
+            AnySource::Kube(s) => s.outcome(outcome),
         }
     }
 }
@@ -432,7 +435,7 @@ async fn run_source<S: Source>(
     feed: Arc<SyncFeed>,
     snapshots: watch::Sender<Arc<Snapshot>>,
 ) {
-    let mut consumer = Consumer { agent, store, feed, snapshots, read_all: false };
+    let mut consumer = Consumer { agent, store, feed, snapshots, read_all: false, outcome: None };
     while let Some(update) = source.next().await {
         match update {
             Update::Batch { origin, changes } => {
@@ -460,8 +463,9 @@ async fn run_source<S: Source>(
                 }
             }
             Update::Each { changes, unreadable } => {
-                for (origin, errors) in consumer.apply_each(changes, unreadable) {
-                    source.refused(&origin, &errors);
+                consumer.apply_each(changes, unreadable);
+                if let Some(outcome) = consumer.outcome_changed() {
+                    source.outcome(outcome);
                 }
             }
             Update::Unreadable { origin, errors } => consumer.agent.reject(origin, &errors),
@@ -480,6 +484,8 @@ struct Consumer {
     /// sync compares everything and removes what the configuration lacks, so syncing a
     /// half-read configuration would take down, for a moment, adopted Services not yet read.
     read_all: bool,
+    /// What the source was last told of its objects.
+    outcome: Option<Outcome>,
 }
 
 impl Consumer {
@@ -499,15 +505,14 @@ impl Consumer {
 
     /// Applies what it can: the whole set at once when all of it is valid (one generation),
     /// otherwise each change alone, so that a bad object is refused by itself.
-    /// Returns the refused objects, with why.
-    fn apply_each(&mut self, changes: Vec<Change>, mut refused: Vec<(Origin, ConfigErrors)>) -> Vec<(Origin, ConfigErrors)> {
+    fn apply_each(&mut self, changes: Vec<Change>, refused: Vec<(Origin, ConfigErrors)>) {
         let started = std::time::Instant::now();
         let count = changes.len();
         for (origin, errors) in &refused {
             self.agent.reject(origin.clone(), errors);
         }
         if changes.is_empty() {
-            return refused;
+            return;
         }
         let origins: Vec<Origin> = changes.iter().map(|c| c.origin().clone()).collect();
         let (mut balanced, mut accepted, mut generation) = (Vec::new(), Vec::new(), 0);
@@ -524,16 +529,13 @@ impl Consumer {
                             generation = applied.generation;
                             accepted.push(origin);
                         }
-                        Err(errors) => {
-                            self.agent.reject(origin.clone(), &errors);
-                            refused.push((origin, errors));
-                        }
+                        Err(errors) => self.agent.reject(origin, &errors),
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return refused;
+            return;
         }
         balanced.sort();
         balanced.dedup();
@@ -558,7 +560,26 @@ impl Consumer {
         } else {
             tracing::debug!(origin = %accepted[0], balanced_changed = balanced.len(), elapsed_us, generation, "object applied");
         }
-        refused
+    }
+
+    /// What became of the API objects, when it differs from what was said last.
+    fn outcome_changed(&mut self) -> Option<Outcome> {
+        let status = self.agent.status.lock().expect("status lock");
+        let refused = status
+            .rejected
+            .iter()
+            .filter_map(|(origin, errors)| match origin {
+                Origin::Api(object) => Some((object.clone(), errors.summary())),
+                Origin::File(_) => None,
+            })
+            .collect();
+        drop(status);
+        let outcome = Outcome { routes: self.store.route_verdicts(), refused };
+        if self.outcome.as_ref() == Some(&outcome) {
+            return None;
+        }
+        self.outcome = Some(outcome.clone());
+        Some(outcome)
     }
 
     /// The source has delivered everything once: the kernel may be told, readiness may follow.
@@ -608,9 +629,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             let reads = files.reads();
             (AnySource::Files(files), reads)
         }
-        SourceOptions::Kubernetes { kubeconfig } => {
+        SourceOptions::Kubernetes { kubeconfig, lease_namespace } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
-            (AnySource::Kube(KubeSource::new(client, opts.node.node.clone())), Arc::default())
+            (AnySource::Kube(KubeSource::new(client, opts.node.node.clone(), lease_namespace.clone())), Arc::default())
         }
     };
     // --take-over: a running agent on the same pin directory hands over its listeners (a

@@ -88,6 +88,10 @@ struct AgentArgs {
     /// then KUBECONFIG or ~/.kube/config).
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// With `--source kubernetes`: the namespace of the Lease that picks the one agent writing
+    /// route status and Events (the agent's own namespace).
+    #[arg(long, default_value = "mesh-system", value_name = "NAMESPACE")]
+    lease_namespace: String,
     /// The cgroup v2 directory to attach to (default: the cgroup v2 root).
     #[arg(long)]
     cgroup: Option<PathBuf>,
@@ -211,7 +215,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         app::SourceOptions::Files { config, removal_quiet: std::time::Duration::from_millis(args.removal_quiet_ms) }
                     }
                     (SourceKind::Files, None) => anyhow::bail!("--source files needs --config PATH"),
-                    (SourceKind::Kubernetes, _) => app::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig },
+                    (SourceKind::Kubernetes, _) => {
+                        app::SourceOptions::Kubernetes { kubeconfig: args.kubeconfig, lease_namespace: args.lease_namespace }
+                    }
                 },
                 cgroup: args.cgroup,
                 node: NodeContext { node: args.node.unwrap_or_else(hostname), zone: args.zone },

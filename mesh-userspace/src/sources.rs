@@ -147,6 +147,23 @@ impl fmt::Display for ConfigError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
+impl ConfigErrors {
+    /// Field and message of each error, for a place that already names the object (an Event).
+    pub fn summary(&self) -> String {
+        self.0
+            .iter()
+            .map(|e| if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    /// How many objects the errors name (at least one: a whole file unreadable is one).
+    pub fn objects(&self) -> usize {
+        let named: std::collections::BTreeSet<(&Origin, &str)> = self.0.iter().map(|e| (&e.origin, e.object.as_str())).collect();
+        named.len().max(1)
+    }
+}
+
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, e) in self.0.iter().enumerate() {
@@ -173,6 +190,23 @@ pub enum Update {
     Synced,
 }
 
+/// What mesh says of one accepted route, for its status: each parent Service (namespace, name)
+/// and whether it exists, and the backend Services that do not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteVerdict {
+    pub parents: Vec<((String, String), bool)>,
+    pub unresolved: Vec<(String, String)>,
+}
+
+/// What became of a source's API objects, whole, for writing back where users look (route
+/// status, Events).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    pub routes: std::collections::BTreeMap<ApiObject, RouteVerdict>,
+    /// Refused objects and why.
+    pub refused: std::collections::BTreeMap<ApiObject, String>,
+}
+
 /// A source of configuration: yields updates until it ends.
 pub trait Source: Send {
     /// The next update; None when the source has stopped for good.
@@ -182,7 +216,7 @@ pub trait Source: Send {
     /// the store holds (files) needs to know.
     fn ack(&mut self, _accepted: bool) {}
 
-    /// An object of an `Update::Each` was refused: a source may tell its owner (the Kubernetes
-    /// source writes an Event on the object).
-    fn refused(&mut self, _origin: &Origin, _errors: &ConfigErrors) {}
+    /// What became of the source's objects, after a change that may have changed it: a source
+    /// may tell their owners (the Kubernetes source writes route status and Events).
+    fn outcome(&mut self, _outcome: Outcome) {}
 }

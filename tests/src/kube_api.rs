@@ -701,3 +701,64 @@ fn merge(target: &mut Value, patch: Value) {
         other => *target = other,
     }
 }
+
+/// The requests (as `KubeApi::requests` has them) that the ClusterRoles and Roles of an RBAC
+/// manifest do not allow, each with why: how the tests hold deploy/rbac.yaml to what the agent
+/// really does. Bindings are taken as given.
+pub fn rbac_denials(requests: &[String], rbac_yaml: &str) -> Vec<String> {
+    use serde::Deserialize as _;
+    let roles: Vec<Value> = serde_yaml::Deserializer::from_str(rbac_yaml)
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|d| matches!(d["kind"].as_str(), Some("ClusterRole" | "Role")))
+        .collect();
+    let strings = |v: &Value| -> Vec<String> { v.as_array().into_iter().flatten().filter_map(|s| s.as_str().map(str::to_owned)).collect() };
+    let mut denied = Vec::new();
+    for request in requests {
+        let (method, uri) = request.split_once(' ').unwrap_or(("", ""));
+        let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+        let Some(target) = parse_path(path) else {
+            denied.push(format!("{request}: not a resource path"));
+            continue;
+        };
+        let mut parts = target.resource.split('/');
+        let group = match parts.next() {
+            Some("api") => String::new(),
+            _ => parts.next().unwrap_or_default().to_owned(),
+        };
+        let plural = target.resource.rsplit('/').next().unwrap_or_default();
+        let resource = match &target.subresource {
+            Some(sub) => format!("{plural}/{sub}"),
+            None => plural.to_owned(),
+        };
+        let verb = match (method, &target.name) {
+            ("GET", Some(_)) => "get",
+            ("GET", None) if query.split('&').any(|kv| kv == "watch=true" || kv == "watch=1") => "watch",
+            ("GET", None) => "list",
+            ("POST", _) => "create",
+            ("PUT", _) => "update",
+            ("PATCH", _) => "patch",
+            ("DELETE", _) => "delete",
+            _ => "unknown",
+        };
+        let allowed = roles.iter().any(|role| {
+            let scoped = role["kind"] == "Role";
+            if scoped && target.namespace.as_deref() != role["metadata"]["namespace"].as_str() {
+                return false;
+            }
+            role["rules"].as_array().into_iter().flatten().any(|rule| {
+                let names = strings(&rule["resourceNames"]);
+                let any = |list: Vec<String>, want: &str| list.iter().any(|x| x == want || x == "*");
+                any(strings(&rule["apiGroups"]), &group)
+                    && any(strings(&rule["resources"]), &resource)
+                    && any(strings(&rule["verbs"]), verb)
+                    && (names.is_empty() || target.name.as_ref().is_some_and(|n| names.contains(n)))
+            })
+        });
+        if !allowed {
+            denied.push(format!("{request}: `{verb}` on `{resource}` of group `{group}` is not granted"));
+        }
+    }
+    denied.sort();
+    denied.dedup();
+    denied
+}

@@ -2,14 +2,17 @@
 //! watch protocol, tests/src/kube_api.rs): objects reach the kernel and real connections, a bad
 //! object is refused alone, and the agent survives the API server going away, restarting and
 //! answering 410 Gone, without ever serving less than the last good state.
-use mesh_tests::{kube_api::KubeApi, *};
+use mesh_tests::{
+    kube_api::{self, KubeApi},
+    *,
+};
 
 const VIP: &str = "10.96.0.10:80";
 const SERVICES: &str = "api/v1/services";
-const SLICES: &str = "apis/discovery.k8s.io/v1/endpointslices";
 const HTTPROUTES: &str = "apis/gateway.networking.k8s.io/v1/httproutes";
 const GRPCROUTES: &str = "apis/gateway.networking.k8s.io/v1/grpcroutes";
 const EVENTS: &str = "apis/events.k8s.io/v1/events";
+const LEASES: &str = "apis/coordination.k8s.io/v1/leases";
 
 fn agent_for(api: &KubeApi, cgroup: &TestCgroup, wait_ready: bool) -> Agent {
     let mut spec = AgentSpec::new("", cgroup);
@@ -66,10 +69,10 @@ fn services_and_endpoint_slices_from_the_api_reach_the_kernel_and_follow_every_c
         wait_until(|| agent.kernel_backends(VIP).is_none(), || format!("{VIP} still in the kernel: {:?}", agent.kernel_backends(VIP)));
         let answer = cgroup.probe(&["tcp", VIP, "2"]);
         assert_eq!(error_count(&answer), 2, "{answer}");
-        // Only these kinds were asked for, and pods never cluster-wide.
-        for request in api.requests() {
-            assert!([SERVICES, SLICES, HTTPROUTES, GRPCROUTES].iter().any(|r| request.starts_with(&format!("GET /{r}"))), "{request}");
-        }
+        // Everything the agent asked for, deploy/rbac.yaml grants (and it took the Lease).
+        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        assert!(api.get(LEASES, "mesh-system", "mesh-status-writer").is_some(), "{:?}", api.requests());
         agent.stop();
     });
 }
@@ -95,7 +98,7 @@ fn a_bad_object_is_refused_alone_and_the_rest_applies() {
         assert_eq!(code, 200, "{body}");
         assert!(body.contains("Service test/api: spec.ports[0].port"), "the refused object and field are named: {body}");
         assert!(body.contains("Service test/broken: spec.clusterIP"), "{body}");
-        assert_eq!(agent.metric("mesh_config_rejected_sources", &[]), 2.0);
+        assert_eq!(agent.metric("mesh_config_rejected_objects", &[]), 2.0);
         assert!(agent.kernel_backends("10.96.0.20:80").is_none(), "the refused Service is not served");
         // Where kubectl describe looks: a Warning Event on each refused object, with the field.
         let events_of = |name: &str| -> Vec<Value> {
@@ -125,7 +128,7 @@ fn a_bad_object_is_refused_alone_and_the_rest_applies() {
         // Fixed: it applies, and its refusal is gone; the invalid ones stay refused.
         api.apply_yaml(&api_service(&["127.0.0.12"]));
         agent.wait_backends("10.96.0.20:80", &["127.0.0.12:8080"]);
-        wait_until(|| agent.metric("mesh_config_rejected_sources", &[]) == 2.0, || agent.readiness().1);
+        wait_until(|| agent.metric("mesh_config_rejected_objects", &[]) == 2.0, || agent.readiness().1);
         // A good object made bad: refused, and its last good version keeps serving.
         api.apply_yaml(&web(&["127.0.0.11"]).replace("port: 80\n", "port: -1\n"));
         wait_until(|| agent.readiness().1.contains("Service test/web:"), || agent.readiness().1);
@@ -219,4 +222,104 @@ fn lists_are_read_page_by_page() {
         assert_eq!(services, 1200, "every page applied");
         agent.stop();
     });
+}
+
+fn route(name: &str, backends: &[&str], path: &str) -> String {
+    let refs: Vec<String> = backends.iter().map(|b| format!("{{name: {b}, port: 80}}")).collect();
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: test}}\n\
+         spec:\n  parentRefs: [{{group: \"\", kind: Service, name: web, port: 80}}]\n  rules:\n  \
+         - matches: [{{path: {path}}}]\n    backendRefs: [{}]\n",
+        refs.join(", ")
+    )
+}
+
+/// mesh's entry of a route's `status.parents`, as (condition type, status, reason) triples.
+fn mesh_conditions(api: &KubeApi, name: &str) -> Vec<(String, String, String)> {
+    let Some(route) = api.get(HTTPROUTES, "test", name) else { return Vec::new() };
+    let parents = route["status"]["parents"].as_array().cloned().unwrap_or_default();
+    let Some(ours) = parents.iter().find(|p| p["controllerName"] == "mesh.dev/agent") else { return Vec::new() };
+    assert_eq!(ours["parentRef"]["name"], "web", "{route}");
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    ours["conditions"].as_array().into_iter().flatten().map(|c| (text(&c["type"]), text(&c["status"]), text(&c["reason"]))).collect()
+}
+
+fn triples(list: &[(&str, &str, &str)]) -> Vec<(String, String, String)> {
+    list.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect()
+}
+
+#[test]
+fn route_status_is_written_by_the_lease_holder_only_and_keeps_other_controllers_entries() {
+    in_netns(|| {
+        let api = KubeApi::start(&[GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        api.apply_yaml(&route("split", &["web", "web-v2"], "{type: PathPrefix, value: /v2}"));
+        // Another implementation's entry, which mesh must leave alone.
+        let mut with_other = api.get(HTTPROUTES, "test", "split").unwrap();
+        with_other["status"] = serde_json::json!({"parents": [{"controllerName": "example.com/other", "parentRef": {"kind": "Service", "name": "web"},
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}]}]});
+        api.apply(with_other);
+        // Another agent holds the Lease and renews it.
+        api.apply(serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "mesh-status-writer", "namespace": "mesh-system"},
+            "spec": {"holderIdentity": "node-b-1", "leaseDurationSeconds": 3600, "renewTime": "2026-12-03T00:00:00.000000Z"}}));
+        let cgroup = TestCgroup::new("kube-status");
+        let agent = agent_for(&api, &cgroup, true);
+        wait_until(|| agent.log().contains("another agent writes route status"), || agent.log());
+        assert_eq!(mesh_conditions(&api, "split"), vec![], "not the holder: writes nothing");
+        assert!(!api.requests().iter().any(|r| r.contains("/status")), "{:?}", api.requests());
+
+        // The holder goes away (its Lease deleted): this agent takes it and writes.
+        assert!(api.delete("coordination.k8s.io/v1", "Lease", "mesh-system", "mesh-status-writer"));
+        let wait = std::time::Duration::from_secs(30);
+        wait_until_for(wait, || !mesh_conditions(&api, "split").is_empty(), || format!("{:?}", api.requests()));
+        assert_eq!(
+            mesh_conditions(&api, "split"),
+            triples(&[("Accepted", "True", "Accepted"), ("ResolvedRefs", "False", "BackendNotFound")])
+        );
+        let status = &api.get(HTTPROUTES, "test", "split").unwrap()["status"];
+        assert!(status.to_string().contains("test/web-v2"), "names the missing backend: {status}");
+        assert!(status["parents"].as_array().unwrap().iter().any(|p| p["controllerName"] == "example.com/other"), "{status}");
+
+        // The missing backend appears: resolved.
+        let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
+        v2.name = "web-v2";
+        v2.cluster_ip = "10.96.0.12";
+        api.apply_yaml(&v2.render());
+        wait_until(
+            || mesh_conditions(&api, "split") == triples(&[("Accepted", "True", "Accepted"), ("ResolvedRefs", "True", "ResolvedRefs")]),
+            || format!("{:?}", mesh_conditions(&api, "split")),
+        );
+        // A route mesh refuses (a regular expression that does not compile) says why.
+        api.apply_yaml(&route("bad", &["web"], "{type: RegularExpression, value: \"(\"}"));
+        wait_until(
+            || mesh_conditions(&api, "bad") == triples(&[("Accepted", "False", "UnsupportedValue"), ("ResolvedRefs", "False", "Invalid")]),
+            || format!("{:?}\n{}", mesh_conditions(&api, "bad"), agent.log()),
+        );
+        let status = &api.get(HTTPROUTES, "test", "bad").unwrap()["status"];
+        assert!(status.to_string().contains("regular expression"), "{status}");
+        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        agent.stop();
+    });
+}
+
+#[test]
+fn the_rbac_check_refuses_what_a_role_does_not_grant() {
+    let rbac = "kind: ClusterRole\nrules:\n- apiGroups: [\"\"]\n  resources: [services]\n  verbs: [list]\n---\n\
+                kind: Role\nmetadata: {namespace: ns}\nrules:\n- apiGroups: [coordination.k8s.io]\n  resources: [leases]\n  resourceNames: [a]\n  verbs: [get]\n";
+    let requests: Vec<String> = [
+        "GET /api/v1/services?limit=500",
+        "GET /api/v1/services?watch=true",
+        "GET /apis/coordination.k8s.io/v1/namespaces/ns/leases/a",
+        "GET /apis/coordination.k8s.io/v1/namespaces/ns/leases/b",
+        "GET /apis/coordination.k8s.io/v1/namespaces/other/leases/a",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let denied = kube_api::rbac_denials(&requests, rbac);
+    assert_eq!(denied.len(), 3, "{denied:#?}");
+    for refused in ["services?watch=true", "leases/b", "namespaces/other/leases/a"] {
+        assert!(denied.iter().any(|d| d.contains(refused)), "{refused} should be refused: {denied:#?}");
+    }
 }

@@ -10,7 +10,8 @@
 //! - A kind whose resource does not exist (Gateway API CRDs not installed) counts as empty and
 //!   is looked for again with the watcher's backoff; it never holds readiness back.
 #![forbid(unsafe_code)]
-mod events;
+mod lease;
+pub mod writeback;
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -110,7 +111,7 @@ pub struct KubeSource {
     ready: VecDeque<Update>,
     synced_sent: bool,
     watchers: Vec<JoinHandle<()>>,
-    events: events::Events,
+    writeback: writeback::Writeback,
 }
 
 impl Drop for KubeSource {
@@ -122,9 +123,9 @@ impl Drop for KubeSource {
 }
 
 impl KubeSource {
-    /// Starts the watchers (they connect in the background, with backoff). Events on refused
-    /// objects are written as this `node`'s agent.
-    pub fn new(client: Client, node: String) -> Self {
+    /// Starts the watchers (they connect in the background, with backoff). Route status and
+    /// Events are written as this `node`'s agent, while it holds the Lease in `namespace`.
+    pub fn new(client: Client, node: String, namespace: String) -> Self {
         let (tx, watched) = mpsc::channel(EVENT_QUEUE);
         let watchers = KINDS
             .into_iter()
@@ -142,7 +143,7 @@ impl KubeSource {
             })
             .collect();
         Self {
-            events: events::Events::new(client, node),
+            writeback: writeback::Writeback::new(client, node, namespace),
             watched,
             kinds: KINDS.into_iter().map(|k| (k, KindState::default())).collect(),
             ready: VecDeque::new(),
@@ -241,16 +242,8 @@ impl super::Source for KubeSource {
         }
     }
 
-    fn refused(&mut self, origin: &Origin, errors: &ConfigErrors) {
-        if let Origin::Api(object) = origin {
-            let note = errors
-                .0
-                .iter()
-                .map(|e| if e.field.is_empty() { e.message.clone() } else { format!("{}: {}", e.field, e.message) })
-                .collect::<Vec<_>>()
-                .join("; ");
-            self.events.refused(object, format!("mesh does not serve it: {note}"));
-        }
+    fn outcome(&mut self, outcome: super::Outcome) {
+        self.writeback.publish(outcome);
     }
 }
 

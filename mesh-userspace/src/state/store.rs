@@ -18,7 +18,7 @@ use super::{
     services::{LbService, LbServiceKey, balanced},
     validate::{self, Valid},
 };
-use crate::sources::{Change, ConfigError, ConfigErrors, Kind, Origin};
+use crate::sources::{ApiObject, Change, ConfigError, ConfigErrors, Kind, Origin, RouteVerdict};
 
 /// A Service as consumers see it: its spec, the routes attached to it, its balanced ports.
 #[derive(Debug, Clone, PartialEq)]
@@ -414,6 +414,31 @@ impl Store {
 
     pub fn slices(&self) -> impl Iterator<Item = &SliceSpec> {
         self.slices.values()
+    }
+}
+
+impl Store {
+    /// Every route the store holds (HTTPRoutes and GRPCRoutes whose parent is a Service), with
+    /// what its status should say.
+    pub fn route_verdicts(&self) -> BTreeMap<ApiObject, RouteVerdict> {
+        let named = |k: &ObjectKey| (k.namespace.clone(), k.name.clone());
+        self.routes
+            .iter()
+            .map(|((kind, key), route)| {
+                let parents = route.parents.iter().map(|p| (named(p), self.services.contains_key(p))).collect();
+                let mut unresolved: Vec<(String, String)> = route
+                    .rules
+                    .iter()
+                    .flat_map(|r| &r.backends)
+                    .filter(|b| !self.services.contains_key(&b.service))
+                    .map(|b| named(&b.service))
+                    .collect();
+                unresolved.sort();
+                unresolved.dedup();
+                let object = ApiObject { kind: *kind, namespace: key.namespace.clone(), name: key.name.clone() };
+                (object, RouteVerdict { parents, unresolved })
+            })
+            .collect()
     }
 }
 

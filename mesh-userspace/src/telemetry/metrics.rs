@@ -72,6 +72,7 @@ pub struct Metrics {
     pub config_generation: Gauge,
     pub kernel_generation: Gauge,
     pub config_rejected: Gauge,
+    pub config_rejected_objects: Gauge,
     /// Access log lines dropped because the writer fell behind.
     pub access_log_dropped: Counter,
     /// Connections the outbound proxy closed at once because it was full.
@@ -133,8 +134,14 @@ impl Default for Metrics {
         let config_rejected = Gauge::default();
         registry.register(
             "mesh_config_rejected_sources",
-            "Configuration sources (files) whose newest content was refused; their last good objects serve",
+            "Configuration sources (a file, or one API object) whose newest content was refused; their last good objects serve",
             config_rejected.clone(),
+        );
+        let config_rejected_objects = Gauge::default();
+        registry.register(
+            "mesh_config_rejected_objects",
+            "Objects whose newest version was refused (a file refused whole counts each object named in its errors)",
+            config_rejected_objects.clone(),
         );
         let access_log_dropped = Counter::default();
         registry.register(
@@ -166,6 +173,7 @@ impl Default for Metrics {
             config_generation,
             kernel_generation,
             config_rejected,
+            config_rejected_objects,
             opened,
             closed,
             sent_bytes,
