@@ -68,6 +68,8 @@ pub struct AgentOptions {
     /// Take the listeners (and then the pin directory) of an agent running on the same pin
     /// directory, which then drains and exits: a restart that refuses no connection.
     pub take_over: bool,
+    /// Of workload principals (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
+    pub trust_domain: String,
 }
 
 /// Where the configuration comes from.
@@ -159,6 +161,8 @@ struct Agent {
     telemetry: Arc<Telemetry>,
     /// True once every configuration file has been read: the proxy accepts from then on.
     config_read: watch::Sender<bool>,
+    /// The store's newest snapshot (for the pods in `/config_dump`).
+    snapshots: watch::Receiver<Arc<Snapshot>>,
 }
 
 impl Agent {
@@ -272,6 +276,7 @@ impl Agent {
                             "kernel_generation": self.sync.borrow().generation,
                             "rejected": if rejected.is_empty() { None } else { Some(rejected) },
                             "services": image.service_rows(),
+                            "workloads": self.workload_rows(),
                             "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
@@ -298,6 +303,37 @@ impl Agent {
             }
             _ => (StatusCode::NOT_FOUND, "endpoints: GET /config_dump, POST /quitquitquit\n".into()),
         }
+    }
+
+    /// This node's pods: who they are and their cgroup (found now: kubelet makes it when the
+    /// pod starts, which may be after the API says the pod exists).
+    fn workload_rows(&self) -> Vec<serde_json::Value> {
+        let snapshot = self.snapshots.borrow().clone();
+        let mount = host::cgroup2_root().ok();
+        snapshot
+            .pods
+            .values()
+            .map(|pod| {
+                let spec = &pod.spec;
+                let cgroup = match (&spec.cgroup, &mount) {
+                    (Some(path), Some(mount)) => host::cgroup_at(&mount.join(path.strip_prefix("/").unwrap_or(path))),
+                    (Some(_), None) => None,
+                    (None, _) => host::find_pod_cgroup(&self.cgroup, &spec.uid),
+                };
+                serde_json::json!({
+                    "pod": spec.key.to_string(),
+                    "uid": spec.uid,
+                    "workload": spec.workload,
+                    "service_account": spec.service_account,
+                    "principal": pod.principal(&self.opts.trust_domain),
+                    "ips": spec.ips,
+                    "host_network": spec.host_network,
+                    "enrolled": pod.enrolled,
+                    "cgroup": cgroup.as_ref().map(|c| c.path.clone()),
+                    "cgroup_id": cgroup.map(|c| c.id),
+                })
+            })
+            .collect()
     }
 
     fn reject(&self, origin: Origin, errors: &ConfigErrors) {
@@ -492,7 +528,7 @@ impl Consumer {
     /// Hands the store's new snapshot to every consumer.
     fn publish(&self, balanced: &[crate::state::LbServiceKey], generation: u64) {
         let snapshot = self.store.snapshot();
-        self.agent.telemetry.set_workloads(snapshot.workloads.clone());
+        self.agent.telemetry.set_workloads(snapshot.workloads.clone(), snapshot.pods_by_ip.clone());
         if self.read_all {
             self.feed.publish(snapshot.clone(), balanced.iter().cloned());
         }
@@ -664,6 +700,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .filter_map(|l| handoff::duplicate(l).ok())
         .collect();
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
+    telemetry.set_trust_domain(&opts.trust_domain);
     let access_log = AccessLog::open(&opts.access_log, telemetry.metrics.access_log_dropped.clone()).map_err(AgentError::AccessLog)?;
     let tracer = Tracer::start(&opts.traces, telemetry.metrics.spans_dropped.clone())?;
 
@@ -693,6 +730,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     let store = Store::new(opts.node.clone());
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
+    let snapshot_rx_for_agent = snapshot_rx.clone();
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
     let outbound = Arc::new(
         Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
@@ -711,6 +749,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         file_reads: Mutex::new((file_reads, 0)),
         telemetry: telemetry.clone(),
         config_read: watch::Sender::new(false),
+        snapshots: snapshot_rx_for_agent,
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");

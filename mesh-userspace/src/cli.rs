@@ -88,6 +88,9 @@ struct AgentArgs {
     /// then KUBECONFIG or ~/.kube/config).
     #[arg(long, value_name = "FILE")]
     kubeconfig: Option<PathBuf>,
+    /// The trust domain of workload identities: `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
+    #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+    trust_domain: String,
     /// With `--source kubernetes`: the namespace of the Lease that picks the one agent writing
     /// route status and Events (the agent's own namespace).
     #[arg(long, default_value = "mesh-system", value_name = "NAMESPACE")]
@@ -238,6 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 traces: crate::telemetry::traces::TraceConfig { endpoint: args.otlp_traces, sampling: args.trace_sampling },
                 drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
                 take_over: args.take_over,
+                trust_domain: args.trust_domain,
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;

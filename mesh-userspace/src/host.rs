@@ -57,6 +57,57 @@ pub fn cgroup2_root() -> io::Result<PathBuf> {
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no cgroup2 filesystem in /proc/self/mountinfo"))
 }
 
+/// A pod's cgroup directory and its id (the directory's inode number: what
+/// `bpf_get_current_cgroup_id()` returns for the pod's sockets' cgroup and its ancestors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodCgroup {
+    pub path: PathBuf,
+    pub id: u64,
+}
+
+/// Finds the cgroup kubelet made for the pod `uid` under `root` (the node's cgroup v2 root),
+/// for both cgroup drivers and any kubelet `--cgroup-root`:
+/// systemd `kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid, _ for ->.slice`,
+/// cgroupfs `kubepods/burstable/pod<uid>` (Guaranteed pods sit right under kubepods), and the
+/// same under e.g. kind's `kubelet.slice/kubelet-kubepods.slice`. Only directories named
+/// `kube*` or a QoS class are entered, a few levels deep: a handful of reads per pod.
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PodCgroup> {
+    if uid.is_empty() {
+        return None;
+    }
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    let cgroupfs = format!("pod{uid}");
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..5 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let Ok(entries) = fs::read_dir(dir) else { continue };
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                if name == cgroupfs || name.ends_with(&systemd) {
+                    return cgroup_at(&entry.path());
+                }
+                if name.starts_with("kube") || name == "burstable" || name == "besteffort" {
+                    next.push(entry.path());
+                }
+            }
+        }
+        level = next;
+    }
+    None
+}
+
+/// The cgroup at `path` (a standalone pod's, named by its annotation), when it exists.
+pub fn cgroup_at(path: &Path) -> Option<PodCgroup> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = fs::metadata(path).ok().filter(|m| m.is_dir())?;
+    Some(PodCgroup { path: path.to_path_buf(), id: meta.ino() })
+}
+
 /// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is mounted there,
 /// and creates `dir`.
 pub fn ensure_bpffs_dir(dir: &Path) -> io::Result<()> {
@@ -181,6 +232,36 @@ pub fn effective_uid() -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pod_cgroups_are_found_for_both_kubelet_drivers() {
+        let root = tempfile::tempdir().unwrap();
+        let uid = "0c1d2e3f-aaaa-bbbb-cccc-123456789abc";
+        for (layout, dir) in [
+            ("systemd burstable", format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", uid.replace('-', "_"))),
+            ("systemd guaranteed", format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_"))),
+            ("cgroupfs besteffort", format!("kubepods/besteffort/pod{uid}")),
+            ("cgroupfs guaranteed", format!("kubepods/pod{uid}")),
+            (
+                "kind",
+                format!(
+                    "kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{}.slice",
+                    uid.replace('-', "_")
+                ),
+            ),
+        ] {
+            let base = root.path().join(layout.replace(' ', "-"));
+            // A container's cgroup inside, and another pod beside: neither is the answer.
+            fs::create_dir_all(base.join(&dir).join("cri-containerd-1234.scope")).unwrap();
+            fs::create_dir_all(base.join(dir.replace(&uid.replace('-', "_"), "other").replace(uid, "other"))).unwrap();
+            fs::create_dir_all(base.join("system.slice/kubepods-burstable-podnot-this.slice")).unwrap();
+            let found = find_pod_cgroup(&base, uid).unwrap_or_else(|| panic!("{layout}: not found"));
+            assert_eq!(found.path, base.join(&dir), "{layout}");
+            assert_eq!(found.id, std::os::unix::fs::MetadataExt::ino(&fs::metadata(base.join(&dir)).unwrap()));
+            assert_eq!(find_pod_cgroup(&base, "ffffffff-0000-0000-0000-000000000000"), None, "{layout}");
+        }
+        assert_eq!(find_pod_cgroup(root.path(), ""), None);
+    }
 
     #[test]
     fn finds_cgroup2_and_bpf_mounts() {

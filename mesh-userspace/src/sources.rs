@@ -13,7 +13,10 @@ pub mod kube;
 use std::{fmt, path::Path, sync::Arc};
 
 use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 
 /// Where an object came from, for error messages and for ownership (a file owns its objects).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -54,6 +57,10 @@ pub enum Kind {
     EndpointSlice,
     HttpRoute,
     GrpcRoute,
+    /// Pods on this node: the workloads whose sockets the agent sees.
+    Pod,
+    /// For the enrollment label of their pods.
+    Namespace,
 }
 
 impl fmt::Display for Kind {
@@ -63,6 +70,8 @@ impl fmt::Display for Kind {
             Kind::EndpointSlice => "EndpointSlice",
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
+            Kind::Pod => "Pod",
+            Kind::Namespace => "Namespace",
         })
     }
 }
@@ -74,6 +83,8 @@ pub enum Object {
     EndpointSlice(Arc<EndpointSlice>),
     HttpRoute(Arc<HttpRoute>),
     GrpcRoute(Arc<GrpcRoute>),
+    Pod(Arc<Pod>),
+    Namespace(Arc<Namespace>),
 }
 
 impl Object {
@@ -83,6 +94,8 @@ impl Object {
             Object::EndpointSlice(_) => Kind::EndpointSlice,
             Object::HttpRoute(_) => Kind::HttpRoute,
             Object::GrpcRoute(_) => Kind::GrpcRoute,
+            Object::Pod(_) => Kind::Pod,
+            Object::Namespace(_) => Kind::Namespace,
         }
     }
 
@@ -92,6 +105,8 @@ impl Object {
             Object::EndpointSlice(o) => &o.metadata,
             Object::HttpRoute(o) => &o.metadata,
             Object::GrpcRoute(o) => &o.metadata,
+            Object::Pod(o) => &o.metadata,
+            Object::Namespace(o) => &o.metadata,
         }
     }
 

@@ -105,23 +105,28 @@ impl Telemetry {
     pub fn record_request(
         &self,
         service: Option<&identity::Named>,
+        client: std::net::IpAddr,
         endpoint: Option<std::net::IpAddr>,
         code: u16,
         flags: &str,
         millis: f64,
     ) {
         let identities = self.identities.read().expect("identities lock");
-        let workload = endpoint.and_then(|ip| identities.workloads.get(&ip));
+        let source = identities.who(client);
+        let destination = endpoint.map(|ip| identities.who(ip));
+        let workload = destination.as_ref().and_then(|d| d.workload.as_ref());
         let (name, namespace) = (identity::name_or_unknown, identity::namespace_or_unknown);
         let labels = metrics::HttpLabels {
             reporter: "source".into(),
-            source_workload: "unknown".into(),
-            source_workload_namespace: "unknown".into(),
+            source_workload: name(source.workload.as_ref()),
+            source_workload_namespace: namespace(source.workload.as_ref()),
+            source_principal: source.principal_or_unknown(),
             destination_service: identity::service_fqdn(service),
             destination_service_name: name(service),
             destination_service_namespace: namespace(service),
             destination_workload: name(workload),
             destination_workload_namespace: namespace(workload),
+            destination_principal: destination.map_or_else(|| "unknown".to_owned(), |d| d.principal_or_unknown()),
             response_code: code.to_string(),
             response_flags: flags.to_owned(),
         };
@@ -129,15 +134,30 @@ impl Telemetry {
         self.metrics.request_duration.get_or_create(&labels).observe(millis);
     }
 
-    /// The workload at `ip`, when it is an endpoint's.
+    /// The workload at `ip`: a pod of this node, or a Service's endpoint.
     pub fn workload_of(&self, ip: std::net::IpAddr) -> Option<identity::Named> {
-        self.identities.read().expect("identities lock").workloads.get(&ip).cloned()
+        self.identities.read().expect("identities lock").who(ip).workload
     }
 
-    /// Replaces the names used for labels.
-    /// Workloads by address, from the store's snapshot.
-    pub fn set_workloads(&self, workloads: imbl::HashMap<std::net::IpAddr, identity::Named>) {
-        self.identities.write().expect("identities lock").workloads = workloads;
+    /// The trust domain of principals (`spiffe://<trust domain>/ns/.../sa/...`).
+    pub fn set_trust_domain(&self, trust_domain: &str) {
+        self.identities.write().expect("identities lock").trust_domain = trust_domain.to_owned();
+    }
+
+    /// Workloads by address, from the store's snapshot; labels computed before are computed
+    /// again when they changed.
+    pub fn set_workloads(
+        &self,
+        workloads: imbl::HashMap<std::net::IpAddr, identity::Named>,
+        pods: imbl::HashMap<std::net::IpAddr, std::sync::Arc<crate::state::model::Workload>>,
+    ) {
+        let mut identities = self.identities.write().expect("identities lock");
+        if identities.workloads.ptr_eq(&workloads) && identities.pods.ptr_eq(&pods) {
+            return;
+        }
+        (identities.workloads, identities.pods) = (workloads, pods);
+        drop(identities);
+        self.series.lock().expect("series lock").clear();
     }
 
     /// Services by kernel id, from the kernel sync.

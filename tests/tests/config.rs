@@ -283,3 +283,29 @@ fn a_config_file_symlink_into_another_directory_follows_edits_of_its_target() {
         let _ = fs::remove_dir_all(&base);
     });
 }
+
+#[test]
+fn a_standalone_pod_names_its_cgroup_by_annotation() {
+    in_netns(|| {
+        let cgroup = TestCgroup::new("standalone-pod");
+        let mount = cgroup2_root();
+        let under_mount = Path::new("/").join(cgroup.path.strip_prefix(&mount).expect("under the cgroup2 mount"));
+        // No nodeName: a standalone file describes this host.
+        let pod = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: cli\n  namespace: tools\n  uid: u-1\n  annotations: {{mesh.dev/cgroup: \"{}\"}}\n\
+             spec: {{serviceAccountName: ops, containers: []}}\nstatus: {{podIPs: [{{ip: 10.1.0.9}}]}}\n---\n{}",
+            under_mount.display(),
+            web(vec![Endpoint::ready("127.0.0.11")])
+        );
+        let agent = Agent::start(AgentSpec::new(&pod, &cgroup));
+        let rows = agent.config_dump()["workloads"].clone();
+        assert_eq!(rows[0]["pod"], "tools/cli", "{rows}");
+        assert_eq!(rows[0]["principal"], "spiffe://cluster.local/ns/tools/sa/ops", "{rows}");
+        let inode = std::os::unix::fs::MetadataExt::ino(&fs::metadata(&cgroup.path).unwrap());
+        assert_eq!(rows[0]["cgroup_id"], inode, "{rows}");
+        // A relative path is refused, naming the field.
+        agent.write_config(&pod.replace(&under_mount.display().to_string(), "relative/path"));
+        wait_until(|| agent.readiness().1.contains("mesh.dev/cgroup"), || agent.readiness().1);
+        agent.stop();
+    });
+}

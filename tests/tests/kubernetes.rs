@@ -323,3 +323,96 @@ fn the_rbac_check_refuses_what_a_role_does_not_grant() {
         assert!(denied.iter().any(|d| d.contains(refused)), "{refused} should be refused: {denied:#?}");
     }
 }
+
+fn pod(name: &str, node: &str, uid: &str, ip: &str, qos: &str, labels: &str) -> Value {
+    serde_json::from_str(&format!(
+        r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}", "namespace": "test", "uid": "{uid}", "labels": {{{labels}}}}},
+            "spec": {{"nodeName": "{node}", "serviceAccountName": "web-sa", "containers": [{{"name": "app", "image": "nginx"}}]}},
+            "status": {{"phase": "Running", "podIP": "{ip}", "podIPs": [{{"ip": "{ip}"}}], "qosClass": "{qos}"}}}}"#
+    ))
+    .expect("pod json")
+}
+
+/// Makes the cgroup directories of `path` (relative to `root`), and removes them, deepest
+/// first, when dropped.
+struct PodCgroupDirs(Vec<std::path::PathBuf>);
+
+impl PodCgroupDirs {
+    fn make(root: &std::path::Path, path: &str) -> Self {
+        let mut made = Vec::new();
+        let mut at = root.to_path_buf();
+        for part in path.split('/') {
+            at.push(part);
+            if !at.exists() {
+                std::fs::create_dir(&at).unwrap_or_else(|e| panic!("mkdir {}: {e}", at.display()));
+                made.push(at.clone());
+            }
+        }
+        Self(made)
+    }
+
+    fn id(&self) -> u64 {
+        std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(self.0.last().expect("made")).expect("stat"))
+    }
+}
+
+impl Drop for PodCgroupDirs {
+    fn drop(&mut self) {
+        for dir in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+#[test]
+fn pods_of_this_node_are_workloads_with_their_identity_and_cgroup_for_both_drivers() {
+    in_netns(|| {
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        let (a, b, c) =
+            ("aaaaaaaa-1111-2222-3333-444444444444", "bbbbbbbb-1111-2222-3333-444444444444", "cccccccc-1111-2222-3333-444444444444");
+        api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "test", "labels": {"mesh.dev/dataplane": "enabled"}}}));
+        api.apply(pod("web-7d4f8b9c6-x2x9k", "node-a", a, "10.244.0.5", "Burstable", ""));
+        api.apply(pod("elsewhere", "node-b", b, "10.244.1.5", "Burstable", ""));
+        api.apply(pod("batch-0", "node-a", c, "10.244.0.6", "BestEffort", r#""mesh.dev/dataplane": "disabled""#));
+        let cgroup = TestCgroup::new("kube-pods");
+        // kubelet's systemd driver for one pod, its cgroupfs driver for the other.
+        let systemd = PodCgroupDirs::make(
+            &cgroup.path,
+            &format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{}.slice", a.replace('-', "_")),
+        );
+        let cgroupfs = PodCgroupDirs::make(&cgroup.path, &format!("kubepods/besteffort/pod{c}"));
+        let agent = agent_for(&api, &cgroup, true);
+        let workloads = || agent.config_dump()["workloads"].as_array().cloned().unwrap_or_default();
+        wait_until(|| workloads().len() == 2, || format!("{:#}", agent.config_dump()["workloads"]));
+        let rows = workloads();
+        let web = rows.iter().find(|w| w["pod"] == "test/web-7d4f8b9c6-x2x9k").expect("web");
+        assert_eq!(web["workload"], "web", "{web}");
+        assert_eq!(web["principal"], "spiffe://cluster.local/ns/test/sa/web-sa", "{web}");
+        assert_eq!(web["ips"], serde_json::json!(["10.244.0.5"]), "{web}");
+        assert_eq!(web["enrolled"], true, "the namespace enrolls it: {web}");
+        assert_eq!(web["cgroup_id"], systemd.id(), "{web}");
+        let batch = rows.iter().find(|w| w["pod"] == "test/batch-0").expect("batch");
+        assert_eq!(batch["enrolled"], false, "its own label opts out: {batch}");
+        assert_eq!(batch["cgroup_id"], cgroupfs.id(), "{batch}");
+
+        // The namespace label removed: the pod that inherits it leaves the mesh.
+        api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "test"}}));
+        wait_until(
+            || workloads().iter().any(|w| w["pod"] == "test/web-7d4f8b9c6-x2x9k" && w["enrolled"] == false),
+            || format!("{:#?}", workloads()),
+        );
+        // Deleted: gone.
+        assert!(api.delete("v1", "Pod", "test", "batch-0"));
+        wait_until(|| workloads().len() == 1, || format!("{:#?}", workloads()));
+        // Only this node's pods were asked for.
+        let pod_requests: Vec<String> = api.requests().into_iter().filter(|r| r.contains("/pods")).collect();
+        assert!(
+            !pod_requests.is_empty() && pod_requests.iter().all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
+            "{pod_requests:?}"
+        );
+        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        agent.stop();
+        drop((systemd, cgroupfs));
+    });
+}

@@ -186,7 +186,7 @@ impl Outbound {
                 drop(busy);
                 let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
                 let millis = started.elapsed().as_secs_f64() * 1000.0;
-                telemetry.record_request(outcome.backend.as_ref(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
+                telemetry.record_request(outcome.backend.as_ref(), peer.ip(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
                 let Some((method, authority, path, protocol)) = asked else { return };
                 if let Some(trace) = outcome.trace.filter(|t| t.context.sampled && tracer.enabled()) {
                     tracer.record(request_span(&trace, &method, &authority, &path, peer, code, flags));

@@ -104,7 +104,9 @@ impl Parse<'_> {
                 set_api_version(&mut value, "gateway.networking.k8s.io/v1");
                 self.typed(value, id(Kind::GrpcRoute), named, |o| Object::GrpcRoute(Arc::new(o)))
             }
-            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList") => {
+            ("v1", "Pod") => self.typed(value, id(Kind::Pod), named, |o| Object::Pod(Arc::new(o))),
+            ("v1", "Namespace") => self.typed(value, id(Kind::Namespace), named, |o| Object::Namespace(Arc::new(o))),
+            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList" | "PodList" | "NamespaceList") => {
                 // `kubectl get -o yaml` wraps objects in a List.
                 let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
                 for (i, item) in items.into_iter().enumerate() {

@@ -21,7 +21,10 @@ use std::{
 
 use futures_util::StreamExt as _;
 use gateway_api::experimental::{grpcroutes::GrpcRoute, httproutes::HttpRoute};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client,
     api::DynamicObject,
@@ -51,7 +54,7 @@ const EVENT_QUEUE: usize = 256;
 const READ_TIMEOUT: Duration = Duration::from_secs(330);
 
 /// The kinds watched, in the order their first lists are awaited.
-const KINDS: [Kind; 4] = [Kind::Service, Kind::EndpointSlice, Kind::HttpRoute, Kind::GrpcRoute];
+const KINDS: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::HttpRoute, Kind::GrpcRoute, Kind::Pod, Kind::Namespace];
 
 /// A client from `kubeconfig`, or inferred: in-cluster service account, then `KUBECONFIG` or
 /// ~/.kube/config.
@@ -75,6 +78,8 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::EndpointSlice => ApiResource::erase::<EndpointSlice>(&()),
         Kind::HttpRoute => ApiResource::erase::<HttpRoute>(&()),
         Kind::GrpcRoute => ApiResource::erase::<GrpcRoute>(&()),
+        Kind::Pod => ApiResource::erase::<Pod>(&()),
+        Kind::Namespace => ApiResource::erase::<Namespace>(&()),
     }
 }
 
@@ -131,9 +136,14 @@ impl KubeSource {
             .into_iter()
             .map(|kind| {
                 let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
+                // Only this node's pods: an agent never lists the cluster's.
+                let config = match kind {
+                    Kind::Pod => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+                    _ => watcher::Config::default(),
+                };
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+                    let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
                     while let Some(item) = stream.next().await {
                         if tx.send((kind, item)).await.is_err() {
                             return;
@@ -270,10 +280,23 @@ fn typed(kind: Kind, mut object: DynamicObject) -> Result<Change, (Origin, Confi
     if let Some(annotations) = object.metadata.annotations.as_mut() {
         annotations.remove("kubectl.kubernetes.io/last-applied-configuration");
     }
-    if let Some(data) = object.data.as_object_mut()
-        && matches!(kind, Kind::Service)
-    {
-        data.remove("status");
+    if let Some(data) = object.data.as_object_mut() {
+        match kind {
+            Kind::Service => {
+                data.remove("status");
+            }
+            // Of a pod mesh reads its node, service account, network mode, IPs and QoS class.
+            Kind::Pod => {
+                if let Some(spec) = data.get_mut("spec").and_then(|s| s.as_object_mut()) {
+                    spec.retain(|k, _| matches!(k.as_str(), "nodeName" | "serviceAccountName" | "hostNetwork"));
+                    spec.insert("containers".into(), serde_json::Value::Array(Vec::new()));
+                }
+                if let Some(status) = data.get_mut("status").and_then(|s| s.as_object_mut()) {
+                    status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "qosClass" | "phase"));
+                }
+            }
+            _ => {}
+        }
     }
     fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, (String, String)> {
         serde_path_to_error::deserialize(value).map_err(|e| (e.path().to_string(), e.inner().to_string()))
@@ -285,6 +308,8 @@ fn typed(kind: Kind, mut object: DynamicObject) -> Result<Change, (Origin, Confi
             Kind::EndpointSlice => Object::EndpointSlice(parse::<EndpointSlice>(value)?.into()),
             Kind::HttpRoute => Object::HttpRoute(parse::<HttpRoute>(value)?.into()),
             Kind::GrpcRoute => Object::GrpcRoute(parse::<GrpcRoute>(value)?.into()),
+            Kind::Pod => Object::Pod(parse::<Pod>(value)?.into()),
+            Kind::Namespace => Object::Namespace(parse::<Namespace>(value)?.into()),
         })
     });
     match parsed {

@@ -264,6 +264,55 @@ pub struct SliceSpec {
     pub ports: Vec<SlicePortSpec>,
 }
 
+/// A pod's Kubernetes QoS class: where kubelet puts its cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum QosClass {
+    Guaranteed,
+    Burstable,
+    BestEffort,
+}
+
+/// Whether a pod gets the L7 and (next) mTLS treatment: its own `mesh.dev/dataplane` label if
+/// it has one, else its namespace's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Enrollment {
+    Enabled,
+    Disabled,
+    /// The pod says nothing: its namespace decides.
+    Inherit,
+}
+
+/// A pod on this node, validated: who it is (for telemetry now; identity and policy next).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodSpec {
+    pub key: ObjectKey,
+    pub uid: String,
+    /// The workload it belongs to (its name less the controllers' suffixes).
+    pub workload: String,
+    pub service_account: String,
+    pub ips: Vec<IpAddr>,
+    pub host_network: bool,
+    pub qos: Option<QosClass>,
+    pub enrollment: Enrollment,
+    /// Standalone: the pod's cgroup, given by the `mesh.dev/cgroup` annotation (a path under
+    /// the cgroup v2 mount); on Kubernetes, found from the uid and QoS class.
+    pub cgroup: Option<std::path::PathBuf>,
+}
+
+/// A pod on this node as consumers see it: its spec and whether it is enrolled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    pub spec: std::sync::Arc<PodSpec>,
+    pub enrolled: bool,
+}
+
+impl Workload {
+    /// The workload's identity in SPIFFE form, as Istio and ztunnel write it.
+    pub fn principal(&self, trust_domain: &str) -> String {
+        format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.spec.key.namespace, self.spec.service_account)
+    }
+}
+
 /// A problem in one field of an object (the path is relative to the object).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {

@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    model::{AppProtocol, NodeContext, ObjectKey, Protocol, ServiceSpec, SliceSpec, workload_of_pod},
+    model::{AppProtocol, Enrollment, NodeContext, ObjectKey, PodSpec, Protocol, ServiceSpec, SliceSpec, Workload, workload_of_pod},
     routes::RouteSpec,
     services::{LbService, LbServiceKey, balanced},
     validate::{self, Valid},
@@ -59,6 +59,10 @@ pub struct Snapshot {
     pub frontends: imbl::HashMap<(SocketAddr, Protocol), Arc<LbService>>,
     /// Endpoint address -> its workload (namespace, workload name), for telemetry.
     pub workloads: imbl::HashMap<IpAddr, ObjectKey>,
+    /// The pods on this node.
+    pub pods: imbl::OrdMap<ObjectKey, Arc<Workload>>,
+    /// Pod address -> the pod (host-network pods have the node's addresses: not here).
+    pub pods_by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
 }
 
 /// What one applied batch changed.
@@ -89,6 +93,9 @@ pub struct Store {
     claims: HashMap<(IpAddr, u16, Protocol), ObjectKey>,
     /// Endpoint address -> (workload, how many slices name it).
     workload_refs: HashMap<IpAddr, (ObjectKey, u32)>,
+    pods: HashMap<ObjectKey, Arc<PodSpec>>,
+    /// Namespaces labelled `mesh.dev/dataplane: enabled`.
+    enrolled_namespaces: BTreeSet<String>,
     snapshot: Snapshot,
 }
 
@@ -112,6 +119,8 @@ impl Store {
             owners: HashMap::new(),
             claims: HashMap::new(),
             workload_refs: HashMap::new(),
+            pods: HashMap::new(),
+            enrolled_namespaces: BTreeSet::new(),
             snapshot: Snapshot::default(),
         }
     }
@@ -256,6 +265,21 @@ impl Store {
                     dirty.insert(slice.service);
                 }
             }
+            Kind::Pod => {
+                if let Some(pod) = self.pods.remove(key) {
+                    self.snapshot.pods.remove(key);
+                    for ip in &pod.ips {
+                        if self.snapshot.pods_by_ip.get(ip).is_some_and(|w| w.spec.key == *key) {
+                            self.snapshot.pods_by_ip.remove(ip);
+                        }
+                    }
+                }
+            }
+            Kind::Namespace => {
+                if self.enrolled_namespaces.remove(&key.name) {
+                    self.publish_pods_of(&key.name);
+                }
+            }
             Kind::HttpRoute | Kind::GrpcRoute => {
                 let id = (kind, key.clone());
                 if let Some(route) = self.routes.remove(&id) {
@@ -302,7 +326,45 @@ impl Store {
                 }
                 self.routes.insert(id, Arc::new(route));
             }
+            Valid::Pod(pod) => {
+                self.pods.insert(c.key.clone(), Arc::new(pod));
+                self.publish_pod(&c.key);
+            }
+            Valid::Namespace(enrolled) => {
+                let changed = if enrolled {
+                    self.enrolled_namespaces.insert(c.key.name.clone())
+                } else {
+                    self.enrolled_namespaces.remove(&c.key.name)
+                };
+                if changed {
+                    self.publish_pods_of(&c.key.name);
+                }
+            }
             Valid::Ignored => {}
+        }
+    }
+
+    /// Puts a pod, with its enrollment as of now, into the snapshot.
+    fn publish_pod(&mut self, key: &ObjectKey) {
+        let Some(spec) = self.pods.get(key) else { return };
+        let enrolled = match spec.enrollment {
+            Enrollment::Enabled => true,
+            Enrollment::Disabled => false,
+            Enrollment::Inherit => self.enrolled_namespaces.contains(&key.namespace),
+        };
+        let workload = Arc::new(Workload { spec: spec.clone(), enrolled });
+        if !spec.host_network {
+            for ip in &spec.ips {
+                self.snapshot.pods_by_ip.insert(*ip, workload.clone());
+            }
+        }
+        self.snapshot.pods.insert(key.clone(), workload);
+    }
+
+    fn publish_pods_of(&mut self, namespace: &str) {
+        let keys: Vec<ObjectKey> = self.pods.keys().filter(|k| k.namespace == namespace).cloned().collect();
+        for key in keys {
+            self.publish_pod(&key);
         }
     }
 

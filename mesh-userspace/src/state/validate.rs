@@ -5,14 +5,18 @@
 use std::{collections::BTreeSet, net::IpAddr};
 
 use k8s_openapi::{
-    api::{core::v1::Service, discovery::v1::EndpointSlice},
+    api::{
+        core::v1::{Pod, Service},
+        discovery::v1::EndpointSlice,
+    },
     apimachinery::pkg::util::intstr::IntOrString,
 };
 
 use super::{
     model::{
-        Algorithm, AppProtocol, CircuitBreakers, EjectionPolicy, EndpointExtra, EndpointSpec, Family, FieldError, NodeContext, ObjectKey,
-        Protocol, RateLimitPolicy, RetryBudgetPolicy, ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec, field_error as err,
+        Algorithm, AppProtocol, CircuitBreakers, EjectionPolicy, EndpointExtra, EndpointSpec, Enrollment, Family, FieldError, NodeContext,
+        ObjectKey, PodSpec, Protocol, QosClass, RateLimitPolicy, RetryBudgetPolicy, ServicePortSpec, ServiceSpec, SlicePortSpec, SliceSpec,
+        field_error as err,
     },
     routes::{self, RouteSpec},
 };
@@ -34,6 +38,9 @@ pub enum Valid {
     Service(ServiceSpec),
     Slice(SliceSpec),
     Route(RouteSpec),
+    Pod(PodSpec),
+    /// A namespace and whether it is enrolled (`mesh.dev/dataplane: enabled`).
+    Namespace(bool),
     /// Valid, but nothing for mesh (an FQDN slice, a route of no Service).
     Ignored,
 }
@@ -54,7 +61,82 @@ pub fn object(object: &Object, key: &ObjectKey, node: &NodeContext) -> Result<Va
             let created = created(object);
             Ok(routes::validate_grpc((**r).clone(), key.clone(), created)?.map_or(Valid::Ignored, Valid::Route))
         }
+        Object::Pod(p) => Ok(pod(p, key, node)?.map_or(Valid::Ignored, Valid::Pod)),
+        Object::Namespace(n) => Ok(Valid::Namespace(enrollment(n.metadata.labels.as_ref(), "metadata.labels")? == Enrollment::Enabled)),
     }
+}
+
+/// The label that enrolls a pod or a namespace: `enabled` or `disabled`.
+pub const DATAPLANE_LABEL: &str = "mesh.dev/dataplane";
+/// Standalone: the annotation giving a pod's cgroup (under the cgroup v2 mount).
+pub const CGROUP_ANNOTATION: &str = "mesh.dev/cgroup";
+
+fn enrollment(labels: Option<&std::collections::BTreeMap<String, String>>, field: &str) -> Result<Enrollment, Vec<FieldError>> {
+    match labels.and_then(|l| l.get(DATAPLANE_LABEL)).map(String::as_str) {
+        None => Ok(Enrollment::Inherit),
+        Some("enabled") => Ok(Enrollment::Enabled),
+        Some("disabled") => Ok(Enrollment::Disabled),
+        Some(other) => Err(vec![err(format!("{field}[{DATAPLANE_LABEL:?}]"), format!("must be enabled or disabled, got {other:?}"))]),
+    }
+}
+
+/// A pod of this node (or of no node: standalone files describe this host's); pods of other
+/// nodes are nothing for this agent.
+fn pod(pod: &Pod, key: &ObjectKey, node: &NodeContext) -> Result<Option<PodSpec>, Vec<FieldError>> {
+    let spec = pod.spec.as_ref();
+    if spec.and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty() && n != node.node) {
+        return Ok(None);
+    }
+    let mut errors = Vec::new();
+    let status = pod.status.as_ref();
+    let mut ips = Vec::new();
+    let listed: Vec<(String, String)> = match status.and_then(|s| s.pod_ips.as_ref()) {
+        Some(list) => list.iter().enumerate().map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone())).collect(),
+        None => status.and_then(|s| s.pod_ip.clone()).map(|ip| vec![("status.podIP".to_owned(), ip)]).unwrap_or_default(),
+    };
+    for (field, ip) in listed {
+        match ip.parse::<IpAddr>() {
+            Ok(ip) => ips.push(ip),
+            Err(_) => errors.push(err(field, format!("not an IP address: {ip:?}"))),
+        }
+    }
+    let qos = match status.and_then(|s| s.qos_class.as_deref()) {
+        None => None,
+        Some("Guaranteed") => Some(QosClass::Guaranteed),
+        Some("Burstable") => Some(QosClass::Burstable),
+        Some("BestEffort") => Some(QosClass::BestEffort),
+        Some(other) => {
+            errors.push(err("status.qosClass", format!("must be Guaranteed, Burstable or BestEffort, got {other:?}")));
+            None
+        }
+    };
+    let enrollment = enrollment(pod.metadata.labels.as_ref(), "metadata.labels").unwrap_or_else(|mut e| {
+        errors.append(&mut e);
+        Enrollment::Inherit
+    });
+    let cgroup = pod.metadata.annotations.as_ref().and_then(|a| a.get(CGROUP_ANNOTATION)).map(std::path::PathBuf::from);
+    if let Some(path) = &cgroup
+        && (!path.is_absolute() || path.components().any(|c| c == std::path::Component::ParentDir))
+    {
+        errors.push(err(
+            format!("metadata.annotations[{CGROUP_ANNOTATION:?}]"),
+            format!("must be an absolute path without \"..\", got {path:?}"),
+        ));
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(Some(PodSpec {
+        key: key.clone(),
+        uid: pod.metadata.uid.clone().unwrap_or_default(),
+        workload: super::model::workload_of_pod(&key.name),
+        service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
+        ips,
+        host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
+        qos,
+        enrollment,
+        cgroup,
+    }))
 }
 
 /// `metadata.creationTimestamp` in RFC 3339, the first tie-breaker between routes.

@@ -1,14 +1,15 @@
 //! Who is on each end of a connection, for metric labels: Services by the id the kernel
-//! recorded (from the kernel sync), workloads by IP address (from the store's snapshot, which
-//! takes them from the EndpointSlices' `targetRef`s).
+//! recorded (from the kernel sync), workloads by IP address (from the store's snapshot: this
+//! node's pods, with their service account, and the EndpointSlices' `targetRef`s).
 #![forbid(unsafe_code)]
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use mesh_common::{ConnValue, direction};
 
 use super::metrics::TcpLabels;
 use crate::ebpf::image::ip_of;
 pub use crate::state::ObjectKey as Named;
+use crate::state::model::Workload;
 
 const UNKNOWN: &str = "unknown";
 
@@ -27,34 +28,63 @@ pub fn service_fqdn(n: Option<&Named>) -> String {
     n.map_or_else(|| UNKNOWN.to_owned(), |s| format!("{}.{}.svc.cluster.local", s.name, s.namespace))
 }
 
-/// Both maps are shared with their producers (persistent maps: O(1) to hand over).
+/// The maps are shared with their producers (persistent maps: O(1) to hand over).
 #[derive(Debug, Default, Clone)]
 pub struct Identities {
     /// service id → the Service.
     pub services: imbl::HashMap<u32, Named>,
     /// endpoint IP → its workload.
     pub workloads: imbl::HashMap<IpAddr, Named>,
+    /// pod IP → the pod, for pods on this node.
+    pub pods: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// Of the principals (`spiffe://<trust domain>/...`).
+    pub trust_domain: String,
+}
+
+/// Who is at an address: a workload (namespace, name), and its principal when it is a pod of
+/// this node.
+pub struct Who {
+    pub workload: Option<Named>,
+    pub principal: Option<String>,
+}
+
+impl Who {
+    pub fn principal_or_unknown(&self) -> String {
+        self.principal.clone().unwrap_or_else(|| UNKNOWN.to_owned())
+    }
 }
 
 impl Identities {
+    /// This node's pods first (they know their service account), then Services' endpoints.
+    pub fn who(&self, ip: IpAddr) -> Who {
+        match self.pods.get(&ip) {
+            Some(pod) => Who {
+                workload: Some(Named { namespace: pod.spec.key.namespace.clone(), name: pod.spec.workload.clone() }),
+                principal: Some(pod.principal(&self.trust_domain)),
+            },
+            None => Who { workload: self.workloads.get(&ip).cloned(), principal: None },
+        }
+    }
+
     /// The labels of a connection, with bounded values: names from configuration or
     /// "unknown", never addresses or ports.
     pub fn labels(&self, c: &ConnValue) -> TcpLabels {
         let outbound = c.direction == direction::OUTBOUND;
         let (client, server) = if outbound { (ip_of(&c.local), ip_of(&c.remote)) } else { (ip_of(&c.remote), ip_of(&c.local)) };
-        let source = self.workloads.get(&client);
-        let destination = self.workloads.get(&server);
+        let (source, destination) = (self.who(client), self.who(server));
         let service = self.services.get(&c.service_id).filter(|_| c.service_id != 0);
         let (name, namespace) = (name_or_unknown, namespace_or_unknown);
         TcpLabels {
             reporter: if outbound { "source" } else { "destination" }.to_owned(),
-            source_workload: name(source),
-            source_workload_namespace: namespace(source),
+            source_workload: name(source.workload.as_ref()),
+            source_workload_namespace: namespace(source.workload.as_ref()),
+            source_principal: source.principal_or_unknown(),
             destination_service: service_fqdn(service),
             destination_service_name: name(service),
             destination_service_namespace: namespace(service),
-            destination_workload: name(destination),
-            destination_workload_namespace: namespace(destination),
+            destination_workload: name(destination.workload.as_ref()),
+            destination_workload_namespace: namespace(destination.workload.as_ref()),
+            destination_principal: destination.principal_or_unknown(),
         }
     }
 }
@@ -91,5 +121,25 @@ mod tests {
         assert_eq!(l.source_workload, "unknown");
         let unbalanced = ids.labels(&ConnValue { service_id: 0, ..conn });
         assert_eq!(unbalanced.destination_service, "unknown");
+        assert_eq!(l.source_principal, "unknown");
+
+        // A pod of this node at the client's address: its workload and principal.
+        let spec = crate::state::model::PodSpec {
+            key: Named { namespace: "shop".into(), name: "cart-5c9d7b8f4d-abcde".into() },
+            uid: "u".into(),
+            workload: "cart".into(),
+            service_account: "cart-sa".into(),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+            host_network: false,
+            qos: None,
+            enrollment: crate::state::model::Enrollment::Inherit,
+            cgroup: None,
+        };
+        ids.trust_domain = "example.org".into();
+        ids.pods.insert("10.0.0.1".parse().unwrap(), Arc::new(Workload { spec: Arc::new(spec), enrolled: false }));
+        let l = ids.labels(&conn);
+        assert_eq!((l.source_workload.as_str(), l.source_workload_namespace.as_str()), ("cart", "shop"));
+        assert_eq!(l.source_principal, "spiffe://example.org/ns/shop/sa/cart-sa");
+        assert_eq!(l.destination_principal, "unknown", "an endpoint of another node: no service account known");
     }
 }

@@ -14,11 +14,14 @@ pub struct TcpLabels {
     pub reporter: String,
     pub source_workload: String,
     pub source_workload_namespace: String,
+    /// `spiffe://<trust domain>/ns/<namespace>/sa/<service account>` of a pod on this node.
+    pub source_principal: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
+    pub destination_principal: String,
 }
 
 /// Labels of the HTTP metrics of the outbound proxy; bounded like `TcpLabels` (status codes
@@ -28,11 +31,13 @@ pub struct HttpLabels {
     pub reporter: String,
     pub source_workload: String,
     pub source_workload_namespace: String,
+    pub source_principal: String,
     pub destination_service: String,
     pub destination_service_name: String,
     pub destination_service_namespace: String,
     pub destination_workload: String,
     pub destination_workload_namespace: String,
+    pub destination_principal: String,
     pub response_code: String,
     /// Envoy's: "-" none, "NR" no route, "UH" no healthy upstream, "UF" upstream connection
     /// failure, "UT" upstream timeout.
