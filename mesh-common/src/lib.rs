@@ -50,11 +50,14 @@ pub mod map_names {
     pub const PROXY: &str = "mesh_proxy";
     /// Client (address, port) of a captured connection → the Service address it dialled.
     pub const L7_ORIGINAL: &str = "mesh_l7orig";
+    /// The pods of this node by the cgroup id of their pod cgroup (`WorkloadValue`): which pod
+    /// a socket belongs to. Written by the agent.
+    pub const WORKLOADS: &str = "mesh_workloads";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 18] = [
+    pub const ALL: [&str; 19] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -73,6 +76,7 @@ pub mod map_names {
         SOCK_COOKIES,
         PROXY,
         L7_ORIGINAL,
+        WORKLOADS,
     ];
 }
 
@@ -135,6 +139,11 @@ pub mod sizes {
     pub const EVENTS_BYTES: u32 = 4 << 20;
     /// Local sockets eligible for redirection.
     pub const MAX_SOCKHASH: u32 = 65_536;
+    /// Pods of one node (kubelet's default limit is 110).
+    pub const MAX_WORKLOADS: u32 = 4_096;
+    /// How deep below the cgroup v2 root a pod's cgroup may sit (kind's systemd layout puts
+    /// it at level 4, a container's cgroup one below).
+    pub const MAX_POD_CGROUP_LEVEL: i32 = 7;
 }
 
 /// Indexes of the `mesh_drops` per-CPU array.
@@ -336,6 +345,22 @@ pub struct RevNatIndex {
     pub _pad: u32,
 }
 
+/// `mesh_workloads` value: a pod of this node.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkloadValue {
+    /// The agent's number for the pod (never 0), which connections record.
+    pub id: u32,
+    /// `workload_flags::*`
+    pub flags: u32,
+}
+
+/// `WorkloadValue::flags`
+pub mod workload_flags {
+    /// Enrolled (`mesh.dev/dataplane: enabled` on the pod or its namespace).
+    pub const ENROLLED: u32 = 1 << 0;
+}
+
 /// `mesh_proxy` value: the agent's outbound listener. Port 0: no proxy running.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -429,7 +454,9 @@ pub struct ConnValue {
     /// peer's FIN was received (a closed socket whose FIN was acknowledged alone goes to
     /// TIME_WAIT without it).
     pub rcv_nxt_at_fin_wait2: u32,
-    pub _pad: u32,
+    /// The pod (`WorkloadValue::id`) whose process dialled the connection, for connections
+    /// balanced by connect4/6; 0 when not known.
+    pub workload: u32,
 }
 
 /// `mesh_sockhash` and `mesh_sockcook` key: one end of a TCP connection, as seen by its own
@@ -506,6 +533,7 @@ mod pod {
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for ProxyAddr {}
     unsafe impl aya::Pod for PeerKey {}
+    unsafe impl aya::Pod for WorkloadValue {}
 }
 
 #[cfg(test)]
@@ -516,6 +544,7 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         use core::mem::size_of;
         assert_eq!(size_of::<FrontendKey>(), 20);
+        assert_eq!(size_of::<WorkloadValue>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 16);
         assert_eq!(size_of::<SlotKey>(), 8);
         assert_eq!(size_of::<BackendValue>(), 24);

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use mesh_common::{
     AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatIndex,
-    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, drop_counters, sizes,
+    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, WorkloadValue, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -39,6 +39,10 @@ pub static REVNAT: LruHashMap<RevNatKey, RevNatValue> = LruHashMap::pinned(sizes
 /// Socket cookie → its `mesh_revnat` keys, for sock_release to free them.
 #[map(name = "mesh_revnat_idx")]
 pub static REVNAT_INDEX: LruHashMap<u64, RevNatIndex> = LruHashMap::pinned(sizes::MAX_REVNAT_INDEX, 0);
+
+/// The pods of this node by their pod cgroup's id; the agent writes it.
+#[map(name = "mesh_workloads")]
+pub static WORKLOADS: HashMap<u64, WorkloadValue> = HashMap::pinned(sizes::MAX_WORKLOADS, 0);
 
 /// Slot 0 holds the layout version the maps were created with (see `LAYOUT_VERSION`).
 #[map(name = "mesh_meta")]

@@ -25,19 +25,22 @@ use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_TCP_CLOSE, bpf_sock_addr},
-    helpers::generated::{bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::generated::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_prandom_u32, bpf_get_socket_cookie,
+        bpf_ktime_get_ns,
+    },
     macros::{cgroup_sock, cgroup_sock_addr},
     programs::{SockAddrContext, SockContext},
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
-    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags,
+    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags, sizes,
 };
 
 use crate::{
     conns,
-    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, count_drop},
+    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, WORKLOADS, count_drop},
 };
 
 /// Let the syscall go on (with the address as the program left it).
@@ -190,6 +193,30 @@ fn index_reverse_translation(cookie: u64, addr: Addr, port_be: u16) {
     }
 }
 
+/// The pod of the calling process: its cgroup, or the nearest ancestor that is a pod's cgroup
+/// in `mesh_workloads` (a container's cgroup sits below its pod's). 0 when none is.
+#[inline(always)]
+fn calling_workload() -> u32 {
+    // SAFETY: helpers valid for cgroup sock_addr programs (5.7+).
+    let own = unsafe { bpf_get_current_cgroup_id() };
+    // SAFETY: map values are plain integers.
+    if let Some(w) = unsafe { WORKLOADS.get(&own) } {
+        return w.id;
+    }
+    let mut level = sizes::MAX_POD_CGROUP_LEVEL;
+    while level > 0 {
+        // SAFETY: as above; an ancestor level deeper than the cgroup is 0, found in no entry.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor != 0
+            && let Some(w) = unsafe { WORKLOADS.get(&ancestor) }
+        {
+            return w.id;
+        }
+        level -= 1;
+    }
+    0
+}
+
 /// A TCP socket's dial, in a DIALED entry of the live-connection table, which sock_ops turns
 /// into the connection's entry once it is established.
 #[inline(always)]
@@ -211,6 +238,7 @@ fn remember_dial(cookie: u64, vip: Addr, vport_be: u16, baddr: Addr, bport_be: u
             service_addr: vip,
             service_port: u16::from_be(vport_be),
             service_id,
+            workload: calling_workload(),
             ..ConnValue::default()
         };
     }

@@ -111,8 +111,11 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             && dir == direction::OUTBOUND
             && (*entry).remote == remote
             && (*entry).remote_port == remote_port;
-        let (service_addr, service_port, service_id) =
-            if dialed { ((*entry).service_addr, (*entry).service_port, (*entry).service_id) } else { (Addr::default(), 0, 0) };
+        let (service_addr, service_port, service_id, workload) = if dialed {
+            ((*entry).service_addr, (*entry).service_port, (*entry).service_id, (*entry).workload)
+        } else {
+            (Addr::default(), 0, 0, 0)
+        };
         *entry = ConnValue {
             cookie,
             start_ns: start,
@@ -123,6 +126,7 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             remote_port,
             service_port,
             service_id,
+            workload,
             direction: dir,
             // A full socket in this callback.
             acked_at_start: (*ops).bytes_acked as u32,

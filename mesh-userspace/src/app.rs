@@ -24,7 +24,7 @@ use crate::{
     admin,
     ebpf::{
         Datapath as _, loader,
-        maps::{OrigDstMap, PinnedMaps},
+        maps::{OrigDstMap, PinnedMaps, WorkloadMap},
     },
     handoff, host,
     proxy::{self, connect::TcpConnector, outbound::Outbound},
@@ -264,7 +264,9 @@ impl Agent {
                     .and_then(|image| maps.occupancy().map(|occupancy| (image, occupancy)).map_err(|e| e.to_string()));
                 drop(maps);
                 match read {
-                    Ok((image, occupancy)) => {
+                    Ok((image, mut occupancy)) => {
+                        let workloads = WorkloadMap::open(&self.opts.bpffs).map(|m| m.entries().len()).unwrap_or(0);
+                        occupancy.insert(mesh_common::map_names::WORKLOADS, workloads);
                         let status = self.status.lock().expect("status lock");
                         let rejected: Vec<String> = status.rejected.values().map(ConfigErrors::to_string).collect();
                         let dump = serde_json::json!({
@@ -310,6 +312,9 @@ impl Agent {
     fn workload_rows(&self) -> Vec<serde_json::Value> {
         let snapshot = self.snapshots.borrow().clone();
         let mount = host::cgroup2_root().ok();
+        // What the kernel holds: pod cgroup id -> the agent's number for the pod.
+        let in_kernel: std::collections::HashMap<u64, u32> =
+            WorkloadMap::open(&self.opts.bpffs).map(|m| m.entries().into_iter().map(|(c, v)| (c, v.id)).collect()).unwrap_or_default();
         snapshot
             .pods
             .values()
@@ -329,6 +334,7 @@ impl Agent {
                     "ips": spec.ips,
                     "host_network": spec.host_network,
                     "enrolled": pod.enrolled,
+                    "kernel_id": cgroup.as_ref().and_then(|c| in_kernel.get(&c.id)),
                     "cgroup": cgroup.as_ref().map(|c| c.path.clone()),
                     "cgroup_id": cgroup.map(|c| c.id),
                 })
@@ -777,6 +783,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
     });
     let cgroup_task = tokio::spawn(watch_cgroup(agent.clone()));
+    let workload_sync = crate::sync::workloads::WorkloadSync::new(WorkloadMap::open(&opts.bpffs)?, cgroup.clone());
+    let workloads_task = tokio::spawn(crate::sync::workloads::run(workload_sync, agent.snapshots.clone(), telemetry.clone()));
     let telemetry_task = tokio::spawn(telemetry::run(telemetry, opts.bpffs.clone()));
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -837,7 +845,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let handed = successor.is_some();
 
-    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task] {
+    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task] {
         task.abort();
     }
     feed.stop();

@@ -62,6 +62,8 @@ pub struct Telemetry {
 struct SeriesKey {
     direction: u8,
     service_id: u32,
+    /// The dialling pod, as the kernel recorded it.
+    workload: u32,
     local: mesh_common::Addr,
     remote: mesh_common::Addr,
 }
@@ -160,6 +162,17 @@ impl Telemetry {
         self.series.lock().expect("series lock").clear();
     }
 
+    /// Pods by the number the kernel records on their connections, from the workload sync.
+    pub fn set_workload_ids(&self, pods: imbl::HashMap<u32, std::sync::Arc<crate::state::model::Workload>>) {
+        let mut identities = self.identities.write().expect("identities lock");
+        if identities.by_kernel_id == pods {
+            return;
+        }
+        identities.by_kernel_id = pods;
+        drop(identities);
+        self.series.lock().expect("series lock").clear();
+    }
+
     /// Services by kernel id, from the kernel sync.
     pub fn set_service_ids(&self, services: imbl::HashMap<u32, identity::Named>) {
         self.identities.write().expect("identities lock").services = services;
@@ -167,7 +180,13 @@ impl Telemetry {
     }
 
     fn series(&self, conn: &ConnValue) -> Arc<Series> {
-        let key = SeriesKey { direction: conn.direction, service_id: conn.service_id, local: conn.local, remote: conn.remote };
+        let key = SeriesKey {
+            direction: conn.direction,
+            service_id: conn.service_id,
+            workload: conn.workload,
+            local: conn.local,
+            remote: conn.remote,
+        };
         let mut cache = self.series.lock().expect("series lock");
         if let Some(series) = cache.get(&key) {
             return series.clone();

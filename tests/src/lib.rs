@@ -103,6 +103,13 @@ impl TestCgroup {
         Self { path }
     }
 
+    /// A cgroup inside this one (a pod's, below the attached cgroup), removed when dropped.
+    pub fn child(&self, name: &str) -> Self {
+        let path = self.path.join(name);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        Self { path }
+    }
+
     /// A command whose process joins this cgroup before it execs.
     pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let procs = CString::new(self.path.join("cgroup.procs").into_os_string().into_encoded_bytes()).expect("path");

@@ -383,7 +383,12 @@ fn pods_of_this_node_are_workloads_with_their_identity_and_cgroup_for_both_drive
         let cgroupfs = PodCgroupDirs::make(&cgroup.path, &format!("kubepods/besteffort/pod{c}"));
         let agent = agent_for(&api, &cgroup, true);
         let workloads = || agent.config_dump()["workloads"].as_array().cloned().unwrap_or_default();
-        wait_until(|| workloads().len() == 2, || format!("{:#}", agent.config_dump()["workloads"]));
+        // Both in the kernel's map, by their cgroup ids, once found.
+        wait_until(
+            || workloads().len() == 2 && workloads().iter().all(|w| w["kernel_id"].is_u64()),
+            || format!("{:#}", agent.config_dump()["workloads"]),
+        );
+        assert_eq!(agent.map_entries()["mesh_workloads"], 2);
         let rows = workloads();
         let web = rows.iter().find(|w| w["pod"] == "test/web-7d4f8b9c6-x2x9k").expect("web");
         assert_eq!(web["workload"], "web", "{web}");

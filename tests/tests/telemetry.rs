@@ -331,3 +331,53 @@ fn mesh_programs_shows_what_the_datapath_ran_while_sampling() {
         agent.stop();
     });
 }
+
+#[test]
+fn the_kernel_tells_which_pod_dialled_by_its_cgroup() {
+    in_netns(|| {
+        let _backends = three_backends();
+        let cgroup = TestCgroup::new("pod-identity");
+        // Two "pods" below the attached cgroup; the client runs in a container cgroup of the
+        // first, as containers sit below their pod's cgroup.
+        let pod = cgroup.child("pod-cli");
+        let container = pod.child("container-1");
+        let other = cgroup.child("pod-other");
+        let mount = cgroup2_root();
+        let under = |c: &TestCgroup| std::path::Path::new("/").join(c.path.strip_prefix(&mount).unwrap()).display().to_string();
+        let pods = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: cli-7d4f8b9c6-x2x9k, namespace: tools, uid: u-1, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+             spec: {{serviceAccountName: ops, containers: []}}\n---\n\
+             apiVersion: v1\nkind: Pod\nmetadata: {{name: other, namespace: tools, uid: u-2, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+             spec: {{containers: []}}\n---\n{}",
+            under(&pod),
+            under(&other),
+            ServiceYaml::web(ready3()).render()
+        );
+        let agent = Agent::start(AgentSpec::new(&pods, &cgroup));
+        let kernel_ids = || -> Vec<Value> {
+            agent.config_dump()["workloads"].as_array().into_iter().flatten().map(|w| w["kernel_id"].clone()).collect()
+        };
+        wait_until(|| kernel_ids().iter().all(|id| id.is_u64()), || format!("{:#}", agent.config_dump()["workloads"]));
+
+        let answer = parse_probe(container.command(probe_bin()).args(["tcp", VIP, "3"]));
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        let from_cli = [
+            ("reporter", "source"),
+            ("source_workload", "cli"),
+            ("source_workload_namespace", "tools"),
+            ("source_principal", "spiffe://cluster.local/ns/tools/sa/ops"),
+        ];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &from_cli) == 3.0, || agent.metrics());
+        // From the attached cgroup itself (no pod's): no pod identity.
+        let answer = cgroup.probe(&["tcp", VIP, "2"]);
+        assert_eq!(error_count(&answer), 0, "{answer}");
+        let unknown = [("reporter", "source"), ("source_principal", "unknown")];
+        wait_until(|| agent.metric("istio_tcp_connections_closed_total", &unknown) == 2.0, || agent.metrics());
+
+        // The pod deleted from the configuration: its entry leaves the kernel map.
+        agent.write_config(&ServiceYaml::web(ready3()).render());
+        wait_until(|| agent.map_entries()["mesh_workloads"] == 0, || format!("{}", agent.map_entries()));
+        agent.stop();
+        drop((container, pod, other));
+    });
+}

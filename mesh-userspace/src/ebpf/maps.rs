@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
     AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey,
-    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, map_names,
+    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -207,5 +207,39 @@ impl OrigDstMap {
         let value = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(std::net::SocketAddr::new(ip_of(&value.addr), u16::from_be(value.port_be)))
+    }
+}
+
+/// `mesh_workloads`: this node's pods by the id of their pod cgroup, for the kernel programs
+/// to tell which pod a socket belongs to.
+pub struct WorkloadMap {
+    map: HashMap<MapData, u64, WorkloadValue>,
+}
+
+impl WorkloadMap {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self { map: open_hash(dir, map_names::WORKLOADS)? })
+    }
+
+    /// Every entry: (cgroup id, value).
+    pub fn entries(&self) -> Vec<(u64, WorkloadValue)> {
+        self.map.iter().filter_map(Result::ok).collect()
+    }
+
+    /// Makes the map hold exactly `wanted`, writing only what differs; returns (written,
+    /// removed).
+    pub fn sync(&mut self, wanted: &std::collections::BTreeMap<u64, WorkloadValue>) -> Result<(usize, usize), DatapathError> {
+        let present: std::collections::BTreeMap<u64, WorkloadValue> = self.entries().into_iter().collect();
+        let mut removed = 0;
+        for cgroup in present.keys().filter(|k| !wanted.contains_key(k)) {
+            ignore_missing(self.map.remove(cgroup)).map_err(map_err(map_names::WORKLOADS, "delete"))?;
+            removed += 1;
+        }
+        let mut written = 0;
+        for (cgroup, value) in wanted.iter().filter(|(k, v)| present.get(k) != Some(v)) {
+            self.map.insert(cgroup, value, 0).map_err(map_err(map_names::WORKLOADS, "update"))?;
+            written += 1;
+        }
+        Ok((written, removed))
     }
 }

@@ -37,6 +37,9 @@ pub struct Identities {
     pub workloads: imbl::HashMap<IpAddr, Named>,
     /// pod IP → the pod, for pods on this node.
     pub pods: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// The agent's number for a pod (`mesh_workloads`), which the kernel records on the
+    /// connections it dials → the pod.
+    pub by_kernel_id: imbl::HashMap<u32, Arc<Workload>>,
     /// Of the principals (`spiffe://<trust domain>/...`).
     pub trust_domain: String,
 }
@@ -58,11 +61,15 @@ impl Identities {
     /// This node's pods first (they know their service account), then Services' endpoints.
     pub fn who(&self, ip: IpAddr) -> Who {
         match self.pods.get(&ip) {
-            Some(pod) => Who {
-                workload: Some(Named { namespace: pod.spec.key.namespace.clone(), name: pod.spec.workload.clone() }),
-                principal: Some(pod.principal(&self.trust_domain)),
-            },
+            Some(pod) => self.who_pod(pod),
             None => Who { workload: self.workloads.get(&ip).cloned(), principal: None },
+        }
+    }
+
+    fn who_pod(&self, pod: &Workload) -> Who {
+        Who {
+            workload: Some(Named { namespace: pod.spec.key.namespace.clone(), name: pod.spec.workload.clone() }),
+            principal: Some(pod.principal(&self.trust_domain)),
         }
     }
 
@@ -71,7 +78,13 @@ impl Identities {
     pub fn labels(&self, c: &ConnValue) -> TcpLabels {
         let outbound = c.direction == direction::OUTBOUND;
         let (client, server) = if outbound { (ip_of(&c.local), ip_of(&c.remote)) } else { (ip_of(&c.remote), ip_of(&c.local)) };
-        let (source, destination) = (self.who(client), self.who(server));
+        // The kernel knows the dialling pod by its cgroup, which holds for host-network pods too.
+        let dialler = self.by_kernel_id.get(&c.workload).filter(|_| outbound && c.workload != 0);
+        let source = match dialler {
+            Some(pod) => self.who_pod(pod),
+            None => self.who(client),
+        };
+        let destination = self.who(server);
         let service = self.services.get(&c.service_id).filter(|_| c.service_id != 0);
         let (name, namespace) = (name_or_unknown, namespace_or_unknown);
         TcpLabels {
