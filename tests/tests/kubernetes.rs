@@ -421,3 +421,33 @@ fn pods_of_this_node_are_workloads_with_their_identity_and_cgroup_for_both_drive
         drop((systemd, cgroupfs));
     });
 }
+
+#[test]
+fn an_httproute_from_the_api_routes_requests_and_follows_its_updates_and_deletion() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
+        v2.name = "web-v2";
+        v2.cluster_ip = "10.96.0.12";
+        api.apply_yaml(&v2.render());
+        api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /v2}"));
+        let cgroup = TestCgroup::new("kube-l7");
+        let agent = agent_for(&api, &cgroup, true);
+        let get = |path: &str| names(&cgroup.probe(&["get", VIP, path, "4"]));
+        let all = |name: &str| vec![(name.to_owned(), 4)];
+        assert_eq!(get("/v2/items"), all("b2"));
+        assert_eq!(get("/"), all("HTTP 404"), "no rule matches: the route is the Service's whole L7 config");
+
+        // Updated: the rule moves to /beta.
+        api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /beta}"));
+        wait_until(|| get("/beta") == all("b2"), || format!("{:?}", get("/beta")));
+        assert_eq!(get("/v2"), all("HTTP 404"));
+
+        // Deleted: the Service is plain L4 again, to its own endpoint.
+        assert!(api.delete("gateway.networking.k8s.io/v1", "HTTPRoute", "test", "split"));
+        wait_until(|| get("/beta") == all("b1"), || format!("{:?}", get("/beta")));
+        agent.stop();
+    });
+}
