@@ -21,6 +21,12 @@ fn agent_for(api: &KubeApi, cgroup: &TestCgroup, wait_ready: bool) -> Agent {
     Agent::start(spec)
 }
 
+/// Every request the agent made is one deploy/rbac.yaml grants.
+fn assert_rbac_grants_every_request(api: &KubeApi) {
+    let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
+    assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+}
+
 fn backends() -> [Backend; 3] {
     [Backend::start("b1", &["127.0.0.11:8080"]), Backend::start("b2", &["127.0.0.12:8080"]), Backend::start("b3", &["127.0.0.13:8080"])]
 }
@@ -70,8 +76,7 @@ fn services_and_endpoint_slices_from_the_api_reach_the_kernel_and_follow_every_c
         let answer = cgroup.probe(&["tcp", VIP, "2"]);
         assert_eq!(error_count(&answer), 2, "{answer}");
         // Everything the agent asked for, deploy/rbac.yaml grants (and it took the Lease).
-        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
-        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        assert_rbac_grants_every_request(&api);
         assert!(api.get(LEASES, "mesh-system", "mesh-status-writer").is_some(), "{:?}", api.requests());
         agent.stop();
     });
@@ -297,8 +302,7 @@ fn route_status_is_written_by_the_lease_holder_only_and_keeps_other_controllers_
         );
         let status = &api.get(HTTPROUTES, "test", "bad").unwrap()["status"];
         assert!(status.to_string().contains("regular expression"), "{status}");
-        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
-        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        assert_rbac_grants_every_request(&api);
         agent.stop();
     });
 }
@@ -415,8 +419,7 @@ fn pods_of_this_node_are_workloads_with_their_identity_and_cgroup_for_both_drive
             !pod_requests.is_empty() && pod_requests.iter().all(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-a")),
             "{pod_requests:?}"
         );
-        let rbac = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/rbac.yaml")).expect("deploy/rbac.yaml");
-        assert_eq!(kube_api::rbac_denials(&api.requests(), &rbac), Vec::<String>::new());
+        assert_rbac_grants_every_request(&api);
         agent.stop();
         drop((systemd, cgroupfs));
     });
