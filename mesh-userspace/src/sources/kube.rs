@@ -4,9 +4,10 @@
 //!   does not parse (a wrong field type) is refused alone: a typed list would fail whole.
 //! - Only keys are kept (to find what a re-list no longer has), not objects: the store holds
 //!   the compact form of what it needs.
-//! - A (re-)list is delivered as one `Update::Each` once complete: nothing is removed before
-//!   the whole list is known, and an API server that is away removes nothing. The kernel keeps
-//!   serving the last good state meanwhile.
+//! - A (re-)list is delivered a page at a time as upserts, and what it no longer has is removed
+//!   only once it is complete: nothing is removed before the whole list is known, and an API
+//!   server that is away removes nothing. The kernel keeps serving the last good state
+//!   meanwhile (and is told nothing before every kind has been listed once).
 //! - A kind whose resource does not exist (Gateway API CRDs not installed) counts as empty and
 //!   is looked for again with the watcher's backoff; it never holds readiness back.
 #![forbid(unsafe_code)]
@@ -52,6 +53,9 @@ const EVENT_QUEUE: usize = 256;
 /// A watch is re-opened by the server every 290 s (kube's default); a connection silent for
 /// longer than this is dead (an API server gone without a FIN).
 const READ_TIMEOUT: Duration = Duration::from_secs(330);
+
+/// Listed objects handed to the store together (kube-rs lists pages of 500).
+const LIST_BATCH: usize = 500;
 
 /// The kinds watched, in the order their first lists are awaited.
 const KINDS: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::HttpRoute, Kind::GrpcRoute, Kind::Pod, Kind::Namespace];
@@ -200,6 +204,13 @@ impl KubeSource {
                     Ok(change) => listing.changes.push(change),
                     Err(refused) => listing.unreadable.push(refused),
                 }
+                // Upserts go on a page at a time, so a big list is never held whole; removals
+                // wait for the list to be complete.
+                if listing.changes.len() + listing.unreadable.len() >= LIST_BATCH {
+                    let changes = std::mem::take(&mut listing.changes);
+                    let unreadable = std::mem::take(&mut listing.unreadable);
+                    self.ready.push_back(Update::Each { changes, unreadable });
+                }
             }
             watcher::Event::InitDone => {
                 let Listing { mut changes, unreadable, seen } = state.listing.take().unwrap_or_default();
@@ -208,7 +219,7 @@ impl KubeSource {
                     let origin = origin(kind, namespace, name);
                     changes.push(Change::Delete { origin, kind, namespace: namespace.clone(), name: name.clone() });
                 }
-                tracing::info!(%kind, objects = seen.len(), removed = state.known.difference(&seen).count(), refused = unreadable.len(), "listed {kind}s");
+                tracing::info!(%kind, objects = seen.len(), removed = state.known.difference(&seen).count(), "listed {kind}s");
                 state.known = seen;
                 state.synced = true;
                 self.ready.push_back(Update::Each { changes, unreadable });
