@@ -35,7 +35,8 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
-    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, conn_phase, drop_counters, service_flags, sizes,
+    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, WorkloadValue, conn_phase, drop_counters, service_flags, sizes,
+    workload_flags,
 };
 
 use crate::{
@@ -123,7 +124,12 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         return PROCEED;
     };
 
-    let (baddr, bport_be) = if service.flags & service_flags::L7 != 0 && proto == IPPROTO_TCP {
+    // The dialling pod, for TCP connects (its connections record it).
+    let caller = if proto == IPPROTO_TCP && connect { calling_workload() } else { None };
+    // A pod that is not enrolled is balanced at L4 even to an L7 Service: the proxy is for
+    // enrolled workloads (and for processes in no known pod, as on a standalone host).
+    let caller_enrolled = caller.is_none_or(|w| w.flags & workload_flags::ENROLLED != 0);
+    let (baddr, bport_be) = if service.flags & service_flags::L7 != 0 && proto == IPPROTO_TCP && caller_enrolled {
         // L7-managed: to the agent's proxy, which reads the Service address back from
         // mesh_l7orig (filled by sock_ops once the connection is established).
         match PROXY.get(0) {
@@ -150,7 +156,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if proto == IPPROTO_TCP {
-        remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id);
+        remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id, caller.map_or(0, |w| w.id));
         return PROCEED;
     }
     let rev_key = RevNatKey { cookie, addr: baddr, port_be: bport_be, _pad16: 0, _pad32: 0 };
@@ -194,14 +200,14 @@ fn index_reverse_translation(cookie: u64, addr: Addr, port_be: u16) {
 }
 
 /// The pod of the calling process: its cgroup, or the nearest ancestor that is a pod's cgroup
-/// in `mesh_workloads` (a container's cgroup sits below its pod's). 0 when none is.
+/// in `mesh_workloads` (a container's cgroup sits below its pod's).
 #[inline(always)]
-fn calling_workload() -> u32 {
+fn calling_workload() -> Option<WorkloadValue> {
     // SAFETY: helpers valid for cgroup sock_addr programs (5.7+).
     let own = unsafe { bpf_get_current_cgroup_id() };
     // SAFETY: map values are plain integers.
     if let Some(w) = unsafe { WORKLOADS.get(&own) } {
-        return w.id;
+        return Some(*w);
     }
     let mut level = sizes::MAX_POD_CGROUP_LEVEL;
     while level > 0 {
@@ -210,17 +216,17 @@ fn calling_workload() -> u32 {
         if ancestor != 0
             && let Some(w) = unsafe { WORKLOADS.get(&ancestor) }
         {
-            return w.id;
+            return Some(*w);
         }
         level -= 1;
     }
-    0
+    None
 }
 
 /// A TCP socket's dial, in a DIALED entry of the live-connection table, which sock_ops turns
 /// into the connection's entry once it is established.
 #[inline(always)]
-fn remember_dial(cookie: u64, vip: Addr, vport_be: u16, baddr: Addr, bport_be: u16, service_id: u32) {
+fn remember_dial(cookie: u64, vip: Addr, vport_be: u16, baddr: Addr, bport_be: u16, service_id: u32, workload: u32) {
     // SAFETY: helper valid everywhere.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(entry) = conns::claim(cookie, now) else {
@@ -238,7 +244,7 @@ fn remember_dial(cookie: u64, vip: Addr, vport_be: u16, baddr: Addr, bport_be: u
             service_addr: vip,
             service_port: u16::from_be(vport_be),
             service_id,
-            workload: calling_workload(),
+            workload,
             ..ConnValue::default()
         };
     }

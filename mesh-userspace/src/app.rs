@@ -330,6 +330,7 @@ impl Agent {
                     "uid": spec.uid,
                     "workload": spec.workload,
                     "service_account": spec.service_account,
+                    "labels": spec.labels,
                     "principal": pod.principal(&self.opts.trust_domain),
                     "ips": spec.ips,
                     "host_network": spec.host_network,

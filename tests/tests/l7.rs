@@ -478,3 +478,33 @@ fn a_pod_in_its_own_network_namespace_reaches_the_nodes_proxy() {
         agent.stop();
     });
 }
+
+#[test]
+fn a_pod_that_is_not_enrolled_is_balanced_at_l4_even_to_an_l7_service() {
+    in_netns(|| {
+        let _b1 = Backend::start("b1", &["127.0.0.11:8080"]);
+        let _b2 = Backend::start("b2", &["127.0.0.12:8080"]);
+        let cgroup = TestCgroup::new("l7-enrolled");
+        let (enrolled, opted_out) = (cgroup.child("pod-in"), cgroup.child("pod-out"));
+        let mount = cgroup2_root();
+        let under = |c: &TestCgroup| std::path::Path::new("/").join(c.path.strip_prefix(&mount).unwrap()).display().to_string();
+        let pod = |name: &str, c: &TestCgroup, label: &str| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: test, uid: {name}, labels: {{mesh.dev/dataplane: {label}}}, \
+                 annotations: {{mesh.dev/cgroup: \"{}\"}}}}\nspec: {{containers: []}}\n---\n",
+                under(c)
+            )
+        };
+        let yaml = format!("{}{}{}", pod("in", &enrolled, "enabled"), pod("out", &opted_out, "disabled"), config(RULES));
+        let agent = Agent::start(AgentSpec::new(&yaml, &cgroup));
+        let known =
+            || agent.config_dump()["workloads"].as_array().is_some_and(|w| w.len() == 2 && w.iter().all(|w| w["kernel_id"].is_u64()));
+        wait_until(known, || format!("{:#}", agent.config_dump()["workloads"]));
+        let get = |c: &TestCgroup| names(&parse_probe(c.command(probe_bin()).args(["get", VIP, "/v2", "5"])));
+        assert_eq!(get(&enrolled), vec![("b2".to_owned(), 5)], "an enrolled pod's requests follow the HTTPRoute");
+        assert_eq!(get(&opted_out), vec![("b1".to_owned(), 5)], "a pod not enrolled goes straight to the Service's endpoint");
+        assert_eq!(get(&cgroup), vec![("b2".to_owned(), 5)], "a process in no known pod keeps the proxy");
+        agent.stop();
+        drop((enrolled, opted_out));
+    });
+}

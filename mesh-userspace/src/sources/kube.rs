@@ -4,10 +4,10 @@
 //!   does not parse (a wrong field type) is refused alone: a typed list would fail whole.
 //! - Only keys are kept (to find what a re-list no longer has), not objects: the store holds
 //!   the compact form of what it needs.
-//! - A (re-)list is delivered a page at a time as upserts, and what it no longer has is removed
-//!   only once it is complete: nothing is removed before the whole list is known, and an API
-//!   server that is away removes nothing. The kernel keeps serving the last good state
-//!   meanwhile (and is told nothing before every kind has been listed once).
+//! - The first list is delivered a page at a time (the kernel is told nothing before every kind
+//!   has been listed once); a re-list (after 410 Gone) as one `Update::Each` once complete, an
+//!   atomic swap. What a list no longer has is removed only once it is complete, and an API
+//!   server that is away removes nothing: the kernel keeps serving the last good state.
 //! - A kind whose resource does not exist (Gateway API CRDs not installed) counts as empty and
 //!   is looked for again with the watcher's backoff; it never holds readiness back.
 #![forbid(unsafe_code)]
@@ -204,9 +204,11 @@ impl KubeSource {
                     Ok(change) => listing.changes.push(change),
                     Err(refused) => listing.unreadable.push(refused),
                 }
-                // Upserts go on a page at a time, so a big list is never held whole; removals
-                // wait for the list to be complete.
-                if listing.changes.len() + listing.unreadable.len() >= LIST_BATCH {
+                // The first list goes on a page at a time (nothing is served from it before
+                // every kind is listed), so a big list is never held whole. A re-list is applied
+                // whole once complete: an atomic swap of what changed while the agent was not
+                // watching.
+                if !state.synced && listing.changes.len() + listing.unreadable.len() >= LIST_BATCH {
                     let changes = std::mem::take(&mut listing.changes);
                     let unreadable = std::mem::take(&mut listing.unreadable);
                     self.ready.push_back(Update::Each { changes, unreadable });

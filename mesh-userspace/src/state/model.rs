@@ -290,6 +290,8 @@ pub struct PodSpec {
     /// The workload it belongs to (its name less the controllers' suffixes).
     pub workload: String,
     pub service_account: String,
+    /// For policy selectors (next issues).
+    pub labels: std::collections::BTreeMap<String, String>,
     pub ips: Vec<IpAddr>,
     pub host_network: bool,
     pub qos: Option<QosClass>,

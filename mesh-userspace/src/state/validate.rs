@@ -131,6 +131,7 @@ fn pod(pod: &Pod, key: &ObjectKey, node: &NodeContext) -> Result<Option<PodSpec>
         uid: pod.metadata.uid.clone().unwrap_or_default(),
         workload: super::model::workload_of_pod(&key.name),
         service_account: spec.and_then(|s| s.service_account_name.clone()).filter(|s| !s.is_empty()).unwrap_or_else(|| "default".into()),
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
         ips,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         qos,

@@ -142,6 +142,7 @@ mod tests {
             uid: "u".into(),
             workload: "cart".into(),
             service_account: "cart-sa".into(),
+            labels: Default::default(),
             ips: vec!["10.0.0.1".parse().unwrap()],
             host_network: false,
             qos: None,
