@@ -455,3 +455,41 @@ fn an_httproute_from_the_api_routes_requests_and_follows_its_updates_and_deletio
         agent.stop();
     });
 }
+
+#[test]
+fn of_two_agents_only_the_lease_holder_writes_events_and_status() {
+    in_netns(|| {
+        let api = KubeApi::start(&[GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("kube-two-a"), TestCgroup::new("kube-two-b"));
+        let start = |cgroup: &TestCgroup, node: &'static str, port_base: u16| {
+            let mut spec = AgentSpec::new("", cgroup);
+            (spec.kubeconfig, spec.node, spec.port_base) = (Some(api.kubeconfig.clone()), node, port_base);
+            Agent::start(spec)
+        };
+        let (a, b) = (start(&cgroup_a, "node-a", 15000), start(&cgroup_b, "node-b", 16000));
+        let says = |agent: &Agent, what: &str| agent.log().contains(what);
+        wait_until(
+            || [&a, &b].iter().all(|x| says(x, "writes route status and Events")),
+            || format!("{}\n---\n{}", a.log(), b.log()),
+        );
+        let (holder, other) = if says(&a, "this agent writes") { ("node-a", &b) } else { ("node-b", &a) };
+        assert!(says(other, "another agent writes"), "{}", other.log());
+        // Both refuse the same bad route; one Event and one status entry are written.
+        api.apply_yaml(&route("bad", &["web"], "{type: RegularExpression, value: \"(\"}"));
+        wait_until(|| !mesh_conditions(&api, "bad").is_empty(), || format!("{:?}", api.requests()));
+        wait_until(|| api.list(EVENTS).len() == 1, || format!("{:#?}", api.list(EVENTS)));
+        let refused_by_both = || [&a, &b].iter().all(|x| x.readiness().1.contains("HTTPRoute test/bad"));
+        wait_until(refused_by_both, || format!("{}\n{}", a.readiness().1, b.readiness().1));
+        // A later refusal, once written, shows the earlier one was not written twice.
+        api.apply_yaml(&route("bad2", &["web"], "{type: RegularExpression, value: \"[\"}"));
+        wait_until(|| api.list(EVENTS).len() == 2, || format!("{:#?}", api.list(EVENTS)));
+        for event in api.list(EVENTS) {
+            assert_eq!(event["reportingInstance"], holder, "{event}");
+        }
+        let route = api.get(HTTPROUTES, "test", "bad").unwrap();
+        assert_eq!(route["status"]["parents"].as_array().map(Vec::len), Some(1), "{route}");
+        a.stop();
+        b.stop();
+    });
+}
