@@ -469,10 +469,7 @@ fn of_two_agents_only_the_lease_holder_writes_events_and_status() {
         };
         let (a, b) = (start(&cgroup_a, "node-a", 15000), start(&cgroup_b, "node-b", 16000));
         let says = |agent: &Agent, what: &str| agent.log().contains(what);
-        wait_until(
-            || [&a, &b].iter().all(|x| says(x, "writes route status and Events")),
-            || format!("{}\n---\n{}", a.log(), b.log()),
-        );
+        wait_until(|| [&a, &b].iter().all(|x| says(x, "writes route status and Events")), || format!("{}\n---\n{}", a.log(), b.log()));
         let (holder, other) = if says(&a, "this agent writes") { ("node-a", &b) } else { ("node-b", &a) };
         assert!(says(other, "another agent writes"), "{}", other.log());
         // Both refuse the same bad route; one Event and one status entry are written.
