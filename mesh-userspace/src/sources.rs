@@ -18,6 +18,10 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
 };
 
+/// Standalone: the annotation giving a pod's cgroup (its path under the cgroup v2 mount, as in
+/// /proc/PID/cgroup). Files only: the Kubernetes source drops it.
+pub const CGROUP_ANNOTATION: &str = "mesh.dev/cgroup";
+
 /// Where an object came from, for error messages and for ownership (a file owns its objects).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {

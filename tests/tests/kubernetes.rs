@@ -376,7 +376,10 @@ fn pods_of_this_node_are_workloads_with_their_identity_and_cgroup_for_both_drive
         let (a, b, c) =
             ("aaaaaaaa-1111-2222-3333-444444444444", "bbbbbbbb-1111-2222-3333-444444444444", "cccccccc-1111-2222-3333-444444444444");
         api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "test", "labels": {"mesh.dev/dataplane": "enabled"}}}));
-        api.apply(pod("web-7d4f8b9c6-x2x9k", "node-a", a, "10.244.0.5", "Burstable", ""));
+        // Its annotation points at another cgroup: from the API, that is not believed.
+        let mut web_pod = pod("web-7d4f8b9c6-x2x9k", "node-a", a, "10.244.0.5", "Burstable", "");
+        web_pod["metadata"]["annotations"] = serde_json::json!({"mesh.dev/cgroup": "/"});
+        api.apply(web_pod);
         api.apply(pod("elsewhere", "node-b", b, "10.244.1.5", "Burstable", ""));
         api.apply(pod("batch-0", "node-a", c, "10.244.0.6", "BestEffort", r#""mesh.dev/dataplane": "disabled""#));
         let cgroup = TestCgroup::new("kube-pods");

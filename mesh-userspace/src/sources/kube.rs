@@ -299,7 +299,12 @@ fn typed(kind: Kind, mut object: DynamicObject) -> Result<Change, (Origin, Confi
                 data.remove("status");
             }
             // Of a pod mesh reads its node, service account, network mode, IPs and QoS class.
+            // Its cgroup is found from its uid: a `mesh.dev/cgroup` annotation is for
+            // standalone files only, since any pod's owner could point it at another's cgroup.
             Kind::Pod => {
+                if let Some(annotations) = object.metadata.annotations.as_mut() {
+                    annotations.remove(super::CGROUP_ANNOTATION);
+                }
                 if let Some(spec) = data.get_mut("spec").and_then(|s| s.as_object_mut()) {
                     spec.retain(|k, _| matches!(k.as_str(), "nodeName" | "serviceAccountName" | "hostNetwork"));
                     spec.insert("containers".into(), serde_json::Value::Array(Vec::new()));

@@ -20,7 +20,7 @@ use super::{
     },
     routes::{self, RouteSpec},
 };
-use crate::sources::Object;
+use crate::sources::{CGROUP_ANNOTATION, Object};
 
 /// The annotation that makes a Service L7-managed without an HTTPRoute.
 pub const L7_ANNOTATION: &str = "mesh.dev/l7";
@@ -68,8 +68,6 @@ pub fn object(object: &Object, key: &ObjectKey, node: &NodeContext) -> Result<Va
 
 /// The label that enrolls a pod or a namespace: `enabled` or `disabled`.
 pub const DATAPLANE_LABEL: &str = "mesh.dev/dataplane";
-/// Standalone: the annotation giving a pod's cgroup (under the cgroup v2 mount).
-pub const CGROUP_ANNOTATION: &str = "mesh.dev/cgroup";
 
 fn enrollment(labels: Option<&std::collections::BTreeMap<String, String>>, field: &str) -> Result<Enrollment, Vec<FieldError>> {
     match labels.and_then(|l| l.get(DATAPLANE_LABEL)).map(String::as_str) {
