@@ -145,6 +145,9 @@ struct Status {
     rejected: BTreeMap<Origin, ConfigErrors>,
     /// The attached cgroup was removed: the datapath no longer sees any socket.
     cgroup_gone: bool,
+    /// What the source still waits for before everything is read once (an API server's
+    /// refusal, say).
+    waiting: Option<String>,
 }
 
 struct Agent {
@@ -237,6 +240,9 @@ impl Agent {
             StatusCode::OK
         } else {
             body.push_str("not ready: no valid configuration applied yet\n");
+            if let Some(waiting) = &status.waiting {
+                body.push_str(&format!("waiting for {waiting}\n"));
+            }
             StatusCode::SERVICE_UNAVAILABLE
         };
         if let Some(error) = &report.error {

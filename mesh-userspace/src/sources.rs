@@ -207,6 +207,9 @@ pub enum Update {
     Unreadable { origin: Origin, errors: ConfigErrors },
     /// Everything the source holds has been delivered once (readiness may follow).
     Synced,
+    /// Before `Synced`: what the source is still waiting for (an API server that refuses or
+    /// cannot be reached), for readiness to say; None once it is not waiting on a failure.
+    Waiting(Option<String>),
 }
 
 /// What mesh says of one accepted route, for its status: each parent Service (namespace, name)

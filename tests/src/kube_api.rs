@@ -49,6 +49,8 @@ struct Inner {
     oldest: u64,
     /// Resources that answer 404 (their CRD is not installed).
     missing: HashSet<String>,
+    /// Resources that answer 403 (RBAC does not grant them).
+    forbidden: HashSet<String>,
     /// `METHOD path?query` of every request, in order.
     requests: Vec<String>,
     /// Watches answered 410 Gone, by resource.
@@ -203,6 +205,16 @@ impl KubeApi {
         self.runtime.as_ref().expect("running").block_on(listening.wait_for(|l| *l != down)).expect("accept loop");
         if down {
             self.restart();
+        }
+    }
+
+    /// Makes a resource answer 403 Forbidden (RBAC not granting it) or not.
+    pub fn set_forbidden(&self, resource: &str, forbidden: bool) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        if forbidden {
+            inner.forbidden.insert(resource.to_owned());
+        } else {
+            inner.forbidden.remove(resource);
         }
     }
 
@@ -441,6 +453,10 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
     };
     if shared.inner.lock().unwrap().missing.contains(&target.resource) {
         return Ok(status(StatusCode::NOT_FOUND, "NotFound", "the server could not find the requested resource"));
+    }
+    if shared.inner.lock().unwrap().forbidden.contains(&target.resource) {
+        let message = format!("{} is forbidden: User \"system:serviceaccount:mesh-system:mesh\" cannot access it", target.resource);
+        return Ok(status(StatusCode::FORBIDDEN, "Forbidden", &message));
     }
     let params = query(&req);
     let method = req.method().clone();

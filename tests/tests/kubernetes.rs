@@ -493,3 +493,25 @@ fn of_two_agents_only_the_lease_holder_writes_events_and_status() {
         b.stop();
     });
 }
+
+#[test]
+fn an_agent_the_api_server_refuses_says_what_it_waits_for_and_serves_once_allowed() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        // RBAC without Services (a ClusterRole missing a rule).
+        api.set_forbidden(SERVICES, true);
+        let cgroup = TestCgroup::new("kube-forbidden");
+        let agent = agent_for(&api, &cgroup, false);
+        wait_until(|| agent.readiness().1.contains("waiting for the API server's Services"), || agent.readiness().1);
+        let (code, body) = agent.readiness();
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains("forbidden"), "the API server's reason is passed on: {body}");
+        api.set_forbidden(SERVICES, false);
+        // kube-rs's backoff retries: once listed, ready and served.
+        wait_until_for(std::time::Duration::from_secs(60), || agent.readiness().0 == 200, || agent.readiness().1);
+        agent.wait_backends(VIP, &["127.0.0.11:8080"]);
+        agent.stop();
+    });
+}

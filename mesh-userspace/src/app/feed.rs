@@ -84,6 +84,7 @@ pub(super) async fn run_source<S: Source>(
             }
             Update::Unreadable { origin, errors } => consumer.agent.reject(origin, &errors),
             Update::Synced => consumer.synced(),
+            Update::Waiting(reason) => consumer.agent.status.lock().expect("status lock").waiting = reason,
         }
     }
 }

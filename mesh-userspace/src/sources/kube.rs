@@ -119,6 +119,8 @@ pub struct KubeSource {
     kinds: HashMap<Kind, KindState>,
     ready: VecDeque<Update>,
     synced_sent: bool,
+    /// What readiness was last told the source waits for.
+    waiting: Option<String>,
     watchers: Vec<JoinHandle<()>>,
     writeback: writeback::Writeback,
 }
@@ -162,6 +164,7 @@ impl KubeSource {
             kinds: KINDS.into_iter().map(|k| (k, KindState::default())).collect(),
             ready: VecDeque::new(),
             synced_sent: false,
+            waiting: None,
             watchers,
         }
     }
@@ -170,7 +173,7 @@ impl KubeSource {
         let state = self.kinds.get_mut(&kind).expect("every kind has a state");
         let event = match item {
             Ok(event) => event,
-            Err(e) if is_not_found(&e) => {
+            Err(e) if is_not_found(&e) && matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) => {
                 if !state.absent {
                     tracing::warn!(%kind, "the API server has no {kind} resource (CRD not installed?): none are served; looking again with backoff");
                 }
@@ -184,6 +187,14 @@ impl KubeSource {
                     tracing::warn!(%kind, error = %e, "watching {kind}s failed; the last good state keeps serving while it retries with backoff");
                 }
                 state.failing = true;
+                if !self.synced_sent {
+                    // Readiness says what it waits for (RBAC missing, say), not just "not ready".
+                    let reason = Some(format!("the API server's {kind}s: {e}"));
+                    if self.waiting != reason {
+                        self.waiting.clone_from(&reason);
+                        self.ready.push_back(Update::Waiting(reason));
+                    }
+                }
                 return;
             }
         };
