@@ -154,7 +154,8 @@ pub fn build(release: bool) -> anyhow::Result<()> {
     let mut cmd = cargo();
     cmd.args(["build", "--bins", "-p", "mesh-userspace", "-p", "mesh-tests"]);
     if release {
-        cmd.arg("--release");
+        // The shipped build (profile `dist`: release with LTO; see Cargo.toml).
+        cmd.args(["--profile", "dist"]);
     }
     run(&mut cmd)
 }
@@ -164,7 +165,7 @@ pub fn target_bin(name: &str) -> PathBuf {
 }
 
 pub fn release_bin(name: &str) -> PathBuf {
-    workspace_root().join("target/release").join(name)
+    workspace_root().join("target/dist").join(name)
 }
 
 /// A Python with PyPI's opentelemetry-proto, in a venv under target/ (made once): the
