@@ -31,7 +31,7 @@ use anyhow::Context as _;
 use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, in_netns};
 use serde_json::{Value, json};
 
-use crate::bootstrap::{release_bin, workspace_root};
+use crate::bootstrap::{dist_bin, workspace_root};
 
 const TRIALS: usize = 9;
 /// Trials with the kernel's BPF statistics on, for the datapath's own time.
@@ -98,8 +98,8 @@ pub fn run(suite: &str, only: &[String]) -> anyhow::Result<()> {
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
     // SAFETY: single-threaded at this point.
     unsafe {
-        std::env::set_var("MESH_BIN", release_bin("mesh"));
-        std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
+        std::env::set_var("MESH_BIN", dist_bin("mesh"));
+        std::env::set_var("MESH_PROBE_BIN", dist_bin("mesh-probe"));
     }
     let results = in_netns(|| measure(&cases));
     let report = report(&results, &cases);
@@ -144,7 +144,7 @@ impl BpfStats {
 
 /// Total (nanoseconds, runs) of the programs attached under `bpffs` (while statistics are on).
 fn datapath_runs(bpffs: &Path) -> (f64, f64) {
-    let out = mesh_tests::run(Command::new(release_bin("mesh")).args(["programs", "--json", "--bpffs"]).arg(bpffs));
+    let out = mesh_tests::run(Command::new(dist_bin("mesh")).args(["programs", "--json", "--bpffs"]).arg(bpffs));
     let rows: Vec<Value> = serde_json::from_str(&out).expect("mesh programs JSON");
     let sum = |field: &str| rows.iter().map(|r| r[field].as_f64().unwrap_or(0.0)).sum();
     (sum("run_time_ns"), sum("run_count"))
@@ -177,7 +177,7 @@ fn run_case(case: &Case, variant: Variant, setup: &Setup) -> Value {
         Variant::Vip => (setup.cgroup.command("taskset"), VIP),
         Variant::Sockmap => (setup.redirect_cgroup.command("taskset"), VIP_REDIRECTED),
     };
-    cmd.args(["-c", "0"]).arg(release_bin("mesh-bench")).arg(case.args[0]).arg(target).args(&case.args[1..]);
+    cmd.args(["-c", "0"]).arg(dist_bin("mesh-bench")).arg(case.args[0]).arg(target).args(&case.args[1..]);
     serde_json::from_str(mesh_tests::run(&mut cmd).trim()).expect("bench JSON")
 }
 
@@ -203,7 +203,7 @@ fn select(only: &[String]) -> anyhow::Result<Vec<&'static Case>> {
 
 fn measure(cases: &[&'static Case]) -> Results {
     let cgroup = TestCgroup::new("bench");
-    let bench = release_bin("mesh-bench");
+    let bench = dist_bin("mesh-bench");
     let direct = Backend::spawn_raw(Command::new("taskset").args(["-c", "1"]).arg(&bench).args(["serve", DIRECT]));
     let meshed = Backend::spawn_raw(cgroup.command("taskset").args(["-c", "1"]).arg(&bench).args(["serve", MESHED]));
     let agent = Agent::start(AgentSpec::new(&bench_service("bench", "10.96.0.50", "127.0.0.32"), &cgroup));

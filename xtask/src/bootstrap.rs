@@ -164,7 +164,8 @@ pub fn target_bin(name: &str) -> PathBuf {
     workspace_root().join("target/debug").join(name)
 }
 
-pub fn release_bin(name: &str) -> PathBuf {
+/// A binary of the shipped build (profile `dist`).
+pub fn dist_bin(name: &str) -> PathBuf {
     workspace_root().join("target/dist").join(name)
 }
 

@@ -20,6 +20,7 @@ struct Cli {
 enum Command {
     /// Install what is missing, then build the agent (with its kernel programs) and tools.
     Build {
+        /// The shipped build: profile `dist` (release with LTO), into target/dist.
         #[arg(long)]
         release: bool,
     },

@@ -23,7 +23,7 @@ use anyhow::Context as _;
 use mesh_tests::{Agent, AgentSpec, Backend, TestCgroup, http_get, in_netns, kube_api::KubeApi};
 use serde_json::{Value, json};
 
-use crate::bootstrap::{release_bin, workspace_root};
+use crate::bootstrap::{dist_bin, workspace_root};
 
 const SERVICES: usize = 10_000;
 const ENDPOINTS: usize = 100_000;
@@ -103,7 +103,7 @@ fn now_ns() -> u64 {
 
 /// Starts a process in the cgroup that connects to `addr` until it works; returns it.
 fn waiter(cgroup: &TestCgroup, addr: &str) -> anyhow::Result<std::process::Child> {
-    cgroup.command(release_bin("mesh-probe")).args(["wait-connect", addr, "30000"]).stdout(Stdio::piped()).spawn().context("mesh-probe")
+    cgroup.command(dist_bin("mesh-probe")).args(["wait-connect", addr, "30000"]).stdout(Stdio::piped()).spawn().context("mesh-probe")
 }
 
 /// Milliseconds from `since_ns` until the waiter connected.
@@ -183,8 +183,8 @@ impl Feed {
 pub fn run() -> anyhow::Result<()> {
     // SAFETY: set before any thread of ours reads the environment.
     unsafe {
-        std::env::set_var("MESH_BIN", std::env::var_os("MESH_BENCH_BIN").unwrap_or_else(|| release_bin("mesh").into()));
-        std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
+        std::env::set_var("MESH_BIN", std::env::var_os("MESH_BENCH_BIN").unwrap_or_else(|| dist_bin("mesh").into()));
+        std::env::set_var("MESH_PROBE_BIN", dist_bin("mesh-probe"));
     }
     let result = in_netns(|| -> anyhow::Result<Value> {
         let _target = Backend::start("target", &[&format!("{TARGET}:8080")]);

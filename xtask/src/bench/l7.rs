@@ -17,7 +17,7 @@ use anyhow::Context as _;
 use mesh_tests::{Agent, AgentSpec, TestCgroup, in_netns};
 use serde_json::{Value, json};
 
-use crate::bootstrap::{release_bin, workspace_root};
+use crate::bootstrap::{dist_bin, workspace_root};
 
 const SECS: &str = "5";
 const BACKEND_H1: &str = "127.0.0.11:8080";
@@ -242,8 +242,8 @@ pub fn run() -> anyhow::Result<()> {
     let oha = oha()?;
     // SAFETY: single-threaded at this point.
     unsafe {
-        std::env::set_var("MESH_BIN", release_bin("mesh"));
-        std::env::set_var("MESH_PROBE_BIN", release_bin("mesh-probe"));
+        std::env::set_var("MESH_BIN", dist_bin("mesh"));
+        std::env::set_var("MESH_PROBE_BIN", dist_bin("mesh-probe"));
     }
     let dir = workspace_root().join("target/bench/l7");
     fs::create_dir_all(&dir)?;
