@@ -153,10 +153,13 @@ impl Telemetry {
         workloads: imbl::HashMap<std::net::IpAddr, identity::Named>,
         pods: imbl::HashMap<std::net::IpAddr, std::sync::Arc<crate::state::model::Workload>>,
     ) {
-        let mut identities = self.identities.write().expect("identities lock");
-        if identities.workloads.ptr_eq(&workloads) && identities.pods.ptr_eq(&pods) {
+        // Called for every applied change; most change neither: the proxy's readers are not
+        // held up by a write lock then.
+        let unchanged = |i: &identity::Identities| i.workloads.ptr_eq(&workloads) && i.pods.ptr_eq(&pods);
+        if unchanged(&self.identities.read().expect("identities lock")) {
             return;
         }
+        let mut identities = self.identities.write().expect("identities lock");
         (identities.workloads, identities.pods) = (workloads, pods);
         drop(identities);
         self.series.lock().expect("series lock").clear();

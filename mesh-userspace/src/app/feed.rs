@@ -7,7 +7,7 @@ use tokio::sync::watch;
 
 use super::Agent;
 use crate::{
-    sources::{Change, ConfigErrors, Origin, Outcome, Source, Update, file::FileSource, kube::KubeSource},
+    sources::{Change, ConfigErrors, Kind, Origin, Outcome, Source, Update, file::FileSource, kube::KubeSource},
     state::{Snapshot, Store},
     sync::worker::SyncFeed,
 };
@@ -77,8 +77,10 @@ pub(super) async fn run_source<S: Source>(
                 }
             }
             Update::Each { changes, unreadable } => {
-                consumer.apply_each(changes, unreadable);
-                if let Some(outcome) = consumer.outcome_changed() {
+                // Most changes are endpoints that move: they change no route and no refusal.
+                if consumer.apply_each(changes, unreadable)
+                    && let Some(outcome) = consumer.outcome_changed()
+                {
                     source.outcome(outcome);
                 }
             }
@@ -119,15 +121,24 @@ impl Consumer {
     }
 
     /// Applies what it can: the whole set at once when all of it is valid (one generation),
-    /// otherwise each change alone, so that a bad object is refused by itself.
-    fn apply_each(&mut self, changes: Vec<Change>, refused: Vec<(Origin, ConfigErrors)>) {
+    /// otherwise each change alone, so that a bad object is refused by itself. Returns whether
+    /// the outcome may have changed: a refusal made or lifted, or a Service or route touched.
+    fn apply_each(&mut self, changes: Vec<Change>, refused: Vec<(Origin, ConfigErrors)>) -> bool {
         let started = std::time::Instant::now();
         let count = changes.len();
+        let mut outcome_touched = !refused.is_empty()
+            || changes.iter().any(|c| {
+                let kind = match c {
+                    Change::Upsert { object, .. } => object.kind(),
+                    Change::Delete { kind, .. } => *kind,
+                };
+                matches!(kind, Kind::Service | Kind::HttpRoute | Kind::GrpcRoute)
+            });
         for (origin, errors) in &refused {
             self.agent.reject(origin.clone(), errors);
         }
         if changes.is_empty() {
-            return;
+            return outcome_touched;
         }
         let origins: Vec<Origin> = changes.iter().map(|c| c.origin().clone()).collect();
         let (mut balanced, mut accepted, mut generation) = (Vec::new(), Vec::new(), 0);
@@ -144,20 +155,23 @@ impl Consumer {
                             generation = applied.generation;
                             accepted.push(origin);
                         }
-                        Err(errors) => self.agent.reject(origin, &errors),
+                        Err(errors) => {
+                            self.agent.reject(origin, &errors);
+                            outcome_touched = true;
+                        }
                     }
                 }
             }
         }
         if accepted.is_empty() {
-            return;
+            return outcome_touched;
         }
         balanced.sort();
         balanced.dedup();
         self.publish(&balanced, generation);
         let mut status = self.agent.status.lock().expect("status lock");
         for origin in &accepted {
-            status.rejected.remove(origin);
+            outcome_touched |= status.rejected.remove(origin).is_some();
         }
         drop(status);
         // One line per list; single watch events are many, so they are debug.
@@ -175,6 +189,7 @@ impl Consumer {
         } else {
             tracing::debug!(origin = %accepted[0], balanced_changed = balanced.len(), elapsed_us, generation, "object applied");
         }
+        outcome_touched
     }
 
     /// What became of the API objects, when it differs from what was said last.

@@ -97,17 +97,22 @@ impl WorkloadSync {
     }
 }
 
-/// Keeps `mesh_workloads` in line with the store's pods until the snapshots end.
+/// Keeps `mesh_workloads` in line with the store's pods until the snapshots end. Most snapshots
+/// change no pod (an endpoint moved): those cost nothing here.
 pub async fn run(mut sync: WorkloadSync, mut snapshots: watch::Receiver<Arc<Snapshot>>, telemetry: Arc<Telemetry>) {
-    let mut missing;
+    let mut done: Option<imbl::OrdMap<ObjectKey, Arc<Workload>>> = None;
+    let mut retry = false;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
-        let (by_id, still_missing) = sync.apply(&snapshot);
-        telemetry.set_workload_ids(by_id);
-        missing = still_missing;
+        let pods_changed = done.as_ref().is_none_or(|pods| !pods.ptr_eq(&snapshot.pods));
+        if pods_changed || retry {
+            let (by_id, again) = sync.apply(&snapshot);
+            telemetry.set_workload_ids(by_id);
+            (done, retry) = (Some(snapshot.pods.clone()), again);
+        }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
-            _ = tokio::time::sleep(RETRY), if missing => {}
+            _ = tokio::time::sleep(RETRY), if retry => {}
         }
     }
 }
