@@ -273,8 +273,11 @@ impl Agent {
                 drop(maps);
                 match read {
                     Ok((image, mut occupancy)) => {
-                        let workloads = WorkloadMap::open(&self.opts.bpffs).map(|m| m.entries().len()).unwrap_or(0);
-                        occupancy.insert(mesh_common::map_names::WORKLOADS, workloads);
+                        // Pod cgroup id -> the agent's number for the pod, as the kernel holds it.
+                        let in_kernel: std::collections::HashMap<u64, u32> = WorkloadMap::open(&self.opts.bpffs)
+                            .map(|m| m.entries().into_iter().map(|(c, v)| (c, v.id)).collect())
+                            .unwrap_or_default();
+                        occupancy.insert(mesh_common::map_names::WORKLOADS, in_kernel.len());
                         let status = self.status.lock().expect("status lock");
                         let rejected: Vec<String> = status.rejected.values().map(ConfigErrors::to_string).collect();
                         let dump = serde_json::json!({
@@ -286,7 +289,7 @@ impl Agent {
                             "kernel_generation": self.sync.borrow().generation,
                             "rejected": if rejected.is_empty() { None } else { Some(rejected) },
                             "services": image.service_rows(),
-                            "workloads": self.workload_rows(),
+                            "workloads": self.workload_rows(&in_kernel),
                             "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
@@ -315,24 +318,17 @@ impl Agent {
         }
     }
 
-    /// This node's pods: who they are and their cgroup (found now: kubelet makes it when the
-    /// pod starts, which may be after the API says the pod exists).
-    fn workload_rows(&self) -> Vec<serde_json::Value> {
+    /// This node's pods: who they are, their cgroup (found now: kubelet makes it when the pod
+    /// starts, which may be after the API says the pod exists) and the kernel's number for them.
+    fn workload_rows(&self, in_kernel: &std::collections::HashMap<u64, u32>) -> Vec<serde_json::Value> {
         let snapshot = self.snapshots.borrow().clone();
         let mount = host::cgroup2_root().ok();
-        // What the kernel holds: pod cgroup id -> the agent's number for the pod.
-        let in_kernel: std::collections::HashMap<u64, u32> =
-            WorkloadMap::open(&self.opts.bpffs).map(|m| m.entries().into_iter().map(|(c, v)| (c, v.id)).collect()).unwrap_or_default();
         snapshot
             .pods
             .values()
             .map(|pod| {
                 let spec = &pod.spec;
-                let cgroup = match (&spec.cgroup, &mount) {
-                    (Some(path), Some(mount)) => host::cgroup_at(&mount.join(path.strip_prefix("/").unwrap_or(path))),
-                    (Some(_), None) => None,
-                    (None, _) => host::find_pod_cgroup(&self.cgroup, &spec.uid),
-                };
+                let cgroup = host::locate_pod_cgroup(&self.cgroup, mount.as_deref(), spec.cgroup.as_deref(), &spec.uid);
                 serde_json::json!({
                     "pod": spec.key.to_string(),
                     "uid": spec.uid,

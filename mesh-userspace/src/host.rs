@@ -101,6 +101,16 @@ pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PodCgroup> {
     None
 }
 
+/// A pod's cgroup: the one its `mesh.dev/cgroup` annotation names (a path under the cgroup v2
+/// `mount`, as /proc/PID/cgroup shows it), or else the one kubelet made for `uid` under `root`.
+pub fn locate_pod_cgroup(root: &Path, mount: Option<&Path>, annotated: Option<&Path>, uid: &str) -> Option<PodCgroup> {
+    match (annotated, mount) {
+        (Some(path), Some(mount)) => cgroup_at(&mount.join(path.strip_prefix("/").unwrap_or(path))),
+        (Some(_), None) => None,
+        (None, _) => find_pod_cgroup(root, uid),
+    }
+}
+
 /// The cgroup at `path` (a standalone pod's, named by its annotation), when it exists.
 pub fn cgroup_at(path: &Path) -> Option<PodCgroup> {
     use std::os::unix::fs::MetadataExt as _;

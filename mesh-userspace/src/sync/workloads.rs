@@ -48,11 +48,7 @@ impl WorkloadSync {
         {
             return Some(known.clone());
         }
-        let found = match (&pod.spec.cgroup, &self.mount) {
-            (Some(path), Some(mount)) => host::cgroup_at(&mount.join(path.strip_prefix("/").unwrap_or(path))),
-            (Some(_), None) => None,
-            (None, _) => host::find_pod_cgroup(&self.root, &pod.spec.uid),
-        };
+        let found = host::locate_pod_cgroup(&self.root, self.mount.as_deref(), pod.spec.cgroup.as_deref(), &pod.spec.uid);
         match &found {
             Some(c) => self.found.insert(id.clone(), c.clone()),
             None => self.found.remove(id),
