@@ -207,8 +207,8 @@ pub enum Update {
     Unreadable { origin: Origin, errors: ConfigErrors },
     /// Everything the source holds has been delivered once (readiness may follow).
     Synced,
-    /// Before `Synced`: what the source is still waiting for (an API server that refuses or
-    /// cannot be reached), for readiness to say; None once it is not waiting on a failure.
+    /// Before `Synced`: the newest failure the source is waiting out (an API server that
+    /// refuses or cannot be reached), for readiness to say until everything is read once.
     Waiting(Option<String>),
 }
 

@@ -113,7 +113,8 @@ struct Listing {
 
 type WatchItem = Result<watcher::Event<DynamicObject>, watcher::Error>;
 
-/// Watches Services, EndpointSlices, HTTPRoutes and GRPCRoutes in every namespace.
+/// Watches Services, EndpointSlices, HTTPRoutes, GRPCRoutes and Namespaces, and the Pods of
+/// this node.
 pub struct KubeSource {
     watched: mpsc::Receiver<(Kind, WatchItem)>,
     kinds: HashMap<Kind, KindState>,
