@@ -210,22 +210,20 @@ impl KubeApi {
 
     /// Makes a resource answer 403 Forbidden (RBAC not granting it) or not.
     pub fn set_forbidden(&self, resource: &str, forbidden: bool) {
-        let mut inner = self.shared.inner.lock().unwrap();
-        if forbidden {
-            inner.forbidden.insert(resource.to_owned());
-        } else {
-            inner.forbidden.remove(resource);
-        }
+        toggle(&mut self.shared.inner.lock().unwrap().forbidden, resource, forbidden);
     }
 
     /// Makes a resource exist (a CRD installed) or not.
     pub fn set_missing(&self, resource: &str, missing: bool) {
-        let mut inner = self.shared.inner.lock().unwrap();
-        if missing {
-            inner.missing.insert(resource.to_owned());
-        } else {
-            inner.missing.remove(resource);
-        }
+        toggle(&mut self.shared.inner.lock().unwrap().missing, resource, missing);
+    }
+}
+
+fn toggle(set: &mut HashSet<String>, resource: &str, member: bool) {
+    if member {
+        set.insert(resource.to_owned());
+    } else {
+        set.remove(resource);
     }
 }
 

@@ -515,3 +515,56 @@ fn an_agent_the_api_server_refuses_says_what_it_waits_for_and_serves_once_allowe
         agent.stop();
     });
 }
+
+#[test]
+fn a_gateway_api_crd_installed_later_is_picked_up() {
+    in_netns(|| {
+        let _backends = backends();
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
+        v2.name = "web-v2";
+        v2.cluster_ip = "10.96.0.12";
+        api.apply_yaml(&v2.render());
+        // Stored, but the API server answers 404 for HTTPRoutes until the CRD is installed.
+        api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /v2}"));
+        let cgroup = TestCgroup::new("kube-crd-later");
+        let agent = agent_for(&api, &cgroup, true);
+        let get = || names(&cgroup.probe(&["get", VIP, "/v2", "4"]));
+        assert_eq!(get(), vec![("b1".to_owned(), 4)], "no routes without the CRD: plain L4");
+        api.set_missing(HTTPROUTES, false);
+        // kube-rs's backoff looks again; then the route applies.
+        wait_until_for(
+            std::time::Duration::from_secs(60),
+            || get() == vec![("b2".to_owned(), 4)],
+            || format!("{:?}\n{}", get(), agent.log()),
+        );
+        assert!(agent.log().contains("the API server has the HTTPRoute resource now"), "{}", agent.log());
+        agent.stop();
+    });
+}
+
+#[test]
+fn a_lease_whose_holder_stopped_renewing_is_taken_over_on_this_agents_own_clock() {
+    in_netns(|| {
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        // Renewed long ago by the record's clock, 1 s lease: expiry is judged from when this
+        // agent saw the record last change, so it first counts as held.
+        api.apply(serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "mesh-status-writer", "namespace": "mesh-system"},
+            "spec": {"holderIdentity": "node-b-1", "leaseDurationSeconds": 1, "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 0}}));
+        let cgroup = TestCgroup::new("kube-lease-expiry");
+        let agent = agent_for(&api, &cgroup, true);
+        let holder = || api.get(LEASES, "mesh-system", "mesh-status-writer").unwrap()["spec"].clone();
+        wait_until_for(
+            std::time::Duration::from_secs(30),
+            || holder()["holderIdentity"].as_str().is_some_and(|h| h.starts_with("node-a-")),
+            || format!("{}\n{}", holder(), agent.log()),
+        );
+        let log = agent.log();
+        let (other, this) = (log.find("another agent writes"), log.find("this agent writes"));
+        assert!(other.is_some() && this.is_some() && other < this, "held first, taken once expired: {log}");
+        assert_eq!(holder()["leaseTransitions"], 1, "{}", holder());
+        agent.stop();
+    });
+}
