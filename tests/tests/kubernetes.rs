@@ -556,11 +556,10 @@ fn a_lease_whose_holder_stopped_renewing_is_taken_over_on_this_agents_own_clock(
         let cgroup = TestCgroup::new("kube-lease-expiry");
         let agent = agent_for(&api, &cgroup, true);
         let holder = || api.get(LEASES, "mesh-system", "mesh-status-writer").unwrap()["spec"].clone();
-        wait_until_for(
-            std::time::Duration::from_secs(30),
-            || holder()["holderIdentity"].as_str().is_some_and(|h| h.starts_with("node-a-")),
-            || format!("{}\n{}", holder(), agent.log()),
-        );
+        // The Lease written and, just after it, the agent saying so in its log.
+        let taken =
+            || holder()["holderIdentity"].as_str().is_some_and(|h| h.starts_with("node-a-")) && agent.log().contains("this agent writes");
+        wait_until_for(std::time::Duration::from_secs(30), taken, || format!("{}\n{}", holder(), agent.log()));
         let log = agent.log();
         let (other, this) = (log.find("another agent writes"), log.find("this agent writes"));
         assert!(other.is_some() && this.is_some() && other < this, "held first, taken once expired: {log}");
