@@ -41,9 +41,14 @@ enum Command {
     Bench {
         #[arg(default_value = "l4")]
         suite: String,
-        /// Only this l4 case (repeatable), e.g. `--case connect+close`.
+        /// Only this l4 case (repeatable), e.g. `--case connect+close`; for l7, `--case mesh`
+        /// runs mesh's rows alone (no Envoy, no nginx proxy).
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
+        /// l7: record the mesh agent with `perf record -g` during its HTTP/1.1 load into FILE (and
+        /// with access log and traces on, into FILE with the extension `observed`).
+        #[arg(long, value_name = "FILE")]
+        perf: Option<std::path::PathBuf>,
     },
 }
 
@@ -69,10 +74,10 @@ fn main() -> anyhow::Result<()> {
             bootstrap::build(false)?;
             demo::run()?;
         }
-        Command::Bench { suite, cases } => {
+        Command::Bench { suite, cases, perf } => {
             bootstrap::ensure()?;
             bootstrap::build(true)?;
-            bench::run(&suite, &cases)?;
+            bench::run(&suite, &cases, perf.as_deref())?;
         }
     }
     Ok(())

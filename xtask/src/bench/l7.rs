@@ -237,7 +237,14 @@ fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f6
     (report["summary"]["requestsPerSec"].as_f64().unwrap_or(0.0), us("p50"), us("p99"), us("p99.9"), failed)
 }
 
-pub fn run() -> anyhow::Result<()> {
+/// `only`: `["mesh"]` runs mesh's rows alone. `perf`: where `perf record` writes the agent's
+/// profile during its HTTP/1.1 load.
+pub fn run(only: &[String], perf: Option<&Path>) -> anyhow::Result<()> {
+    let mesh_only = match only {
+        [] => false,
+        [one] if one == "mesh" => true,
+        _ => anyhow::bail!("the l7 benchmark's only case is `mesh` (mesh's rows alone), not {only:?}"),
+    };
     let envoy = tools()?;
     let oha = oha()?;
     // SAFETY: single-threaded at this point.
@@ -247,14 +254,26 @@ pub fn run() -> anyhow::Result<()> {
     }
     let dir = workspace_root().join("target/bench/l7");
     fs::create_dir_all(&dir)?;
-    let report = in_netns(|| measure(&envoy, &oha, &dir));
+    let perf = perf.map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
+    let report = in_netns(|| measure(&envoy, &oha, &dir, mesh_only, perf.as_deref()));
     let path = workspace_root().join("target/bench/l7.json");
     fs::write(&path, serde_json::to_string_pretty(&report)?)?;
     println!("\n[bench l7] results written to {}", path.display());
     Ok(())
 }
 
-fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
+/// Records `pid` with `perf record -g` into `out` for the load's length.
+fn perf_record(pid: u32, out: &Path) -> Proc {
+    spawn(
+        Command::new("perf")
+            .args(["record", "-q", "-g", "-F", "2000", "-o"])
+            .arg(out)
+            .args(["-p", &pid.to_string(), "--", "sleep", SECS])
+            .stdout(Stdio::null()),
+    )
+}
+
+fn measure(envoy: &Path, oha: &Path, dir: &Path, mesh_only: bool, perf: Option<&Path>) -> Value {
     let backend_conf = nginx_conf(
         dir,
         "backend",
@@ -304,11 +323,14 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
     let _ = Command::new("taskset").args(["-a", "-p", "-c", "1"]).arg(agent.pid().to_string()).output();
     std::thread::sleep(Duration::from_millis(500));
 
-    let proxies: [(&str, u32, &str, &str); 3] = [
+    let mut proxies: Vec<(&str, u32, &str, &str)> = vec![
         ("mesh", agent.pid(), MESH_H1, MESH_H2),
         ("envoy", envoy_proxy.0.id(), ENVOY, ENVOY),
         ("nginx", nginx_proxy.0.id(), NGINX_H1, NGINX_H2),
     ];
+    if mesh_only {
+        proxies.truncate(1);
+    }
     let idle: Vec<(String, f64)> = proxies.iter().map(|(n, pid, _, _)| (n.to_string(), usage(*pid).0)).collect();
     println!("[bench l7] idle RSS: {}", idle.iter().map(|(n, r)| format!("{n} {r:.1} MiB")).collect::<Vec<_>>().join(", "));
 
@@ -324,9 +346,13 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
         let mut rows = vec![json!({ "via": "direct", "rps": direct_rps, "p50_us": d50, "p99_us": d99 })];
         for (name, pid, h1_target, h2_target) in &proxies {
             let cgroup_for = (*name == "mesh").then_some(&cgroup);
+            let profiler = perf.filter(|_| *name == "mesh" && !h2).map(|out| perf_record(*pid, out));
             let before = usage(*pid).1;
             let (rps, p50, p99) = load(h2, if h2 { h2_target } else { h1_target }, cgroup_for);
             let (rss, after) = usage(*pid);
+            if let Some(mut profiler) = profiler {
+                let _ = profiler.0.wait();
+            }
             // CPU per request: what noise moves least (the run's length is SECS).
             let requests = rps * SECS.parse::<f64>().unwrap_or(1.0);
             let cpu_us = if requests > 0.0 { (after - before) * 1e6 / requests } else { f64::NAN };
@@ -376,14 +402,29 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> Value {
     let _ = Command::new("taskset").args(["-a", "-p", "-c", "1"]).arg(observed.pid().to_string()).output();
     std::thread::sleep(Duration::from_millis(500));
     fixed_row("mesh+log+trace", Some(observed.pid()), MESH_H1, Some(&cgroup));
+    // The same agent under full load: the CPU a request costs with all of it on.
+    let profiler = perf.map(|out| perf_record(observed.pid(), &out.with_extension("observed")));
+    let before = usage(observed.pid()).1;
+    let (rps, p50, p99) = load(false, MESH_H1, Some(&cgroup));
+    let after = usage(observed.pid()).1;
+    if let Some(mut profiler) = profiler {
+        let _ = profiler.0.wait();
+    }
+    let cpu_us = (after - before) * 1e6 / (rps * SECS.parse::<f64>().unwrap_or(1.0)).max(1.0);
+    println!("\nhttp/1.1 under full load (wrk, 32 connections) with access log and trace export on:");
+    println!("mesh+log+trace {rps:>10.0} req/s, p50 {p50:.0} us, p99 {p99:.0} us, {cpu_us:.1} cpu us/req");
+    let loaded = json!({ "via": "mesh+log+trace", "rps": rps, "p50_us": p50, "p99_us": p99, "cpu_us_per_request": cpu_us });
     let logged = fs::read_to_string(&access_log).map_or(0, |l| l.lines().count());
     println!("(mesh+log+trace: {logged} access log lines written)");
     observed.stop();
-    println!("targets: mesh >= 1.5 x Envoy's req/s with a lower p99; under 20 MiB RSS idle; p99 <= 300 us at {FIXED_RATE} req/s");
+    println!(
+        "targets: mesh >= 1.5 x Envoy's req/s with a lower p99; under 20 MiB RSS idle; p99 <= 300 us at {FIXED_RATE} req/s; <= 13 cpu us/req under load with log and trace on"
+    );
     json!({
         "suite": "l7", "seconds": SECS,
         "idle_rss_mib": idle.into_iter().map(|(n, r)| (n, json!(r))).collect::<serde_json::Map<String, Value>>(),
         "cases": cases,
+        "observed_under_load": loaded,
         "fixed_rate": { "rps": FIXED_RATE, "seconds": FIXED_SECONDS, "connections": FIXED_CONNECTIONS, "rows": fixed },
     })
 }
