@@ -8,6 +8,7 @@
 //! a fifth of the kernel's per-connection time, for an opened count at most SCAN_INTERVAL
 //! earlier.
 pub mod access_log;
+pub mod batch;
 pub mod conns;
 pub mod identity;
 pub mod metrics;

@@ -1,20 +1,21 @@
 //! The proxy's access log: one JSON line per request, written by a thread of its own from a
-//! bounded queue. A request never waits for the log: when the queue is full (a slow disk, a
+//! bounded batch. A request never waits for the log: when the batch is full (a slow disk, a
 //! stalled stdout reader) the line is dropped and counted in `mesh_access_log_dropped_total`.
 #![forbid(unsafe_code)]
-use std::{
-    io::Write,
-    net::SocketAddr,
-    path::PathBuf,
-    sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel},
-    time::SystemTime,
-};
+use std::{io::Write, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration, time::SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 
-/// Lines waiting for the writer at most.
-const QUEUE: usize = 8192;
+use super::batch::Batch;
+
+/// Bytes of lines waiting for the writer at most (some 10,000 lines).
+const QUEUE_BYTES: usize = 4 << 20;
+/// The writer is woken early once this much is waiting.
+const WRITE_AT: usize = 64 << 10;
+/// A line is on disk at most this long after its request ended (Envoy flushes its access
+/// logs every second by default).
+const LINGER: Duration = Duration::from_millis(100);
 
 /// Where a log of JSON lines goes (`--access-log`, `--flow-log`): `off`, `-` (stdout) or a
 /// file.
@@ -62,57 +63,69 @@ pub struct Entry {
 }
 
 pub struct AccessLog {
-    queue: Option<SyncSender<String>>,
+    /// Lines, serialized straight into the batch the writer takes.
+    lines: Option<Arc<Batch<u8>>>,
     dropped: Counter,
 }
 
 impl AccessLog {
     pub fn off() -> Self {
-        Self { queue: None, dropped: Counter::default() }
+        Self { lines: None, dropped: Counter::default() }
     }
 
     /// Opens `target` (a file is appended to) and starts the writer thread. `dropped` counts
-    /// the lines the queue had no room for.
+    /// the lines the batch had no room for.
     pub fn open(target: &Target, dropped: Counter) -> std::io::Result<Self> {
         let writer: Box<dyn Write + Send> = match target {
-            Target::Off => return Ok(Self { queue: None, dropped }),
+            Target::Off => return Ok(Self { lines: None, dropped }),
             Target::Stdout => Box::new(std::io::stdout()),
             Target::File(path) => Box::new(std::fs::OpenOptions::new().create(true).append(true).open(path)?),
         };
-        let (tx, rx) = sync_channel(QUEUE);
-        std::thread::Builder::new().name("mesh-access-log".into()).spawn(move || write_lines(rx, writer))?;
-        Ok(Self { queue: Some(tx), dropped })
+        Self::writing_to(writer, dropped)
+    }
+
+    fn writing_to(writer: Box<dyn Write + Send>, dropped: Counter) -> std::io::Result<Self> {
+        let lines = Arc::new(Batch::new(WRITE_AT, QUEUE_BYTES, LINGER));
+        let taken = lines.clone();
+        std::thread::Builder::new().name("mesh-access-log".into()).spawn(move || write_lines(&taken, writer))?;
+        Ok(Self { lines: Some(lines), dropped })
     }
 
     pub fn enabled(&self) -> bool {
-        self.queue.is_some()
+        self.lines.is_some()
     }
 
     /// Queues `entry`; never blocks.
     pub fn log(&self, entry: &Entry) {
-        let Some(queue) = &self.queue else { return };
-        let Ok(mut line) = serde_json::to_string(entry) else { return };
-        line.push('\n');
-        match queue.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
-                self.dropped.inc();
+        let Some(lines) = &self.lines else { return };
+        let queued = lines.push_with(|buf| {
+            let start = buf.len();
+            if serde_json::to_writer(&mut *buf, entry).is_ok() {
+                buf.push(b'\n');
+            } else {
+                buf.truncate(start);
             }
+        });
+        if !queued {
+            self.dropped.inc();
         }
     }
 }
 
-/// Writes lines as they come, flushing whenever the queue runs empty (a burst is one write
-/// per buffer, a lone request is on disk at once).
-fn write_lines(rx: Receiver<String>, writer: Box<dyn Write + Send>) {
-    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
-    while let Ok(line) = rx.recv() {
-        let mut failed = out.write_all(line.as_bytes()).is_err();
-        while let Ok(more) = rx.try_recv() {
-            failed |= out.write_all(more.as_bytes()).is_err();
+impl Drop for AccessLog {
+    /// The writer writes what is queued, then ends.
+    fn drop(&mut self) {
+        if let Some(lines) = &self.lines {
+            lines.close();
         }
-        failed |= out.flush().is_err();
-        if failed {
+    }
+}
+
+/// Writes the lines a batch at a time (one write per batch), until the log is dropped.
+fn write_lines(lines: &Batch<u8>, mut out: Box<dyn Write + Send>) {
+    let mut taken = Vec::new();
+    while lines.take(&mut taken) {
+        if out.write_all(&taken).and_then(|()| out.flush()).is_err() {
             tracing::warn!("writing the access log failed; lines are lost until it works again");
         }
     }
@@ -168,9 +181,7 @@ mod tests {
                 Ok(())
             }
         }
-        let (tx, rx) = sync_channel(QUEUE);
-        std::thread::spawn(move || write_lines(rx, Box::new(Stuck)));
-        let log = AccessLog { queue: Some(tx), dropped: Counter::default() };
+        let log = AccessLog::writing_to(Box::new(Stuck), Counter::default()).unwrap();
         let entry = Entry {
             start_time: rfc3339(SystemTime::now()),
             source_address: "10.0.0.1:1234".parse().unwrap(),
@@ -190,11 +201,13 @@ mod tests {
             bytes_sent: 0,
             trace_id: None,
         };
-        for _ in 0..2 * QUEUE {
+        let line = serde_json::to_string(&entry).unwrap().len() + 1;
+        let room = QUEUE_BYTES / line + 1;
+        // The writer takes what is queued once and is stuck writing it; the batch takes
+        // QUEUE_BYTES more; the rest is dropped, and logging returned every time.
+        for _ in 0..3 * room {
             log.log(&entry);
         }
-        // The writer buffered a few hundred lines and is stuck writing them; the queue holds
-        // QUEUE more; the rest were dropped, and logging returned every time.
-        assert!(log.dropped.get() >= QUEUE as u64 / 2, "{}", log.dropped.get());
+        assert!(log.dropped.get() >= room as u64 / 2, "{} dropped of {}", log.dropped.get(), 3 * room);
     }
 }

@@ -3,17 +3,19 @@
 //! ingest OTLP. W3C trace context decides: a sampled parent is traced, an unsampled one is
 //! not, a request without one starts a trace sampled at `--trace-sampling`.
 //!
-//! Never in a request's way: spans go to a bounded queue (dropped and counted when it is
-//! full), a thread of its own batches them (512, or every second) and posts them.
+//! Never in a request's way: spans go to a bounded batch (dropped and counted when it is
+//! full), a thread of its own takes them (at 512, or a second after the first) and posts them.
 #![forbid(unsafe_code)]
 use std::{
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpStream, ToSocketAddrs as _},
-    sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError, sync_channel},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use prometheus_client::metrics::counter::Counter;
+
+use super::batch::Batch;
 
 const QUEUE: usize = 4096;
 const BATCH: usize = 512;
@@ -133,7 +135,7 @@ pub struct TraceConfig {
 }
 
 pub struct Tracer {
-    queue: Option<SyncSender<Span>>,
+    queue: Option<Arc<Batch<Span>>>,
     sampling: f64,
     dropped: Counter,
 }
@@ -154,13 +156,13 @@ impl Tracer {
             return Ok(Self { queue: None, sampling: 0.0, dropped });
         };
         let target = Endpoint::parse(endpoint)?;
-        let (tx, rx) = sync_channel(QUEUE);
-        let counter = dropped.clone();
+        let queue = Arc::new(Batch::new(BATCH, QUEUE, FLUSH_EVERY));
+        let (taken, counter) = (queue.clone(), dropped.clone());
         std::thread::Builder::new()
             .name("mesh-traces".into())
-            .spawn(move || export(rx, target, counter))
+            .spawn(move || export(&taken, target, counter))
             .map_err(|_| EndpointError(endpoint.clone(), "cannot start the exporter thread"))?;
-        Ok(Self { queue: Some(tx), sampling: config.sampling, dropped })
+        Ok(Self { queue: Some(queue), sampling: config.sampling, dropped })
     }
 
     pub fn enabled(&self) -> bool {
@@ -174,8 +176,17 @@ impl Tracer {
     /// Queues a finished span; never blocks.
     pub fn record(&self, span: Span) {
         let Some(queue) = &self.queue else { return };
-        if let Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) = queue.try_send(span) {
+        if !queue.push(span) {
             self.dropped.inc();
+        }
+    }
+}
+
+impl Drop for Tracer {
+    /// The exporter posts what is queued, then ends.
+    fn drop(&mut self) {
+        if let Some(queue) = &self.queue {
+            queue.close();
         }
     }
 }
@@ -231,36 +242,21 @@ impl Endpoint {
     }
 }
 
-fn export(rx: Receiver<Span>, endpoint: Endpoint, dropped: Counter) {
+fn export(queue: &Batch<Span>, endpoint: Endpoint, dropped: Counter) {
     // Who sends the spans, encoded once: the same in every batch.
     let resource = resource();
     let mut batch: Vec<Span> = Vec::with_capacity(BATCH);
     let mut last_warning: Option<Instant> = None;
-    loop {
-        let deadline = Instant::now() + FLUSH_EVERY;
-        let mut open = true;
-        while batch.len() < BATCH {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(span) => batch.push(span),
-                Err(RecvTimeoutError::Timeout) => break,
-                Err(RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        if !batch.is_empty() {
-            if let Err(e) = endpoint.post(&encode(&resource, &batch)) {
-                dropped.inc_by(batch.len() as u64);
+    while queue.take(&mut batch) {
+        // A burst may have queued more than a batch since the last take: posts of BATCH.
+        for spans in batch.chunks(BATCH) {
+            if let Err(e) = endpoint.post(&encode(&resource, spans)) {
+                dropped.inc_by(spans.len() as u64);
                 if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                    tracing::warn!(endpoint = %endpoint.host_port, error = %e, spans = batch.len(), "exporting spans failed; they are dropped");
+                    tracing::warn!(endpoint = %endpoint.host_port, error = %e, spans = spans.len(), "exporting spans failed; they are dropped");
                     last_warning = Some(Instant::now());
                 }
             }
-            batch.clear();
-        }
-        if !open {
-            return;
         }
     }
 }
