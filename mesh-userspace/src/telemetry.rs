@@ -54,6 +54,9 @@ pub struct Telemetry {
     /// Counters resolved per (direction, service, client, server): the labels of a connection
     /// are computed once per peer pair, not per record.
     series: Mutex<FastMap<SeriesKey, Arc<Series>>>,
+    /// The same for proxied requests, per (backend Service, client, endpoint, code, flags):
+    /// twelve label values are built and hashed once per combination, not per request.
+    http_series: Mutex<HttpSeriesCache>,
     reported: Mutex<FastMap<u64, Reported>>,
     scans: std::sync::atomic::AtomicU64,
     flow_log: Mutex<Option<Box<dyn Write + Send>>>,
@@ -78,6 +81,29 @@ struct Series {
     received: Counter,
 }
 
+/// A request's labels but the Service's, which keys the outer map (looked up by reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct HttpKey {
+    client: std::net::IpAddr,
+    endpoint: Option<std::net::IpAddr>,
+    code: u16,
+    flags: &'static str,
+}
+
+/// The request counter and latency histogram of one label set.
+struct HttpSeries {
+    requests: Counter,
+    duration: prometheus_client::metrics::histogram::Histogram,
+}
+
+#[derive(Default)]
+struct HttpSeriesCache {
+    by_service: FastMap<identity::Named, FastMap<HttpKey, HttpSeries>>,
+    /// Requests that reached no Service (no route, not captured).
+    no_service: FastMap<HttpKey, HttpSeries>,
+    len: usize,
+}
+
 /// Keyed by cookies and addresses the kernel wrote: no need for SipHash's flood resistance on
 /// a path that runs for every closed connection.
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -98,6 +124,7 @@ impl Telemetry {
             metrics: Metrics::default(),
             identities: RwLock::new(Identities::default()),
             series: Mutex::new(FastMap::default()),
+            http_series: Mutex::new(HttpSeriesCache::default()),
             reported: Mutex::new(FastMap::default()),
             scans: std::sync::atomic::AtomicU64::new(0),
             flow_log: Mutex::new(writer),
@@ -111,15 +138,46 @@ impl Telemetry {
         client: std::net::IpAddr,
         endpoint: Option<std::net::IpAddr>,
         code: u16,
-        flags: &str,
+        flags: &'static str,
         millis: f64,
     ) {
+        let key = HttpKey { client, endpoint, code, flags };
+        let mut cache = self.http_series.lock().expect("http series lock");
+        let cached = match service {
+            Some(s) => cache.by_service.get(s).and_then(|m| m.get(&key)),
+            None => cache.no_service.get(&key),
+        };
+        if let Some(series) = cached {
+            series.requests.inc();
+            series.duration.observe(millis);
+            return;
+        }
+        if cache.len >= MAX_CACHED_SERIES {
+            *cache = HttpSeriesCache::default();
+        }
+        // Under the cache's lock: a change of identities clears the cache after it is made,
+        // so no series with labels from before the change outlives it.
+        let labels = self.http_labels(service, key);
+        let series = HttpSeries {
+            requests: self.metrics.requests.get_or_create(&labels).clone(),
+            duration: self.metrics.request_duration.get_or_create(&labels).clone(),
+        };
+        series.requests.inc();
+        series.duration.observe(millis);
+        cache.len += 1;
+        match service {
+            Some(s) => cache.by_service.entry(s.clone()).or_default().insert(key, series),
+            None => cache.no_service.insert(key, series),
+        };
+    }
+
+    fn http_labels(&self, service: Option<&identity::Named>, key: HttpKey) -> metrics::HttpLabels {
         let identities = self.identities.read().expect("identities lock");
-        let source = identities.who(client);
-        let destination = endpoint.map(|ip| identities.who(ip));
+        let source = identities.who(key.client);
+        let destination = key.endpoint.map(|ip| identities.who(ip));
         let workload = destination.as_ref().and_then(|d| d.workload.as_ref());
         let (name, namespace) = (identity::name_or_unknown, identity::namespace_or_unknown);
-        let labels = metrics::HttpLabels {
+        metrics::HttpLabels {
             reporter: "source".into(),
             source_workload: name(source.workload.as_ref()),
             source_workload_namespace: namespace(source.workload.as_ref()),
@@ -130,11 +188,15 @@ impl Telemetry {
             destination_workload: name(workload),
             destination_workload_namespace: namespace(workload),
             destination_principal: destination.map_or_else(|| "unknown".to_owned(), |d| d.principal_or_unknown()),
-            response_code: code.to_string(),
-            response_flags: flags.to_owned(),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics.request_duration.get_or_create(&labels).observe(millis);
+            response_code: key.code.to_string(),
+            response_flags: key.flags.to_owned(),
+        }
+    }
+
+    /// Cached label sets are computed again after identities changed.
+    fn forget_series(&self) {
+        self.series.lock().expect("series lock").clear();
+        *self.http_series.lock().expect("http series lock") = HttpSeriesCache::default();
     }
 
     /// The workload at `ip`: a pod of this node, or a Service's endpoint.
@@ -145,6 +207,7 @@ impl Telemetry {
     /// The trust domain of principals (`spiffe://<trust domain>/ns/.../sa/...`).
     pub fn set_trust_domain(&self, trust_domain: &str) {
         self.identities.write().expect("identities lock").trust_domain = trust_domain.to_owned();
+        self.forget_series();
     }
 
     /// Workloads by address, from the store's snapshot; labels computed before are computed
@@ -163,7 +226,7 @@ impl Telemetry {
         let mut identities = self.identities.write().expect("identities lock");
         (identities.workloads, identities.pods) = (workloads, pods);
         drop(identities);
-        self.series.lock().expect("series lock").clear();
+        self.forget_series();
     }
 
     /// Pods by the number the kernel records on their connections, from the workload sync.
@@ -174,13 +237,13 @@ impl Telemetry {
         }
         identities.by_kernel_id = pods;
         drop(identities);
-        self.series.lock().expect("series lock").clear();
+        self.forget_series();
     }
 
     /// Services by kernel id, from the kernel sync.
     pub fn set_service_ids(&self, services: imbl::HashMap<u32, identity::Named>) {
         self.identities.write().expect("identities lock").services = services;
-        self.series.lock().expect("series lock").clear();
+        self.forget_series();
     }
 
     fn series(&self, conn: &ConnValue) -> Arc<Series> {
@@ -331,4 +394,46 @@ pub async fn run(telemetry: Arc<Telemetry>, pin_dir: PathBuf) {
 
 fn drain(ring: &mut EventRing, telemetry: &Telemetry) {
     ring.drain(|event| telemetry.record(event));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::ObjectKey;
+
+    /// The request counter of the series whose source workload is `workload`.
+    fn requests_from(telemetry: &Telemetry, workload: &str) -> u64 {
+        let labels = |source: &str| metrics::HttpLabels {
+            reporter: "source".into(),
+            source_workload: source.into(),
+            source_workload_namespace: if source == "unknown" { "unknown".into() } else { "shop".into() },
+            source_principal: "unknown".into(),
+            destination_service: "web.shop.svc.cluster.local".into(),
+            destination_service_name: "web".into(),
+            destination_service_namespace: "shop".into(),
+            destination_workload: "unknown".into(),
+            destination_workload_namespace: "unknown".into(),
+            destination_principal: "unknown".into(),
+            response_code: "200".into(),
+            response_flags: "-".into(),
+        };
+        telemetry.metrics.requests.get_or_create(&labels(workload)).get()
+    }
+
+    #[test]
+    fn cached_request_labels_follow_a_change_of_identities() {
+        let telemetry = Telemetry::new(&FlowLog::Off).unwrap();
+        let web = ObjectKey::new("shop", "web");
+        let client: std::net::IpAddr = "10.0.0.7".parse().unwrap();
+        for _ in 0..2 {
+            telemetry.record_request(Some(&web), client, None, 200, "-", 1.0);
+        }
+        assert_eq!(requests_from(&telemetry, "unknown"), 2, "the same label set is counted twice");
+        // The client's address becomes a known workload's: the next request says so.
+        let workloads: imbl::HashMap<_, _> = [(client, ObjectKey::new("shop", "frontend"))].into_iter().collect();
+        telemetry.set_workloads(workloads, imbl::HashMap::new());
+        telemetry.record_request(Some(&web), client, None, 200, "-", 1.0);
+        assert_eq!(requests_from(&telemetry, "frontend"), 1);
+        assert_eq!(requests_from(&telemetry, "unknown"), 2, "the old series keeps its count");
+    }
 }
