@@ -543,3 +543,27 @@ fn a_gateway_api_crd_installed_later_is_picked_up() {
         agent.stop();
     });
 }
+
+#[test]
+fn a_lease_whose_holder_stopped_renewing_is_taken_over_on_this_agents_own_clock() {
+    in_netns(|| {
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply_yaml(&web(&["127.0.0.11"]));
+        // Renewed long ago by the record's clock, 1 s lease: expiry is judged from when this
+        // agent saw the record last change, so it first counts as held.
+        api.apply(serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "mesh-status-writer", "namespace": "mesh-system"},
+            "spec": {"holderIdentity": "node-b-1", "leaseDurationSeconds": 1, "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 0}}));
+        let cgroup = TestCgroup::new("kube-lease-expiry");
+        let agent = agent_for(&api, &cgroup, true);
+        let holder = || api.get(LEASES, "mesh-system", "mesh-status-writer").unwrap()["spec"].clone();
+        // The Lease written and, just after it, the agent saying so in its log.
+        let taken =
+            || holder()["holderIdentity"].as_str().is_some_and(|h| h.starts_with("node-a-")) && agent.log().contains("this agent writes");
+        wait_until_for(std::time::Duration::from_secs(30), taken, || format!("{}\n{}", holder(), agent.log()));
+        let log = agent.log();
+        let (other, this) = (log.find("another agent writes"), log.find("this agent writes"));
+        assert!(other.is_some() && this.is_some() && other < this, "held first, taken once expired: {log}");
+        assert_eq!(holder()["leaseTransitions"], 1, "{}", holder());
+        agent.stop();
+    });
+}
