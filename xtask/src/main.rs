@@ -46,7 +46,8 @@ enum Command {
         #[arg(long = "case", value_name = "NAME")]
         cases: Vec<String>,
         /// l7: record the mesh agent with `perf record -g` during its HTTP/1.1 load into FILE (and
-        /// with access log and traces on, into FILE with the extension `observed`).
+        /// with access log and traces on, into FILE with the extension `observed`). Not under the
+        /// temp dir: the agent watches its config directory's parent there.
         #[arg(long, value_name = "FILE")]
         perf: Option<std::path::PathBuf>,
     },

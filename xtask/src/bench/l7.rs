@@ -142,6 +142,14 @@ fn envoy_conf(dir: &Path) -> PathBuf {
     path
 }
 
+/// CPU seconds a process spent in userspace (utime): the proxy's own code, apart from the
+/// kernel's socket work.
+fn user_seconds(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, r)| r).split_whitespace().collect();
+    fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0) / 100.0
+}
+
 /// (resident MiB, CPU seconds) of a process.
 fn usage(pid: u32) -> (f64, f64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -336,8 +344,8 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path, mesh_only: bool, perf: Option<&
 
     let mut cases = serde_json::Map::new();
     println!(
-        "\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>11} {:>8}",
-        "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "cpu us/req", "RSS MiB"
+        "\n{:<8} {:<7} {:>10} {:>7} {:>10} {:>10} {:>8} {:>11} {:>8} {:>8}",
+        "proto", "via", "req/s", "x dir", "p50 us", "p99 us", "cpu s", "cpu us/req", "user us", "RSS MiB"
     );
     for h2 in [false, true] {
         let proto = if h2 { "h2" } else { "http/1.1" };
@@ -347,23 +355,25 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path, mesh_only: bool, perf: Option<&
         for (name, pid, h1_target, h2_target) in &proxies {
             let cgroup_for = (*name == "mesh").then_some(&cgroup);
             let profiler = perf.filter(|_| *name == "mesh" && !h2).map(|out| perf_record(*pid, out));
-            let before = usage(*pid).1;
+            let (before, user_before) = (usage(*pid).1, user_seconds(*pid));
             let (rps, p50, p99) = load(h2, if h2 { h2_target } else { h1_target }, cgroup_for);
             let (rss, after) = usage(*pid);
+            let user = user_seconds(*pid) - user_before;
             if let Some(mut profiler) = profiler {
                 let _ = profiler.0.wait();
             }
             // CPU per request: what noise moves least (the run's length is SECS).
             let requests = rps * SECS.parse::<f64>().unwrap_or(1.0);
             let cpu_us = if requests > 0.0 { (after - before) * 1e6 / requests } else { f64::NAN };
+            let user_us = if requests > 0.0 { user * 1e6 / requests } else { f64::NAN };
             println!(
-                "{proto:<8} {name:<7} {rps:>10.0} {:>7.2} {p50:>10.0} {p99:>10.0} {:>8.2} {cpu_us:>11.1} {rss:>8.1}",
+                "{proto:<8} {name:<7} {rps:>10.0} {:>7.2} {p50:>10.0} {p99:>10.0} {:>8.2} {cpu_us:>11.1} {user_us:>8.1} {rss:>8.1}",
                 rps / direct_rps,
                 after - before
             );
             rows.push(json!({
                 "via": name, "rps": rps, "vs_direct": rps / direct_rps, "p50_us": p50, "p99_us": p99,
-                "cpu_s": after - before, "cpu_us_per_request": cpu_us, "rss_mib": rss
+                "cpu_s": after - before, "cpu_us_per_request": cpu_us, "user_us_per_request": user_us, "rss_mib": rss
             }));
         }
         cases.insert(proto.to_owned(), Value::Array(rows));
@@ -404,16 +414,17 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path, mesh_only: bool, perf: Option<&
     fixed_row("mesh+log+trace", Some(observed.pid()), MESH_H1, Some(&cgroup));
     // The same agent under full load: the CPU a request costs with all of it on.
     let profiler = perf.map(|out| perf_record(observed.pid(), &out.with_extension("observed")));
-    let before = usage(observed.pid()).1;
+    let (before, user_before) = (usage(observed.pid()).1, user_seconds(observed.pid()));
     let (rps, p50, p99) = load(false, MESH_H1, Some(&cgroup));
-    let after = usage(observed.pid()).1;
+    let (after, user) = (usage(observed.pid()).1, user_seconds(observed.pid()) - user_before);
     if let Some(mut profiler) = profiler {
         let _ = profiler.0.wait();
     }
-    let cpu_us = (after - before) * 1e6 / (rps * SECS.parse::<f64>().unwrap_or(1.0)).max(1.0);
+    let requests = (rps * SECS.parse::<f64>().unwrap_or(1.0)).max(1.0);
+    let (cpu_us, user_us) = ((after - before) * 1e6 / requests, user * 1e6 / requests);
     println!("\nhttp/1.1 under full load (wrk, 32 connections) with access log and trace export on:");
-    println!("mesh+log+trace {rps:>10.0} req/s, p50 {p50:.0} us, p99 {p99:.0} us, {cpu_us:.1} cpu us/req");
-    let loaded = json!({ "via": "mesh+log+trace", "rps": rps, "p50_us": p50, "p99_us": p99, "cpu_us_per_request": cpu_us });
+    println!("mesh+log+trace {rps:>10.0} req/s, p50 {p50:.0} us, p99 {p99:.0} us, {cpu_us:.1} cpu us/req ({user_us:.1} in userspace)");
+    let loaded = json!({ "via": "mesh+log+trace", "rps": rps, "p50_us": p50, "p99_us": p99, "cpu_us_per_request": cpu_us, "user_us_per_request": user_us });
     let logged = fs::read_to_string(&access_log).map_or(0, |l| l.lines().count());
     println!("(mesh+log+trace: {logged} access log lines written)");
     observed.stop();
