@@ -25,7 +25,7 @@ use crate::telemetry::traces::{Kind, Span, TraceContext, Tracer, Value, random_i
 /// What happened to a request, for its metric labels and access log line.
 #[derive(Default)]
 pub struct Outcome {
-    pub backend: Option<ObjectKey>,
+    pub backend: Option<Arc<ObjectKey>>,
     pub endpoint: Option<SocketAddr>,
     /// Envoy-style response flags, "-" for none.
     pub flags: &'static str,
@@ -123,16 +123,25 @@ impl hyper::body::Body for ClientBody {
 /// body), `TE` except `trailers` (gRPC needs it end to end), `Upgrade` unless the request is an
 /// upgrade being passed through.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrading && n == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    let tokens = |headers: &HeaderMap| -> Vec<HeaderName> {
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrading && n == header::UPGRADE))
+            .collect()
+    };
+    // Most messages say only `keep-alive` or `close` (removed below anyway): no list to make.
+    let only_usual = headers.get_all(header::CONNECTION).iter().all(|v| {
+        v.to_str()
+            .is_ok_and(|v| v.split(',').all(|t| t.trim().eq_ignore_ascii_case("keep-alive") || t.trim().eq_ignore_ascii_case("close")))
+    });
+    if !only_usual {
+        for name in tokens(headers) {
+            headers.remove(name);
+        }
     }
     for name in ["keep-alive", "proxy-connection", "proxy-authorization", "proxy-authenticate"] {
         headers.remove(name);

@@ -14,7 +14,7 @@ use std::{
 };
 
 use http_body_util::{BodyExt, Full};
-use hyper::{Request, Response, StatusCode, service::service_fn};
+use hyper::{Request, Response, StatusCode, http::uri::PathAndQuery, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::{net::TcpListener, sync::watch};
 
@@ -24,7 +24,7 @@ use super::{
     connect::{Connector, Overflow, Upstream},
     filters::{apply_edits, modify_path, redirect_response},
     http::{Body, ClientBody, Outcome, RequestTrace, Tracked, connections_overflow, reply, strip_hop_by_hop},
-    retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, parse_grpc_timeout},
+    retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, endpoint_uri, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
 };
 use crate::{
@@ -37,7 +37,7 @@ use crate::{
     },
     telemetry::{
         Telemetry,
-        access_log::{AccessLog, Entry, rfc3339},
+        access_log::{AccessLog, Entry, Rfc3339, Shown},
         traces::{self, Kind, Span, TraceContext, Tracer},
     },
 };
@@ -73,7 +73,11 @@ impl OrigDst for OrigDstMap {
 /// when the Service's view changes) and the runtime state that must outlive configuration
 /// changes (balancer statistics and ejections, the retry budget). Pruned when the Service goes.
 struct PerService {
+    /// The Service's key, shared by its requests (not cloned per request).
+    key: Arc<ObjectKey>,
     view: Arc<ServiceView>,
+    /// The endpoints of each port, computed when the view changes.
+    endpoints: Arc<PortEndpoints>,
     router: Arc<Router>,
     budget: Arc<RetryBudget>,
     balancer: Arc<Balancer>,
@@ -83,8 +87,30 @@ struct PerService {
     upstream: Arc<Upstream>,
 }
 
+/// A Service's endpoints by frontend port (None: the first port that has any), as routes
+/// name backends.
+#[derive(Default)]
+struct PortEndpoints(Vec<(Option<u16>, Arc<[SocketAddr]>)>);
+
+impl PortEndpoints {
+    fn of(view: &ServiceView) -> Self {
+        let mut ports: Vec<Option<u16>> = view.ports.iter().map(|p| Some(p.frontend.port())).collect();
+        ports.dedup();
+        ports.push(None);
+        Self(ports.into_iter().map(|port| (port, Arc::from(view.endpoints(port)))).collect())
+    }
+
+    /// Endpoints of `port` (the Service's first port when None); empty when it has none.
+    fn get(&self, port: Option<u16>) -> Arc<[SocketAddr]> {
+        self.0.iter().find(|(p, _)| *p == port).map_or_else(|| Arc::from([]), |(_, e)| e.clone())
+    }
+}
+
 /// A Service's state for one request.
 struct ServiceState {
+    key: Arc<ObjectKey>,
+    view: Arc<ServiceView>,
+    endpoints: Arc<PortEndpoints>,
     router: Arc<Router>,
     budget: Arc<RetryBudget>,
     balancer: Arc<Balancer>,
@@ -103,7 +129,8 @@ pub struct Outbound {
     telemetry: Arc<Telemetry>,
     orig_dst: Box<dyn OrigDst>,
     connector: Arc<dyn Connector>,
-    per_service: Mutex<HashMap<ObjectKey, PerService>>,
+    /// Looked up twice per request: foldhash, not SipHash (keys are the agent's own Services).
+    per_service: Mutex<HashMap<ObjectKey, PerService, foldhash::fast::RandomState>>,
     /// For routes that set no request timeout; None: no limit.
     default_request_timeout: Option<Duration>,
     access_log: Arc<AccessLog>,
@@ -122,7 +149,7 @@ impl Outbound {
             telemetry,
             orig_dst,
             connector,
-            per_service: Mutex::new(HashMap::new()),
+            per_service: Mutex::new(HashMap::default()),
             default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             access_log: Arc::new(AccessLog::off()),
             tracer: Arc::new(Tracer::off()),
@@ -148,10 +175,10 @@ impl Outbound {
     }
 
     /// The Service a captured client dialled.
-    fn original_service(&self, peer: SocketAddr) -> Option<ObjectKey> {
+    fn original_service(&self, peer: SocketAddr) -> Option<Arc<ObjectKey>> {
         let dialled = self.orig_dst.take(peer)?;
         let snapshot = self.snapshot.borrow().clone();
-        snapshot.frontends.get(&(dialled, Protocol::Tcp)).map(|s| s.key.service.clone())
+        snapshot.frontends.get(&(dialled, Protocol::Tcp)).map(|s| Arc::new(s.key.service.clone()))
     }
 
     /// Drops the runtime state of Services that are gone; called on every new snapshot.
@@ -165,7 +192,7 @@ impl Outbound {
     async fn handle(
         self: Arc<Self>,
         peer: SocketAddr,
-        service: Option<ObjectKey>,
+        service: Option<Arc<ObjectKey>>,
         req: Request<hyper::body::Incoming>,
         busy: server::Busy,
     ) -> Response<Body> {
@@ -186,38 +213,45 @@ impl Outbound {
                 drop(busy);
                 let flags = end.flag().filter(|_| outcome.flags == "-").unwrap_or(outcome.flags);
                 let millis = started.elapsed().as_secs_f64() * 1000.0;
-                telemetry.record_request(outcome.backend.as_ref(), peer.ip(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
+                telemetry.record_request(outcome.backend.as_deref(), peer.ip(), outcome.endpoint.map(|e| e.ip()), code, flags, millis);
                 let Some((method, authority, path, protocol)) = asked else { return };
                 if let Some(trace) = outcome.trace.filter(|t| t.context.sampled && tracer.enabled()) {
                     tracer.record(request_span(&trace, &method, &authority, &path, peer, code, flags));
                 }
                 if access_log.enabled() {
-                    let workload = |ip| telemetry.workload_of(ip).map(|w| format!("{}/{}", w.namespace, w.name));
+                    let source_workload = telemetry.workload_of(peer.ip());
+                    let destination_workload = outcome.endpoint.and_then(|e| telemetry.workload_of(e.ip()));
+                    let trace_id = outcome.trace.map(|t| t.context.trace_id_hex());
                     access_log.log(&Entry {
-                        start_time: rfc3339(start_time),
+                        start_time: Rfc3339(start_time),
                         source_address: peer,
-                        source_workload: workload(peer.ip()),
-                        destination_service: outcome.backend.as_ref().map(|s| format!("{}/{}", s.namespace, s.name)),
-                        destination_workload: outcome.endpoint.and_then(|e| workload(e.ip())),
-                        method,
-                        authority,
-                        path,
+                        source_workload: source_workload.as_ref().map(|w| Shown(w)),
+                        destination_service: outcome.backend.as_deref().map(|s| Shown(s)),
+                        destination_workload: destination_workload.as_ref().map(|w| Shown(w)),
+                        method: &method,
+                        authority: &authority,
+                        path: &path,
                         protocol,
                         response_code: code,
-                        response_flags: flags.to_owned(),
+                        response_flags: flags,
                         attempts: outcome.attempts,
                         upstream_host: outcome.endpoint,
                         duration_ms: millis,
                         bytes_received: outcome.bytes_received(),
                         bytes_sent,
-                        trace_id: outcome.trace.map(|t| t.context.trace_id_hex()),
+                        trace_id: trace_id.as_ref().map(|t| Shown(t)),
                     });
                 }
             })
         })
     }
 
-    async fn forward(&self, service: Option<ObjectKey>, mut req: Request<hyper::body::Incoming>, outcome: &mut Outcome) -> Response<Body> {
+    async fn forward(
+        &self,
+        service: Option<Arc<ObjectKey>>,
+        mut req: Request<hyper::body::Incoming>,
+        outcome: &mut Outcome,
+    ) -> Response<Body> {
         let started = Instant::now();
         let Some(service) = service else {
             return reply(StatusCode::BAD_REQUEST, "not a connection captured by mesh\n");
@@ -256,11 +290,14 @@ impl Outbound {
             outcome.flags = "NR";
             return reply(StatusCode::INTERNAL_SERVER_ERROR, "route has no backend with weight\n");
         };
-        outcome.backend = Some(backend.service.clone());
-        let (endpoints, app_protocol) = match self.snapshot.borrow().services.get(&backend.service) {
-            Some(view) => (view.endpoints(backend.port), view.app_protocol(backend.port)),
-            None => (Vec::new(), AppProtocol::Unknown),
+        let Some(ServiceState { key, view, endpoints, budget, balancer, policy, gate, breakers, upstream, .. }) =
+            self.service_state(&backend.service)
+        else {
+            outcome.flags = "UH";
+            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         };
+        outcome.backend = Some(key.clone());
+        let endpoints = endpoints.get(backend.port);
         if endpoints.is_empty() {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
@@ -279,7 +316,7 @@ impl Outbound {
         let upgrade = is_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
         let (mut head, body) = req.into_parts();
         strip_hop_by_hop(&mut head.headers, upgrade.is_some());
-        let mut path = head.uri.path().to_owned();
+        let mut rewritten_path: Option<String> = None;
         for filter in filters {
             match filter {
                 FilterSpec::RequestHeaders(edits) => apply_edits(&mut head.headers, edits),
@@ -288,20 +325,27 @@ impl Outbound {
                         head.headers.insert(hyper::header::HOST, host);
                     }
                     if let Some(modifier) = modifier {
-                        path = modify_path(&path, matched.matched, modifier);
+                        let path = rewritten_path.as_deref().unwrap_or(head.uri.path());
+                        rewritten_path = Some(modify_path(path, matched.matched, modifier));
                     }
                 }
                 _ => {}
             }
         }
-        speak_upstream(&mut head, app_protocol);
-        let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
-        let target = format!("{path}{query}");
-
-        let Some(ServiceState { budget, balancer, policy, gate, breakers, upstream, .. }) = self.service_state(&backend.service) else {
-            outcome.flags = "UH";
-            return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
+        speak_upstream(&mut head, view.app_protocol(backend.port));
+        // The request target upstream: the client's own (shared, not copied) unless a filter
+        // rewrote the path.
+        let target = match rewritten_path {
+            None => head.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/")),
+            Some(path) => {
+                let query = head.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+                match PathAndQuery::try_from(format!("{path}{query}")) {
+                    Ok(target) => target,
+                    Err(_) => return reply(StatusCode::BAD_REQUEST, "bad request target\n"),
+                }
+            }
         };
+
         if let Some(client_side) = upgrade {
             // An upgrade is one attempt without a span of its own: the request's span is its
             // parent. (Other requests get a traceparent per attempt.)
@@ -319,7 +363,7 @@ impl Outbound {
         let attempts = Attempts {
             upstream: &upstream,
             telemetry: &self.telemetry,
-            service: &backend.service,
+            service: &key,
             budget: &budget,
             balancer: &balancer,
             policy,
@@ -363,14 +407,14 @@ impl Outbound {
         upstream: &Upstream,
         head: hyper::http::request::Parts,
         body: hyper::body::Incoming,
-        target: &str,
+        target: &PathAndQuery,
         endpoints: &[SocketAddr],
         client_side: hyper::upgrade::OnUpgrade,
         outcome: &mut Outcome,
     ) -> Response<Body> {
         let endpoint = endpoints[fastrand::usize(..endpoints.len())];
         outcome.endpoint = Some(endpoint);
-        let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+        let Some(uri) = endpoint_uri(endpoint, target) else {
             return reply(StatusCode::BAD_REQUEST, "bad request target\n");
         };
         let mut request = Request::from_parts(head, body.boxed());
@@ -407,6 +451,8 @@ impl Outbound {
             per_service.insert(
                 service.clone(),
                 PerService {
+                    key: Arc::new(service.clone()),
+                    endpoints: Arc::new(PortEndpoints::of(&view)),
                     view: view.clone(),
                     router: Arc::new(Router::new(view.routes.clone())),
                     budget: Arc::new(RetryBudget::new(view.spec.retry_budget)),
@@ -436,9 +482,12 @@ impl Outbound {
             }
             let live: Vec<SocketAddr> = view.ports.iter().flat_map(|p| p.backends.iter().map(|b| b.addr)).collect();
             entry.balancer.retain(&live);
+            entry.endpoints = Arc::new(PortEndpoints::of(&view));
             entry.view = view.clone();
         }
         Some(ServiceState {
+            key: entry.key.clone(),
+            endpoints: entry.endpoints.clone(),
             router: entry.router.clone(),
             budget: entry.budget.clone(),
             balancer: entry.balancer.clone(),
@@ -447,6 +496,7 @@ impl Outbound {
             gate: entry.gate.clone(),
             breakers: view.spec.breakers,
             upstream: entry.upstream.clone(),
+            view,
         })
     }
 }

@@ -11,7 +11,12 @@ use std::{
 };
 
 use http_body_util::BodyExt;
-use hyper::{Request, Response, StatusCode};
+use hyper::{
+    Request, Response, StatusCode,
+    body::Bytes,
+    header::HeaderValue,
+    http::uri::{Authority, PathAndQuery, Scheme},
+};
 
 use super::{
     balancer::{Balancer, EjectionPolicy, InFlight, Verdict},
@@ -37,6 +42,13 @@ pub fn body_length(headers: &hyper::HeaderMap) -> Option<u64> {
         None => Some(0),
         Some(v) => v.to_str().ok()?.parse().ok(),
     }
+}
+
+/// `http://<endpoint><target>`: the absolute URI the pooled client takes (its authority picks
+/// the pool), built from parts: the target is shared with the client's request, not copied.
+pub fn endpoint_uri(endpoint: SocketAddr, target: &PathAndQuery) -> Option<hyper::Uri> {
+    let authority = Authority::from_maybe_shared(Bytes::from(endpoint.to_string())).ok()?;
+    hyper::Uri::builder().scheme(Scheme::HTTP).authority(authority).path_and_query(target.clone()).build().ok()
 }
 
 /// Bodies up to this size are buffered so that the request can be retried.
@@ -104,7 +116,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
 pub struct Attempts<'a> {
     pub upstream: &'a Upstream,
     pub telemetry: &'a Arc<Telemetry>,
-    pub service: &'a ObjectKey,
+    pub service: &'a Arc<ObjectKey>,
     pub budget: &'a RetryBudget,
     pub balancer: &'a Arc<Balancer>,
     pub policy: EjectionPolicy,
@@ -126,8 +138,8 @@ impl Attempts<'_> {
     pub async fn send(
         &self,
         head: &hyper::http::request::Parts,
-        target: &str,
-        endpoints: &[SocketAddr],
+        target: &PathAndQuery,
+        endpoints: &Arc<[SocketAddr]>,
         rule: &RuleSpec,
         deadline: Option<Instant>,
         filters: &[FilterSpec],
@@ -141,6 +153,7 @@ impl Attempts<'_> {
         let backoff = rule.retry.as_ref().and_then(|r| r.backoff).unwrap_or(DEFAULT_BACKOFF);
         let (budget, balancer, service) = (self.budget, self.balancer, self.service);
         budget.record_request();
+        // Endpoints that failed this request, left out of its next attempts while others remain.
         let mut tried: Vec<SocketAddr> = Vec::new();
         let mut attempt = 0;
         loop {
@@ -149,8 +162,9 @@ impl Attempts<'_> {
                 outcome.flags = "UT";
                 return reply(StatusCode::GATEWAY_TIMEOUT, "deadline exceeded\n");
             }
-            let fresh: Vec<SocketAddr> = endpoints.iter().copied().filter(|e| !tried.contains(e)).collect();
-            let pool = if fresh.is_empty() { endpoints } else { &fresh };
+            let fresh: Vec<SocketAddr> =
+                if tried.is_empty() { Vec::new() } else { endpoints.iter().copied().filter(|e| !tried.contains(e)).collect() };
+            let pool = if fresh.is_empty() { &endpoints[..] } else { &fresh };
             // Dropped on any way out that is not the endpoint's doing (client gone, body
             // already sent), the guard only takes back the in-flight count.
             let Some(picked) = balancer.pick_within(pool, self.max_per_endpoint) else {
@@ -158,13 +172,12 @@ impl Attempts<'_> {
                 return reply(StatusCode::SERVICE_UNAVAILABLE, "circuit breaker open: every endpoint has its maximum in flight\n");
             };
             let endpoint = picked.endpoint();
-            tried.push(endpoint);
             outcome.endpoint = Some(endpoint);
             outcome.attempts += 1;
             let Some(body) = next_body(attempt) else {
                 return reply(StatusCode::BAD_GATEWAY, "request body already sent\n");
             };
-            let Ok(uri) = format!("http://{endpoint}{target}").parse::<hyper::Uri>() else {
+            let Some(uri) = endpoint_uri(endpoint, target) else {
                 return reply(StatusCode::BAD_REQUEST, "bad request target\n");
             };
             let attempt_trace = self.trace.attempt(self.tracer, head.method.as_str(), endpoint, attempt as u32);
@@ -173,7 +186,7 @@ impl Attempts<'_> {
             *request.method_mut() = head.method.clone();
             *request.uri_mut() = uri;
             *request.headers_mut() = head.headers.clone();
-            if let Ok(value) = attempt_trace.header().parse() {
+            if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(attempt_trace.header())) {
                 request.headers_mut().insert("traceparent", value);
             }
             let now = Instant::now();
@@ -247,19 +260,20 @@ impl Attempts<'_> {
                 return failed;
             }
             attempt += 1;
+            tried.push(endpoint);
             self.telemetry.metrics.retries.get_or_create(&RetryLabels { destination_service: fqdn(service) }).inc();
             tokio::time::sleep(backoff).await;
         }
     }
 
     /// Tells the balancer how an attempt ended (latency, failure toward ejection).
-    fn report(&self, picked: InFlight, failed: bool, endpoints: &[SocketAddr]) {
+    fn report(&self, picked: InFlight, failed: bool, endpoints: &Arc<[SocketAddr]>) {
         self.reporter(endpoints)(picked, failed);
     }
 
     /// `report`, owning what it needs, for when the response body ends.
-    fn reporter(&self, endpoints: &[SocketAddr]) -> impl FnOnce(InFlight, bool) + Send + Sync + 'static {
-        let (telemetry, service, policy, endpoints) = (self.telemetry.clone(), self.service.clone(), self.policy, endpoints.to_vec());
+    fn reporter(&self, endpoints: &Arc<[SocketAddr]>) -> impl FnOnce(InFlight, bool) + Send + Sync + 'static {
+        let (telemetry, service, policy, endpoints) = (self.telemetry.clone(), self.service.clone(), self.policy, endpoints.clone());
         move |picked, failed| {
             let endpoint = picked.endpoint();
             if picked.finish(failed, &endpoints, &policy) == Verdict::Ejected {

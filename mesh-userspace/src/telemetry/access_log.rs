@@ -38,28 +38,64 @@ impl std::str::FromStr for Target {
     }
 }
 
-/// One request, as logged.
-#[derive(Debug, Clone, Serialize)]
-pub struct Entry {
+/// One request, as logged (borrowed: building a line allocates nothing of its own).
+#[derive(Debug, Serialize)]
+pub struct Entry<'a> {
     /// When the request arrived, RFC 3339 in UTC.
-    pub start_time: String,
+    pub start_time: Rfc3339,
     pub source_address: SocketAddr,
     /// `namespace/name` of the client's workload, when its address is an endpoint's.
-    pub source_workload: Option<String>,
-    pub destination_service: Option<String>,
-    pub destination_workload: Option<String>,
-    pub method: String,
-    pub authority: String,
-    pub path: String,
+    pub source_workload: Option<Shown<'a>>,
+    pub destination_service: Option<Shown<'a>>,
+    pub destination_workload: Option<Shown<'a>>,
+    pub method: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
     pub protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: String,
+    pub response_flags: &'a str,
     pub attempts: u32,
     pub upstream_host: Option<SocketAddr>,
     pub duration_ms: f64,
     pub bytes_received: u64,
     pub bytes_sent: u64,
-    pub trace_id: Option<String>,
+    pub trace_id: Option<Shown<'a>>,
+}
+
+/// A value logged as its `Display` text, written straight into the line.
+#[derive(Clone, Copy)]
+pub struct Shown<'a>(pub &'a (dyn std::fmt::Display + Sync));
+
+impl std::fmt::Debug for Shown<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.0.to_string())
+    }
+}
+
+impl Serialize for Shown<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self.0)
+    }
+}
+
+/// A time logged as RFC 3339 with milliseconds, UTC.
+#[derive(Debug, Clone, Copy)]
+pub struct Rfc3339(pub SystemTime);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let since = self.0.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+        let (secs, millis) = (since.as_secs(), since.subsec_millis());
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil_from_days(days as i64);
+        write!(f, "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    }
+}
+
+impl Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
 }
 
 pub struct AccessLog {
@@ -131,15 +167,6 @@ fn write_lines(lines: &Batch<u8>, mut out: Box<dyn Write + Send>) {
     }
 }
 
-/// RFC 3339 with milliseconds, UTC, from the system clock.
-pub fn rfc3339(at: SystemTime) -> String {
-    let since = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let (secs, millis) = (since.as_secs(), since.subsec_millis());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{millis:03}Z", rem / 3600, rem % 3600 / 60, rem % 60)
-}
-
 /// (year, month, day) of a day count since 1970-01-01 (Howard Hinnant's algorithm).
 fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
@@ -160,6 +187,7 @@ mod tests {
 
     #[test]
     fn timestamps_are_rfc3339_utc() {
+        let rfc3339 = |t| Rfc3339(t).to_string();
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
         let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_795_000_000_123);
         // 1795000000 s is 2026-11-18T11:06:40Z.
@@ -183,17 +211,17 @@ mod tests {
         }
         let log = AccessLog::writing_to(Box::new(Stuck), Counter::default()).unwrap();
         let entry = Entry {
-            start_time: rfc3339(SystemTime::now()),
+            start_time: Rfc3339(SystemTime::now()),
             source_address: "10.0.0.1:1234".parse().unwrap(),
             source_workload: None,
             destination_service: None,
             destination_workload: None,
-            method: "GET".into(),
-            authority: "web".into(),
-            path: "/".into(),
+            method: "GET",
+            authority: "web",
+            path: "/",
             protocol: "HTTP/1.1",
             response_code: 200,
-            response_flags: "-".into(),
+            response_flags: "-",
             attempts: 1,
             upstream_host: None,
             duration_ms: 1.0,
