@@ -4,6 +4,7 @@
 mod bench;
 mod bootstrap;
 mod demo;
+mod image;
 mod kernels;
 mod test;
 
@@ -33,6 +34,9 @@ enum Command {
     },
     /// Balance real connections over three backends, change the endpoints, watch it follow.
     Demo,
+    /// The agent's OCI image (static binary, empty base), without a container engine, into
+    /// target/image/mesh.oci.tar: for `podman load`, `docker load`, `kind load image-archive`.
+    Image,
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`, with the pinned
     /// toolchain.
     Lint,
@@ -65,6 +69,10 @@ fn main() -> anyhow::Result<()> {
                 Some(selection) => kernels::run(&selection)?,
                 None => test::run()?,
             }
+        }
+        Command::Image => {
+            bootstrap::ensure()?;
+            image::run()?;
         }
         Command::Lint => {
             bootstrap::ensure()?;
