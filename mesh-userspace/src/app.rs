@@ -222,6 +222,12 @@ impl Agent {
     }
 
     fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
+        // Liveness is only that the agent answers: an API server away or a refused
+        // configuration makes it unready, and restarting it would not help (kubelet's
+        // livenessProbe restarts, readinessProbe only reports).
+        if path == "/healthz/live" {
+            return (StatusCode::OK, "alive\n".into());
+        }
         if path != "/healthz/ready" {
             return (StatusCode::NOT_FOUND, "not found\n".into());
         }

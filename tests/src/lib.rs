@@ -421,6 +421,11 @@ impl Agent {
         http_get(&self.readiness, "/healthz/ready").expect("GET /healthz/ready")
     }
 
+    /// `/healthz/live`, the DaemonSet's livenessProbe.
+    pub fn liveness(&self) -> (u16, String) {
+        http_get(&self.readiness, "/healthz/live").expect("GET /healthz/live")
+    }
+
     /// The agent's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running agent").id()

@@ -199,6 +199,8 @@ fn an_api_server_away_at_start_holds_readiness_until_everything_is_listed() {
         let agent = agent_for(&api, &cgroup, false);
         let (code, body) = agent.readiness();
         assert_eq!(code, 503, "nothing listed yet: {body}");
+        // Alive all the same: a restart would not bring the API server back.
+        assert_eq!(agent.liveness(), (200, "alive\n".to_owned()));
         api.set_down(false);
         wait_until(|| agent.readiness().0 == 200, || agent.readiness().1);
         agent.wait_backends(VIP, &["127.0.0.11:8080"]);
