@@ -6,6 +6,7 @@ mod bootstrap;
 mod demo;
 mod image;
 mod kernels;
+mod manifests;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -37,6 +38,9 @@ enum Command {
     /// The agent's OCI image (static binary, empty base), without a container engine, into
     /// target/image/mesh.oci.tar: for `podman load`, `docker load`, `kind load image-archive`.
     Image,
+    /// Validate deploy/ (rendered by `kubectl kustomize`) and deploy/examples against the
+    /// Kubernetes 1.33 and 1.37 schemas and the Gateway API CRDs (also part of `test`).
+    Manifests,
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`, with the pinned
     /// toolchain.
     Lint,
@@ -74,6 +78,7 @@ fn main() -> anyhow::Result<()> {
             bootstrap::ensure()?;
             image::run()?;
         }
+        Command::Manifests => manifests::run()?,
         Command::Lint => {
             bootstrap::ensure()?;
             lint()?;

@@ -8,7 +8,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
-use crate::bootstrap::{self, cargo, target_bin};
+use crate::{
+    bootstrap::{self, cargo, target_bin},
+    manifests,
+};
 
 pub fn run() -> anyhow::Result<()> {
     // SAFETY: plain geteuid(2).
@@ -31,6 +34,26 @@ pub fn run() -> anyhow::Result<()> {
         &mut total,
     );
 
+    println!(
+        "[test] manifests: kubectl kustomize deploy/, then Kubernetes {} schemas and the Gateway API CRDs",
+        manifests::KUBERNETES_VERSIONS.join(" and ")
+    );
+    let checked = manifests::check();
+    match &checked {
+        Ok(report) => {
+            println!("[test] manifests: {} objects valid, {} refused", report.passed, report.failed.len());
+            for failure in &report.failed {
+                println!("[test] manifests: {failure}");
+            }
+            total.passed += report.passed;
+            total.failed += report.failed.len() as u64;
+        }
+        Err(e) => {
+            println!("[test] manifests: could not be checked: {e:#}");
+            total.failed += 1;
+        }
+    }
+
     println!("[test] leak check");
     let leaks = leftovers();
     if leaks.is_empty() {
@@ -42,6 +65,9 @@ pub fn run() -> anyhow::Result<()> {
     println!("total: {} passed, {} failed, {} skipped", total.passed, total.failed, total.ignored);
     unit?;
     integration?;
+    if !checked.is_ok_and(|r| r.failed.is_empty()) {
+        bail!("manifests refused");
+    }
     if !leaks.is_empty() {
         bail!("leaks found");
     }
