@@ -124,6 +124,19 @@ impl KubeApi {
         Self { addr, kubeconfig, dir, shared, runtime: Some(runtime) }
     }
 
+    /// A directory as kubelet mounts a pod's service account at
+    /// /var/run/secrets/kubernetes.io/serviceaccount (token, ca.crt, namespace): with
+    /// KUBERNETES_SERVICE_HOST and _PORT set to this server, an agent in a container finds it
+    /// as it would in a cluster.
+    pub fn service_account(&self, namespace: &str) -> PathBuf {
+        let dir = self.dir.join("serviceaccount");
+        std::fs::create_dir_all(&dir).expect("serviceaccount dir");
+        std::fs::write(dir.join("token"), TOKEN).expect("token");
+        std::fs::copy(self.dir.join("ca.pem"), dir.join("ca.crt")).expect("ca.crt");
+        std::fs::write(dir.join("namespace"), namespace).expect("namespace");
+        dir
+    }
+
     /// Creates or replaces `object` (its apiVersion, kind, namespace and name say where).
     pub fn apply(&self, object: Value) -> u64 {
         let resource = resource_of(&object);

@@ -10,7 +10,7 @@ use anyhow::{Context as _, bail};
 
 use crate::{
     bootstrap::{self, cargo, target_bin},
-    manifests,
+    image, manifests,
 };
 
 pub fn run() -> anyhow::Result<()> {
@@ -28,9 +28,18 @@ pub fn run() -> anyhow::Result<()> {
         &mut total,
     );
 
-    println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces)");
+    // The shipped image, for the container test (it runs it under podman with the
+    // DaemonSet's pod spec).
+    bootstrap::apt_install_missing(&["podman", "runc"])?;
+    let (image, _, _) = image::run()?;
+
+    println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces, the image under podman)");
     let integration = cargo_test(
-        cargo().args(["test", "-p", "mesh-tests"]).env("MESH_BIN", target_bin("mesh")).env("MESH_PROBE_BIN", target_bin("mesh-probe")),
+        cargo()
+            .args(["test", "-p", "mesh-tests"])
+            .env("MESH_BIN", target_bin("mesh"))
+            .env("MESH_PROBE_BIN", target_bin("mesh-probe"))
+            .env("MESH_IMAGE", image),
         &mut total,
     );
 
@@ -125,6 +134,12 @@ fn leftovers() -> Vec<String> {
     for e in fs::read_dir(&cgroup_root).into_iter().flatten().flatten() {
         if has_prefix(&e.file_name().to_string_lossy()) {
             found.push(format!("cgroup {}", e.path().display()));
+        }
+    }
+    // Containers the container test ran (podman may be absent where it never ran).
+    if let Ok(out) = Command::new("podman").args(["ps", "--all", "--format", "{{.Names}}"]).output() {
+        for name in String::from_utf8_lossy(&out.stdout).lines().filter(|n| has_prefix(n)) {
+            found.push(format!("podman container {name}"));
         }
     }
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
