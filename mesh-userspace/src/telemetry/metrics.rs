@@ -168,6 +168,9 @@ impl Default for Metrics {
             "Spans not exported: the queue was full (requests never wait for it) or the collector did not take them",
             spans_dropped.clone(),
         );
+        // The agent's own CPU, memory and descriptors, read at each scrape, under the names
+        // every Prometheus client library uses (dashboards and alerts expect them).
+        registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
             spans_dropped,
@@ -198,6 +201,117 @@ impl Metrics {
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String");
-        out
+        prometheus_text(&out)
+    }
+}
+
+/// Prometheus's text format (0.0.4), from the OpenMetrics text prometheus-client writes: what
+/// `/metrics` serves as `text/plain`, the format every scraper and promtool read. In it a
+/// counter's HELP and TYPE name its samples (`x_total`; OpenMetrics names the family `x`, and
+/// a text/plain reader then takes the samples for untyped), and the OpenMetrics-only lines
+/// (`# UNIT`, `# EOF`) have no place.
+fn prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) && !name.ends_with("_total") { "_total" } else { "" };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_exposition_is_prometheus_text_with_counters_named_by_their_samples() {
+        let metrics = super::Metrics::default();
+        metrics.retries.get_or_create(&super::RetryLabels { destination_service: "web.test.svc.cluster.local".into() }).inc();
+        let text = metrics.encode();
+        assert!(text.contains("# HELP mesh_retries_total Requests the outbound proxy retried"), "{text}");
+        assert!(text.contains("# TYPE mesh_retries_total counter\n"), "{text}");
+        assert!(text.contains("mesh_retries_total{destination_service=\"web.test.svc.cluster.local\"} 1\n"), "{text}");
+        assert!(text.contains("# TYPE mesh_config_generation gauge\n"), "gauges keep their name: {text}");
+        assert!(!text.contains("# EOF") && !text.contains("# UNIT"), "{text}");
+        assert!(text.contains("# TYPE process_cpu_seconds_total counter\n") && text.contains("process_resident_memory_bytes "), "{text}");
+    }
+}
+
+/// `process_*` metrics of this process, from /proc/self at scrape time.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// From /proc/self/stat: (utime+stime ticks, starttime ticks since boot).
+fn self_stat() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // Field 3 (state) is fields[0]: utime is field 14, stime 15, starttime 22.
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    Some((field(14)? + field(15)?, field(22)?))
+}
+
+/// A line of /proc/self/status or /proc/self/limits, by its start: the first number after it.
+fn proc_number(file: &str, key: &str) -> Option<u64> {
+    std::fs::read_to_string(file).ok()?.lines().find_map(|l| l.strip_prefix(key)?.split_whitespace().next()?.parse().ok())
+}
+
+fn boot_time() -> Option<u64> {
+    proc_number("/proc/stat", "btime ")
+}
+
+impl prometheus_client::collector::Collector for ProcessCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::{
+            encoding::EncodeMetric,
+            metrics::{counter::ConstCounter, gauge::ConstGauge},
+        };
+        let ticks = crate::host::clock_ticks() as f64;
+        if let Some((cpu, start)) = self_stat() {
+            let cpu = ConstCounter::new(cpu as f64 / ticks);
+            cpu.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent, in seconds",
+                None,
+                cpu.metric_type(),
+            )?)?;
+            if let Some(boot) = boot_time() {
+                let start = ConstGauge::new(boot as f64 + start as f64 / ticks);
+                start.encode(encoder.encode_descriptor(
+                    "process_start_time_seconds",
+                    "Start time of the process since the Unix epoch, in seconds",
+                    None,
+                    start.metric_type(),
+                )?)?;
+            }
+        }
+        if let Some(kib) = proc_number("/proc/self/status", "VmRSS:") {
+            let rss = ConstGauge::new(kib as i64 * 1024);
+            rss.encode(encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory size, in bytes",
+                None,
+                rss.metric_type(),
+            )?)?;
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            let open = ConstGauge::new(fds.count() as i64);
+            open.encode(encoder.encode_descriptor("process_open_fds", "Open file descriptors", None, open.metric_type())?)?;
+        }
+        if let Some(max) = proc_number("/proc/self/limits", "Max open files") {
+            let max = ConstGauge::new(max as i64);
+            max.encode(encoder.encode_descriptor("process_max_fds", "The open file descriptor limit", None, max.metric_type())?)?;
+        }
+        Ok(())
     }
 }
