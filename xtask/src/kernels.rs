@@ -105,7 +105,10 @@ fn select(pins: &[Pin], selection: &str) -> anyhow::Result<Vec<Pin>> {
 }
 
 /// Integration test files that need what the VMs' busybox initramfs lacks.
-const HOST_ONLY: &[(&str, &str)] = &[("container", "it runs the agent's image under podman, which the VMs do not have")];
+const HOST_ONLY: &[(&str, &str)] = &[
+    ("container", "it runs the agent's image under podman, which the VMs do not have"),
+    ("monitoring", "it runs Prometheus and promtool, which the VMs do not have"),
+];
 
 /// The static binaries that go into the VM.
 pub struct StaticBinaries {

@@ -29,8 +29,8 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     // The shipped image, for the container test (it runs it under podman with the
-    // DaemonSet's pod spec).
-    bootstrap::apt_install_missing(&["podman", "runc"])?;
+    // DaemonSet's pod spec); Prometheus for the monitoring test.
+    bootstrap::apt_install_missing(&["podman", "runc", "prometheus"])?;
     let (image, _, _) = image::run()?;
 
     println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces, the image under podman)");
