@@ -6,6 +6,7 @@ mod bootstrap;
 mod demo;
 mod image;
 mod kernels;
+mod kind;
 mod manifests;
 mod test;
 
@@ -41,6 +42,14 @@ enum Command {
     /// Validate deploy/ (rendered by `kubectl kustomize`) and deploy/examples against the
     /// Kubernetes 1.33 and 1.37 schemas and the Gateway API CRDs (also part of `test`).
     Manifests,
+    /// End to end in a kind cluster (needs Docker and kind): the image loaded, deploy/ and the
+    /// example applied, balancing, the HTTPRoute split, metrics and a rolling restart checked
+    /// from a client pod, then the cluster deleted.
+    Kind {
+        /// Leave the cluster running afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`, with the pinned
     /// toolchain.
     Lint,
@@ -79,6 +88,10 @@ fn main() -> anyhow::Result<()> {
             image::run()?;
         }
         Command::Manifests => manifests::run()?,
+        Command::Kind { keep } => {
+            bootstrap::ensure()?;
+            kind::run(keep)?;
+        }
         Command::Lint => {
             bootstrap::ensure()?;
             lint()?;
