@@ -73,7 +73,17 @@ fn the_image_runs_with_the_daemonsets_pod_spec_and_balances_a_cgroups_connection
     let name = unique_name("container");
     let bpffs = PathBuf::from("/sys/fs/bpf").join(&name);
     let mut cleanup = Cleanup { container: name.clone(), image: None, bpffs: bpffs.clone() };
-    let loaded = podman(&["load", "--quiet", "--input", image_archive().to_str().unwrap()]);
+    // The archive reads as both formats it claims: an OCI layout (podman, skopeo, containerd's
+    // `kind load image-archive`) and `docker save`'s (docker load reads manifest.json).
+    let archive = image_archive();
+    for transport in ["oci-archive", "docker-archive"] {
+        let out = Command::new("skopeo").args(["inspect", &format!("{transport}:{}", archive.display())]).output().expect("skopeo");
+        assert!(out.status.success(), "skopeo inspect {transport}: {}", String::from_utf8_lossy(&out.stderr));
+        let inspected: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(inspected["Architecture"], "amd64", "{transport}: {inspected}");
+        assert_eq!(inspected["Labels"]["org.opencontainers.image.version"], env!("CARGO_PKG_VERSION"), "{transport}: {inspected}");
+    }
+    let loaded = podman(&["load", "--quiet", "--input", archive.to_str().unwrap()]);
     assert!(loaded.status.success(), "podman load: {}", String::from_utf8_lossy(&loaded.stderr));
     let image = String::from_utf8_lossy(&loaded.stdout).lines().find_map(|l| l.strip_prefix("Loaded image: ")).map(str::to_owned);
     let image = image.expect("podman load names the image");

@@ -30,7 +30,7 @@ pub fn run() -> anyhow::Result<()> {
 
     // The shipped image, for the container test (it runs it under podman with the
     // DaemonSet's pod spec); Prometheus for the monitoring test.
-    bootstrap::apt_install_missing(&["podman", "runc", "prometheus"])?;
+    bootstrap::apt_install_missing(&["podman", "runc", "skopeo", "prometheus"])?;
     let (image, _, _) = image::run()?;
 
     println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces, the image under podman)");
