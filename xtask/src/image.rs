@@ -145,7 +145,7 @@ pub fn write_archive(out: &Path, binary: &[u8], reference: &Reference, epoch: u6
     let layer_gz = gz.finish()?;
     drop(layer_tar);
 
-    let created = rfc3339(epoch);
+    let created = rfc3339(epoch)?;
     let config = json!({
         "created": created,
         "architecture": "amd64",
@@ -214,20 +214,11 @@ fn sha256(data: &[u8]) -> String {
     format!("sha256:{}", hex_of(data))
 }
 
-/// `epoch` as RFC 3339 (UTC, whole seconds).
-fn rfc3339(epoch: u64) -> String {
-    let (days, rem) = ((epoch / 86_400) as i64, epoch % 86_400);
-    // Howard Hinnant's days-to-civil.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+/// `epoch` as RFC 3339 (UTC, whole seconds), by GNU date.
+fn rfc3339(epoch: u64) -> anyhow::Result<String> {
+    let out = std::process::Command::new("date").args(["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().context("date")?;
+    anyhow::ensure!(out.status.success(), "date -d @{epoch}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
 
 /// A POSIX ustar archive with fixed headers: owner root, one time for every entry.
@@ -341,7 +332,7 @@ mod tests {
 
     #[test]
     fn times_are_rfc3339() {
-        assert_eq!(rfc3339(DEFAULT_EPOCH), "2026-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400 + 3661), "2000-02-29T01:01:01Z");
+        assert_eq!(rfc3339(DEFAULT_EPOCH).unwrap(), "2026-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400 + 3661).unwrap(), "2000-02-29T01:01:01Z");
     }
 }
