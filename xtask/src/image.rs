@@ -4,8 +4,8 @@
 //! `docker load`, `skopeo` and `kind load image-archive` take.
 //!
 //! Same inputs, same digest: every tar header is fixed (owner root, a fixed time), entries are
-//! sorted, gzip carries no timestamp or name, and the binary is built with the checkout's and
-//! cargo's paths remapped, so two checkouts of one commit give the same image.
+//! sorted, gzip carries no timestamp or name, and the binary is built with the checkout's,
+//! cargo's and rustup's paths remapped, so two checkouts of one commit give the same image.
 //!
 //! The image's name and tag live in one place, deploy/kustomization.yaml's `images:`
 //! (`kubectl apply -k deploy/` puts them into the DaemonSet).
@@ -107,25 +107,41 @@ fn epoch() -> anyhow::Result<u64> {
 }
 
 /// `mesh` for musl, profile `dist`, with the paths that would differ between checkouts and
-/// machines remapped (they end up in panic messages and debug info).
+/// machines remapped (they end up in panic messages, and in the kernel programs' BTF line
+/// info). Every rustc call of the build takes the remapping through a wrapper: aya-build sets
+/// the kernel programs' flags itself, and passes RUSTC_WRAPPER through. In a target directory
+/// of its own, so that the other builds' fingerprints stay as they are.
 fn build_static() -> anyhow::Result<PathBuf> {
     bootstrap::rust_target(HOST_TOOLCHAIN, MUSL_TARGET)?;
     let root = workspace_root();
-    let cargo_home = std::env::var("CARGO_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
-    let remap = format!("--remap-path-prefix={}=/mesh --remap-path-prefix={}=/cargo", root.display(), cargo_home.display());
+    let home = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()));
+    let cargo_home = std::env::var("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|_| home.join(".cargo"));
+    let rustup_home = std::env::var("RUSTUP_HOME").map(PathBuf::from).unwrap_or_else(|_| home.join(".rustup"));
+    let target_dir = root.join("target/image-build");
+    fs::create_dir_all(&target_dir)?;
+    let wrapper = target_dir.join("rustc-remap");
+    let remap = [(&root, "/mesh"), (&cargo_home, "/cargo"), (&rustup_home, "/rustup")]
+        .iter()
+        .map(|(from, to)| format!("--remap-path-prefix={}={to}", from.display()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    fs::write(
+        &wrapper,
+        format!("#!/bin/sh\n# cargo xtask image: every rustc call with the build's paths remapped.\nexec \"$@\" {remap}\n"),
+    )?;
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::set_permissions(&wrapper, fs::Permissions::from_mode(0o755))?;
     println!("[image] building the static agent ({MUSL_TARGET}, profile dist)");
     let status = cargo()
-        .args(["build", "--profile", "dist", "--target", MUSL_TARGET, "-p", "mesh-userspace", "--bin", "mesh"])
-        // Only the musl target's own code: build scripts and the kernel programs are untouched.
-        .env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_MUSL_RUSTFLAGS", remap)
+        .args(["build", "--profile", "dist", "--target", MUSL_TARGET, "-p", "mesh-userspace", "--bin", "mesh", "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTC_WRAPPER", &wrapper)
         .status()
         .context("cargo build")?;
     if !status.success() {
         bail!("building the static agent failed ({status})");
     }
-    let binary = root.join("target").join(MUSL_TARGET).join("dist/mesh");
+    let binary = target_dir.join(MUSL_TARGET).join("dist/mesh");
     anyhow::ensure!(binary.exists(), "cargo built no {}", binary.display());
     Ok(binary)
 }
@@ -216,7 +232,8 @@ fn sha256(data: &[u8]) -> String {
 
 /// `epoch` as RFC 3339 (UTC, whole seconds), by GNU date.
 fn rfc3339(epoch: u64) -> anyhow::Result<String> {
-    let out = std::process::Command::new("date").args(["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().context("date")?;
+    let out =
+        std::process::Command::new("date").args(["-u", "-d", &format!("@{epoch}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().context("date")?;
     anyhow::ensure!(out.status.success(), "date -d @{epoch}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }
