@@ -1,7 +1,8 @@
 //! `cargo xtask kind`: mesh end to end in a kind cluster, on a machine with Docker and kind.
 //! Creates a cluster (a pinned node image; the nodes' kernel must be 5.10 or newer), loads the
 //! image `cargo xtask image` builds, applies deploy/ and the example app, and checks from a
-//! client pod: the Service VIP balanced over its endpoints, the HTTPRoute's header split,
+//! client pod: a Service VIP balanced over its endpoints (in the kernel, and through the proxy
+//! for the routed Service), the HTTPRoute's header split,
 //! the agents' metrics, and a rolling restart of the agents under a client connecting in a
 //! loop without one failed connection. The cluster is deleted at the end, passed or failed
 //! (`--keep` leaves it for a look).
@@ -143,7 +144,14 @@ fn checks(archive: &std::path::Path, reference: &image::Reference) -> anyhow::Re
     };
     let (v1, v2) = (pods("v1")?, pods("v2")?);
 
-    // The VIP, balanced: without the header every answer is a v1 pod, and both v1 pods answer.
+    // L4: echo-v1 has no route, so the kernel balances its VIP at connect(): both pods answer.
+    let l4 = tally(&in_client("for i in $(seq 40); do curl -s --max-time 5 http://echo-v1/hostname; echo; done")?);
+    println!("[kind] 40 requests to echo-v1 (balanced in the kernel): {l4:?}");
+    anyhow::ensure!(
+        l4.keys().all(|p| v1.contains(p)) && v1.iter().all(|p| l4.get(p).copied().unwrap_or(0) >= 5),
+        "echo-v1 not balanced over {v1:?}: {l4:?}"
+    );
+    // L7: through the node's proxy. Without the header every answer is a v1 pod, both of them.
     let plain = tally(&in_client("for i in $(seq 60); do curl -s --max-time 5 http://echo/hostname; echo; done")?);
     println!("[kind] 60 requests to echo: {plain:?}");
     anyhow::ensure!(plain.keys().all(|p| v1.contains(p)), "answers not from v1 pods {v1:?}: {plain:?}");
