@@ -36,6 +36,17 @@ fn web(addresses: &[&'static str]) -> String {
     ServiceYaml::web(addresses.iter().map(|a| Endpoint::ready(a)).collect()).render()
 }
 
+/// `web` on .11, `web-v2` (10.96.0.12) on .12, and the HTTPRoute `split` sending `/v2` of
+/// `web` to `web-v2`.
+fn apply_web_and_split(api: &KubeApi) {
+    api.apply_yaml(&web(&["127.0.0.11"]));
+    let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
+    v2.name = "web-v2";
+    v2.cluster_ip = "10.96.0.12";
+    api.apply_yaml(&v2.render());
+    api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /v2}"));
+}
+
 /// A second Service, `test/api` at 10.96.0.20:80, on the same backends.
 fn api_service(addresses: &[&'static str]) -> String {
     let mut s = ServiceYaml::web(addresses.iter().map(|a| Endpoint::ready(a)).collect());
@@ -436,12 +447,7 @@ fn an_httproute_from_the_api_routes_requests_and_follows_its_updates_and_deletio
     in_netns(|| {
         let _backends = backends();
         let api = KubeApi::start(&[GRPCROUTES]);
-        api.apply_yaml(&web(&["127.0.0.11"]));
-        let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
-        v2.name = "web-v2";
-        v2.cluster_ip = "10.96.0.12";
-        api.apply_yaml(&v2.render());
-        api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /v2}"));
+        apply_web_and_split(&api);
         let cgroup = TestCgroup::new("kube-l7");
         let agent = agent_for(&api, &cgroup, true);
         let get = |path: &str| names(&cgroup.probe(&["get", VIP, path, "4"]));
@@ -523,13 +529,9 @@ fn a_gateway_api_crd_installed_later_is_picked_up() {
     in_netns(|| {
         let _backends = backends();
         let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
-        api.apply_yaml(&web(&["127.0.0.11"]));
-        let mut v2 = ServiceYaml::web(vec![Endpoint::ready("127.0.0.12")]);
-        v2.name = "web-v2";
-        v2.cluster_ip = "10.96.0.12";
-        api.apply_yaml(&v2.render());
-        // Stored, but the API server answers 404 for HTTPRoutes until the CRD is installed.
-        api.apply_yaml(&route("split", &["web-v2"], "{type: PathPrefix, value: /v2}"));
+        // The route is stored, but the API server answers 404 for HTTPRoutes until the CRD is
+        // installed.
+        apply_web_and_split(&api);
         let cgroup = TestCgroup::new("kube-crd-later");
         let agent = agent_for(&api, &cgroup, true);
         let get = || names(&cgroup.probe(&["get", VIP, "/v2", "4"]));
