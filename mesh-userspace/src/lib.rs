@@ -6,6 +6,7 @@ pub mod cli;
 pub mod ebpf;
 pub mod handoff;
 pub mod host;
+pub mod identity;
 pub mod proxy;
 pub mod server;
 pub mod sources;
