@@ -13,3 +13,4 @@ pub mod sources;
 pub mod state;
 pub mod sync;
 pub mod telemetry;
+pub mod tls;
