@@ -18,6 +18,7 @@ pub mod admission;
 pub mod balancer;
 pub mod connect;
 pub mod filters;
+pub mod hbone;
 pub mod http;
 pub mod outbound;
 pub mod retry;

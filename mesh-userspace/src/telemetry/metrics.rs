@@ -59,8 +59,40 @@ pub struct DropLabels {
     pub reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// `outbound`: this agent opened the tunnel; `inbound`: it took it.
+    pub direction: String,
+}
+
+impl DirectionLabels {
+    pub fn outbound() -> Self {
+        Self { direction: "outbound".into() }
+    }
+
+    pub fn inbound() -> Self {
+        Self { direction: "inbound".into() }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub direction: String,
+    /// A short fixed name (`wrong_identity`, `expired_certificate`, `not_tls`...).
+    pub reason: String,
+}
+
+/// HBONE tunnels (mTLS between agents), by direction.
+#[derive(Debug, Clone, Default)]
+pub struct HboneMetrics {
+    pub refused: Family<RefusalLabels, Counter>,
+    pub streams_open: Family<DirectionLabels, Gauge>,
+    pub connections_open: Family<DirectionLabels, Gauge>,
+}
+
 pub struct Metrics {
     registry: Registry,
+    pub hbone: HboneMetrics,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub sent_bytes: Family<TcpLabels, Counter>,
@@ -168,11 +200,16 @@ impl Default for Metrics {
             "Spans not exported: the queue was full (requests never wait for it) or the collector did not take them",
             spans_dropped.clone(),
         );
+        let hbone = HboneMetrics::default();
+        registry.register("mesh_hbone_refused", "HBONE tunnels refused, by direction and reason", hbone.refused.clone());
+        registry.register("mesh_hbone_streams_open", "HBONE tunnel streams open now (one per proxied connection)", hbone.streams_open.clone());
+        registry.register("mesh_hbone_connections_open", "TLS connections between agents carrying HBONE streams, open now", hbone.connections_open.clone());
         // The agent's own CPU, memory and descriptors, read at each scrape, under the names
         // every Prometheus client library uses (dashboards and alerts expect them).
         registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
+            hbone,
             spans_dropped,
             access_log_dropped,
             proxy_refused,

@@ -1,0 +1,485 @@
+//! HBONE, as Istio ambient's ztunnel speaks it: a connection between workloads of two nodes is
+//! an HTTP/2 CONNECT stream (`:authority` = the destination pod's IP:port) inside TLS 1.3 with
+//! both workloads' certificates, from the source node's agent to the destination node's agent
+//! on :15008. Streams of one source identity to one destination identity on one node share a
+//! TLS connection (`Tunnels`' pool); the destination agent (`Inbound`) verifies the peer,
+//! checks that the destination is a workload it serves with the identity it was asked for,
+//! connects to it and splices bytes both ways, half-close included.
+//!
+//! Which certificate the destination agent presents: the one of the identity the client asks
+//! for by server name (`Identity::server_name`), since one agent holds a certificate per
+//! identity of its node and the `:authority` comes only after the handshake.
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    io,
+    net::{IpAddr, SocketAddr},
+    pin::Pin,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU32, Ordering},
+    },
+    task::{Context, Poll},
+    time::{Duration, SystemTime},
+};
+
+use http_body_util::Empty;
+use hyper::{Method, Request, Response, StatusCode, body::Bytes, client::conn::http2 as client_h2, server::conn::http2 as server_h2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf},
+    net::{TcpListener, TcpStream},
+};
+
+use crate::{
+    identity::{Identity, certs::Certificates},
+    server::{self, Lifecycle},
+    telemetry::metrics::{DirectionLabels, HboneMetrics, RefusalLabels},
+    tls,
+};
+
+/// The port agents take HBONE tunnels on.
+pub const PORT: u16 = 15008;
+/// TCP connect plus TLS handshake to a peer agent, and a client's handshake at ours.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Streams one tunnel connection carries at once; past it the pool opens another.
+pub const MAX_STREAMS: u32 = 100;
+/// A connection with no stream for this long is closed (either side).
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// HTTP/2 windows: a stream can have this much in flight (the default 64 KiB would hold a
+/// bulk transfer to one window per round trip).
+const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+const MAX_FRAME: u32 = 1024 * 1024;
+/// How often the same refusal reason is logged at warn (the counter has every one).
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Why a tunnel was refused: a bounded reason for the metric, and the detail for the log.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, detail: impl Into<String>) -> Self {
+        Self { reason, detail: detail.into() }
+    }
+
+    /// A TLS failure, named by rustls' error when it has one.
+    fn tls(error: io::Error, what: &str) -> Self {
+        let reason = match error.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+            Some(e) => tls::refusal_reason(e),
+            // The peer closed mid-handshake: it refused us (it logs and counts why).
+            None if error.kind() == io::ErrorKind::UnexpectedEof => "refused_by_peer",
+            None => "tls_error",
+        };
+        Self::new(reason, format!("{what}: {error}"))
+    }
+}
+
+/// Counts refusals and logs each reason at most once a minute at warn.
+struct Refusals {
+    metrics: HboneMetrics,
+    direction: &'static str,
+    logged: Mutex<HashMap<&'static str, tokio::time::Instant>>,
+}
+
+impl Refusals {
+    fn record(&self, refusal: &Refusal, peer: SocketAddr) {
+        self.metrics.refused.get_or_create(&RefusalLabels { direction: self.direction.into(), reason: refusal.reason.into() }).inc();
+        let now = tokio::time::Instant::now();
+        let mut logged = self.logged.lock().expect("not poisoned");
+        let due = logged.get(refusal.reason).is_none_or(|at| now.duration_since(*at) >= REFUSAL_LOG_EVERY);
+        if due {
+            logged.insert(refusal.reason, now);
+            tracing::warn!(direction = self.direction, %peer, reason = refusal.reason, detail = %refusal.detail, "HBONE tunnel refused (further refusals for this reason are counted in mesh_hbone_refused_total and logged at debug for a minute)");
+        } else {
+            tracing::debug!(direction = self.direction, %peer, reason = refusal.reason, detail = %refusal.detail, "HBONE tunnel refused");
+        }
+    }
+}
+
+/// A gauge raised while this lives.
+struct Held(Gauge);
+
+impl Held {
+    fn new(gauge: Gauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The source side.
+
+/// Where a tunnel goes: from `source`'s workload to `destination` (its identity) at `target`
+/// (the pod's address), through the agent at `node`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Route {
+    pub source: Identity,
+    pub destination: Identity,
+    pub node: SocketAddr,
+    pub target: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    source: Identity,
+    destination: Identity,
+    node: SocketAddr,
+}
+
+struct Pooled {
+    send: client_h2::SendRequest<Empty<Bytes>>,
+    streams: Arc<AtomicU32>,
+    /// The client certificate's expiry: no new streams on a connection past it.
+    expires_at: SystemTime,
+}
+
+/// Opens tunnels, pooling their connections.
+pub struct Tunnels {
+    certs: Arc<Certificates>,
+    pool: Mutex<HashMap<PoolKey, Vec<Pooled>>>,
+    metrics: HboneMetrics,
+    refusals: Refusals,
+}
+
+impl Tunnels {
+    pub fn new(certs: Arc<Certificates>, metrics: HboneMetrics) -> Self {
+        let refusals = Refusals { metrics: metrics.clone(), direction: "outbound", logged: Mutex::default() };
+        Self { certs, pool: Mutex::default(), metrics, refusals }
+    }
+
+    /// A byte stream to `route.target`, through a pooled or a new connection.
+    pub async fn open(&self, route: &Route) -> Result<Tunnel, Refusal> {
+        let opened = self.open_inner(route).await;
+        if let Err(refusal) = &opened {
+            self.refusals.record(refusal, route.node);
+        }
+        opened
+    }
+
+    async fn open_inner(&self, route: &Route) -> Result<Tunnel, Refusal> {
+        let key = PoolKey { source: route.source.clone(), destination: route.destination.clone(), node: route.node };
+        let (mut send, streams) = match self.pooled(&key) {
+            Some(found) => found,
+            None => self.connect(&key).await?,
+        };
+        let counted = StreamCount::new(streams, self.metrics.streams_open.get_or_create(&DirectionLabels::outbound()).clone());
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(route.target.to_string())
+            .body(Empty::new())
+            .map_err(|e| Refusal::new("bad_request", e.to_string()))?;
+        let response = send.send_request(request).await.map_err(|e| Refusal::new("tunnel_failed", format!("CONNECT to {}: {e}", route.node)))?;
+        if response.status() != StatusCode::OK {
+            let why = response.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            return Err(Refusal::new("refused_by_peer", format!("{} answered {} for {}: {why}", route.node, response.status(), route.target)));
+        }
+        let upgraded = hyper::upgrade::on(response).await.map_err(|e| Refusal::new("tunnel_failed", e.to_string()))?;
+        Ok(Tunnel { io: TokioIo::new(upgraded), _counted: counted })
+    }
+
+    /// A live pooled connection with room for a stream (the stream is counted on it).
+    fn pooled(&self, key: &PoolKey) -> Option<(client_h2::SendRequest<Empty<Bytes>>, Arc<AtomicU32>)> {
+        let mut pool = self.pool.lock().expect("not poisoned");
+        let connections = pool.get_mut(key)?;
+        let now = SystemTime::now();
+        connections.retain(|c| !c.send.is_closed() && c.expires_at > now);
+        let found = connections.iter().find(|c| c.streams.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS).then_some(n + 1)).is_ok());
+        let found = found.map(|c| (c.send.clone(), c.streams.clone()));
+        if connections.is_empty() {
+            pool.remove(key);
+        }
+        found
+    }
+
+    /// A new connection to `key.node` as `key.source`, pooled, with one stream counted.
+    async fn connect(&self, key: &PoolKey) -> Result<(client_h2::SendRequest<Empty<Bytes>>, Arc<AtomicU32>), Refusal> {
+        let own = self.certs.fetch(&key.source).await.map_err(|e| Refusal::new("no_certificate", e.to_string()))?;
+        let roots = self.certs.roots().map_err(|e| Refusal::new("no_certificate", e.to_string()))?;
+        let config = tls::client_config(&own, roots, key.destination.clone()).map_err(|e| Refusal::new("tls_error", e.to_string()))?;
+        let server_name = rustls::pki_types::ServerName::try_from(key.destination.server_name())
+            .map_err(|e| Refusal::new("bad_request", format!("server name for {}: {e}", key.destination)))?;
+        let handshake = async {
+            let tcp = TcpStream::connect(key.node).await.map_err(|e| Refusal::new("connect_failed", format!("{}: {e}", key.node)))?;
+            let _ = tcp.set_nodelay(true);
+            tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| Refusal::tls(e, &format!("TLS with {} as {}", key.node, key.destination)))
+        };
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| Refusal::new("connect_timeout", format!("{}: no handshake within {HANDSHAKE_TIMEOUT:?}", key.node)))??;
+        let (send, connection) = client_h2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONNECTION_WINDOW)
+            .max_frame_size(MAX_FRAME)
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| Refusal::new("tunnel_failed", format!("HTTP/2 with {}: {e}", key.node)))?;
+        let streams = Arc::new(AtomicU32::new(1));
+        let open = Held::new(self.metrics.connections_open.get_or_create(&DirectionLabels::outbound()).clone());
+        let idle = streams.clone();
+        tokio::spawn(async move {
+            let _open = open;
+            tokio::pin!(connection);
+            loop {
+                tokio::select! {
+                    _ = connection.as_mut() => return,
+                    () = tokio::time::sleep(IDLE_TIMEOUT) => if idle.load(Ordering::Acquire) == 0 { return },
+                }
+            }
+        });
+        self.pool.lock().expect("not poisoned").entry(key.clone()).or_default().push(Pooled {
+            send: send.clone(),
+            streams: streams.clone(),
+            expires_at: own.expires_at,
+        });
+        Ok((send, streams))
+    }
+}
+
+/// One stream counted on its connection and in the gauge, until dropped.
+struct StreamCount {
+    on_connection: Arc<AtomicU32>,
+    _open: Held,
+}
+
+impl StreamCount {
+    /// Takes over a stream already counted on its connection.
+    fn new(on_connection: Arc<AtomicU32>, gauge: Gauge) -> Self {
+        Self { on_connection, _open: Held::new(gauge) }
+    }
+}
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.on_connection.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A tunnel's byte stream. Shutting down its write side ends the HTTP/2 stream (the far end
+/// reads EOF); reading EOF means the far end did.
+pub struct Tunnel {
+    io: TokioIo<hyper::upgrade::Upgraded>,
+    _counted: StreamCount,
+}
+
+impl AsyncRead for Tunnel {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The destination side.
+
+/// A refused CONNECT says why in this response header.
+pub const REASON_HEADER: &str = "mesh-refusal";
+
+/// The enrolled workloads of this node, as the inbound side needs them.
+pub trait LocalWorkloads: Send + Sync + 'static {
+    /// The identity of the enrolled workload at `ip`.
+    fn identity_at(&self, ip: IpAddr) -> Option<Identity>;
+    /// Whether an enrolled workload of this node has `identity`.
+    fn serves(&self, identity: &Identity) -> bool;
+}
+
+/// What the inbound side reports of each tunnel it carried, for telemetry.
+#[derive(Debug, Clone)]
+pub struct Carried {
+    pub peer: SocketAddr,
+    pub source: Identity,
+    pub destination: Identity,
+    pub target: SocketAddr,
+    /// Bytes from the source to the destination, and back.
+    pub sent: u64,
+    pub received: u64,
+}
+
+/// Takes tunnels on :15008 for this node's enrolled workloads.
+pub struct Inbound {
+    certs: Arc<Certificates>,
+    trust_domain: String,
+    workloads: Arc<dyn LocalWorkloads>,
+    metrics: HboneMetrics,
+    refusals: Refusals,
+    on_carried: Box<dyn Fn(Carried) + Send + Sync>,
+}
+
+impl Inbound {
+    pub fn new(certs: Arc<Certificates>, trust_domain: String, workloads: Arc<dyn LocalWorkloads>, metrics: HboneMetrics) -> Self {
+        let refusals = Refusals { metrics: metrics.clone(), direction: "inbound", logged: Mutex::default() };
+        Self { certs, trust_domain, workloads, metrics, refusals, on_carried: Box::new(|_| {}) }
+    }
+
+    /// Calls `report` with each tunnel once it has closed.
+    pub fn on_carried(mut self, report: impl Fn(Carried) + Send + Sync + 'static) -> Self {
+        self.on_carried = Box::new(report);
+        self
+    }
+
+    /// TLS as the identity the client asked for, verifying the client.
+    async fn handshake(&self, tcp: TcpStream) -> Result<(tokio_rustls::server::TlsStream<TcpStream>, Identity, Identity), Refusal> {
+        let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+            .await
+            .map_err(|e| Refusal::tls(e, "reading the TLS client hello"))?;
+        let asked = start.client_hello().server_name().map(str::to_owned);
+        let Some(local) = asked.as_deref().and_then(|name| Identity::from_server_name(name, &self.trust_domain)) else {
+            return Err(Refusal::new("unknown_destination", format!("server name {asked:?} names no identity of trust domain {}", self.trust_domain)));
+        };
+        if !self.workloads.serves(&local) {
+            return Err(Refusal::new("unknown_destination", format!("no enrolled workload of this node is {local}")));
+        }
+        let own = self.certs.fetch(&local).await.map_err(|e| Refusal::new("no_certificate", e.to_string()))?;
+        let roots = self.certs.roots().map_err(|e| Refusal::new("no_certificate", e.to_string()))?;
+        let config = tls::server_config(&own, roots, &self.trust_domain).map_err(|e| Refusal::new("tls_error", e.to_string()))?;
+        let stream = start.into_stream(Arc::new(config)).await.map_err(|e| Refusal::tls(e, "TLS handshake"))?;
+        let source = tls::peer_identity(stream.get_ref().1.peer_certificates()).map_err(|e| Refusal::new("no_identity", e.to_string()))?;
+        Ok((stream, local, source))
+    }
+
+    /// One CONNECT: checks the destination, connects to it, answers, and splices.
+    async fn connect(self: &Arc<Self>, request: Request<hyper::body::Incoming>, peer: SocketAddr, local: &Identity, source: &Identity) -> Response<Empty<Bytes>> {
+        let refuse = |status: StatusCode, refusal: Refusal| {
+            self.refusals.record(&refusal, peer);
+            let mut response = Response::new(Empty::new());
+            *response.status_mut() = status;
+            if let Ok(value) = hyper::header::HeaderValue::from_str(&refusal.to_string()) {
+                response.headers_mut().insert(REASON_HEADER, value);
+            }
+            response
+        };
+        if request.method() != Method::CONNECT {
+            return refuse(StatusCode::METHOD_NOT_ALLOWED, Refusal::new("bad_request", format!("{} instead of CONNECT", request.method())));
+        }
+        let authority = request.uri().authority().map(|a| a.as_str().to_owned()).unwrap_or_default();
+        let Ok(target) = authority.parse::<SocketAddr>() else {
+            return refuse(StatusCode::BAD_REQUEST, Refusal::new("bad_request", format!("authority {authority:?} is not IP:port")));
+        };
+        match self.workloads.identity_at(target.ip()) {
+            Some(identity) if identity == *local => {}
+            Some(identity) => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    Refusal::new("unknown_destination", format!("{target} is {identity}, not {local} the tunnel was opened to")),
+                );
+            }
+            None => return refuse(StatusCode::FORBIDDEN, Refusal::new("unknown_destination", format!("{target} is no enrolled workload of this node"))),
+        }
+        let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(target)).await;
+        let upstream = match connected {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Refusal::new("destination_unreachable", format!("{target}: {e}"))),
+            Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Refusal::new("destination_unreachable", format!("{target}: no answer within {HANDSHAKE_TIMEOUT:?}"))),
+        };
+        let _ = upstream.set_nodelay(true);
+        let (inbound, source, local) = (self.clone(), source.clone(), local.clone());
+        let open = Held::new(self.metrics.streams_open.get_or_create(&DirectionLabels::inbound()).clone());
+        tokio::spawn(async move {
+            let _open = open;
+            let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
+            let mut tunnel = TokioIo::new(upgraded);
+            let mut upstream = upstream;
+            let (sent, received) = match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+                Ok(counts) => counts,
+                Err(e) => {
+                    tracing::debug!(%peer, %target, error = %e, "tunnel ended with an error");
+                    (0, 0)
+                }
+            };
+            (inbound.on_carried)(Carried { peer, source, destination: local, target, sent, received });
+        });
+        Response::new(Empty::new())
+    }
+}
+
+/// Serves tunnels on `listener` until `lifecycle.drain`: then accepts no more, sends GOAWAY on
+/// every connection, and lets open streams finish for `drain_timeout`.
+pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, lifecycle: Lifecycle) {
+    let Lifecycle { mut ready, mut drain, drain_timeout } = lifecycle;
+    tokio::select! {
+        _ = ready.wait_for(|r| *r) => {}
+        _ = drain.wait_for(|d| *d) => return,
+    }
+    let open = inbound.metrics.connections_open.get_or_create(&DirectionLabels::inbound()).clone();
+    let mut connections = tokio::task::JoinSet::new();
+    let for_connections = drain.clone();
+    loop {
+        tokio::select! {
+            (tcp, peer) = server::accept(&listener, "hbone") => {
+                let _ = tcp.set_nodelay(true);
+                let (inbound, mut draining, open) = (inbound.clone(), for_connections.clone(), open.clone());
+                connections.spawn(async move {
+                    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.handshake(tcp)).await;
+                    let (tls, local, source) = match handshake {
+                        Ok(Ok(done)) => done,
+                        Ok(Err(refusal)) => return inbound.refusals.record(&refusal, peer),
+                        Err(_) => return inbound.refusals.record(&Refusal::new("handshake_timeout", format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")), peer),
+                    };
+                    let _open = Held::new(open);
+                    let service = {
+                        let inbound = inbound.clone();
+                        service_fn(move |request| {
+                            let (inbound, local, source) = (inbound.clone(), local.clone(), source.clone());
+                            async move { Ok::<_, Infallible>(inbound.connect(request, peer, &local, &source).await) }
+                        })
+                    };
+                    let connection = server_h2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(MAX_STREAMS)
+                        .initial_stream_window_size(STREAM_WINDOW)
+                        .initial_connection_window_size(CONNECTION_WINDOW)
+                        .max_frame_size(MAX_FRAME)
+                        .keep_alive_interval(Duration::from_secs(30))
+                        .keep_alive_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(tls), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => return,
+                        _ = draining.wait_for(|d| *d) => connection.as_mut().graceful_shutdown(),
+                    }
+                    let _ = connection.await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = drain.wait_for(|d| *d) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, async { while connections.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(connections = connections.len(), "drain timeout: the remaining HBONE connections are cut");
+        connections.abort_all();
+    }
+}
+
+#[cfg(test)]
+mod tests;
