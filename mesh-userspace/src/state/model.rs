@@ -282,7 +282,8 @@ pub enum Enrollment {
     Inherit,
 }
 
-/// A pod on this node, validated: who it is (for telemetry now; identity and policy next).
+/// A pod, validated: who it is and where it runs. Pods of this node are the agent's to
+/// enroll; pods of other nodes are where tunnels go.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodSpec {
     pub key: ObjectKey,
@@ -296,12 +297,16 @@ pub struct PodSpec {
     pub host_network: bool,
     pub qos: Option<QosClass>,
     pub enrollment: Enrollment,
+    /// On this agent's node (or on no node: standalone files describe this host's pods).
+    pub local: bool,
+    /// `status.hostIP`: where the pod's node, and its agent, are reached.
+    pub host_ip: Option<IpAddr>,
     /// Standalone: the pod's cgroup, given by the `mesh.dev/cgroup` annotation (a path under
     /// the cgroup v2 mount); on Kubernetes, found from the uid and QoS class.
     pub cgroup: Option<std::path::PathBuf>,
 }
 
-/// A pod on this node as consumers see it: its spec and whether it is enrolled.
+/// A pod as consumers see it: its spec and whether it is enrolled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub spec: std::sync::Arc<PodSpec>,
@@ -312,6 +317,11 @@ impl Workload {
     /// The workload's identity in SPIFFE form, as Istio and ztunnel write it.
     pub fn principal(&self, trust_domain: &str) -> String {
         format!("spiffe://{trust_domain}/ns/{}/sa/{}", self.spec.key.namespace, self.spec.service_account)
+    }
+
+    /// The workload's identity (None when its names are not valid in one).
+    pub fn identity(&self, trust_domain: &str) -> Option<crate::identity::Identity> {
+        crate::identity::Identity::new(trust_domain, &self.spec.key.namespace, &self.spec.service_account).ok()
     }
 }
 

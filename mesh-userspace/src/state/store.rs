@@ -63,6 +63,8 @@ pub struct Snapshot {
     pub pods: imbl::OrdMap<ObjectKey, Arc<Workload>>,
     /// Pod address -> the pod (host-network pods have the node's addresses: not here).
     pub pods_by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// Pods of other nodes by address (not host-network ones): where tunnels go.
+    pub peers: imbl::HashMap<IpAddr, Arc<Workload>>,
 }
 
 /// What one applied batch changed.
@@ -267,12 +269,7 @@ impl Store {
             }
             Kind::Pod => {
                 if let Some(pod) = self.pods.remove(key) {
-                    self.snapshot.pods.remove(key);
-                    for ip in &pod.ips {
-                        if self.snapshot.pods_by_ip.get(ip).is_some_and(|w| w.spec.key == *key) {
-                            self.snapshot.pods_by_ip.remove(ip);
-                        }
-                    }
+                    self.unpublish_pod(&pod);
                 }
             }
             Kind::Namespace => {
@@ -327,7 +324,11 @@ impl Store {
                 self.routes.insert(id, Arc::new(route));
             }
             Valid::Pod(pod) => {
-                self.pods.insert(c.key.clone(), Arc::new(pod));
+                // A pod that moved between this node and others (a new object under the same
+                // name) leaves its old place first.
+                if let Some(old) = self.pods.insert(c.key.clone(), Arc::new(pod)) {
+                    self.unpublish_pod(&old);
+                }
                 self.publish_pod(&c.key);
             }
             Valid::Namespace(enrolled) => {
@@ -353,12 +354,35 @@ impl Store {
             Enrollment::Inherit => self.enrolled_namespaces.contains(&key.namespace),
         };
         let workload = Arc::new(Workload { spec: spec.clone(), enrolled });
+        if !spec.local {
+            if !spec.host_network {
+                for ip in &spec.ips {
+                    self.snapshot.peers.insert(*ip, workload.clone());
+                }
+            }
+            return;
+        }
         if !spec.host_network {
             for ip in &spec.ips {
                 self.snapshot.pods_by_ip.insert(*ip, workload.clone());
             }
         }
         self.snapshot.pods.insert(key.clone(), workload);
+    }
+
+    /// Takes a pod out of the snapshot (the store's own record is the caller's).
+    fn unpublish_pod(&mut self, pod: &PodSpec) {
+        let by_ip = if pod.local {
+            self.snapshot.pods.remove(&pod.key);
+            &mut self.snapshot.pods_by_ip
+        } else {
+            &mut self.snapshot.peers
+        };
+        for ip in &pod.ips {
+            if by_ip.get(ip).is_some_and(|w| w.spec.key == pod.key) {
+                by_ip.remove(ip);
+            }
+        }
     }
 
     fn publish_pods_of(&mut self, namespace: &str) {

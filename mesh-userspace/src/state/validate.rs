@@ -78,15 +78,23 @@ fn enrollment(labels: Option<&std::collections::BTreeMap<String, String>>, field
     }
 }
 
-/// A pod of this node (or of no node: standalone files describe this host's); pods of other
-/// nodes are nothing for this agent.
+/// A pod of this node (or of no node: standalone files describe this host's), or of another
+/// node (where tunnels to it go: its `status.hostIP`).
 fn pod(pod: &Pod, key: &ObjectKey, node: &NodeContext) -> Result<Option<PodSpec>, Vec<FieldError>> {
     let spec = pod.spec.as_ref();
-    if spec.and_then(|s| s.node_name.as_deref()).is_some_and(|n| !n.is_empty() && n != node.node) {
-        return Ok(None);
-    }
+    let local = spec.and_then(|s| s.node_name.as_deref()).is_none_or(|n| n.is_empty() || n == node.node);
     let mut errors = Vec::new();
     let status = pod.status.as_ref();
+    let host_ip = match status.and_then(|s| s.host_ip.as_deref()).filter(|ip| !ip.is_empty()) {
+        None => None,
+        Some(ip) => match ip.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                errors.push(err("status.hostIP", format!("not an IP address: {ip:?}")));
+                None
+            }
+        },
+    };
     let mut ips = Vec::new();
     let listed: Vec<(String, String)> = match status.and_then(|s| s.pod_ips.as_ref()) {
         Some(list) => list.iter().enumerate().map(|(i, p)| (format!("status.podIPs[{i}].ip"), p.ip.clone())).collect(),
@@ -134,6 +142,8 @@ fn pod(pod: &Pod, key: &ObjectKey, node: &NodeContext) -> Result<Option<PodSpec>
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         qos,
         enrollment,
+        local,
+        host_ip,
         cgroup,
     }))
 }

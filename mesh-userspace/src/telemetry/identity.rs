@@ -147,6 +147,8 @@ mod tests {
             host_network: false,
             qos: None,
             enrollment: crate::state::model::Enrollment::Inherit,
+            local: true,
+            host_ip: None,
             cgroup: None,
         };
         ids.trust_domain = "example.org".into();

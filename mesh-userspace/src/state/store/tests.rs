@@ -137,3 +137,29 @@ fn an_object_moved_between_files_is_a_duplicate_until_the_old_file_lets_go() {
     store.apply(vec![Change::Delete { origin, kind: Kind::Service, namespace: "ns".into(), name: "s0".into() }]).unwrap();
     store.apply(upserts("new.yaml", &service("s0", "10.96.0.1"))).unwrap();
 }
+
+fn pod(name: &str, node: &str, ip: &str, labels: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: ns, uid: u-{name}, labels: {{{labels}}}}}\nspec: {{nodeName: {node}, serviceAccountName: sa-{name}}}\nstatus: {{podIP: \"{ip}\", hostIP: \"10.200.0.2\"}}\n---\n"
+    )
+}
+
+#[test]
+fn pods_of_other_nodes_are_peers_by_address_with_their_node_and_enrollment() {
+    let mut store = Store::new(node());
+    let yaml = format!("{}{}", pod("here", "node-a", "10.1.0.1", ""), pod("there", "node-b", "10.1.1.1", "mesh.dev/dataplane: enabled"));
+    store.apply(upserts("pods.yaml", &yaml)).unwrap();
+    let snapshot = store.snapshot();
+    assert_eq!(snapshot.pods.keys().map(|k| k.name.as_str()).collect::<Vec<_>>(), ["here"], "only this node's pods are enrolled here");
+    let there = &snapshot.peers[&"10.1.1.1".parse::<IpAddr>().unwrap()];
+    assert!(there.enrolled);
+    assert_eq!(there.spec.host_ip, Some("10.200.0.2".parse().unwrap()));
+    assert_eq!(there.identity("td").unwrap().to_string(), "spiffe://td/ns/ns/sa/sa-there");
+    assert!(!snapshot.peers.contains_key(&"10.1.0.1".parse::<IpAddr>().unwrap()));
+
+    // The pod moves to this node (a new object of the same name): a peer no longer.
+    store.apply(upserts("pods.yaml", &format!("{}{}", pod("here", "node-a", "10.1.0.1", ""), pod("there", "node-a", "10.1.1.1", "")))).unwrap();
+    let snapshot = store.snapshot();
+    assert!(snapshot.peers.is_empty(), "{:?}", snapshot.peers.keys().collect::<Vec<_>>());
+    assert!(snapshot.pods_by_ip.contains_key(&"10.1.1.1".parse::<IpAddr>().unwrap()));
+}
