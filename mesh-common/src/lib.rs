@@ -53,11 +53,22 @@ pub mod map_names {
     /// The pods of this node by the cgroup id of their pod cgroup (`WorkloadValue`): which pod
     /// a socket belongs to. Written by the agent.
     pub const WORKLOADS: &str = "mesh_workloads";
+    /// Slot 0: the agent's tunnel listener, where enrolled pods' TCP connections to enrolled
+    /// pods of other nodes are sent, to be carried over HBONE (mTLS). Port 0: none.
+    pub const TUNNEL: &str = "mesh_tunnel";
+    /// Addresses of enrolled pods of other nodes (value: 0, reserved): an enrolled pod's TCP
+    /// connection to one (dialled, or the backend a Service picked) goes to `TUNNEL`.
+    pub const TUNNELED: &str = "mesh_tunneled";
+    /// Socket cookie → where a connection sent to the tunnel listener was going
+    /// (`TunnelOriginal`), from connect() until sock_ops moves it to `TUNNEL_ORIGINAL`.
+    pub const TUNNEL_PENDING: &str = "mesh_tunpend";
+    /// Client (address, port) of a connection at the tunnel listener → `TunnelOriginal`.
+    pub const TUNNEL_ORIGINAL: &str = "mesh_tunorig";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 23] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -77,6 +88,10 @@ pub mod map_names {
         PROXY,
         L7_ORIGINAL,
         WORKLOADS,
+        TUNNEL,
+        TUNNELED,
+        TUNNEL_PENDING,
+        TUNNEL_ORIGINAL,
     ];
 }
 
@@ -141,6 +156,10 @@ pub mod sizes {
     pub const MAX_SOCKHASH: u32 = 65_536;
     /// Pods of one node (kubelet's default limit is 110).
     pub const MAX_WORKLOADS: u32 = 4_096;
+    /// Enrolled pods of other nodes (`mesh_tunneled`, allocated on insert).
+    pub const MAX_TUNNELED: u32 = 262_144;
+    /// Connections on their way to the tunnel listener, and there before it takes them.
+    pub const MAX_TUNNEL_ORIGINALS: u32 = 65_536;
     /// How deep below the cgroup v2 root a pod's cgroup may sit (kind's systemd layout puts
     /// it at level 4, a container's cgroup one below).
     pub const MAX_POD_CGROUP_LEVEL: i32 = 7;
@@ -372,6 +391,21 @@ pub struct ProxyAddr {
     pub _pad32: u32,
 }
 
+/// Where a connection sent to the tunnel listener was going: the pod address and port (a
+/// Service's backend as the kernel picked it, or the pod dialled), the Service (0: none), and
+/// the dialling pod (`WorkloadValue::id`), whose identity the tunnel carries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelOriginal {
+    pub addr: Addr,
+    /// Network byte order.
+    pub port_be: u16,
+    pub _pad16: u16,
+    pub service_id: u32,
+    pub workload: u32,
+    pub _pad32: u32,
+}
+
 /// `mesh_l7orig` key: the client end of a captured connection, as the proxy sees its peer.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -534,6 +568,7 @@ mod pod {
     unsafe impl aya::Pod for ProxyAddr {}
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for WorkloadValue {}
+    unsafe impl aya::Pod for TunnelOriginal {}
 }
 
 #[cfg(test)]
@@ -557,6 +592,7 @@ mod tests {
         assert_eq!(size_of::<RevNatPeer>(), 20);
         assert_eq!(size_of::<RevNatIndex>(), 88);
         assert_eq!(size_of::<SockKey>(), 48);
+        assert_eq!(size_of::<TunnelOriginal>(), 32);
     }
 
     #[test]

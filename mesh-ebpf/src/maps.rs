@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatIndex,
-    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, WorkloadValue, drop_counters, sizes,
+    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatIndex,
+    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, TunnelOriginal, WorkloadValue, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -94,3 +94,20 @@ pub static PROXY: Array<ProxyAddr> = Array::pinned(1, 0);
 /// agent never saw close age out).
 #[map(name = "mesh_l7orig")]
 pub static L7_ORIGINAL: LruHashMap<PeerKey, RevNatValue> = LruHashMap::pinned(sizes::MAX_CONNS, 0);
+
+/// The agent's tunnel listener, for connections between enrolled pods of different nodes.
+#[map(name = "mesh_tunnel")]
+pub static TUNNEL: Array<ProxyAddr> = Array::pinned(1, 0);
+
+/// Enrolled pods of other nodes by address; the agent writes it.
+#[map(name = "mesh_tunneled")]
+pub static TUNNELED: HashMap<Addr, u32> = HashMap::pinned(sizes::MAX_TUNNELED, NO_PREALLOC);
+
+/// Where a connection sent to the tunnel listener was going, by its socket's cookie, until
+/// sock_ops knows its client port (LRU: a connect() that fails leaves its entry to age out).
+#[map(name = "mesh_tunpend")]
+pub static TUNNEL_PENDING: LruHashMap<u64, TunnelOriginal> = LruHashMap::pinned(sizes::MAX_TUNNEL_ORIGINALS, 0);
+
+/// The same, by client end, for the agent to read when it accepts the connection.
+#[map(name = "mesh_tunorig")]
+pub static TUNNEL_ORIGINAL: LruHashMap<PeerKey, TunnelOriginal> = LruHashMap::pinned(sizes::MAX_TUNNEL_ORIGINALS, 0);

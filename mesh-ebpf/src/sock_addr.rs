@@ -35,13 +35,13 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
-    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, WorkloadValue, conn_phase, drop_counters, service_flags, sizes,
+    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal, WorkloadValue, conn_phase, drop_counters, service_flags, sizes,
     workload_flags,
 };
 
 use crate::{
     conns,
-    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, WORKLOADS, count_drop},
+    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL, TUNNEL_PENDING, TUNNELED, WORKLOADS, count_drop},
 };
 
 /// Let the syscall go on (with the address as the program left it).
@@ -115,6 +115,10 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     // SAFETY: map values are plain integers; a concurrent update can at worst make us read a
     // value from just before or after it, which the agent's update order makes harmless.
     let Some(frontend) = (unsafe { FRONTENDS.get(&key) }) else {
+        // Not a Service: maybe an enrolled pod of another node, dialled by its address.
+        if proto == IPPROTO_TCP && connect {
+            return tunnel_if_enrolled(ctx, family, vip, vport_be, vip, vport_be, 0, None);
+        }
         return PROCEED;
     };
     let service_id = frontend.service_id;
@@ -146,6 +150,14 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         if family == Family::V4 && !backend.addr.is_v4_mapped() {
             return refuse(sa, family, proto, connect);
         }
+        // An enrolled pod's connection to an enrolled pod of another node: through the
+        // tunnel, to the backend picked here.
+        if proto == IPPROTO_TCP && connect && caller.is_some_and(|w| w.flags & workload_flags::ENROLLED != 0) {
+            // SAFETY: plain-integer value.
+            if unsafe { TUNNELED.get(&backend.addr) }.is_some() {
+                return tunnel_if_enrolled(ctx, family, vip, vport_be, backend.addr, backend.port_be, service_id, caller);
+            }
+        }
         (backend.addr, backend.port_be)
     };
     write_user_addr(sa, family, &baddr);
@@ -168,6 +180,48 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     if !known {
         index_reverse_translation(cookie, baddr, bport_be);
     }
+    PROCEED
+}
+
+/// Sends a TCP connect() to the agent's tunnel listener when `pod` is an enrolled pod of
+/// another node (`mesh_tunneled`) and the caller an enrolled pod of this one (`caller`, or
+/// looked up when None). The socket keeps `dialled` for getpeername(); the listener learns
+/// `pod` and the caller from `mesh_tunorig`. No tunnel listener while the map says tunnel:
+/// refused (fail closed: the bytes would cross nodes in plaintext).
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "kernel helper, inlined")]
+fn tunnel_if_enrolled(
+    ctx: &SockAddrContext,
+    family: Family,
+    dialled: Addr,
+    dialled_port_be: u16,
+    pod: Addr,
+    pod_port_be: u16,
+    service_id: u32,
+    caller: Option<WorkloadValue>,
+) -> i32 {
+    // SAFETY: plain-integer value. Looked up first: most connections go nowhere near it.
+    if unsafe { TUNNELED.get(&pod) }.is_none() {
+        return PROCEED;
+    }
+    let Some(caller) = caller.or_else(calling_workload) else { return PROCEED };
+    if caller.flags & workload_flags::ENROLLED == 0 {
+        return PROCEED;
+    }
+    let sa = ctx.sock_addr;
+    let (addr, port_be) = match TUNNEL.get(0) {
+        Some(t) if t.port_be != 0 && (family == Family::V6 || t.addr.is_v4_mapped()) => (t.addr, t.port_be),
+        _ => return refuse(sa, family, IPPROTO_TCP, true),
+    };
+    write_user_addr(sa, family, &addr);
+    write_user_port(sa, port_be);
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let original = TunnelOriginal { addr: pod, port_be: pod_port_be, _pad16: 0, service_id, workload: caller.id, _pad32: 0 };
+    // A full LRU evicts its oldest entry: at worst a connection the listener cannot place.
+    let _ = TUNNEL_PENDING.insert(&cookie, &original, 0);
+    remember_dial(cookie, dialled, dialled_port_be, addr, port_be, service_id, caller.id);
+    trace!(ctx, "to the tunnel listener, for port {}", u16::from_be(pod_port_be));
     PROCEED
 }
 

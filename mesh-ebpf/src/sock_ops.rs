@@ -33,7 +33,7 @@ use mesh_common::{Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, con
 
 use crate::{
     conns,
-    maps::{EVENTS, L7_ORIGINAL, PROXY, SOCK_COOKIES, SOCKHASH, count_drop},
+    maps::{EVENTS, L7_ORIGINAL, PROXY, SOCK_COOKIES, SOCKHASH, TUNNEL, TUNNEL_ORIGINAL, TUNNEL_PENDING, count_drop},
 };
 
 const AF_INET: u32 = 2;
@@ -143,6 +143,18 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
             let original = RevNatValue { addr: service_addr, port_be: service_port.to_be(), _pad16: 0, service_id };
             let _ = L7_ORIGINAL.insert(&peer, &original, 0);
+        } else if let Some(tunnel) = TUNNEL.get(0)
+            && tunnel.port_be == remote_port_be
+            && tunnel.addr == remote
+            // SAFETY: plain-integer value.
+            && let Some(original) = unsafe { TUNNEL_PENDING.get(&cookie) }
+        {
+            // Sent to the tunnel listener: now that the client port is known, file where it
+            // was going under it, for the listener to find.
+            let original = *original;
+            let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
+            let _ = TUNNEL_ORIGINAL.insert(&peer, &original, 0);
+            let _ = TUNNEL_PENDING.remove(&cookie);
         }
     }
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG | BPF_SOCK_OPS_RTT_CB_FLAG) as i32);

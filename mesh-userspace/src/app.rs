@@ -26,10 +26,16 @@ use crate::{
     admin,
     ebpf::{
         Datapath as _, loader,
-        maps::{OrigDstMap, PinnedMaps, WorkloadMap},
+        maps::{OrigDstMap, PinnedMaps, TunnelOriginalMap, TunneledMap, WorkloadMap},
     },
     handoff, host,
-    proxy::{self, connect::TcpConnector, outbound::Outbound},
+    proxy::{
+        self,
+        connect::TcpConnector,
+        hbone::{Inbound, Tunnels},
+        outbound::Outbound,
+        tunnel::{SnapshotWorkloads, TunnelOutbound},
+    },
     server::{Lifecycle, Limits},
     sources::{ConfigErrors, Origin, file::FileSource, kube::KubeSource},
     state::{NodeContext, Snapshot, Store},
@@ -72,6 +78,20 @@ pub struct AgentOptions {
     pub take_over: bool,
     /// Of workload principals (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
     pub trust_domain: String,
+    /// mTLS between nodes (HBONE); None: off.
+    pub mtls: Option<MtlsOptions>,
+}
+
+/// Workload certificates and HBONE tunnels.
+#[derive(Debug, Clone)]
+pub struct MtlsOptions {
+    /// The CA the agent signs its workloads' certificates from (`mesh ca init`).
+    pub ca_dir: PathBuf,
+    pub cert_lifetime: Duration,
+    /// Where the kernel sends enrolled pods' connections to enrolled pods of other nodes.
+    pub tunnel_addr: SocketAddr,
+    /// Where peer agents' tunnels arrive (its port is every agent's).
+    pub hbone_addr: SocketAddr,
 }
 
 /// Where the configuration comes from.
@@ -125,6 +145,8 @@ pub enum AgentError {
     Thread(#[source] std::io::Error),
     #[error("watching {0}: {1}")]
     Watch(PathBuf, #[source] notify::Error),
+    #[error("--ca-dir: {0}")]
+    Ca(#[from] crate::identity::ca::CaError),
     #[error("removing pins under {0}: {1}")]
     Teardown(PathBuf, #[source] std::io::Error),
 }
@@ -512,9 +534,21 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let readiness_listener = bind_or_inherit(opts.readiness_addr, &mut inherited).await?;
     let metrics_listener = bind_or_inherit(opts.metrics_addr, &mut inherited).await?;
     let outbound_listener = bind_or_inherit(opts.outbound_addr, &mut inherited).await?;
+    // mTLS: the CA is read before anything is attached (a missing one fails the start).
+    let mtls = match &opts.mtls {
+        Some(m) => {
+            let signer = crate::identity::ca::FileSigner::new(&m.ca_dir)?;
+            let tunnel = bind_or_inherit(m.tunnel_addr, &mut inherited).await?;
+            let hbone = bind_or_inherit(m.hbone_addr, &mut inherited).await?;
+            Some((crate::identity::certs::Certificates::new(Arc::new(signer), m.cert_lifetime), tunnel, hbone))
+        }
+        None => None,
+    };
     drop(inherited);
+    let mtls_listeners = mtls.iter().flat_map(|(_, tunnel, hbone)| [tunnel, hbone]);
     let offered: Vec<_> = [&admin_listener, &readiness_listener, &metrics_listener, &outbound_listener]
         .into_iter()
+        .chain(mtls_listeners)
         .filter_map(|l| handoff::duplicate(l).ok())
         .collect();
     let telemetry = Arc::new(Telemetry::new(&opts.flow_log).map_err(AgentError::FlowLog)?);
@@ -540,6 +574,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         "datapath attached"
     );
     loader::set_proxy(&opts.bpffs, opts.outbound_addr)?;
+    loader::set_tunnel(&opts.bpffs, opts.mtls.as_ref().map(|m| m.tunnel_addr))?;
     let reconciler = Reconciler::new(PinnedMaps::open(&opts.bpffs)?)?;
     let adopted = !reconciler.image().is_empty();
     let (report_tx, report_rx) = watch::channel(SyncReport::default());
@@ -597,7 +632,18 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cgroup_task = tokio::spawn(watch_cgroup(agent.clone()));
     let workload_sync = crate::sync::workloads::WorkloadSync::new(WorkloadMap::open(&opts.bpffs)?, cgroup.clone());
     let workloads_task = tokio::spawn(crate::sync::workloads::run(workload_sync, agent.snapshots.clone(), telemetry.clone()));
-    let telemetry_task = tokio::spawn(telemetry::run(telemetry, opts.bpffs.clone()));
+    let telemetry_task = tokio::spawn(telemetry::run(telemetry.clone(), opts.bpffs.clone()));
+    let mut tunneled = TunneledMap::open(&opts.bpffs)?;
+    let tunnels_task = match &mtls {
+        Some(_) => tokio::spawn(crate::sync::tunnels::run(tunneled, agent.snapshots.clone())),
+        None => {
+            // mTLS off (now, or since the last agent): nothing is tunneled.
+            if let Err(e) = tunneled.sync(&Default::default()) {
+                tracing::warn!("clearing mesh_tunneled: {e}");
+            }
+            tokio::spawn(async {})
+        }
+    };
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let lifecycle = Lifecycle { ready: agent.config_read.subscribe(), drain: shutdown_rx.clone(), drain_timeout: opts.drain_timeout };
@@ -614,12 +660,37 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         let agent = agent.clone();
         Arc::new(move |m, p, _| agent.metrics(m, p))
     };
-    let servers = [
+    let mut servers = vec![
         tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("readiness", readiness_listener, readiness_handler, shutdown_rx.clone())),
         tokio::spawn(admin::serve("metrics", metrics_listener, metrics_handler, shutdown_rx.clone())),
-        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits, lifecycle)),
+        tokio::spawn(proxy::outbound::serve(outbound, outbound_listener, proxy_limits, lifecycle.clone())),
     ];
+    let mut certs_task = None;
+    if let Some((certs, tunnel_listener, hbone_listener)) = mtls {
+        let trust_domain = opts.trust_domain.clone();
+        let hbone_metrics = telemetry.metrics.hbone.clone();
+        let workloads = Arc::new(SnapshotWorkloads::new(agent.snapshots.clone(), trust_domain.clone()));
+        let inbound = Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone());
+        let tunnel = TunnelOutbound::new(
+            Box::new(TunnelOriginalMap::open(&opts.bpffs)?),
+            Tunnels::new(certs.clone(), hbone_metrics),
+            agent.snapshots.clone(),
+            telemetry.clone(),
+            trust_domain.clone(),
+        )
+        .with_hbone_port(hbone_listener.local_addr().map_or(proxy::hbone::PORT, |a| a.port()));
+        servers.push(tokio::spawn(proxy::hbone::serve(Arc::new(inbound), hbone_listener, lifecycle.clone())));
+        servers.push(tokio::spawn(proxy::tunnel::serve(Arc::new(tunnel), tunnel_listener, proxy_limits.max_connections, lifecycle)));
+        // Certificates of workloads that left the node are no longer renewed.
+        let mut snapshots = agent.snapshots.clone();
+        certs_task = Some(tokio::spawn(async move {
+            while snapshots.changed().await.is_ok() {
+                let enrolled = SnapshotWorkloads::identities(&snapshots.borrow_and_update(), &trust_domain);
+                certs.retain(|identity| enrolled.contains(identity));
+            }
+        }));
+    }
     drop(shutdown_rx);
     // Taken over: once this agent accepts (its configuration read), the predecessor may stop.
     if let Some(predecessor) = predecessor {
@@ -657,7 +728,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let handed = successor.is_some();
 
-    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task] {
+    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task, tunnels_task].into_iter().chain(certs_task) {
         task.abort();
     }
     feed.stop();

@@ -60,6 +60,31 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// The certificate authority of workload identities.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Write a new root (P-256) and its key (mode 0600) into DIR for `mesh agent --ca-dir DIR`.
+    /// Refuses to overwrite a CA. To rotate: move the old root-cert.pem to trust-bundle.pem,
+    /// init a new root beside it, and remove the bundle once no certificate of the old root lives.
+    Init {
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+        trust_domain: String,
+        /// How long the root is valid.
+        #[arg(long, default_value = "3650d", value_name = "DURATION", value_parser = parse_root_lifetime)]
+        lifetime: std::time::Duration,
+    },
+}
+
+fn parse_root_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let days = s.strip_suffix('d').and_then(|d| d.parse::<u64>().ok()).filter(|d| (1..=36_500).contains(d));
+    days.map(|d| std::time::Duration::from_secs(d * 86_400)).ok_or_else(|| format!("{s:?}: a number of days from 1d to 36500d"))
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,6 +193,19 @@ struct AgentArgs {
     /// finish their requests in flight before they are cut.
     #[arg(long, default_value_t = 10_000, value_name = "MS")]
     drain_timeout_ms: u64,
+    /// mTLS between nodes: sign workload certificates from this CA directory (`mesh ca init`)
+    /// and carry enrolled pods' connections to enrolled pods of other nodes over HBONE.
+    #[arg(long, value_name = "DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Lifetime of workload certificates (renewed at half-life): 24h by default, at least 1m.
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_lifetime)]
+    cert_lifetime: std::time::Duration,
+    /// With --ca-dir: where the kernel sends tunneled connections (an address pods can reach).
+    #[arg(long, default_value = "127.0.0.1:15002")]
+    tunnel_addr: SocketAddr,
+    /// With --ca-dir: where peer agents' HBONE tunnels arrive; every agent uses the same port.
+    #[arg(long, default_value = "0.0.0.0:15008")]
+    hbone_addr: SocketAddr,
     /// How long a proxied request may take when its HTTPRoute rule sets no `timeouts.request`
     /// (0: no limit). A route's own timeout, `0s` included, always wins.
     #[arg(long, default_value_t = 15_000, value_name = "MS")]
@@ -179,6 +217,23 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
         Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
         _ => Err(format!("must be a number from 0 to 1, got {s:?}")),
     }
+}
+
+/// `90s`, `30m`, `24h`, `7d`: between a minute and 90 days (tests may go down to 10s).
+fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{s:?}: expected a number and a unit (s, m, h, d)"))?;
+    let seconds = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("{s:?}: the unit must be s, m, h or d")),
+    };
+    let lifetime = std::time::Duration::from_secs(seconds);
+    let (min, max) = (crate::identity::ca::MIN_LIFETIME, crate::identity::ca::MAX_LIFETIME);
+    if (min..=max).contains(&lifetime) { Ok(lifetime) } else { Err(format!("{s:?}: must be between {min:?} and {max:?}")) }
 }
 
 fn parse_conn_slots(s: &str) -> Result<u32, String> {
@@ -242,6 +297,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
                 take_over: args.take_over,
                 trust_domain: args.trust_domain,
+                mtls: args.ca_dir.map(|ca_dir| app::MtlsOptions {
+                    ca_dir,
+                    cert_lifetime: args.cert_lifetime,
+                    tunnel_addr: args.tunnel_addr,
+                    hbone_addr: args.hbone_addr,
+                }),
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
@@ -318,6 +379,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             std::thread::sleep(Duration::from_secs(1));
         },
+        Command::Ca { command: CaCommand::Init { dir, trust_domain, lifetime } } => {
+            crate::identity::ca::init(&dir, &trust_domain, lifetime)?;
+            println!(
+                "{}: a new root for trust domain {trust_domain}; its key is {} (keep it there, readable only by the agent)",
+                dir.join(crate::identity::ca::ROOT_CERT).display(),
+                dir.join(crate::identity::ca::ROOT_KEY).display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config { command: ConfigCommand::Validate { path } } => match validate_config(&path) {
             Ok((services, slices, routes)) => {
                 println!("{}: {services} Services, {slices} EndpointSlices, {routes} routes: valid", path.display());

@@ -23,3 +23,4 @@ pub mod http;
 pub mod outbound;
 pub mod retry;
 pub mod router;
+pub mod tunnel;

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 pub mod maglev;
 pub mod worker;
+pub mod tunnels;
 pub mod workloads;
 
 use std::{

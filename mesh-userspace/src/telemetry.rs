@@ -240,6 +240,11 @@ impl Telemetry {
         self.forget_series();
     }
 
+    /// The pod the kernel numbered `id` (`mesh_workloads`).
+    pub fn workload_by_kernel_id(&self, id: u32) -> Option<std::sync::Arc<crate::state::model::Workload>> {
+        self.identities.read().expect("identities lock").by_kernel_id.get(&id).cloned()
+    }
+
     /// Services by kernel id, from the kernel sync.
     pub fn set_service_ids(&self, services: imbl::HashMap<u32, identity::Named>) {
         self.identities.write().expect("identities lock").services = services;

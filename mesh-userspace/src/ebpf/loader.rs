@@ -306,6 +306,21 @@ pub fn set_proxy(pin_dir: &Path, addr: std::net::SocketAddr) -> Result<(), LoadE
     proxy.set(0, &value, 0).map_err(|e| LoadError::Map(map_names::PROXY, e))
 }
 
+/// Tells the kernel where tunneled connections go (`mesh_tunnel`); None: nowhere (the
+/// kernel then refuses connections to pods it still lists as tunneled).
+pub fn set_tunnel(pin_dir: &Path, addr: Option<std::net::SocketAddr>) -> Result<(), LoadError> {
+    let map = MapData::from_pin(pin_dir.join(map_names::TUNNEL)).map_err(|e| LoadError::Map(map_names::TUNNEL, e))?;
+    let map = aya::maps::Map::from_map_data(map).map_err(|e| LoadError::Map(map_names::TUNNEL, e))?;
+    let mut tunnel: Array<MapData, ProxyAddr> = Array::try_from(map).map_err(|e| LoadError::Map(map_names::TUNNEL, e))?;
+    let value = addr.map_or_else(ProxyAddr::default, |a| ProxyAddr {
+        addr: super::image::addr_of(a.ip()),
+        port_be: a.port().to_be(),
+        _pad16: 0,
+        _pad32: 0,
+    });
+    tunnel.set(0, &value, 0).map_err(|e| LoadError::Map(map_names::TUNNEL, e))
+}
+
 /// BPF_OBJ_GET: a descriptor for a pinned object, if the pin exists.
 fn open_pinned(pin: &Path) -> Option<OwnedFd> {
     use std::os::{fd::FromRawFd as _, unix::ffi::OsStrExt as _};

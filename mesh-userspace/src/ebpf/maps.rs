@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey,
-    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, WorkloadValue, map_names,
+    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey,
+    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -207,6 +207,74 @@ impl OrigDstMap {
         let value = map.get(&key, 0).ok()?;
         let _ = map.remove(&key);
         Some(std::net::SocketAddr::new(ip_of(&value.addr), u16::from_be(value.port_be)))
+    }
+}
+
+/// Where a connection the kernel sent to the tunnel listener was going, and who dialled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TunnelTarget {
+    /// The pod (a Service's backend as the kernel picked it, or the pod dialled).
+    pub pod: std::net::SocketAddr,
+    /// The Service's id in the kernel maps; 0 for a pod dialled by address.
+    pub service_id: u32,
+    /// The agent's number for the dialling pod (`mesh_workloads`).
+    pub workload: u32,
+}
+
+/// `mesh_tunorig`: `TunnelTarget`s by the client's address (moved there by sock_ops once the
+/// connection is established).
+pub struct TunnelOriginalMap {
+    map: std::sync::Mutex<HashMap<MapData, PeerKey, TunnelOriginal>>,
+}
+
+impl TunnelOriginalMap {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self { map: std::sync::Mutex::new(open_hash(dir, map_names::TUNNEL_ORIGINAL)?) })
+    }
+
+    /// Where `peer`'s connection was going; the entry is consumed.
+    pub fn take(&self, peer: std::net::SocketAddr) -> Option<TunnelTarget> {
+        let key = PeerKey { addr: addr_of(peer.ip()), port: peer.port(), _pad16: 0, _pad32: 0 };
+        let mut map = self.map.lock().expect("tunorig lock");
+        let value = map.get(&key, 0).ok()?;
+        let _ = map.remove(&key);
+        Some(TunnelTarget {
+            pod: std::net::SocketAddr::new(ip_of(&value.addr), u16::from_be(value.port_be)),
+            service_id: value.service_id,
+            workload: value.workload,
+        })
+    }
+}
+
+/// `mesh_tunneled`: the addresses of enrolled pods of other nodes.
+pub struct TunneledMap {
+    map: HashMap<MapData, Addr, u32>,
+}
+
+impl TunneledMap {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self { map: open_hash(dir, map_names::TUNNELED)? })
+    }
+
+    pub fn addresses(&self) -> std::collections::BTreeSet<std::net::IpAddr> {
+        self.map.keys().filter_map(Result::ok).map(|a| ip_of(&a)).collect()
+    }
+
+    /// Makes the map hold exactly `wanted`, writing only what differs; returns (added,
+    /// removed). Additions first: a pod that stays enrolled is never missing in between.
+    pub fn sync(&mut self, wanted: &std::collections::BTreeSet<std::net::IpAddr>) -> Result<(usize, usize), DatapathError> {
+        let present = self.addresses();
+        let mut added = 0;
+        for ip in wanted.difference(&present) {
+            self.map.insert(&addr_of(*ip), &0, 0).map_err(map_err(map_names::TUNNELED, "update"))?;
+            added += 1;
+        }
+        let mut removed = 0;
+        for ip in present.difference(wanted) {
+            ignore_missing(self.map.remove(&addr_of(*ip))).map_err(map_err(map_names::TUNNELED, "delete"))?;
+            removed += 1;
+        }
+        Ok((added, removed))
     }
 }
 

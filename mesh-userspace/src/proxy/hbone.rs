@@ -159,6 +159,11 @@ impl Tunnels {
         Self { certs, pool: Mutex::default(), metrics, refusals }
     }
 
+    /// Counts and logs a refusal made before a tunnel was tried (no route for it).
+    pub fn record_refusal(&self, refusal: &Refusal, peer: SocketAddr) {
+        self.refusals.record(refusal, peer);
+    }
+
     /// A byte stream to `route.target`, through a pooled or a new connection.
     pub async fn open(&self, route: &Route) -> Result<Tunnel, Refusal> {
         let opened = self.open_inner(route).await;

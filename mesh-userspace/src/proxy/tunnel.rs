@@ -1,0 +1,181 @@
+//! L4 between nodes, in mutual TLS: the kernel sends an enrolled pod's TCP connection to an
+//! enrolled pod of another node here (the tunnel listener, `mesh_tunnel`), with where it was
+//! going and who dialled it (`mesh_tunorig`); it goes on as an HBONE tunnel to the destination
+//! node's agent, as the dialling pod's identity, to the destination pod's. Bytes are spliced
+//! both ways, half-close included. The other half is `hbone::Inbound`, fed the node's enrolled
+//! workloads from the store by `SnapshotWorkloads`.
+use std::{net::SocketAddr, sync::Arc};
+
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+
+use super::hbone::{self, LocalWorkloads, Refusal, Route, Tunnels};
+use crate::{
+    ebpf::maps::{TunnelOriginalMap, TunnelTarget},
+    identity::Identity,
+    server::{self, Lifecycle, Slots},
+    state::Snapshot,
+    telemetry::Telemetry,
+};
+
+/// Where a connection at the tunnel listener was going: the kernel's record in production.
+pub trait TunnelOrigins: Send + Sync + 'static {
+    /// `peer`'s record (taken: asked once per connection).
+    fn take(&self, peer: SocketAddr) -> Option<TunnelTarget>;
+}
+
+impl TunnelOrigins for TunnelOriginalMap {
+    fn take(&self, peer: SocketAddr) -> Option<TunnelTarget> {
+        TunnelOriginalMap::take(self, peer)
+    }
+}
+
+/// The tunnel listener's side: kernel records in, tunnels out.
+pub struct TunnelOutbound {
+    origins: Box<dyn TunnelOrigins>,
+    tunnels: Tunnels,
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    telemetry: Arc<Telemetry>,
+    trust_domain: String,
+    /// The port peer agents take tunnels on.
+    hbone_port: u16,
+}
+
+impl TunnelOutbound {
+    pub fn new(
+        origins: Box<dyn TunnelOrigins>,
+        tunnels: Tunnels,
+        snapshot: watch::Receiver<Arc<Snapshot>>,
+        telemetry: Arc<Telemetry>,
+        trust_domain: String,
+    ) -> Self {
+        Self { origins, tunnels, snapshot, telemetry, trust_domain, hbone_port: hbone::PORT }
+    }
+
+    /// Peer agents take tunnels on `port` (tests run several "nodes" on one address).
+    pub fn with_hbone_port(mut self, port: u16) -> Self {
+        self.hbone_port = port;
+        self
+    }
+
+    /// The tunnel for a connection from `peer`: who dialled (the kernel's number for the pod),
+    /// to which pod, and through which node.
+    fn route(&self, peer: SocketAddr) -> Result<Route, Refusal> {
+        let target = self.origins.take(peer).ok_or_else(|| Refusal {
+            reason: "no_original_destination",
+            detail: format!("the kernel recorded no destination for {peer}"),
+        })?;
+        let source = self
+            .telemetry
+            .workload_by_kernel_id(target.workload)
+            .filter(|w| w.enrolled)
+            .and_then(|w| w.identity(&self.trust_domain))
+            .ok_or_else(|| Refusal { reason: "unknown_source", detail: format!("pod number {} is no enrolled pod of this node", target.workload) })?;
+        let snapshot = self.snapshot.borrow().clone();
+        let peer_pod = snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled);
+        let (destination, node) = peer_pod
+            .and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?)))
+            .ok_or_else(|| Refusal { reason: "unknown_destination", detail: format!("{} is no enrolled pod of another node", target.pod) })?;
+        Ok(Route { source, destination, node: SocketAddr::new(node, self.hbone_port), target: target.pod })
+    }
+
+    async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
+        let route = match self.route(peer) {
+            Ok(route) => route,
+            Err(refusal) => {
+                tracing::debug!(%peer, %refusal, "tunnel listener: connection closed");
+                self.tunnels.record_refusal(&refusal, peer);
+                return reset(client);
+            }
+        };
+        let mut tunnel = match self.tunnels.open(&route).await {
+            Ok(tunnel) => tunnel,
+            Err(_) => return reset(client),
+        };
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+            tracing::debug!(%peer, target = %route.target, error = %e, "tunneled connection ended with an error");
+        }
+    }
+}
+
+/// Closes with a reset: the client learns at once that its connection failed (a FIN would
+/// look like the server's orderly close).
+fn reset(stream: TcpStream) {
+    let _ = socket_linger_zero(&stream);
+    drop(stream);
+}
+
+fn socket_linger_zero(stream: &TcpStream) -> std::io::Result<()> {
+    #[expect(deprecated, reason = "a zero linger is the point here: the close must be a reset")]
+    stream.set_linger(Some(std::time::Duration::ZERO))
+}
+
+/// Accepts at the tunnel listener until `lifecycle.drain`; then lets open connections finish
+/// for the drain timeout.
+pub async fn serve(outbound: Arc<TunnelOutbound>, listener: TcpListener, max_connections: usize, lifecycle: Lifecycle) {
+    let Lifecycle { mut ready, mut drain, drain_timeout } = lifecycle;
+    tokio::select! {
+        _ = ready.wait_for(|r| *r) => {}
+        _ = drain.wait_for(|d| *d) => return,
+    }
+    let slots = Slots::new(max_connections, Default::default(), Default::default());
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            (stream, peer) = server::accept(&listener, "tunnel") => {
+                let Some(slot) = slots.take() else {
+                    tracing::debug!(%peer, max = max_connections, "tunnel listener full; connection reset");
+                    reset(stream);
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let outbound = outbound.clone();
+                connections.spawn(async move {
+                    let _slot = slot;
+                    outbound.handle(stream, peer).await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            _ = drain.wait_for(|d| *d) => break,
+        }
+    }
+    drop(listener);
+    if tokio::time::timeout(drain_timeout, async { while connections.join_next().await.is_some() {} }).await.is_err() {
+        tracing::warn!(connections = connections.len(), "drain timeout: the remaining tunneled connections are cut");
+        connections.abort_all();
+    }
+}
+
+/// This node's enrolled workloads, from the store's newest snapshot.
+pub struct SnapshotWorkloads {
+    snapshot: watch::Receiver<Arc<Snapshot>>,
+    trust_domain: String,
+}
+
+impl SnapshotWorkloads {
+    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, trust_domain: String) -> Self {
+        Self { snapshot, trust_domain }
+    }
+
+    /// The identities of the node's enrolled workloads now.
+    pub fn identities(snapshot: &Snapshot, trust_domain: &str) -> std::collections::BTreeSet<Identity> {
+        snapshot.pods.values().filter(|w| w.enrolled).filter_map(|w| w.identity(trust_domain)).collect()
+    }
+}
+
+impl LocalWorkloads for SnapshotWorkloads {
+    fn identity_at(&self, ip: std::net::IpAddr) -> Option<Identity> {
+        let snapshot = self.snapshot.borrow();
+        snapshot.pods_by_ip.get(&ip).filter(|w| w.enrolled).and_then(|w| w.identity(&self.trust_domain))
+    }
+
+    fn serves(&self, identity: &Identity) -> bool {
+        let snapshot = self.snapshot.borrow();
+        identity.trust_domain == self.trust_domain
+            && snapshot.pods.values().any(|w| {
+                w.enrolled && w.spec.key.namespace == identity.namespace && w.spec.service_account == identity.service_account
+            })
+    }
+}
