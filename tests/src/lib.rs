@@ -271,6 +271,11 @@ pub struct AgentSpec<'a> {
     pub outbound_addr: Option<&'a str>,
     /// `--source kubernetes` with this kubeconfig (`yaml` is then unused).
     pub kubeconfig: Option<PathBuf>,
+    /// Run in the network namespace of this process (another "node"), not the caller's.
+    pub netns_of: Option<u32>,
+    /// The address of the admin, metrics and readiness listeners, instead of 127.0.0.1 (an
+    /// agent in another namespace is reached on its node address).
+    pub listen_ip: Option<&'a str>,
 }
 
 impl<'a> AgentSpec<'a> {
@@ -289,6 +294,8 @@ impl<'a> AgentSpec<'a> {
             nofile: None,
             outbound_addr: None,
             kubeconfig: None,
+            netns_of: None,
+            listen_ip: None,
         }
     }
 }
@@ -313,7 +320,8 @@ impl Agent {
         let config_dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&config_dir).expect("config dir");
         let log = config_dir.with_extension("log");
-        let port = |offset: u16| format!("127.0.0.1:{}", spec.port_base + offset);
+        let ip = spec.listen_ip.unwrap_or("127.0.0.1");
+        let port = |offset: u16| format!("{ip}:{}", spec.port_base + offset);
         let mut agent = Self {
             child: None,
             admin: port(0),
@@ -324,7 +332,14 @@ impl Agent {
             keep_datapath: spec.keep_datapath,
             log,
         };
-        let mut cmd = Command::new(mesh_bin());
+        let mut cmd = match spec.netns_of {
+            Some(pid) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.args(["-t", &pid.to_string(), "-n", "--"]).arg(mesh_bin());
+                cmd
+            }
+            None => Command::new(mesh_bin()),
+        };
         cmd.arg("agent");
         match (spec.kubeconfig, spec.config_path) {
             (Some(kubeconfig), _) => cmd.args(["--source", "kubernetes", "--kubeconfig"]).arg(kubeconfig),

@@ -29,8 +29,9 @@ pub fn run() -> anyhow::Result<()> {
     );
 
     // The shipped image, for the container test (it runs it under podman with the
-    // DaemonSet's pod spec); Prometheus for the monitoring test.
-    bootstrap::apt_install_missing(&["podman", "runc", "skopeo", "prometheus"])?;
+    // DaemonSet's pod spec); Prometheus for the monitoring test; tcpdump for the mTLS test's
+    // look at the wire between nodes.
+    bootstrap::apt_install_missing(&["podman", "runc", "skopeo", "prometheus", "tcpdump"])?;
     let (image, _, _) = image::run()?;
 
     println!("[test] privileged integration tests (real programs, cgroups, sockets, network namespaces, the image under podman)");

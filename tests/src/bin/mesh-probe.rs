@@ -24,8 +24,8 @@
 //!                                      print the status line that comes back
 //! mesh-probe upgrade ADDR             GET with Upgrade, then a line through the upgraded stream
 //! mesh-probe echo-serve ADDR           per connection: read to EOF, send it all back, close
-//! mesh-probe echo-check ADDR SIZE...   per SIZE: send SIZE random bytes, half-close, check
-//!                                      the echo is identical
+//! mesh-probe echo-check ADDR SIZE...   per SIZE: send SIZE random bytes (SIZE:TEXT: TEXT
+//!                                      repeated), half-close, check the echo is identical
 //! mesh-probe abort-serve ADDR N        per connection: read N bytes, then close (unread
 //!                                      data makes that a reset)
 //! mesh-probe send-until-error ADDR N   send up to N bytes; report how it ended
@@ -369,8 +369,13 @@ fn echo_serve(addr: SocketAddr) {
 fn echo_check(addr: SocketAddr, sizes: &[String]) {
     let mut results = Vec::new();
     for (i, size) in sizes.iter().enumerate() {
+        // SIZE, or SIZE:TEXT for TEXT repeated (a marker to look for on the wire).
+        let (size, text) = size.split_once(':').map_or((size.as_str(), None), |(n, t)| (n, Some(t)));
         let size: usize = size.parse().unwrap_or_else(|_| usage());
-        let sent = payload(size, 0x5eed + i as u64);
+        let sent = match text {
+            Some(text) => text.bytes().cycle().take(size).collect(),
+            None => payload(size, 0x5eed + i as u64),
+        };
         let outcome = connect(addr).and_then(|stream| {
             stream.set_read_timeout(Some(Duration::from_secs(20)))?;
             let mut writer = stream.try_clone()?;

@@ -1,0 +1,281 @@
+//! mTLS between nodes: two "nodes" (the test's network namespace and one more, joined by a veth
+//! pair), an agent on each with its own cgroup subtree and pin directory, "pods" as processes
+//! in child cgroups. An enrolled pod on node A reaches an enrolled pod on node B through a
+//! Service VIP and by its address; the bytes arrive intact both ways, and the wire between the
+//! nodes carries TLS records on :15008 and nothing else (tcpdump's capture, read here).
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+};
+
+use mesh_tests::*;
+
+const MARKER: &str = "mesh-plaintext-marker-7f3a;";
+const SENTINEL_PORT: &str = "9";
+
+/// Node B: a network namespace joined to the caller's by a veth pair. Node A is 10.200.0.1,
+/// node B 10.200.0.2; B's pod has 10.200.1.2 (routed through B).
+struct NodeB {
+    holder: Child,
+}
+
+impl NodeB {
+    fn new() -> Option<Self> {
+        let veth = Command::new("ip").args(["link", "add", "mesh-nb", "type", "veth"]).output().expect("ip");
+        if !veth.status.success() {
+            println!("SKIP: this kernel cannot make a veth pair: {}", String::from_utf8_lossy(&veth.stderr).trim());
+            return None;
+        }
+        let holder = Command::new("unshare").args(["-n", "sleep", "1000"]).spawn().expect("unshare");
+        let pid = holder.id().to_string();
+        run(Command::new("ip").args(["addr", "add", "10.200.0.1/24", "dev", "mesh-nb"]));
+        run(Command::new("ip").args(["link", "set", "mesh-nb", "up"]));
+        wait_until(
+            || Command::new("ip").args(["link", "set", "veth0", "netns", &pid]).status().is_ok_and(|s| s.success()),
+            || "moving veth0 into node B's namespace".into(),
+        );
+        for args in [
+            ["ip", "addr", "add", "10.200.0.2/24", "dev", "veth0"].as_slice(),
+            &["ip", "link", "set", "veth0", "up"],
+            &["ip", "link", "set", "lo", "up"],
+            &["ip", "addr", "add", "10.200.1.2/32", "dev", "lo"],
+        ] {
+            run(Command::new("nsenter").args(["-t", &pid, "-n"]).args(args));
+        }
+        run(Command::new("ip").args(["route", "add", "10.200.1.0/24", "via", "10.200.0.2"]));
+        Some(Self { holder })
+    }
+
+    fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// A command run in node B's namespace and in `cgroup`.
+    fn command(&self, cgroup: &TestCgroup, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = cgroup.command("nsenter");
+        cmd.args(["-t", &self.pid().to_string(), "-n", "--"]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for NodeB {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}
+
+/// The cgroup path as the `mesh.dev/cgroup` annotation takes it: under the cgroup2 mount.
+fn under_mount(cgroup: &TestCgroup) -> String {
+    Path::new("/").join(cgroup.path.strip_prefix(cgroup2_root()).expect("under the cgroup2 mount")).display().to_string()
+}
+
+/// Both agents read the same objects; each sees its own node's pods as its own.
+fn config(client: &TestCgroup, server: &TestCgroup) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: front-0, namespace: shop, uid: u-front, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-a, serviceAccountName: front}}\nstatus: {{podIP: 10.200.2.1, hostIP: 10.200.0.1}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-b, serviceAccountName: web}}\nstatus: {{podIP: 10.200.1.2, hostIP: 10.200.0.2}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{clusterIP: 10.96.0.10, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: 8080}}]\n\
+         endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n",
+        under_mount(client),
+        under_mount(server)
+    )
+}
+
+/// tcpdump on an interface, writing a pcap file, until stopped.
+struct Capture {
+    child: Child,
+    path: PathBuf,
+}
+
+impl Capture {
+    fn start(interface: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("{}.pcap", unique_name("capture")));
+        let mut child = Command::new("tcpdump")
+            .args(["-i", interface, "-s", "0", "-U", "-w"])
+            .arg(&path)
+            .args(["tcp", "or", "udp", "port", SENTINEL_PORT])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (cargo xtask test installs it)");
+        // It says so once the capture runs.
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let mut line = String::new();
+        while !line.contains("listening on") {
+            line.clear();
+            assert!(stderr.read_line(&mut line).expect("tcpdump stderr") > 0, "tcpdump exited before capturing");
+        }
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Self { child, path }
+    }
+
+    /// Stops the capture once it holds everything sent before (a sentinel datagram sent
+    /// now has reached the file: tcpdump drops what it has not read when interrupted), and
+    /// reads its segments.
+    fn stop(mut self) -> Vec<Segment> {
+        let sentinel = unique_name("sentinel");
+        let socket = std::net::UdpSocket::bind("10.200.0.1:0").expect("udp");
+        wait_until(
+            || {
+                let _ = socket.send_to(sentinel.as_bytes(), format!("10.200.0.2:{SENTINEL_PORT}"));
+                std::fs::read(&self.path).is_ok_and(|pcap| contains(&pcap, sentinel.as_bytes()))
+            },
+            || "the capture to take the sentinel datagram".into(),
+        );
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let _ = self.child.wait();
+        segments(&std::fs::read(&self.path).expect("pcap"))
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// A TCP segment with payload, as captured.
+struct Segment {
+    from_port: u16,
+    to_port: u16,
+    payload: Vec<u8>,
+}
+
+/// The TCP segments with payload of a pcap file of Ethernet frames (IPv4).
+fn segments(pcap: &[u8]) -> Vec<Segment> {
+    assert!(pcap.len() >= 24 && pcap[..4] == [0xd4, 0xc3, 0xb2, 0xa1], "a little-endian pcap file");
+    let mut found = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let captured = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[at + 16..(at + 16 + captured).min(pcap.len())];
+        at += 16 + captured;
+        if frame.len() < 14 + 20 || frame[12..14] != [0x08, 0x00] {
+            continue;
+        }
+        let ip = &frame[14..];
+        let (header, total) = (usize::from(ip[0] & 0x0f) * 4, usize::from(u16::from_be_bytes([ip[2], ip[3]])));
+        if ip[9] != 6 || total > ip.len() || header + 20 > total {
+            continue;
+        }
+        let tcp = &ip[header..total];
+        let offset = usize::from(tcp[12] >> 4) * 4;
+        if offset < tcp.len() {
+            found.push(Segment {
+                from_port: u16::from_be_bytes([tcp[0], tcp[1]]),
+                to_port: u16::from_be_bytes([tcp[2], tcp[3]]),
+                payload: tcp[offset..].to_vec(),
+            });
+        }
+    }
+    found
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Whether a byte stream is a sequence of TLS records (a truncated last one allowed).
+fn tls_records(stream: &[u8]) -> Result<usize, String> {
+    let mut at = 0;
+    let mut records = 0;
+    while at + 5 <= stream.len() {
+        let (kind, version, len) = (stream[at], u16::from_be_bytes([stream[at + 1], stream[at + 2]]), u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
+        if !(0x14..=0x17).contains(&kind) || !matches!(version, 0x0301 | 0x0303) {
+            return Err(format!("not a TLS record at byte {at}: {:02x?}", &stream[at..(at + 8).min(stream.len())]));
+        }
+        at += 5 + usize::from(len);
+        records += 1;
+    }
+    Ok(records)
+}
+
+fn echo_ok(answer: &Value) -> bool {
+    answer["results"].as_array().is_some_and(|r| !r.is_empty() && r.iter().all(|x| x["ok"] == true))
+}
+
+#[test]
+fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_tls() {
+    in_netns(|| {
+        let Some(node_b) = NodeB::new() else { return };
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("mtls-node-a"), TestCgroup::new("mtls-node-b"));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        let yaml = config(&client, &server);
+        let ca_arg = ca.display().to_string();
+        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
+
+        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) = ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        let agent_b = Agent::start(spec_b);
+        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
+        spec_a.extra_args = mtls_args;
+        let agent_a = Agent::start(spec_a);
+
+        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
+
+        // Through the Service and by the pod's address, a marked payload, captured between
+        // the nodes.
+        let capture = Capture::start("mesh-nb");
+        let marked = format!("65536:{MARKER}");
+        let via_vip = client.probe(&["echo-check", "10.96.0.10:80", "1", &marked]);
+        assert!(echo_ok(&via_vip), "through the VIP: {via_vip}\nnode A:\n{}\nnode B:\n{}", agent_a.log(), agent_b.log());
+        let direct = client.probe(&["echo-check", "10.200.1.2:8080", &marked]);
+        assert!(echo_ok(&direct), "to the pod's address: {direct}\n{}", agent_a.log());
+        let segments = capture.stop();
+
+        let stray: Vec<String> =
+            segments.iter().filter(|s| s.from_port != 15008 && s.to_port != 15008).map(|s| format!("{} -> {}", s.from_port, s.to_port)).collect();
+        assert!(stray.is_empty(), "payload crossed between the nodes outside the tunnel port: {stray:?}");
+        let all: Vec<u8> = segments.iter().flat_map(|s| s.payload.iter().copied()).collect();
+        assert!(all.len() > 2 * 65536, "the tunnel carried the payloads ({} bytes captured)", all.len());
+        assert!(!contains(&all, MARKER.as_bytes()), "the marker crossed in plaintext");
+        for toward_b in [true, false] {
+            let stream: Vec<u8> =
+                segments.iter().filter(|s| (s.to_port == 15008) == toward_b).flat_map(|s| s.payload.iter().copied()).collect();
+            let records = tls_records(&stream).unwrap_or_else(|e| panic!("toward node B: {toward_b}: {e}"));
+            assert!(records > 2, "toward node B: {toward_b}: {records} TLS records");
+        }
+
+        // Control: a process in no pod (not enrolled) dials the pod directly, in plaintext,
+        // and the capture sees the marker: the check above could have failed.
+        let capture = Capture::start("mesh-nb");
+        let plain = probe_outside(&["echo-check", "10.200.1.2:8080", &format!("4096:{MARKER}")]);
+        assert!(echo_ok(&plain), "{plain}");
+        let segments = capture.stop();
+        let all: Vec<u8> = segments.iter().flat_map(|s| s.payload.clone()).collect();
+        let ports: Vec<(u16, u16, usize)> = segments.iter().map(|s| (s.from_port, s.to_port, s.payload.len())).collect();
+        assert!(contains(&all, MARKER.as_bytes()), "a plaintext connection shows its marker in the capture: {ports:?}");
+
+        // Large transfers both ways, half-closed, through the pooled tunnel connection.
+        let big = client.probe(&["echo-check", "10.96.0.10:80", "1", "1048576", "67108864"]);
+        assert!(echo_ok(&big), "{big}\n{}", agent_a.log());
+        assert_eq!(agent_a.metric("mesh_hbone_connections_open", &[("direction", "outbound")]), 1.0, "one pooled connection");
+        assert_eq!(agent_b.metric("mesh_hbone_connections_open", &[("direction", "inbound")]), 1.0);
+        for agent in [&agent_a, &agent_b] {
+            assert!(!agent.metrics().contains("mesh_hbone_refused_total{"), "nothing refused:\n{}", agent.metrics());
+        }
+
+        agent_a.stop();
+        agent_b.stop();
+        let _ = std::fs::remove_dir_all(&ca);
+    });
+}
+
+fn tempfile_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique_name(label));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
