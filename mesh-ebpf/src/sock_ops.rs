@@ -146,8 +146,7 @@ fn established(ctx: &SockOpsContext, dir: u8) {
         } else if let Some(tunnel) = TUNNEL.get(0)
             && tunnel.port_be == remote_port_be
             && tunnel.addr == remote
-            // SAFETY: plain-integer value.
-            && let Some(original) = unsafe { TUNNEL_PENDING.get(&cookie) }
+            && let Some(original) = TUNNEL_PENDING.get(&cookie)
         {
             // Sent to the tunnel listener: now that the client port is known, file where it
             // was going under it, for the listener to find.

@@ -318,6 +318,8 @@ impl Agent {
                             "rejected": if rejected.is_empty() { None } else { Some(rejected) },
                             "services": image.service_rows(),
                             "workloads": self.workload_rows(&in_kernel),
+                            // Enrolled pods of other nodes the kernel sends through tunnels.
+                            "tunneled": TunneledMap::open(&self.opts.bpffs).map(|m| m.addresses()).unwrap_or_default(),
                             "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
@@ -507,7 +509,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         SourceOptions::Kubernetes { kubeconfig, lease_namespace } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
-            (feed::AnySource::Kube(KubeSource::new(client, opts.node.node.clone(), lease_namespace.clone())), Arc::default())
+            (feed::AnySource::Kube(KubeSource::new(client, opts.node.node.clone(), lease_namespace.clone(), opts.mtls.is_some())), Arc::default())
         }
     };
     // --take-over: a running agent on the same pin directory hands over its listeners (a

@@ -2,6 +2,8 @@
 //! watch protocol, tests/src/kube_api.rs): objects reach the kernel and real connections, a bad
 //! object is refused alone, and the agent survives the API server going away, restarting and
 //! answering 410 Gone, without ever serving less than the last good state.
+use std::process::Command;
+
 use mesh_tests::{
     kube_api::{self, KubeApi},
     *,
@@ -569,5 +571,40 @@ fn a_lease_whose_holder_stopped_renewing_is_taken_over_on_this_agents_own_clock(
         assert!(other.is_some() && this.is_some() && other < this, "held first, taken once expired: {log}");
         assert_eq!(holder()["leaseTransitions"], 1, "{}", holder());
         agent.stop();
+    });
+}
+
+#[test]
+fn with_mtls_on_other_nodes_enrolled_pods_from_the_api_are_tunneled_by_address() {
+    in_netns(|| {
+        let api = KubeApi::start(&[HTTPROUTES, GRPCROUTES]);
+        api.apply(serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "test", "labels": {"mesh.dev/dataplane": "enabled"}}}));
+        let with_host = |mut pod: Value, host: &str| {
+            pod["status"]["hostIP"] = host.into();
+            pod
+        };
+        api.apply(with_host(pod("web-0", "node-b", "u-1", "10.244.1.5", "Burstable", ""), "192.168.0.2"));
+        api.apply(with_host(pod("opted-out-0", "node-b", "u-2", "10.244.1.6", "Burstable", r#""mesh.dev/dataplane": "disabled""#), "192.168.0.2"));
+        api.apply(with_host(pod("here-0", "node-a", "u-3", "10.244.0.7", "Burstable", ""), "192.168.0.1"));
+        let ca = std::env::temp_dir().join(unique_name("ca"));
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca));
+        let cgroup = TestCgroup::new("kube-peers");
+        let mut spec = AgentSpec::new("", &cgroup);
+        spec.kubeconfig = Some(api.kubeconfig.clone());
+        let ca_arg = ca.display().to_string();
+        spec.extra_args = vec!["--ca-dir", &ca_arg];
+        let agent = Agent::start(spec);
+        let tunneled = || agent.config_dump()["tunneled"].clone();
+        // Only the enrolled pod of the other node: this node's pods and opted-out ones are not.
+        wait_until(|| tunneled() == serde_json::json!(["10.244.1.5"]), || format!("{}", tunneled()));
+        // It leaves the mesh: no longer tunneled.
+        assert!(api.delete("v1", "Pod", "test", "web-0"));
+        wait_until(|| tunneled() == serde_json::json!([]), || format!("{}", tunneled()));
+        // Every node's pods were asked for (no field selector), as RBAC grants.
+        let pod_requests: Vec<String> = api.requests().into_iter().filter(|r| r.contains("/pods")).collect();
+        assert!(!pod_requests.is_empty() && pod_requests.iter().all(|r| !r.contains("fieldSelector")), "{pod_requests:?}");
+        assert_rbac_grants_every_request(&api);
+        agent.stop();
+        let _ = std::fs::remove_dir_all(&ca);
     });
 }

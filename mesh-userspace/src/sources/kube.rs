@@ -137,15 +137,19 @@ impl Drop for KubeSource {
 impl KubeSource {
     /// Starts the watchers (they connect in the background, with backoff). Route status and
     /// Events are written as this `node`'s agent, while it holds the Lease in `namespace`.
-    pub fn new(client: Client, node: String, namespace: String) -> Self {
+    ///
+    /// Pods: this node's only, unless `all_pods` (mTLS: tunnels to other nodes' enrolled pods
+    /// need their addresses, service accounts and nodes).
+    pub fn new(client: Client, node: String, namespace: String, all_pods: bool) -> Self {
         let (tx, watched) = mpsc::channel(EVENT_QUEUE);
         let watchers = KINDS
             .into_iter()
             .map(|kind| {
                 let api: Api<DynamicObject> = Api::all_with(client.clone(), &api_resource(kind));
-                // Only this node's pods: an agent never lists the cluster's.
+                // Only this node's pods, unless tunnels need the others (their objects are
+                // trimmed to a few fields as they arrive).
                 let config = match kind {
-                    Kind::Pod => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
+                    Kind::Pod if !all_pods => watcher::Config::default().fields(&format!("spec.nodeName={node}")),
                     _ => watcher::Config::default(),
                 };
                 let tx = tx.clone();
@@ -322,7 +326,7 @@ fn typed(kind: Kind, mut object: DynamicObject) -> Result<Change, (Origin, Confi
                     spec.insert("containers".into(), serde_json::Value::Array(Vec::new()));
                 }
                 if let Some(status) = data.get_mut("status").and_then(|s| s.as_object_mut()) {
-                    status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "qosClass" | "phase"));
+                    status.retain(|k, _| matches!(k.as_str(), "podIP" | "podIPs" | "qosClass" | "phase" | "hostIP"));
                 }
             }
             _ => {}
