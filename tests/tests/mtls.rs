@@ -279,3 +279,127 @@ fn tempfile_dir(label: &str) -> PathBuf {
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
+
+/// The independent HBONE peer (tests/python/hbone_peer.py), written out for `python`.
+fn python_peer() -> (PathBuf, PathBuf) {
+    let python = std::env::var_os("MESH_PYTHON")
+        .map(PathBuf::from)
+        .expect("MESH_PYTHON: a Python with the h2 package (cargo xtask test sets it up)");
+    let script = std::env::temp_dir().join(format!("{}.py", unique_name("hbone-peer")));
+    std::fs::write(&script, include_str!("../python/hbone_peer.py")).expect("write the peer");
+    (python, script)
+}
+
+/// A workload certificate made with openssl from the CA's files (nothing of mesh's).
+fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
+    let dir = tempfile_dir("peer-cert");
+    let (key, csr, cert, ext) = (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"));
+    std::fs::write(&ext, format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"))
+        .expect("ext");
+    run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=python-peer", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-set_serial", "7", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca.join("root-cert.pem"))
+        .arg("-CAkey")
+        .arg(ca.join("root-key.pem"))
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    (cert.display().to_string(), key.display().to_string())
+}
+
+#[test]
+fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
+    in_netns(|| {
+        let Some(node_b) = NodeB::new() else { return };
+        let (python, script) = python_peer();
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let root = ca.join("root-cert.pem").display().to_string();
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("peer-node-a"), TestCgroup::new("peer-node-b"));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        let yaml = config(&client, &server);
+        let ca_arg = ca.display().to_string();
+        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
+        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
+
+        // The Python peer, as front, tunnels into node B's agent to web.
+        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) = ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        let agent_b = Agent::start(spec_b);
+        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/front");
+        let tunnel_in = |authority: &str| {
+            parse_probe(Command::new(&python).arg(&script).args([
+                "client",
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "--ca",
+                &root,
+                "--connect",
+                "10.200.0.2:15008",
+                "--server-name",
+                "web.shop.sa.mesh.internal",
+                "--expect-peer",
+                "spiffe://td/ns/shop/sa/web",
+                "--authority",
+                authority,
+                "--size",
+                "1048576",
+            ]))
+        };
+        let answer = tunnel_in("10.200.1.2:8080");
+        assert_eq!(answer["status"], "200", "{answer}\n{}", agent_b.log());
+        assert_eq!(answer["echo_ok"], true, "1 MiB there and back, half-closed: {answer}");
+        // A destination that is none of node B's workloads: refused, with the reason counted.
+        let answer = tunnel_in("10.200.1.9:8080");
+        assert_eq!(answer["status"], "403", "{answer}");
+        assert_eq!(agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", "unknown_destination")]), 1.0);
+        agent_b.stop();
+
+        // Node A's agent tunnels front's connection into the Python peer, serving as web.
+        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/web");
+        let mut peer_server = node_b.command(&cgroup_b, &python);
+        peer_server.arg(&script).args([
+            "server",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &root,
+            "--listen",
+            "10.200.0.2:15008",
+            "--expect-peer",
+            "spiffe://td/ns/shop/sa/front",
+        ]);
+        let mut peer_server = peer_server.stdout(Stdio::piped()).spawn().expect("python peer");
+        let mut lines = BufReader::new(peer_server.stdout.take().expect("stdout")).lines();
+        let first = lines.next().expect("a line").expect("stdout");
+        assert!(first.contains("serving"), "{first}");
+        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
+        spec_a.extra_args = mtls_args;
+        let agent_a = Agent::start(spec_a);
+        let answer = client.probe(&["echo-check", "10.96.0.10:80", "65536"]);
+        assert!(echo_ok(&answer), "{answer}\n{}", agent_a.log());
+        let carried: Value = serde_json::from_str(&lines.next().expect("a line").expect("stdout")).expect("json");
+        assert_eq!(
+            carried,
+            serde_json::json!({"peer": "spiffe://td/ns/shop/sa/front", "authority": "10.200.1.2:8080", "up": 65536, "down": 65536}),
+            "the peer saw front's identity and the pod's address"
+        );
+        agent_a.stop();
+        let _ = peer_server.kill();
+        let _ = peer_server.wait();
+        let _ = std::fs::remove_file(&script);
+        let _ = std::fs::remove_dir_all(&ca);
+    });
+}

@@ -171,24 +171,26 @@ pub fn dist_bin(name: &str) -> PathBuf {
 
 /// A Python with PyPI's opentelemetry-proto, in a venv under target/ (made once): the
 /// OpenTelemetry project's own decoder for the proxy's OTLP export test.
-pub fn otel_python() -> anyhow::Result<PathBuf> {
-    let venv = workspace_root().join("target/otel-venv");
+/// A Python venv (target/test-venv) with the PyPI packages the tests read or speak with:
+/// opentelemetry-proto (decodes exported spans), h2 (the independent HBONE peer).
+pub fn test_python() -> anyhow::Result<PathBuf> {
+    let venv = workspace_root().join("target/test-venv");
     let python = venv.join("bin/python");
-    let has_package = |python: &Path| {
+    let has_packages = |python: &Path| {
         Command::new(python)
-            .args(["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2"])
+            .args(["-c", "import opentelemetry.proto.collector.trace.v1.trace_service_pb2, h2.connection"])
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    if has_package(&python) {
+    if has_packages(&python) {
         return Ok(python);
     }
-    println!("[bootstrap] a Python venv with opentelemetry-proto (PyPI) in {}", venv.display());
+    println!("[bootstrap] a Python venv with opentelemetry-proto and h2 (PyPI) in {}", venv.display());
     if !Command::new("python3").args(["-m", "venv"]).arg(&venv).status().is_ok_and(|s| s.success()) {
         apt_install_missing(&["python3-venv"])?;
         run(Command::new("python3").args(["-m", "venv", "--clear"]).arg(&venv))?;
     }
-    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "opentelemetry-proto"]))?;
-    anyhow::ensure!(has_package(&python), "opentelemetry-proto installed, but {} cannot import it", python.display());
+    run(Command::new(venv.join("bin/pip")).args(["install", "-q", "opentelemetry-proto", "h2"]))?;
+    anyhow::ensure!(has_packages(&python), "opentelemetry-proto and h2 installed, but {} cannot import them", python.display());
     Ok(python)
 }

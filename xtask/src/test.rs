@@ -22,9 +22,9 @@ pub fn run() -> anyhow::Result<()> {
 
     let mut total = Tally::default();
     println!("[test] unit tests");
-    let otel_python = bootstrap::otel_python()?;
+    let python = bootstrap::test_python()?;
     let unit = cargo_test(
-        cargo().args(["test", "-p", "mesh-common", "-p", "mesh-userspace", "-p", "xtask"]).env("MESH_OTEL_PYTHON", otel_python),
+        cargo().args(["test", "-p", "mesh-common", "-p", "mesh-userspace", "-p", "xtask"]).env("MESH_OTEL_PYTHON", &python),
         &mut total,
     );
 
@@ -40,6 +40,7 @@ pub fn run() -> anyhow::Result<()> {
             .args(["test", "-p", "mesh-tests"])
             .env("MESH_BIN", target_bin("mesh"))
             .env("MESH_PROBE_BIN", target_bin("mesh-probe"))
+            .env("MESH_PYTHON", &python)
             .env("MESH_IMAGE", image),
         &mut total,
     );
