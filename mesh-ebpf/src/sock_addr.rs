@@ -35,13 +35,16 @@ use aya_ebpf::{
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
     Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
-    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal, WorkloadValue, conn_phase, drop_counters, service_flags, sizes,
-    workload_flags,
+    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal, WorkloadValue, conn_phase, drop_counters,
+    service_flags, sizes, workload_flags,
 };
 
 use crate::{
     conns,
-    maps::{AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL, TUNNEL_PENDING, TUNNELED, WORKLOADS, count_drop},
+    maps::{
+        AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL, TUNNEL_PENDING, TUNNELED, WORKLOADS,
+        count_drop,
+    },
 };
 
 /// Let the syscall go on (with the address as the program left it).

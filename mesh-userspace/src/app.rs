@@ -190,6 +190,8 @@ struct Agent {
     config_read: watch::Sender<bool>,
     /// The store's newest snapshot (for the pods in `/config_dump`).
     snapshots: watch::Receiver<Arc<Snapshot>>,
+    /// Workload certificates, with mTLS on.
+    certs: Option<Arc<crate::identity::certs::Certificates>>,
 }
 
 impl Agent {
@@ -241,6 +243,29 @@ impl Agent {
         // Everything read so far was refused: nothing of this configuration serves.
         let nothing_accepted = status.generation == 0 && !status.rejected.is_empty();
         self.adopted || (!nothing_accepted && status.synced_at.is_some_and(|g| report.runs > 0 && report.generation >= g))
+    }
+
+    /// The workload certificates held: identity, serial, validity (RFC 3339).
+    fn certificate_rows(&self) -> Vec<serde_json::Value> {
+        let Some(certs) = &self.certs else { return Vec::new() };
+        let when = |t: SystemTime| telemetry::access_log::Rfc3339(t).to_string();
+        certs
+            .current()
+            .iter()
+            .map(|c| {
+                let serial = c
+                    .certified
+                    .end_entity_cert()
+                    .ok()
+                    .and_then(|der| x509_parser::parse_x509_certificate(der).ok().map(|(_, parsed)| parsed.raw_serial_as_string()));
+                serde_json::json!({
+                    "identity": c.identity.to_string(),
+                    "serial": serial,
+                    "issued": when(c.issued_at),
+                    "expires": when(c.expires_at),
+                })
+            })
+            .collect()
     }
 
     fn readiness(&self, _: &Method, path: &str) -> (StatusCode, String) {
@@ -320,6 +345,7 @@ impl Agent {
                             "workloads": self.workload_rows(&in_kernel),
                             // Enrolled pods of other nodes the kernel sends through tunnels.
                             "tunneled": TunneledMap::open(&self.opts.bpffs).map(|m| m.addresses()).unwrap_or_default(),
+                            "certificates": self.certificate_rows(),
                             "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
@@ -509,7 +535,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         SourceOptions::Kubernetes { kubeconfig, lease_namespace } => {
             let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
-            (feed::AnySource::Kube(KubeSource::new(client, opts.node.node.clone(), lease_namespace.clone(), opts.mtls.is_some())), Arc::default())
+            (
+                feed::AnySource::Kube(KubeSource::new(client, opts.node.node.clone(), lease_namespace.clone(), opts.mtls.is_some())),
+                Arc::default(),
+            )
         }
     };
     // --take-over: a running agent on the same pin directory hands over its listeners (a
@@ -605,6 +634,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         telemetry: telemetry.clone(),
         config_read: watch::Sender::new(false),
         snapshots: snapshot_rx_for_agent,
+        certs: mtls.as_ref().map(|(certs, _, _)| certs.clone()),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -730,7 +760,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let handed = successor.is_some();
 
-    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task, tunnels_task].into_iter().chain(certs_task) {
+    for task in
+        [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task, tunnels_task].into_iter().chain(certs_task)
+    {
         task.abort();
     }
     feed.stop();

@@ -12,8 +12,8 @@
 //! rewrites nothing that did not change.
 #![forbid(unsafe_code)]
 pub mod maglev;
-pub mod worker;
 pub mod tunnels;
+pub mod worker;
 pub mod workloads;
 
 use std::{

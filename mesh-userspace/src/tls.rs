@@ -14,11 +14,11 @@ use rustls::{
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
     crypto::{CryptoProvider, WebPkiSupportedAlgorithms},
     pki_types::{CertificateDer, ServerName, UnixTime},
-    sign::SingleCertAndKey,
     server::{
         WebPkiClientVerifier,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
+    sign::SingleCertAndKey,
 };
 
 use crate::identity::{Identity, certs::WorkloadCert};
@@ -35,9 +35,9 @@ pub enum SpiffeError {
     #[error("the certificate's identity: {0}")]
     BadIdentity(#[from] crate::identity::IdentityError),
     #[error("{got} is not in the trust domain {want:?}")]
-    WrongTrustDomain { got: Identity, want: String },
+    WrongTrustDomain { got: Box<Identity>, want: String },
     #[error("the peer is {got}, not {want}")]
-    WrongIdentity { got: Identity, want: Identity },
+    WrongIdentity { got: Box<Identity>, want: Box<Identity> },
     #[error("the certificate does not parse: {0}")]
     Parse(String),
 }
@@ -114,17 +114,27 @@ impl ServerCertVerifier for ServerVerifier {
         rustls::client::verify_server_cert_signed_by_trust_anchor(&parsed, &self.roots, intermediates, now, self.algorithms.all)?;
         let got = identity_of(end_entity).map_err(refuse)?;
         if got != self.expected {
-            return Err(refuse(SpiffeError::WrongIdentity { got, want: self.expected.clone() }));
+            return Err(refuse(SpiffeError::WrongIdentity { got: Box::new(got), want: Box::new(self.expected.clone()) }));
         }
         Ok(ServerCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, _: &[u8], _: &CertificateDer<'_>, _: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
         // Never reached: the configs allow TLS 1.3 only.
         Err(Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic))
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
         rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
@@ -147,20 +157,35 @@ impl ClientCertVerifier for ClientVerifier {
         &[]
     }
 
-    fn verify_client_cert(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>], now: UnixTime) -> Result<ClientCertVerified, Error> {
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, Error> {
         self.inner.verify_client_cert(end_entity, intermediates, now)?;
         let got = identity_of(end_entity).map_err(refuse)?;
         if got.trust_domain != self.trust_domain {
-            return Err(refuse(SpiffeError::WrongTrustDomain { got, want: self.trust_domain.clone() }));
+            return Err(refuse(SpiffeError::WrongTrustDomain { got: Box::new(got), want: self.trust_domain.clone() }));
         }
         Ok(ClientCertVerified::assertion())
     }
 
-    fn verify_tls12_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
         self.inner.verify_tls12_signature(message, cert, dss)
     }
 
-    fn verify_tls13_signature(&self, message: &[u8], cert: &CertificateDer<'_>, dss: &DigitallySignedStruct) -> Result<HandshakeSignatureValid, Error> {
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, Error> {
         self.inner.verify_tls13_signature(message, cert, dss)
     }
 

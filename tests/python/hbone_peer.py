@@ -216,7 +216,14 @@ def main():
     parser.add_argument("--size", type=int, default=0)
     parser.add_argument("--listen")
     args = parser.parse_args()
-    return client(args) if args.mode == "client" else server(args)
+    if args.mode == "server":
+        return server(args)
+    try:
+        return client(args)
+    except (ssl.SSLError, OSError) as e:
+        # Refused (a TLS alert, a closed connection): an answer the caller checks.
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+        return 0
 
 
 if __name__ == "__main__":

@@ -584,7 +584,10 @@ fn with_mtls_on_other_nodes_enrolled_pods_from_the_api_are_tunneled_by_address()
             pod
         };
         api.apply(with_host(pod("web-0", "node-b", "u-1", "10.244.1.5", "Burstable", ""), "192.168.0.2"));
-        api.apply(with_host(pod("opted-out-0", "node-b", "u-2", "10.244.1.6", "Burstable", r#""mesh.dev/dataplane": "disabled""#), "192.168.0.2"));
+        api.apply(with_host(
+            pod("opted-out-0", "node-b", "u-2", "10.244.1.6", "Burstable", r#""mesh.dev/dataplane": "disabled""#),
+            "192.168.0.2",
+        ));
         api.apply(with_host(pod("here-0", "node-a", "u-3", "10.244.0.7", "Burstable", ""), "192.168.0.1"));
         let ca = std::env::temp_dir().join(unique_name("ca"));
         run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca));

@@ -191,7 +191,8 @@ fn tls_records(stream: &[u8]) -> Result<usize, String> {
     let mut at = 0;
     let mut records = 0;
     while at + 5 <= stream.len() {
-        let (kind, version, len) = (stream[at], u16::from_be_bytes([stream[at + 1], stream[at + 2]]), u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
+        let (kind, version, len) =
+            (stream[at], u16::from_be_bytes([stream[at + 1], stream[at + 2]]), u16::from_be_bytes([stream[at + 3], stream[at + 4]]));
         if !(0x14..=0x17).contains(&kind) || !matches!(version, 0x0301 | 0x0303) {
             return Err(format!("not a TLS record at byte {at}: {:02x?}", &stream[at..(at + 8).min(stream.len())]));
         }
@@ -218,7 +219,8 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
         let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
 
         let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) = ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
+            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
         let agent_b = Agent::start(spec_b);
         let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
         spec_a.extra_args = mtls_args;
@@ -236,8 +238,11 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
         assert!(echo_ok(&direct), "to the pod's address: {direct}\n{}", agent_a.log());
         let segments = capture.stop();
 
-        let stray: Vec<String> =
-            segments.iter().filter(|s| s.from_port != 15008 && s.to_port != 15008).map(|s| format!("{} -> {}", s.from_port, s.to_port)).collect();
+        let stray: Vec<String> = segments
+            .iter()
+            .filter(|s| s.from_port != 15008 && s.to_port != 15008)
+            .map(|s| format!("{} -> {}", s.from_port, s.to_port))
+            .collect();
         assert!(stray.is_empty(), "payload crossed between the nodes outside the tunnel port: {stray:?}");
         let all: Vec<u8> = segments.iter().flat_map(|s| s.payload.iter().copied()).collect();
         assert!(all.len() > 2 * 65536, "the tunnel carried the payloads ({} bytes captured)", all.len());
@@ -290,12 +295,27 @@ fn python_peer() -> (PathBuf, PathBuf) {
     (python, script)
 }
 
+/// A CA directory of openssl's making (root-cert.pem, root-key.pem), not mesh's.
+fn openssl_root() -> PathBuf {
+    let dir = tempfile_dir("other-root");
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=another root", "-days", "1"])
+        .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", "-keyout"])
+        .arg(dir.join("root-key.pem"))
+        .arg("-out")
+        .arg(dir.join("root-cert.pem")));
+    dir
+}
+
 /// A workload certificate made with openssl from the CA's files (nothing of mesh's).
 fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
     let dir = tempfile_dir("peer-cert");
     let (key, csr, cert, ext) = (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"));
-    std::fs::write(&ext, format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"))
-        .expect("ext");
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
+    )
+    .expect("ext");
     run(Command::new("openssl")
         .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=python-peer", "-keyout"])
         .arg(&key)
@@ -332,7 +352,8 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
 
         // The Python peer, as front, tunnels into node B's agent to web.
         let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) = ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
+            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
         let agent_b = Agent::start(spec_b);
         let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/front");
         let tunnel_in = |authority: &str| {
@@ -400,6 +421,164 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
         let _ = peer_server.kill();
         let _ = peer_server.wait();
         let _ = std::fs::remove_file(&script);
+        let _ = std::fs::remove_dir_all(&ca);
+    });
+}
+
+/// The Python peer as a client of node B's agent, with `cert`: its JSON answer.
+fn peer_client(python: &(PathBuf, PathBuf), root: &str, (cert, key): &(String, String)) -> Value {
+    parse_probe(Command::new(&python.0).arg(&python.1).args([
+        "client",
+        "--cert",
+        cert,
+        "--key",
+        key,
+        "--ca",
+        root,
+        "--connect",
+        "10.200.0.2:15008",
+        "--server-name",
+        "web.shop.sa.mesh.internal",
+        "--expect-peer",
+        "spiffe://td/ns/shop/sa/web",
+        "--authority",
+        "10.200.1.2:8080",
+        "--size",
+        "1000",
+    ]))
+}
+
+#[test]
+fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_files_say_so() {
+    in_netns(|| {
+        let Some(node_b) = NodeB::new() else { return };
+        let python = python_peer();
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let root = ca.join("root-cert.pem").display().to_string();
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("refuse-node-a"), TestCgroup::new("refuse-node-b"));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        let yaml = config(&client, &server);
+        let ca_arg = ca.display().to_string();
+        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
+        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
+        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
+            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        let agent_b = Agent::start(spec_b);
+        let refused = |reason: &str| agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", reason)]);
+
+        // Another trust domain, though signed by the trusted root.
+        let answer = peer_client(&python, &root, &openssl_cert(&ca, "spiffe://elsewhere/ns/shop/sa/front"));
+        assert!(answer["error"].is_string(), "{answer}");
+        assert_eq!(refused("wrong_trust_domain"), 1.0, "{}", agent_b.metrics());
+
+        // A root nobody told node B to trust; then trusted beside the CA's own (a rotation's
+        // overlap); then no longer (revoked): refused again, with nothing restarted.
+        let other = openssl_root();
+        let stranger = openssl_cert(&other, "spiffe://td/ns/shop/sa/front");
+        assert!(peer_client(&python, &root, &stranger)["error"].is_string());
+        assert_eq!(refused("untrusted_certificate"), 1.0);
+        std::fs::copy(other.join("root-cert.pem"), ca.join("trust-bundle.pem")).expect("bundle");
+        let answer = peer_client(&python, &root, &stranger);
+        assert_eq!((answer["status"].as_str(), answer["echo_ok"].as_bool()), (Some("200"), Some(true)), "{answer}");
+        std::fs::remove_file(ca.join("trust-bundle.pem")).expect("revoke");
+        assert!(peer_client(&python, &root, &stranger)["error"].is_string());
+        assert_eq!(refused("untrusted_certificate"), 2.0);
+
+        // Plaintext on the HBONE port.
+        let mut plain = std::net::TcpStream::connect("10.200.0.2:15008").expect("connect");
+        std::io::Write::write_all(&mut plain, b"CONNECT 10.200.1.2:8080 HTTP/1.1\r\nHost: x\r\n\r\n").expect("write");
+        let _ = std::io::Read::read_to_end(&mut plain, &mut Vec::new());
+        assert_eq!(refused("not_tls"), 1.0);
+        // The node's own workload still gets through after all that.
+        let answer = peer_client(&python, &root, &openssl_cert(&ca, "spiffe://td/ns/shop/sa/front"));
+        assert_eq!(answer["echo_ok"], true, "{answer}");
+        agent_b.stop();
+
+        // Node A's agent meets a "node B" whose certificate is not web's: it refuses, counts
+        // why, and the pod's connection fails at once.
+        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/db");
+        let mut impostor = node_b.command(&cgroup_b, &python.0);
+        impostor.arg(&python.1).args([
+            "server",
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--ca",
+            &root,
+            "--listen",
+            "10.200.0.2:15008",
+            "--expect-peer",
+            "spiffe://td/ns/shop/sa/front",
+        ]);
+        let _impostor = Backend::spawn_raw(&mut impostor);
+        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
+        spec_a.extra_args = mtls_args;
+        let agent_a = Agent::start(spec_a);
+        let answer = client.probe(&["echo-check", "10.96.0.10:80", "100"]);
+        assert!(!echo_ok(&answer), "{answer}");
+        assert_eq!(agent_a.metric("mesh_hbone_refused_total", &[("direction", "outbound"), ("reason", "wrong_identity")]), 1.0);
+        assert!(agent_a.log().contains("wrong_identity"), "logged with the reason:\n{}", agent_a.log());
+        agent_a.stop();
+        for dir in [&ca, &other] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    });
+}
+
+#[test]
+fn certificates_renew_under_a_long_lived_tunnel_and_a_connection_loop_without_a_failure() {
+    in_netns(|| {
+        let Some(node_b) = NodeB::new() else { return };
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("rotate-node-a"), TestCgroup::new("rotate-node-b"));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        let yaml = config(&client, &server);
+        let ca_arg = ca.display().to_string();
+        // Ten-second certificates: renewed every four to five seconds.
+        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td", "--cert-lifetime", "10s"];
+        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["serve", "web", "10.200.1.2:8080"]));
+        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
+            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        let agent_b = Agent::start(spec_b);
+        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
+        spec_a.extra_args = mtls_args;
+        let agent_a = Agent::start(spec_a);
+
+        let mut held = client.hold("10.96.0.10:80");
+        assert!(held.send("first")["answer"].is_string(), "the long-lived connection works");
+        let certificate = |agent: &Agent| agent.config_dump()["certificates"][0].clone();
+        let first = certificate(&agent_a);
+        assert_eq!(first["identity"], "spiffe://td/ns/shop/sa/front", "{first}");
+        let first_expiry = first["expires"].as_str().expect("expires").to_owned();
+        // Until a certificate issued after the first one expired is in use: the pooled
+        // connection made with the first one is then past its certificate's life.
+        let (mut connections, mut lines) = (0, 0);
+        wait_until_for(
+            std::time::Duration::from_secs(60),
+            || {
+                let answer = held.send("again");
+                assert!(answer["answer"].is_string(), "the held connection failed after {lines} lines: {answer}\n{}", agent_a.log());
+                lines += 1;
+                let tally = client.probe(&["tcp", "10.96.0.10:80", "1"]);
+                assert_eq!(names(&tally), vec![("web".to_owned(), 1)], "connection {connections}: {tally}\n{}", agent_a.log());
+                connections += 1;
+                certificate(&agent_a)["issued"].as_str().is_some_and(|issued| issued > first_expiry.as_str())
+            },
+            || format!("no renewal past the first expiry: {}", agent_a.config_dump()["certificates"]),
+        );
+        assert_ne!(certificate(&agent_b)["serial"], serde_json::Value::Null);
+        assert!(held.send("last")["answer"].is_string(), "the connection made before every renewal still works");
+        held.close();
+        for agent in [&agent_a, &agent_b] {
+            assert!(!agent.metrics().contains("mesh_hbone_refused_total{"), "nothing refused:\n{}", agent.metrics());
+        }
+        agent_a.stop();
+        agent_b.stop();
         let _ = std::fs::remove_dir_all(&ca);
     });
 }

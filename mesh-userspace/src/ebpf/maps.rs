@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey,
-    RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
+    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex,
+    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};

@@ -16,8 +16,8 @@ use std::{
 };
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer, pem::PemObject};
 
@@ -96,12 +96,8 @@ pub fn init(dir: &Path, trust_domain: &str, lifetime: Duration) -> Result<(), Ca
 
 fn write_private(path: &Path, contents: &[u8]) -> Result<(), CaError> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| CaError::Write(path.to_owned(), e))?;
+    let mut file =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(|e| CaError::Write(path.to_owned(), e))?;
     file.write_all(contents).map_err(|e| CaError::Write(path.to_owned(), e))
 }
 
@@ -162,7 +158,8 @@ impl FileSigner {
         let root = read_certs(&cert_path, &read(ROOT_CERT)?)?.into_iter().next().expect("read_certs returns at least one");
         let key_path = self.dir.join(ROOT_KEY);
         let key = KeyPair::from_pem(&read(ROOT_KEY)?).map_err(|e| CaError::Pem(key_path.clone(), format!("not a private key: {e}")))?;
-        let issuer = Issuer::from_ca_cert_der(&root, key).map_err(|e| CaError::Pem(cert_path.clone(), format!("not a CA certificate: {e}")))?;
+        let issuer =
+            Issuer::from_ca_cert_der(&root, key).map_err(|e| CaError::Pem(cert_path.clone(), format!("not a CA certificate: {e}")))?;
         let mut roots = vec![root.clone()];
         let bundle_path = self.dir.join(TRUST_BUNDLE);
         match std::fs::read_to_string(&bundle_path) {
@@ -203,7 +200,13 @@ fn read_certs(path: &Path, text: &str) -> Result<Vec<CertificateDer<'static>>, C
 
 /// A workload certificate: the request's key, the caller's identity as the one URI SAN,
 /// client and server use, `lifetime` from `now` (backdated for clock skew).
-pub fn sign_leaf(issuer: &Issuer<'_, KeyPair>, identity: &Identity, csr: &[u8], lifetime: Duration, now: SystemTime) -> Result<CertificateDer<'static>, CaError> {
+pub fn sign_leaf(
+    issuer: &Issuer<'_, KeyPair>,
+    identity: &Identity,
+    csr: &[u8],
+    lifetime: Duration,
+    now: SystemTime,
+) -> Result<CertificateDer<'static>, CaError> {
     if !(MIN_LIFETIME..=MAX_LIFETIME).contains(&lifetime) {
         return Err(CaError::Request(format!("lifetime {lifetime:?} is outside {MIN_LIFETIME:?}..={MAX_LIFETIME:?}")));
     }

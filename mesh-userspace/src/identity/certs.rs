@@ -100,7 +100,9 @@ impl Certificates {
         match seen {
             Ok(Status::Ready(cert)) => Ok(cert),
             Ok(Status::Failed(reason)) => Err(CertError::Unavailable { identity: identity.clone(), reason }),
-            Ok(Status::Pending) | Err(_) => Err(CertError::Unavailable { identity: identity.clone(), reason: "its renewer stopped".into() }),
+            Ok(Status::Pending) | Err(_) => {
+                Err(CertError::Unavailable { identity: identity.clone(), reason: "its renewer stopped".into() })
+            }
         }
     }
 
@@ -146,6 +148,20 @@ impl Certificates {
             }
             kept
         });
+    }
+
+    /// The certificates held now (for `/config_dump`).
+    pub fn current(&self) -> Vec<Arc<WorkloadCert>> {
+        let slots = self.slots.lock().expect("not poisoned");
+        let mut held: Vec<Arc<WorkloadCert>> = slots
+            .values()
+            .filter_map(|slot| match &*slot.status.borrow() {
+                Status::Ready(cert) => Some(cert.clone()),
+                _ => None,
+            })
+            .collect();
+        held.sort_by(|a, b| a.identity.cmp(&b.identity));
+        held
     }
 
     /// The identities with a renewer.
@@ -252,7 +268,12 @@ mod tests {
     }
 
     impl Signer for Flaky {
-        fn sign(&self, identity: &Identity, csr: Vec<u8>, lifetime: Duration) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>> {
+        fn sign(
+            &self,
+            identity: &Identity,
+            csr: Vec<u8>,
+            lifetime: Duration,
+        ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>> {
             if self.down.load(Ordering::SeqCst) {
                 return Box::pin(std::future::ready(Err(CaError::Sign("the signer is away".into()))));
             }

@@ -24,7 +24,10 @@ use std::{
 };
 
 use http_body_util::Empty;
-use hyper::{Method, Request, Response, StatusCode, body::Bytes, client::conn::http2 as client_h2, server::conn::http2 as server_h2, service::service_fn};
+use hyper::{
+    Method, Request, Response, StatusCode, body::Bytes, client::conn::http2 as client_h2, server::conn::http2 as server_h2,
+    service::service_fn,
+};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{
@@ -185,10 +188,14 @@ impl Tunnels {
             .uri(route.target.to_string())
             .body(Empty::new())
             .map_err(|e| Refusal::new("bad_request", e.to_string()))?;
-        let response = send.send_request(request).await.map_err(|e| Refusal::new("tunnel_failed", format!("CONNECT to {}: {e}", route.node)))?;
+        let response =
+            send.send_request(request).await.map_err(|e| Refusal::new("tunnel_failed", format!("CONNECT to {}: {e}", route.node)))?;
         if response.status() != StatusCode::OK {
             let why = response.headers().get(REASON_HEADER).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            return Err(Refusal::new("refused_by_peer", format!("{} answered {} for {}: {why}", route.node, response.status(), route.target)));
+            return Err(Refusal::new(
+                "refused_by_peer",
+                format!("{} answered {} for {}: {why}", route.node, response.status(), route.target),
+            ));
         }
         let upgraded = hyper::upgrade::on(response).await.map_err(|e| Refusal::new("tunnel_failed", e.to_string()))?;
         Ok(Tunnel { io: TokioIo::new(upgraded), _counted: counted })
@@ -200,7 +207,9 @@ impl Tunnels {
         let connections = pool.get_mut(key)?;
         let now = SystemTime::now();
         connections.retain(|c| !c.send.is_closed() && c.expires_at > now);
-        let found = connections.iter().find(|c| c.streams.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS).then_some(n + 1)).is_ok());
+        let found = connections
+            .iter()
+            .find(|c| c.streams.try_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < MAX_STREAMS).then_some(n + 1)).is_ok());
         let found = found.map(|c| (c.send.clone(), c.streams.clone()));
         if connections.is_empty() {
             pool.remove(key);
@@ -359,7 +368,10 @@ impl Inbound {
             .map_err(|e| Refusal::tls(e, "reading the TLS client hello"))?;
         let asked = start.client_hello().server_name().map(str::to_owned);
         let Some(local) = asked.as_deref().and_then(|name| Identity::from_server_name(name, &self.trust_domain)) else {
-            return Err(Refusal::new("unknown_destination", format!("server name {asked:?} names no identity of trust domain {}", self.trust_domain)));
+            return Err(Refusal::new(
+                "unknown_destination",
+                format!("server name {asked:?} names no identity of trust domain {}", self.trust_domain),
+            ));
         };
         if !self.workloads.serves(&local) {
             return Err(Refusal::new("unknown_destination", format!("no enrolled workload of this node is {local}")));
@@ -373,7 +385,13 @@ impl Inbound {
     }
 
     /// One CONNECT: checks the destination, connects to it, answers, and splices.
-    async fn connect(self: &Arc<Self>, request: Request<hyper::body::Incoming>, peer: SocketAddr, local: &Identity, source: &Identity) -> Response<Empty<Bytes>> {
+    async fn connect(
+        self: &Arc<Self>,
+        request: Request<hyper::body::Incoming>,
+        peer: SocketAddr,
+        local: &Identity,
+        source: &Identity,
+    ) -> Response<Empty<Bytes>> {
         let refuse = |status: StatusCode, refusal: Refusal| {
             self.refusals.record(&refusal, peer);
             let mut response = Response::new(Empty::new());
@@ -398,13 +416,25 @@ impl Inbound {
                     Refusal::new("unknown_destination", format!("{target} is {identity}, not {local} the tunnel was opened to")),
                 );
             }
-            None => return refuse(StatusCode::FORBIDDEN, Refusal::new("unknown_destination", format!("{target} is no enrolled workload of this node"))),
+            None => {
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    Refusal::new("unknown_destination", format!("{target} is no enrolled workload of this node")),
+                );
+            }
         }
         let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(target)).await;
         let upstream = match connected {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Refusal::new("destination_unreachable", format!("{target}: {e}"))),
-            Err(_) => return refuse(StatusCode::SERVICE_UNAVAILABLE, Refusal::new("destination_unreachable", format!("{target}: no answer within {HANDSHAKE_TIMEOUT:?}"))),
+            Ok(Err(e)) => {
+                return refuse(StatusCode::SERVICE_UNAVAILABLE, Refusal::new("destination_unreachable", format!("{target}: {e}")));
+            }
+            Err(_) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Refusal::new("destination_unreachable", format!("{target}: no answer within {HANDSHAKE_TIMEOUT:?}")),
+                );
+            }
         };
         let _ = upstream.set_nodelay(true);
         let (inbound, source, local) = (self.clone(), source.clone(), local.clone());

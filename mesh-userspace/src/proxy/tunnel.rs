@@ -72,12 +72,15 @@ impl TunnelOutbound {
             .workload_by_kernel_id(target.workload)
             .filter(|w| w.enrolled)
             .and_then(|w| w.identity(&self.trust_domain))
-            .ok_or_else(|| Refusal { reason: "unknown_source", detail: format!("pod number {} is no enrolled pod of this node", target.workload) })?;
+            .ok_or_else(|| Refusal {
+                reason: "unknown_source",
+                detail: format!("pod number {} is no enrolled pod of this node", target.workload),
+            })?;
         let snapshot = self.snapshot.borrow().clone();
         let peer_pod = snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled);
-        let (destination, node) = peer_pod
-            .and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?)))
-            .ok_or_else(|| Refusal { reason: "unknown_destination", detail: format!("{} is no enrolled pod of another node", target.pod) })?;
+        let (destination, node) = peer_pod.and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?))).ok_or_else(|| {
+            Refusal { reason: "unknown_destination", detail: format!("{} is no enrolled pod of another node", target.pod) }
+        })?;
         Ok(Route { source, destination, node: SocketAddr::new(node, self.hbone_port), target: target.pod })
     }
 
@@ -174,8 +177,9 @@ impl LocalWorkloads for SnapshotWorkloads {
     fn serves(&self, identity: &Identity) -> bool {
         let snapshot = self.snapshot.borrow();
         identity.trust_domain == self.trust_domain
-            && snapshot.pods.values().any(|w| {
-                w.enrolled && w.spec.key.namespace == identity.namespace && w.spec.service_account == identity.service_account
-            })
+            && snapshot
+                .pods
+                .values()
+                .any(|w| w.enrolled && w.spec.key.namespace == identity.namespace && w.spec.service_account == identity.service_account)
     }
 }

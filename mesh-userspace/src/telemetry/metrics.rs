@@ -202,8 +202,16 @@ impl Default for Metrics {
         );
         let hbone = HboneMetrics::default();
         registry.register("mesh_hbone_refused", "HBONE tunnels refused, by direction and reason", hbone.refused.clone());
-        registry.register("mesh_hbone_streams_open", "HBONE tunnel streams open now (one per proxied connection)", hbone.streams_open.clone());
-        registry.register("mesh_hbone_connections_open", "TLS connections between agents carrying HBONE streams, open now", hbone.connections_open.clone());
+        registry.register(
+            "mesh_hbone_streams_open",
+            "HBONE tunnel streams open now (one per proxied connection)",
+            hbone.streams_open.clone(),
+        );
+        registry.register(
+            "mesh_hbone_connections_open",
+            "TLS connections between agents carrying HBONE streams, open now",
+            hbone.connections_open.clone(),
+        );
         // The agent's own CPU, memory and descriptors, read at each scrape, under the names
         // every Prometheus client library uses (dashboards and alerts expect them).
         registry.register_collector(Box::new(ProcessCollector));

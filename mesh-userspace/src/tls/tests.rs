@@ -126,6 +126,6 @@ async fn plaintext_to_a_tls_server_is_refused_as_not_tls() {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(super::server_config(&server, ca.roots.clone(), "td").unwrap()));
     let (mut a, b) = tokio::io::duplex(4096);
     a.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n\r\n").await.unwrap();
-    let refused = acceptor.accept(b).await.err().expect("not a handshake");
+    let Err(refused) = acceptor.accept(b).await else { panic!("a handshake from plaintext") };
     assert_eq!(reason(refused), "not_tls");
 }

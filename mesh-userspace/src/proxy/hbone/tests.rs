@@ -153,14 +153,18 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
     assert_eq!(refused(&agent.metrics, "inbound", "unknown_destination"), 1);
 
     // The right identity, but a destination address that is none of the node's workloads.
-    let elsewhere = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: "127.0.0.2:80".parse().unwrap() };
+    let elsewhere =
+        Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: "127.0.0.2:80".parse().unwrap() };
     let refusal = tunnels.open(&elsewhere).await.err().unwrap();
     assert!(refusal.detail.contains("no enrolled workload"), "the peer's reason reaches the client: {refusal}");
     assert_eq!(refused(&agent.metrics, "inbound", "unknown_destination"), 2);
 
     // A client whose certificate comes from a root the destination does not trust.
     let other = tempfile::tempdir().unwrap();
-    let forger = SignsWithOther { signs: ca(other.path()), trusts: vec![FileSigner::new(dir.path()).unwrap(), FileSigner::new(other.path()).unwrap()] };
+    let forger = SignsWithOther {
+        signs: ca(other.path()),
+        trusts: vec![FileSigner::new(dir.path()).unwrap(), FileSigner::new(other.path()).unwrap()],
+    };
     let forged = Tunnels::new(Certificates::new(Arc::new(forger), Duration::from_secs(3600)), HboneMetrics::default());
     let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod };
     assert!(forged.open(&route).await.is_err());

@@ -158,7 +158,9 @@ fn pods_of_other_nodes_are_peers_by_address_with_their_node_and_enrollment() {
     assert!(!snapshot.peers.contains_key(&"10.1.0.1".parse::<IpAddr>().unwrap()));
 
     // The pod moves to this node (a new object of the same name): a peer no longer.
-    store.apply(upserts("pods.yaml", &format!("{}{}", pod("here", "node-a", "10.1.0.1", ""), pod("there", "node-a", "10.1.1.1", "")))).unwrap();
+    store
+        .apply(upserts("pods.yaml", &format!("{}{}", pod("here", "node-a", "10.1.0.1", ""), pod("there", "node-a", "10.1.1.1", ""))))
+        .unwrap();
     let snapshot = store.snapshot();
     assert!(snapshot.peers.is_empty(), "{:?}", snapshot.peers.keys().collect::<Vec<_>>());
     assert!(snapshot.pods_by_ip.contains_key(&"10.1.1.1".parse::<IpAddr>().unwrap()));
