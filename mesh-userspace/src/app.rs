@@ -703,7 +703,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         let trust_domain = opts.trust_domain.clone();
         let hbone_metrics = telemetry.metrics.hbone.clone();
         let workloads = Arc::new(SnapshotWorkloads::new(agent.snapshots.clone(), trust_domain.clone()));
-        let inbound = Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone());
+        let inbound = Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone())
+            .on_carried(proxy::tunnel::inbound_reporter(agent.snapshots.clone(), telemetry.clone()));
+        if let Ok(addr) = tunnel_listener.local_addr() {
+            telemetry.set_tunnel_listener(addr);
+        }
         let tunnel = TunnelOutbound::new(
             Box::new(TunnelOriginalMap::open(&opts.bpffs)?),
             Tunnels::new(certs.clone(), hbone_metrics),

@@ -60,6 +60,22 @@ pub struct Telemetry {
     reported: Mutex<FastMap<u64, Reported>>,
     scans: std::sync::atomic::AtomicU64,
     flow_log: Mutex<Option<Box<dyn Write + Send>>>,
+    /// The tunnel listener: the kernel's records of connections to it are the tunnel's to
+    /// report (with both principals), not counted twice.
+    tunnel_listener: RwLock<Option<mesh_common::Addr>>,
+    tunnel_port: std::sync::atomic::AtomicU16,
+}
+
+/// A tunneled connection's counters, from its opening to its close.
+pub struct TunnelSeries(Arc<Series>);
+
+impl TunnelSeries {
+    /// Counts the close, with the bytes from the client and back (Istio's received and sent).
+    pub fn closed(self, from_client: u64, to_client: u64) {
+        self.0.received.inc_by(from_client);
+        self.0.sent.inc_by(to_client);
+        self.0.closed.inc();
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -127,6 +143,8 @@ impl Telemetry {
             http_series: Mutex::new(HttpSeriesCache::default()),
             reported: Mutex::new(FastMap::default()),
             scans: std::sync::atomic::AtomicU64::new(0),
+            tunnel_listener: RwLock::new(None),
+            tunnel_port: std::sync::atomic::AtomicU16::new(0),
             flow_log: Mutex::new(writer),
         })
     }
@@ -279,10 +297,42 @@ impl Telemetry {
         series
     }
 
+    /// Where the tunnel listener is (connections to it are reported by the tunnel).
+    pub fn set_tunnel_listener(&self, addr: std::net::SocketAddr) {
+        *self.tunnel_listener.write().expect("tunnel lock") = Some(crate::ebpf::image::addr_of(addr.ip()));
+        self.tunnel_port.store(addr.port(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn to_tunnel(&self, conn: &ConnValue) -> bool {
+        conn.direction == mesh_common::direction::OUTBOUND
+            && conn.remote_port == self.tunnel_port.load(std::sync::atomic::Ordering::Relaxed)
+            && *self.tunnel_listener.read().expect("tunnel lock") == Some(conn.remote)
+    }
+
+    /// Counts a tunneled connection as opened, under `labels` (see `Identities::tunnel_labels`).
+    pub fn tunnel_opened(&self, reporter: &str, ends: identity::TunnelEnds<'_>) -> TunnelSeries {
+        let labels = self.identities.read().expect("identities lock").tunnel_labels(reporter, ends);
+        let m = &self.metrics;
+        let series = Series {
+            opened: m.opened.get_or_create(&labels).clone(),
+            closed: m.closed.get_or_create(&labels).clone(),
+            sent: m.sent_bytes.get_or_create(&labels).clone(),
+            received: m.received_bytes.get_or_create(&labels).clone(),
+            labels,
+        };
+        series.opened.inc();
+        TunnelSeries(Arc::new(series))
+    }
+
     /// Folds one kernel record into the metrics (and the flow log).
     pub fn record(&self, event: &ConnEvent) {
         if event.kind != conn_event::CLOSED {
             return;
+        }
+        if self.to_tunnel(&event.conn) {
+            // The tunnel counts it; the flow log still has its line.
+            let labels = self.identities.read().expect("identities lock").labels(&event.conn);
+            return self.write_flow(event, &labels);
         }
         let series = self.series(&event.conn);
         self.count(&event.conn, &series, None);
@@ -326,7 +376,7 @@ impl Telemetry {
                 return;
             }
         };
-        for conn in live {
+        for conn in live.into_iter().filter(|c| !self.to_tunnel(c)) {
             let series = self.series(&conn);
             self.count(&conn, &series, Some(scan));
         }

@@ -273,6 +273,38 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
             assert!(!agent.metrics().contains("mesh_hbone_refused_total{"), "nothing refused:\n{}", agent.metrics());
         }
 
+        // Istio's TCP metrics at both ends, with both principals and mutual_tls: five
+        // connections through the Service and one to the pod's address.
+        let mtls = [
+            ("source_principal", "spiffe://td/ns/shop/sa/front"),
+            ("destination_principal", "spiffe://td/ns/shop/sa/web"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        let with = |extra: &[(&'static str, &'static str)]| [&mtls[..], extra].concat();
+        let source = with(&[("reporter", "source"), ("source_workload", "front"), ("destination_workload", "web")]);
+        let via_service = with(&[("reporter", "source"), ("destination_service", "web.shop.svc.cluster.local")]);
+        let destination = with(&[("reporter", "destination"), ("source_workload", "front"), ("destination_workload", "web")]);
+        let closed = "istio_tcp_connections_closed_total";
+        wait_until(
+            || agent_a.metric(closed, &source) == 6.0 && agent_b.metric(closed, &destination) == 6.0,
+            || format!("node A:\n{}\nnode B:\n{}", agent_a.metrics(), agent_b.metrics()),
+        );
+        assert_eq!(agent_a.metric(closed, &via_service), 5.0, "{}", agent_a.metrics());
+        let total = (1 + 65536 + 65536 + 1 + 1048576 + 67108864) as f64;
+        for (agent, labels) in [(&agent_a, &source), (&agent_b, &destination)] {
+            for bytes in ["istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"] {
+                assert_eq!(agent.metric(bytes, labels), total, "{bytes}:\n{}", agent.metrics());
+            }
+        }
+        // The kernel's record of the pod's connection to the tunnel listener is not counted
+        // again without the principals.
+        assert_eq!(
+            agent_a.metric(closed, &[("reporter", "source"), ("connection_security_policy", "unknown")]),
+            0.0,
+            "{}",
+            agent_a.metrics()
+        );
+
         agent_a.stop();
         agent_b.stop();
         let _ = std::fs::remove_dir_all(&ca);

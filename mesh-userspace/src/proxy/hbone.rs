@@ -132,6 +132,9 @@ pub struct Route {
     pub destination: Identity,
     pub node: SocketAddr,
     pub target: SocketAddr,
+    /// The source pod's address, sent as `Forwarded: for=` (as ztunnel does) for the
+    /// destination's telemetry; it never decides anything there.
+    pub source_addr: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -183,11 +186,11 @@ impl Tunnels {
             None => self.connect(&key).await?,
         };
         let counted = StreamCount::new(streams, self.metrics.streams_open.get_or_create(&DirectionLabels::outbound()).clone());
-        let request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(route.target.to_string())
-            .body(Empty::new())
-            .map_err(|e| Refusal::new("bad_request", e.to_string()))?;
+        let mut request = Request::builder().method(Method::CONNECT).uri(route.target.to_string());
+        if let Some(addr) = route.source_addr {
+            request = request.header(hyper::header::FORWARDED, forwarded_for(addr));
+        }
+        let request = request.body(Empty::new()).map_err(|e| Refusal::new("bad_request", e.to_string()))?;
         let response =
             send.send_request(request).await.map_err(|e| Refusal::new("tunnel_failed", format!("CONNECT to {}: {e}", route.node)))?;
         if response.status() != StatusCode::OK {
@@ -313,6 +316,23 @@ impl AsyncWrite for Tunnel {
     }
 }
 
+/// RFC 7239's `for=` (IPv6 quoted and bracketed).
+fn forwarded_for(addr: IpAddr) -> String {
+    match addr {
+        IpAddr::V4(v4) => format!("for={v4}"),
+        IpAddr::V6(v6) => format!("for=\"[{v6}]\""),
+    }
+}
+
+/// The address in a `Forwarded` header's first `for=`, if it is one.
+fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
+    let first = value.split(',').next()?;
+    let for_ = first.split(';').find_map(|pair| pair.trim().strip_prefix("for=").or_else(|| pair.trim().strip_prefix("For=")))?;
+    let bare = for_.trim_matches('"').trim_start_matches('[');
+    let bare = bare.split(']').next()?;
+    bare.parse().ok()
+}
+
 // ---------------------------------------------------------------------------------------------
 // The destination side.
 
@@ -327,17 +347,21 @@ pub trait LocalWorkloads: Send + Sync + 'static {
     fn serves(&self, identity: &Identity) -> bool;
 }
 
-/// What the inbound side reports of each tunnel it carried, for telemetry.
+/// A tunnel the inbound side carries, as telemetry sees it.
 #[derive(Debug, Clone)]
 pub struct Carried {
     pub peer: SocketAddr,
+    /// Proven by TLS.
     pub source: Identity,
     pub destination: Identity,
     pub target: SocketAddr,
-    /// Bytes from the source to the destination, and back.
-    pub sent: u64,
-    pub received: u64,
+    /// The source pod's address as the peer says (`Forwarded`): for labels only.
+    pub forwarded_for: Option<IpAddr>,
 }
+
+/// Told of each tunnel when it opens; the closure it returns gets the bytes (from the
+/// source, to the source) when it closes.
+pub type OnCarried = Box<dyn Fn(&Carried) -> Box<dyn FnOnce(u64, u64) + Send> + Send + Sync>;
 
 /// Takes tunnels on :15008 for this node's enrolled workloads.
 pub struct Inbound {
@@ -346,18 +370,18 @@ pub struct Inbound {
     workloads: Arc<dyn LocalWorkloads>,
     metrics: HboneMetrics,
     refusals: Refusals,
-    on_carried: Box<dyn Fn(Carried) + Send + Sync>,
+    on_carried: OnCarried,
 }
 
 impl Inbound {
     pub fn new(certs: Arc<Certificates>, trust_domain: String, workloads: Arc<dyn LocalWorkloads>, metrics: HboneMetrics) -> Self {
         let refusals = Refusals { metrics: metrics.clone(), direction: "inbound", logged: Mutex::default() };
-        Self { certs, trust_domain, workloads, metrics, refusals, on_carried: Box::new(|_| {}) }
+        Self { certs, trust_domain, workloads, metrics, refusals, on_carried: Box::new(|_| Box::new(|_, _| {})) }
     }
 
-    /// Calls `report` with each tunnel once it has closed.
-    pub fn on_carried(mut self, report: impl Fn(Carried) + Send + Sync + 'static) -> Self {
-        self.on_carried = Box::new(report);
+    /// Tells `report` of each tunnel as it opens, and its closure as it closes.
+    pub fn on_carried(mut self, report: OnCarried) -> Self {
+        self.on_carried = report;
         self
     }
 
@@ -437,21 +461,23 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let (inbound, source, local) = (self.clone(), source.clone(), local.clone());
+        let forwarded_for = request.headers().get(hyper::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
+        let carried = Carried { peer, source: source.clone(), destination: local.clone(), target, forwarded_for };
+        let closed = (self.on_carried)(&carried);
         let open = Held::new(self.metrics.streams_open.get_or_create(&DirectionLabels::inbound()).clone());
         tokio::spawn(async move {
             let _open = open;
-            let Ok(upgraded) = hyper::upgrade::on(request).await else { return };
+            let Ok(upgraded) = hyper::upgrade::on(request).await else { return closed(0, 0) };
             let mut tunnel = TokioIo::new(upgraded);
             let mut upstream = upstream;
-            let (sent, received) = match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
+            let (from_source, to_source) = match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
                 Ok(counts) => counts,
                 Err(e) => {
                     tracing::debug!(%peer, %target, error = %e, "tunnel ended with an error");
                     (0, 0)
                 }
             };
-            (inbound.on_carried)(Carried { peer, source, destination: local, target, sent, received });
+            closed(from_source, to_source);
         });
         Response::new(Empty::new())
     }

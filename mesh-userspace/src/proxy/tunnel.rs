@@ -16,8 +16,8 @@ use crate::{
     ebpf::maps::{TunnelOriginalMap, TunnelTarget},
     identity::Identity,
     server::{self, Lifecycle, Slots},
-    state::Snapshot,
-    telemetry::Telemetry,
+    state::{Snapshot, model::Workload},
+    telemetry::{Telemetry, identity::TunnelEnds},
 };
 
 /// Where a connection at the tunnel listener was going: the kernel's record in production.
@@ -61,32 +61,37 @@ impl TunnelOutbound {
     }
 
     /// The tunnel for a connection from `peer`: who dialled (the kernel's number for the pod),
-    /// to which pod, and through which node.
-    fn route(&self, peer: SocketAddr) -> Result<Route, Refusal> {
+    /// to which pod, and through which node; with both pods and the Service for telemetry.
+    fn route(&self, peer: SocketAddr) -> Result<Planned, Refusal> {
         let target = self.origins.take(peer).ok_or_else(|| Refusal {
             reason: "no_original_destination",
             detail: format!("the kernel recorded no destination for {peer}"),
         })?;
-        let source = self
-            .telemetry
-            .workload_by_kernel_id(target.workload)
-            .filter(|w| w.enrolled)
-            .and_then(|w| w.identity(&self.trust_domain))
-            .ok_or_else(|| Refusal {
-                reason: "unknown_source",
-                detail: format!("pod number {} is no enrolled pod of this node", target.workload),
-            })?;
-        let snapshot = self.snapshot.borrow().clone();
-        let peer_pod = snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled);
-        let (destination, node) = peer_pod.and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?))).ok_or_else(|| {
-            Refusal { reason: "unknown_destination", detail: format!("{} is no enrolled pod of another node", target.pod) }
+        let source_pod = self.telemetry.workload_by_kernel_id(target.workload).filter(|w| w.enrolled);
+        let source = source_pod.as_ref().and_then(|w| w.identity(&self.trust_domain)).ok_or_else(|| Refusal {
+            reason: "unknown_source",
+            detail: format!("pod number {} is no enrolled pod of this node", target.workload),
         })?;
-        Ok(Route { source, destination, node: SocketAddr::new(node, self.hbone_port), target: target.pod })
+        let snapshot = self.snapshot.borrow().clone();
+        let peer_pod = snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled).cloned();
+        let (destination, node) =
+            peer_pod.as_ref().and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?))).ok_or_else(|| Refusal {
+                reason: "unknown_destination",
+                detail: format!("{} is no enrolled pod of another node", target.pod),
+            })?;
+        // Host-network pods share the node's address: not theirs to forward.
+        let source_addr = source_pod.as_ref().filter(|w| !w.spec.host_network).and_then(|w| w.spec.ips.first().copied());
+        Ok(Planned {
+            route: Route { source, destination, node: SocketAddr::new(node, self.hbone_port), target: target.pod, source_addr },
+            source_pod,
+            peer_pod,
+            service_id: target.service_id,
+        })
     }
 
     async fn handle(&self, mut client: TcpStream, peer: SocketAddr) {
-        let route = match self.route(peer) {
-            Ok(route) => route,
+        let Planned { route, source_pod, peer_pod, service_id } = match self.route(peer) {
+            Ok(planned) => planned,
             Err(refusal) => {
                 tracing::debug!(%peer, %refusal, "tunnel listener: connection closed");
                 self.tunnels.record_refusal(&refusal, peer);
@@ -97,10 +102,31 @@ impl TunnelOutbound {
             Ok(tunnel) => tunnel,
             Err(_) => return reset(client),
         };
-        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await {
+        let (source_principal, destination_principal) = (route.source.to_string(), route.destination.to_string());
+        let series = self.telemetry.tunnel_opened(
+            "source",
+            TunnelEnds {
+                source: source_pod.as_deref(),
+                source_principal: &source_principal,
+                destination: peer_pod.as_deref(),
+                destination_principal: &destination_principal,
+                service_id,
+            },
+        );
+        let (from_client, to_client) = tokio::io::copy_bidirectional(&mut client, &mut tunnel).await.unwrap_or_else(|e| {
             tracing::debug!(%peer, target = %route.target, error = %e, "tunneled connection ended with an error");
-        }
+            (0, 0)
+        });
+        series.closed(from_client, to_client);
     }
+}
+
+/// A tunnel to open, and who it is for.
+struct Planned {
+    route: Route,
+    source_pod: Option<Arc<Workload>>,
+    peer_pod: Option<Arc<Workload>>,
+    service_id: u32,
 }
 
 /// Closes with a reset: the client learns at once that its connection failed (a FIN would
@@ -149,6 +175,34 @@ pub async fn serve(outbound: Arc<TunnelOutbound>, listener: TcpListener, max_con
         tracing::warn!(connections = connections.len(), "drain timeout: the remaining tunneled connections are cut");
         connections.abort_all();
     }
+}
+
+/// What the inbound side reports of each tunnel: Istio's TCP metrics as the destination, with
+/// the source's proven principal, its workload when the `Forwarded` address is a pod of that
+/// identity, and the node's own pod.
+pub fn inbound_reporter(snapshot: watch::Receiver<Arc<Snapshot>>, telemetry: Arc<Telemetry>) -> hbone::OnCarried {
+    Box::new(move |carried| {
+        let snapshot = snapshot.borrow().clone();
+        let trust_domain = &carried.source.trust_domain;
+        let source_pod = carried
+            .forwarded_for
+            .and_then(|ip| snapshot.peers.get(&ip))
+            .filter(|w| w.identity(trust_domain).as_ref() == Some(&carried.source))
+            .cloned();
+        let destination_pod = snapshot.pods_by_ip.get(&carried.target.ip()).cloned();
+        let (source_principal, destination_principal) = (carried.source.to_string(), carried.destination.to_string());
+        let series = telemetry.tunnel_opened(
+            "destination",
+            TunnelEnds {
+                source: source_pod.as_deref(),
+                source_principal: &source_principal,
+                destination: destination_pod.as_deref(),
+                destination_principal: &destination_principal,
+                service_id: 0,
+            },
+        );
+        Box::new(move |from_source, to_source| series.closed(from_source, to_source))
+    })
 }
 
 /// This node's enrolled workloads, from the store's newest snapshot.

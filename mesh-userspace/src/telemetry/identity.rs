@@ -98,8 +98,42 @@ impl Identities {
             destination_workload: name(destination.workload.as_ref()),
             destination_workload_namespace: namespace(destination.workload.as_ref()),
             destination_principal: destination.principal_or_unknown(),
+            connection_security_policy: if outbound { "unknown" } else { "none" }.to_owned(),
         }
     }
+
+    /// The labels of a connection carried by an HBONE tunnel, as `reporter` (`source` or
+    /// `destination`) sees it: both principals proven by TLS.
+    pub fn tunnel_labels(&self, reporter: &str, ends: TunnelEnds<'_>) -> TcpLabels {
+        let workload =
+            |pod: Option<&Workload>| pod.map(|p| Named { namespace: p.spec.key.namespace.clone(), name: p.spec.workload.clone() });
+        let (source, destination) = (workload(ends.source), workload(ends.destination));
+        let service = self.services.get(&ends.service_id).filter(|_| ends.service_id != 0);
+        let (name, namespace) = (name_or_unknown, namespace_or_unknown);
+        TcpLabels {
+            reporter: reporter.to_owned(),
+            source_workload: name(source.as_ref()),
+            source_workload_namespace: namespace(source.as_ref()),
+            source_principal: ends.source_principal.to_owned(),
+            destination_service: service_fqdn(service),
+            destination_service_name: name(service),
+            destination_service_namespace: namespace(service),
+            destination_workload: name(destination.as_ref()),
+            destination_workload_namespace: namespace(destination.as_ref()),
+            destination_principal: ends.destination_principal.to_owned(),
+            connection_security_policy: "mutual_tls".to_owned(),
+        }
+    }
+}
+
+/// Who is at either end of a tunnel: the pods where known, the principals always.
+pub struct TunnelEnds<'a> {
+    pub source: Option<&'a Workload>,
+    pub source_principal: &'a str,
+    pub destination: Option<&'a Workload>,
+    pub destination_principal: &'a str,
+    /// The Service the source dialled (its kernel id), 0 if none or unknown.
+    pub service_id: u32,
 }
 
 #[cfg(test)]

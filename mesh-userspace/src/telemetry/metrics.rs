@@ -22,6 +22,9 @@ pub struct TcpLabels {
     pub destination_workload: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    /// Istio's: `mutual_tls` for connections carried by HBONE tunnels, `none` for what the
+    /// kernel saw arrive in plaintext, `unknown` for what it saw leave.
+    pub connection_security_policy: String,
 }
 
 /// Labels of the HTTP metrics of the outbound proxy; bounded like `TcpLabels` (status codes

@@ -66,7 +66,7 @@ async fn reversing_pod() -> SocketAddr {
 struct Agent {
     addr: SocketAddr,
     metrics: HboneMetrics,
-    carried: tokio::sync::mpsc::UnboundedReceiver<Carried>,
+    carried: tokio::sync::mpsc::UnboundedReceiver<(Carried, u64, u64)>,
     _drain: tokio::sync::watch::Sender<bool>,
 }
 
@@ -76,9 +76,12 @@ async fn destination_agent(signer: Arc<dyn Signer>, workloads: Workloads) -> Age
     let metrics = HboneMetrics::default();
     let (tx, carried) = tokio::sync::mpsc::unbounded_channel();
     let certs = Certificates::new(signer, Duration::from_secs(3600));
-    let inbound = Inbound::new(certs, "td".into(), Arc::new(workloads), metrics.clone()).on_carried(move |c| {
-        let _ = tx.send(c);
-    });
+    let inbound = Inbound::new(certs, "td".into(), Arc::new(workloads), metrics.clone()).on_carried(Box::new(move |c| {
+        let (tx, c) = (tx.clone(), c.clone());
+        Box::new(move |from, to| {
+            let _ = tx.send((c, from, to));
+        })
+    }));
     let (ready, drain) = (tokio::sync::watch::channel(true).1, tokio::sync::watch::channel(false));
     let lifecycle = Lifecycle { ready, drain: drain.1, drain_timeout: Duration::from_secs(5) };
     tokio::spawn(serve(Arc::new(inbound), listener, lifecycle));
@@ -103,7 +106,13 @@ async fn bytes_cross_both_ways_with_half_close_and_tunnels_share_one_connection(
     let mut agent = destination_agent(signer.clone(), Workloads([(pod.ip(), identity("web"))].into())).await;
     let metrics = HboneMetrics::default();
     let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), metrics.clone());
-    let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod };
+    let route = Route {
+        source: identity("front"),
+        destination: identity("web"),
+        node: agent.addr,
+        target: pod,
+        source_addr: Some("10.9.8.7".parse().unwrap()),
+    };
 
     for size in [1usize, 100_000, 8 << 20] {
         let sent: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
@@ -122,8 +131,9 @@ async fn bytes_cross_both_ways_with_half_close_and_tunnels_share_one_connection(
         want.reverse();
         assert!(got == want, "{size} bytes: got {} bytes back, not the reversed input", got.len());
         drop(tunnel);
-        let carried = agent.carried.recv().await.unwrap();
-        assert_eq!((carried.sent, carried.received), (size as u64, size as u64));
+        let (carried, from_source, to_source) = agent.carried.recv().await.unwrap();
+        assert_eq!((from_source, to_source), (size as u64, size as u64));
+        assert_eq!(carried.forwarded_for, Some("10.9.8.7".parse().unwrap()), "the source pod's address as sent");
         assert_eq!(carried.source, identity("front"), "the destination saw the source's proven identity");
         assert_eq!(carried.destination, identity("web"));
     }
@@ -147,14 +157,19 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
     let tunnels = Tunnels::new(Certificates::new(signer.clone(), Duration::from_secs(3600)), metrics.clone());
 
     // An identity the destination node does not serve.
-    let to_db = Route { source: identity("front"), destination: identity("db"), node: agent.addr, target: pod };
+    let to_db = Route { source: identity("front"), destination: identity("db"), node: agent.addr, target: pod, source_addr: None };
     let refusal = tunnels.open(&to_db).await.err().unwrap();
     assert_eq!(refusal.reason, "refused_by_peer", "{refusal}");
     assert_eq!(refused(&agent.metrics, "inbound", "unknown_destination"), 1);
 
     // The right identity, but a destination address that is none of the node's workloads.
-    let elsewhere =
-        Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: "127.0.0.2:80".parse().unwrap() };
+    let elsewhere = Route {
+        source: identity("front"),
+        destination: identity("web"),
+        node: agent.addr,
+        target: "127.0.0.2:80".parse().unwrap(),
+        source_addr: None,
+    };
     let refusal = tunnels.open(&elsewhere).await.err().unwrap();
     assert!(refusal.detail.contains("no enrolled workload"), "the peer's reason reaches the client: {refusal}");
     assert_eq!(refused(&agent.metrics, "inbound", "unknown_destination"), 2);
@@ -166,7 +181,13 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
         trusts: vec![FileSigner::new(dir.path()).unwrap(), FileSigner::new(other.path()).unwrap()],
     };
     let forged = Tunnels::new(Certificates::new(Arc::new(forger), Duration::from_secs(3600)), HboneMetrics::default());
-    let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod };
+    let route = Route {
+        source: identity("front"),
+        destination: identity("web"),
+        node: agent.addr,
+        target: pod,
+        source_addr: Some("10.9.8.7".parse().unwrap()),
+    };
     assert!(forged.open(&route).await.is_err());
     assert_eq!(refused(&agent.metrics, "inbound", "untrusted_certificate"), 1);
 
@@ -184,4 +205,15 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
     let mut got = String::new();
     tunnel.read_to_string(&mut got).await.unwrap();
     assert_eq!(got, "ko");
+}
+
+#[test]
+fn forwarded_for_reads_back_both_families_and_ignores_garbage() {
+    for ip in ["10.1.2.3", "2001:db8::7"] {
+        let ip: IpAddr = ip.parse().unwrap();
+        assert_eq!(parse_forwarded_for(&forwarded_for(ip)), Some(ip));
+    }
+    assert_eq!(parse_forwarded_for("for=10.0.0.1;proto=https, for=10.0.0.2"), Some("10.0.0.1".parse().unwrap()));
+    assert_eq!(parse_forwarded_for("for=_hidden"), None);
+    assert_eq!(parse_forwarded_for("by=10.0.0.1"), None);
 }
