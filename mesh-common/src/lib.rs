@@ -62,7 +62,9 @@ pub mod map_names {
     /// Socket cookie → where a connection sent to the tunnel listener was going
     /// (`TunnelOriginal`), from connect() until sock_ops moves it to `TUNNEL_ORIGINAL`.
     pub const TUNNEL_PENDING: &str = "mesh_tunpend";
-    /// Client (address, port) of a connection at the tunnel listener → `TunnelOriginal`.
+    /// Client (address, port) of a connection at the tunnel listener → `TunnelOriginal`; while
+    /// tunnels are on, also of connections captured for the L7 proxy (which learns the calling
+    /// pod from it, to tunnel its requests as that pod).
     pub const TUNNEL_ORIGINAL: &str = "mesh_tunorig";
 
     /// The maps that hold service state, which the agent owns and reconciles.

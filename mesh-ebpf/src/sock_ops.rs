@@ -29,7 +29,9 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use mesh_common::{Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, conn_event, conn_phase, direction, drop_counters, sizes};
+use mesh_common::{
+    Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, TunnelOriginal, conn_event, conn_phase, direction, drop_counters, sizes,
+};
 
 use crate::{
     conns,
@@ -143,6 +145,15 @@ fn established(ctx: &SockOpsContext, dir: u8) {
             let peer = PeerKey { addr: local, port: local_port, _pad16: 0, _pad32: 0 };
             let original = RevNatValue { addr: service_addr, port_be: service_port.to_be(), _pad16: 0, service_id };
             let _ = L7_ORIGINAL.insert(&peer, &original, 0);
+            // Tunnels on: the proxy sends the caller's requests through them as the caller's
+            // identity, so it learns the calling pod here too.
+            if let Some(tunnel) = TUNNEL.get(0)
+                && tunnel.port_be != 0
+            {
+                let caller =
+                    TunnelOriginal { addr: service_addr, port_be: service_port.to_be(), _pad16: 0, service_id, workload, _pad32: 0 };
+                let _ = TUNNEL_ORIGINAL.insert(&peer, &caller, 0);
+            }
         } else if let Some(tunnel) = TUNNEL.get(0)
             && tunnel.port_be == remote_port_be
             && tunnel.addr == remote

@@ -33,7 +33,7 @@ use crate::{
         self,
         connect::TcpConnector,
         hbone::{Inbound, Tunnels},
-        outbound::Outbound,
+        outbound::{Outbound, TunnelConfig},
         tunnel::{SnapshotWorkloads, TunnelOutbound},
     },
     server::{Lifecycle, Limits},
@@ -616,12 +616,24 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (snapshot_tx, snapshot_rx) = watch::channel(store.snapshot());
     let snapshot_rx_for_agent = snapshot_rx.clone();
     let orig_dst = OrigDstMap::open(&opts.bpffs)?;
-    let outbound = Arc::new(
-        Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
-            .with_default_request_timeout(opts.default_request_timeout)
-            .with_access_log(access_log)
-            .with_tracer(tracer),
-    );
+    // Tunnels (mTLS on): the L7 proxy's and the tunnel listener's, one pool.
+    let tunnels = match &mtls {
+        Some((certs, _, hbone)) => Some(TunnelConfig {
+            tunnels: Arc::new(Tunnels::new(certs.clone(), telemetry.metrics.hbone.clone())),
+            trust_domain: opts.trust_domain.clone(),
+            hbone_port: hbone.local_addr().map_or(proxy::hbone::PORT, |a| a.port()),
+            callers: Arc::new(TunnelOriginalMap::open(&opts.bpffs)?),
+        }),
+        None => None,
+    };
+    let mut outbound = Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
+        .with_default_request_timeout(opts.default_request_timeout)
+        .with_access_log(access_log)
+        .with_tracer(tracer);
+    if let Some(tunnels) = &tunnels {
+        outbound = outbound.with_tunnels(tunnels.clone());
+    }
+    let outbound = Arc::new(outbound);
     let agent = Arc::new(Agent {
         opts: opts.clone(),
         cgroup: cgroup.clone(),
@@ -708,14 +720,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         if let Ok(addr) = tunnel_listener.local_addr() {
             telemetry.set_tunnel_listener(addr);
         }
+        let tunnels = tunnels.expect("made with mtls");
         let tunnel = TunnelOutbound::new(
             Box::new(TunnelOriginalMap::open(&opts.bpffs)?),
-            Tunnels::new(certs.clone(), hbone_metrics),
+            tunnels.tunnels.clone(),
             agent.snapshots.clone(),
             telemetry.clone(),
             trust_domain.clone(),
         )
-        .with_hbone_port(hbone_listener.local_addr().map_or(proxy::hbone::PORT, |a| a.port()));
+        .with_hbone_port(tunnels.hbone_port);
         servers.push(tokio::spawn(proxy::hbone::serve(Arc::new(inbound), hbone_listener, lifecycle.clone())));
         servers.push(tokio::spawn(proxy::tunnel::serve(Arc::new(tunnel), tunnel_listener, proxy_limits.max_connections, lifecycle)));
         // Certificates of workloads that left the node are no longer renewed.

@@ -614,3 +614,60 @@ fn certificates_renew_under_a_long_lived_tunnel_and_a_connection_loop_without_a_
         let _ = std::fs::remove_dir_all(&ca);
     });
 }
+
+#[test]
+fn an_l7_service_on_another_node_is_reached_through_the_tunnel_under_its_http_routing() {
+    in_netns(|| {
+        let Some(node_b) = NodeB::new() else { return };
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new("l7-node-a"), TestCgroup::new("l7-node-b"));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        // The same pods, and an HTTP Service the proxy handles (mesh.dev/l7) with a route that
+        // sends /v2 to it and nothing else.
+        let yaml = format!(
+            "{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop, annotations: {{mesh.dev/l7: \"true\"}}}}\n\
+             spec: {{clusterIP: 10.96.0.11, ports: [{{name: http, port: 80, targetPort: 8081}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8081}}]\n\
+             endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}], rules: [{{matches: [{{path: {{type: PathPrefix, value: /v2}}}}], backendRefs: [{{name: api, port: 80}}]}}]}}\n",
+            config(&client, &server)
+        );
+        let ca_arg = ca.display().to_string();
+        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
+        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["serve", "api-b", "10.200.1.2:8081"]));
+        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
+        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
+            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
+        let agent_b = Agent::start(spec_b);
+        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
+        spec_a.extra_args = mtls_args;
+        let agent_a = Agent::start(spec_a);
+
+        let capture = Capture::start("mesh-nb");
+        let routed = client.probe(&["get", "10.96.0.11:80", "/v2/items", "3"]);
+        assert_eq!(names(&routed), vec![("api-b".to_owned(), 3)], "{routed}\n{}", agent_a.log());
+        let unrouted = client.probe(&["get", "10.96.0.11:80", "/other", "1"]);
+        assert_eq!(names(&unrouted), vec![("HTTP 404".to_owned(), 1)], "the route still decides: {unrouted}");
+        let segments = capture.stop();
+        assert!(segments.iter().all(|s| s.from_port == 15008 || s.to_port == 15008), "only the tunnel between the nodes");
+        assert!(!segments.is_empty());
+        let all: Vec<u8> = segments.iter().flat_map(|s| s.payload.iter().copied()).collect();
+        assert!(!contains(&all, b"/v2/items"), "the request line crossed in plaintext");
+
+        // The endpoint's node reports the proxy's connection as the caller's, in mutual TLS.
+        let destination = [
+            ("reporter", "destination"),
+            ("source_principal", "spiffe://td/ns/shop/sa/front"),
+            ("destination_principal", "spiffe://td/ns/shop/sa/web"),
+            ("connection_security_policy", "mutual_tls"),
+        ];
+        wait_until(|| agent_b.metric("istio_tcp_connections_opened_total", &destination) >= 1.0, || agent_b.metrics());
+        assert_eq!(agent_a.metric("istio_requests_total", &[("response_code", "200")]), 3.0, "{}", agent_a.metrics());
+        agent_a.stop();
+        agent_b.stop();
+        let _ = std::fs::remove_dir_all(&ca);
+    });
+}

@@ -250,7 +250,12 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(connector: Arc<dyn Connector>) -> Self {
-        let limit = Arc::new(ConnectionLimit::default());
+        Self::with_limit(connector, Arc::new(ConnectionLimit::default()))
+    }
+
+    /// An upstream whose connections count against `limit` (shared with the Service's other
+    /// upstreams: one per source identity when requests go through tunnels).
+    pub fn with_limit(connector: Arc<dyn Connector>, limit: Arc<ConnectionLimit>) -> Self {
         let service = ConnectService(Arc::new(Limited { inner: connector, limit: limit.clone() }));
         Self {
             http1: Client::builder(TokioExecutor::new())
@@ -268,7 +273,7 @@ impl Upstream {
     }
 
     /// The Service's connection limits, and what is open against them.
-    pub fn limit(&self) -> &ConnectionLimit {
+    pub fn limit(&self) -> &Arc<ConnectionLimit> {
         &self.limit
     }
 

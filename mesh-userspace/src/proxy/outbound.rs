@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     convert::Infallible,
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -23,12 +23,15 @@ use super::{
     balancer::Balancer,
     connect::{Connector, Overflow, Upstream},
     filters::{apply_edits, modify_path, redirect_response},
+    hbone::Tunnels,
     http::{Body, ClientBody, Outcome, RequestTrace, Tracked, connections_overflow, reply, strip_hop_by_hop},
     retry::{Attempts, MAX_REPLAY_BODY, RetryBudget, body_length, endpoint_uri, parse_grpc_timeout},
     router::{RequestParts, Router, pick_backend},
+    tunnel::{MeshConnector, TunnelOrigins},
 };
 use crate::{
     ebpf::maps::OrigDstMap,
+    identity::Identity,
     server::{self, Activity, Lifecycle, Limits, Slots},
     state::{
         ObjectKey, Protocol, ServiceView, Snapshot,
@@ -85,6 +88,9 @@ struct PerService {
     gate: Arc<Gate>,
     /// Pooled connections to the Service's endpoints, against its connection limits.
     upstream: Arc<Upstream>,
+    /// The same per enrolled caller's identity, for endpoints reached through tunnels (the
+    /// tunnel is the caller's: its connections are not shared with other callers).
+    tunneled: HashMap<Identity, Arc<Upstream>>,
 }
 
 /// A Service's endpoints by frontend port (None: the first port that has any), as routes
@@ -135,6 +141,18 @@ pub struct Outbound {
     default_request_timeout: Option<Duration>,
     access_log: Arc<AccessLog>,
     tracer: Arc<Tracer>,
+    /// mTLS on: requests of enrolled pods to enrolled pods of other nodes go through tunnels.
+    tunnels: Option<TunnelConfig>,
+}
+
+/// What the proxy needs to open tunnels for its callers.
+#[derive(Clone)]
+pub struct TunnelConfig {
+    pub tunnels: Arc<Tunnels>,
+    pub trust_domain: String,
+    pub hbone_port: u16,
+    /// The kernel's record of which pod dialled each captured connection.
+    pub callers: Arc<dyn TunnelOrigins>,
 }
 
 impl Outbound {
@@ -153,7 +171,47 @@ impl Outbound {
             default_request_timeout: Some(DEFAULT_REQUEST_TIMEOUT),
             access_log: Arc::new(AccessLog::off()),
             tracer: Arc::new(Tracer::off()),
+            tunnels: None,
         }
+    }
+
+    /// Sends enrolled callers' requests to enrolled pods of other nodes through tunnels.
+    pub fn with_tunnels(mut self, tunnels: TunnelConfig) -> Self {
+        self.tunnels = Some(tunnels);
+        self
+    }
+
+    /// The identity of a captured connection's caller (asked once per connection), when
+    /// tunnels are on and the kernel recorded an enrolled pod of this node as the dialler
+    /// (with its address, for `Forwarded`, unless it shares the node's).
+    fn tunnel_source(&self, peer: SocketAddr) -> Option<Arc<(Identity, Option<IpAddr>)>> {
+        let config = self.tunnels.as_ref()?;
+        let caller = config.callers.take(peer)?;
+        let pod = self.telemetry.workload_by_kernel_id(caller.workload).filter(|w| w.enrolled)?;
+        let addr = pod.spec.ips.first().copied().filter(|_| !pod.spec.host_network);
+        Some(Arc::new((pod.identity(&config.trust_domain)?, addr)))
+    }
+
+    /// The Service's upstream for `source`'s requests: its connections go through tunnels
+    /// where the endpoint is an enrolled pod of another node.
+    fn tunneled_upstream(&self, service: &ObjectKey, (source, source_addr): &(Identity, Option<IpAddr>)) -> Option<Arc<Upstream>> {
+        let config = self.tunnels.as_ref()?;
+        let mut per_service = self.per_service.lock().expect("per-service lock");
+        let entry = per_service.get_mut(service)?;
+        let limit = entry.upstream.limit().clone();
+        let upstream = entry.tunneled.entry(source.clone()).or_insert_with(|| {
+            let connector = MeshConnector {
+                tunnels: config.tunnels.clone(),
+                source: source.clone(),
+                source_addr: *source_addr,
+                snapshot: self.snapshot.clone(),
+                trust_domain: config.trust_domain.clone(),
+                hbone_port: config.hbone_port,
+                plain: self.connector.clone(),
+            };
+            Arc::new(Upstream::with_limit(Arc::new(connector), limit))
+        });
+        Some(upstream.clone())
     }
 
     /// Exports a span per request and per attempt through `tracer`.
@@ -193,6 +251,7 @@ impl Outbound {
         self: Arc<Self>,
         peer: SocketAddr,
         service: Option<Arc<ObjectKey>>,
+        source: Option<Arc<(Identity, Option<IpAddr>)>>,
         req: Request<hyper::body::Incoming>,
         busy: server::Busy,
     ) -> Response<Body> {
@@ -205,7 +264,7 @@ impl Outbound {
             (req.method().to_string(), host.or(authority).unwrap_or_default(), req.uri().path().to_owned(), version_name(req.version()))
         });
         let mut outcome = Outcome::new();
-        let response = self.forward(service, req, &mut outcome).await;
+        let response = self.forward(service, source.as_deref(), req, &mut outcome).await;
         let code = response.status().as_u16();
         let (telemetry, access_log, tracer) = (self.telemetry.clone(), self.access_log.clone(), self.tracer.clone());
         response.map(|body| {
@@ -249,6 +308,7 @@ impl Outbound {
     async fn forward(
         &self,
         service: Option<Arc<ObjectKey>>,
+        source: Option<&(Identity, Option<IpAddr>)>,
         mut req: Request<hyper::body::Incoming>,
         outcome: &mut Outcome,
     ) -> Response<Body> {
@@ -297,6 +357,7 @@ impl Outbound {
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
         };
         outcome.backend = Some(key.clone());
+        let upstream = source.and_then(|s| self.tunneled_upstream(&key, s)).unwrap_or(upstream);
         let endpoints = endpoints.get(backend.port);
         if endpoints.is_empty() {
             outcome.flags = "UH";
@@ -460,6 +521,7 @@ impl Outbound {
                     rate_limit: view.spec.rate_limit.map(|p| Arc::new(TokenBucket::new(p))),
                     gate: Arc::new(Gate::default()),
                     upstream: Arc::new(Upstream::new(self.connector.clone())),
+                    tunneled: HashMap::new(),
                 },
             );
         }
@@ -608,6 +670,7 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                 peak = peak.max(slots.open());
                 let _ = stream.set_nodelay(true);
                 let service = outbound.original_service(peer);
+                let source = outbound.tunnel_source(peer);
                 let (outbound, http, mut draining) = (outbound.clone(), http.clone(), for_connections.clone());
                 tokio::spawn(async move {
                     let _slot = slot;
@@ -616,8 +679,8 @@ pub async fn serve(outbound: Arc<Outbound>, listener: TcpListener, limits: Limit
                     let svc = service_fn(move |req| {
                         let busy = in_flight.busy();
                         let outbound = outbound.clone();
-                        let service = service.clone();
-                        async move { Ok::<_, Infallible>(outbound.handle(peer, service, req, busy).await) }
+                        let (service, source) = (service.clone(), source.clone());
+                        async move { Ok::<_, Infallible>(outbound.handle(peer, service, source, req, busy).await) }
                     });
                     let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     tokio::pin!(connection);

@@ -4,14 +4,17 @@
 //! node's agent, as the dialling pod's identity, to the destination pod's. Bytes are spliced
 //! both ways, half-close included. The other half is `hbone::Inbound`, fed the node's enrolled
 //! workloads from the store by `SnapshotWorkloads`.
-use std::{net::SocketAddr, sync::Arc};
+use std::{future::Future, io, net::SocketAddr, pin::Pin, sync::Arc};
 
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::watch,
 };
 
-use super::hbone::{self, LocalWorkloads, Refusal, Route, Tunnels};
+use super::{
+    connect::{CONNECT_TIMEOUT, Conn, Connector},
+    hbone::{self, LocalWorkloads, Refusal, Route, Tunnels},
+};
 use crate::{
     ebpf::maps::{TunnelOriginalMap, TunnelTarget},
     identity::Identity,
@@ -35,7 +38,7 @@ impl TunnelOrigins for TunnelOriginalMap {
 /// The tunnel listener's side: kernel records in, tunnels out.
 pub struct TunnelOutbound {
     origins: Box<dyn TunnelOrigins>,
-    tunnels: Tunnels,
+    tunnels: Arc<Tunnels>,
     snapshot: watch::Receiver<Arc<Snapshot>>,
     telemetry: Arc<Telemetry>,
     trust_domain: String,
@@ -46,7 +49,7 @@ pub struct TunnelOutbound {
 impl TunnelOutbound {
     pub fn new(
         origins: Box<dyn TunnelOrigins>,
-        tunnels: Tunnels,
+        tunnels: Arc<Tunnels>,
         snapshot: watch::Receiver<Arc<Snapshot>>,
         telemetry: Arc<Telemetry>,
         trust_domain: String,
@@ -174,6 +177,43 @@ pub async fn serve(outbound: Arc<TunnelOutbound>, listener: TcpListener, max_con
     if tokio::time::timeout(drain_timeout, async { while connections.join_next().await.is_some() {} }).await.is_err() {
         tracing::warn!(connections = connections.len(), "drain timeout: the remaining tunneled connections are cut");
         connections.abort_all();
+    }
+}
+
+/// The L7 proxy's connections for one enrolled caller: through a tunnel (as the caller's
+/// identity) to an endpoint that is an enrolled pod of another node, plain otherwise.
+pub struct MeshConnector {
+    pub tunnels: Arc<Tunnels>,
+    pub source: Identity,
+    pub source_addr: Option<std::net::IpAddr>,
+    pub snapshot: watch::Receiver<Arc<Snapshot>>,
+    pub trust_domain: String,
+    pub hbone_port: u16,
+    pub plain: Arc<dyn Connector>,
+}
+
+impl Connector for MeshConnector {
+    fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
+        let peer = {
+            let snapshot = self.snapshot.borrow();
+            snapshot.peers.get(&endpoint.ip()).filter(|w| w.enrolled).and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?)))
+        };
+        let Some((destination, node)) = peer else { return self.plain.connect(endpoint) };
+        let route = Route {
+            source: self.source.clone(),
+            destination,
+            node: SocketAddr::new(node, self.hbone_port),
+            target: endpoint,
+            source_addr: self.source_addr,
+        };
+        let tunnels = self.tunnels.clone();
+        Box::pin(async move {
+            let tunnel = tokio::time::timeout(CONNECT_TIMEOUT, tunnels.open(&route))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no tunnel to {endpoint} within {CONNECT_TIMEOUT:?}")))?
+                .map_err(|refusal| io::Error::new(io::ErrorKind::ConnectionRefused, refusal))?;
+            Ok(Conn::new(tunnel))
+        })
     }
 }
 
