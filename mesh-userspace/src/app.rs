@@ -729,7 +729,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             trust_domain.clone(),
         )
         .with_hbone_port(tunnels.hbone_port);
-        servers.push(tokio::spawn(proxy::hbone::serve(Arc::new(inbound), hbone_listener, lifecycle.clone())));
+        servers.push(tokio::spawn(proxy::hbone::serve(Arc::new(inbound), hbone_listener, proxy_limits.max_connections, lifecycle.clone())));
         servers.push(tokio::spawn(proxy::tunnel::serve(Arc::new(tunnel), tunnel_listener, proxy_limits.max_connections, lifecycle)));
         // Certificates of workloads that left the node are no longer renewed.
         let mut snapshots = agent.snapshots.clone();

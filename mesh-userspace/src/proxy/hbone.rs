@@ -37,7 +37,7 @@ use tokio::{
 
 use crate::{
     identity::{Identity, certs::Certificates},
-    server::{self, Lifecycle},
+    server::{self, Lifecycle, Slots},
     telemetry::metrics::{DirectionLabels, HboneMetrics, RefusalLabels},
     tls,
 };
@@ -55,6 +55,8 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
+/// Request headers of a CONNECT, at most.
+const MAX_HEADER_BYTES: u32 = 16 * 1024;
 /// How often the same refusal reason is logged at warn (the counter has every one).
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
@@ -485,28 +487,39 @@ impl Inbound {
 
 /// Serves tunnels on `listener` until `lifecycle.drain`: then accepts no more, sends GOAWAY on
 /// every connection, and lets open streams finish for `drain_timeout`.
-pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, lifecycle: Lifecycle) {
+/// At most `max_connections` connections at once (handshakes included): more are closed as
+/// they arrive and counted (`too_many_connections`).
+pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, max_connections: usize, lifecycle: Lifecycle) {
     let Lifecycle { mut ready, mut drain, drain_timeout } = lifecycle;
     tokio::select! {
         _ = ready.wait_for(|r| *r) => {}
         _ = drain.wait_for(|d| *d) => return,
     }
-    let open = inbound.metrics.connections_open.get_or_create(&DirectionLabels::inbound()).clone();
+    let refused = RefusalLabels { direction: "inbound".into(), reason: "too_many_connections".into() };
+    let slots = Slots::new(
+        max_connections,
+        inbound.metrics.connections_open.get_or_create(&DirectionLabels::inbound()).clone(),
+        inbound.metrics.refused.get_or_create(&refused).clone(),
+    );
     let mut connections = tokio::task::JoinSet::new();
     let for_connections = drain.clone();
     loop {
         tokio::select! {
             (tcp, peer) = server::accept(&listener, "hbone") => {
+                let Some(slot) = slots.take() else {
+                    tracing::debug!(%peer, max = max_connections, "HBONE listener full; connection closed");
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
-                let (inbound, mut draining, open) = (inbound.clone(), for_connections.clone(), open.clone());
+                let (inbound, mut draining) = (inbound.clone(), for_connections.clone());
                 connections.spawn(async move {
+                    let _slot = slot;
                     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, inbound.handshake(tcp)).await;
                     let (tls, local, source) = match handshake {
                         Ok(Ok(done)) => done,
                         Ok(Err(refusal)) => return inbound.refusals.record(&refusal, peer),
                         Err(_) => return inbound.refusals.record(&Refusal::new("handshake_timeout", format!("no TLS handshake within {HANDSHAKE_TIMEOUT:?}")), peer),
                     };
-                    let _open = Held::new(open);
                     let service = {
                         let inbound = inbound.clone();
                         service_fn(move |request| {
@@ -522,6 +535,8 @@ pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, lifecycle: Life
                         .max_frame_size(MAX_FRAME)
                         .keep_alive_interval(Duration::from_secs(30))
                         .keep_alive_timeout(Duration::from_secs(10))
+                        // CONNECT needs a few short headers; hyper's default allows 16 MiB.
+                        .max_header_list_size(MAX_HEADER_BYTES)
                         .serve_connection(TokioIo::new(tls), service);
                     tokio::pin!(connection);
                     tokio::select! {

@@ -71,6 +71,10 @@ struct Agent {
 }
 
 async fn destination_agent(signer: Arc<dyn Signer>, workloads: Workloads) -> Agent {
+    destination_agent_with(signer, workloads, 1024).await
+}
+
+async fn destination_agent_with(signer: Arc<dyn Signer>, workloads: Workloads, max_connections: usize) -> Agent {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let metrics = HboneMetrics::default();
@@ -84,7 +88,7 @@ async fn destination_agent(signer: Arc<dyn Signer>, workloads: Workloads) -> Age
     }));
     let (ready, drain) = (tokio::sync::watch::channel(true).1, tokio::sync::watch::channel(false));
     let lifecycle = Lifecycle { ready, drain: drain.1, drain_timeout: Duration::from_secs(5) };
-    tokio::spawn(serve(Arc::new(inbound), listener, lifecycle));
+    tokio::spawn(serve(Arc::new(inbound), listener, max_connections, lifecycle));
     Agent { addr, metrics, carried, _drain: drain.0 }
 }
 
@@ -216,4 +220,30 @@ fn forwarded_for_reads_back_both_families_and_ignores_garbage() {
     assert_eq!(parse_forwarded_for("for=10.0.0.1;proto=https, for=10.0.0.2"), Some("10.0.0.1".parse().unwrap()));
     assert_eq!(parse_forwarded_for("for=_hidden"), None);
     assert_eq!(parse_forwarded_for("by=10.0.0.1"), None);
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once_and_counted_and_slots_come_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer: Arc<dyn Signer> = Arc::new(ca(dir.path()));
+    let pod = reversing_pod().await;
+    let agent = destination_agent_with(signer.clone(), Workloads([(pod.ip(), identity("web"))].into()), 2).await;
+    // Two clients that never say a word hold both places (their handshakes wait).
+    let idle = [TcpStream::connect(agent.addr).await.unwrap(), TcpStream::connect(agent.addr).await.unwrap()];
+    let slots_open = || open(&agent.metrics.connections_open, DirectionLabels::inbound());
+    while slots_open() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let mut third = TcpStream::connect(agent.addr).await.unwrap();
+    let mut byte = [0u8; 1];
+    assert_eq!(third.read(&mut byte).await.unwrap(), 0, "closed on arrival");
+    assert_eq!(refused(&agent.metrics, "inbound", "too_many_connections"), 1);
+    drop(idle);
+    while slots_open() > 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), HboneMetrics::default());
+    let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
+    let mut tunnel = tunnels.open(&route).await.expect("a place again once the idle clients left");
+    tunnel.shutdown().await.unwrap();
 }
