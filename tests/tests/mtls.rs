@@ -206,27 +206,78 @@ fn echo_ok(answer: &Value) -> bool {
     answer["results"].as_array().is_some_and(|r| !r.is_empty() && r.iter().all(|x| x["ok"] == true))
 }
 
+/// Two nodes sharing a CA (trust domain `td`), with a pod cgroup on each: front on node A,
+/// web on node B. The CA directory goes when dropped.
+struct TwoNodes {
+    client: TestCgroup,
+    server: TestCgroup,
+    cgroup_a: TestCgroup,
+    cgroup_b: TestCgroup,
+    node_b: NodeB,
+    ca: PathBuf,
+}
+
+impl TwoNodes {
+    /// None (the test skips) where the kernel cannot make a veth pair.
+    fn new(label: &str) -> Option<Self> {
+        let node_b = NodeB::new()?;
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new(&format!("{label}-node-a")), TestCgroup::new(&format!("{label}-node-b")));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        Some(Self { client, server, cgroup_a, cgroup_b, node_b, ca })
+    }
+
+    fn yaml(&self) -> String {
+        config(&self.client, &self.server)
+    }
+
+    fn root(&self) -> String {
+        self.ca.join("root-cert.pem").display().to_string()
+    }
+
+    fn agent(&self, yaml: &str, on_b: bool, extra: &[&str]) -> Agent {
+        let ca = self.ca.display().to_string();
+        let mut args = vec!["--ca-dir", &ca, "--trust-domain", "td"];
+        args.extend_from_slice(extra);
+        let mut spec = AgentSpec::new(yaml, if on_b { &self.cgroup_b } else { &self.cgroup_a });
+        spec.extra_args = args;
+        if on_b {
+            (spec.node, spec.netns_of, spec.listen_ip) = ("node-b", Some(self.node_b.pid()), Some("10.200.0.2"));
+        }
+        Agent::start(spec)
+    }
+
+    /// Node A's agent, mTLS on, reading `yaml`.
+    fn agent_a(&self, yaml: &str, extra: &[&str]) -> Agent {
+        self.agent(yaml, false, extra)
+    }
+
+    /// Node B's agent, in node B's namespace, its listeners on node B's address.
+    fn agent_b(&self, yaml: &str, extra: &[&str]) -> Agent {
+        self.agent(yaml, true, extra)
+    }
+
+    /// A server process in web's cgroup on node B (it prints a "serving" line first).
+    fn serve_on_b(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Backend {
+        Backend::spawn_raw(self.node_b.command(&self.server, program).args(args))
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ca);
+    }
+}
+
 #[test]
 fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_tls() {
     in_netns(|| {
-        let Some(node_b) = NodeB::new() else { return };
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let (cgroup_a, cgroup_b) = (TestCgroup::new("mtls-node-a"), TestCgroup::new("mtls-node-b"));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-        let yaml = config(&client, &server);
-        let ca_arg = ca.display().to_string();
-        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
-
-        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
-            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
-        let agent_b = Agent::start(spec_b);
-        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
-        spec_a.extra_args = mtls_args;
-        let agent_a = Agent::start(spec_a);
-
-        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
+        let Some(nodes) = TwoNodes::new("mtls") else { return };
+        let (client, yaml) = (&nodes.client, nodes.yaml());
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let agent_a = nodes.agent_a(&yaml, &[]);
+        let _backend = nodes.serve_on_b(probe_bin(), &["echo-serve", "10.200.1.2:8080"]);
 
         // Through the Service and by the pod's address, a marked payload, captured between
         // the nodes.
@@ -270,7 +321,7 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
         assert_eq!(agent_a.metric("mesh_hbone_connections_open", &[("direction", "outbound")]), 1.0, "one pooled connection");
         assert_eq!(agent_b.metric("mesh_hbone_connections_open", &[("direction", "inbound")]), 1.0);
         for agent in [&agent_a, &agent_b] {
-            assert!(!agent.metrics().contains("mesh_hbone_refused_total{"), "nothing refused:\n{}", agent.metrics());
+            assert_eq!(agent.metric("mesh_hbone_refused_total", &[]), 0.0, "nothing refused:\n{}", agent.metrics());
         }
 
         // Istio's TCP metrics at both ends, with both principals and mutual_tls: five
@@ -307,7 +358,6 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
 
         agent_a.stop();
         agent_b.stop();
-        let _ = std::fs::remove_dir_all(&ca);
     });
 }
 
@@ -317,19 +367,22 @@ fn tempfile_dir(label: &str) -> PathBuf {
     dir
 }
 
-/// The independent HBONE peer (tests/python/hbone_peer.py), written out for `python`.
-fn python_peer() -> (PathBuf, PathBuf) {
+/// The independent HBONE peer (tests/python/hbone_peer.py), written out for `python` in
+/// `inside` (removed with it).
+fn python_peer(inside: &Path) -> (PathBuf, PathBuf) {
     let python = std::env::var_os("MESH_PYTHON")
         .map(PathBuf::from)
         .expect("MESH_PYTHON: a Python with the h2 package (cargo xtask test sets it up)");
-    let script = std::env::temp_dir().join(format!("{}.py", unique_name("hbone-peer")));
+    let script = inside.join("hbone_peer.py");
     std::fs::write(&script, include_str!("../python/hbone_peer.py")).expect("write the peer");
     (python, script)
 }
 
-/// A CA directory of openssl's making (root-cert.pem, root-key.pem), not mesh's.
-fn openssl_root() -> PathBuf {
-    let dir = tempfile_dir("other-root");
+/// A CA directory of openssl's making (root-cert.pem, root-key.pem), not mesh's, made in
+/// `inside` (removed with it).
+fn openssl_root(inside: &Path) -> PathBuf {
+    let dir = inside.join(unique_name("other-root"));
+    std::fs::create_dir(&dir).expect("mkdir");
     run(Command::new("openssl")
         .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=another root", "-days", "1"])
         .args(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", "-keyout"])
@@ -339,9 +392,11 @@ fn openssl_root() -> PathBuf {
     dir
 }
 
-/// A workload certificate made with openssl from the CA's files (nothing of mesh's).
+/// A workload certificate made with openssl from the CA's files (nothing of mesh's), kept in
+/// the CA's directory (removed with it).
 fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
-    let dir = tempfile_dir("peer-cert");
+    let dir = ca.join(unique_name("peer-cert"));
+    std::fs::create_dir(&dir).expect("mkdir");
     let (key, csr, cert, ext) = (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"));
     std::fs::write(
         &ext,
@@ -370,24 +425,14 @@ fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
 #[test]
 fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
     in_netns(|| {
-        let Some(node_b) = NodeB::new() else { return };
-        let (python, script) = python_peer();
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let root = ca.join("root-cert.pem").display().to_string();
-        let (cgroup_a, cgroup_b) = (TestCgroup::new("peer-node-a"), TestCgroup::new("peer-node-b"));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-        let yaml = config(&client, &server);
-        let ca_arg = ca.display().to_string();
-        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
-        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
+        let Some(nodes) = TwoNodes::new("peer") else { return };
+        let (python, script) = python_peer(&nodes.ca);
+        let (client, yaml, root) = (&nodes.client, nodes.yaml(), nodes.root());
+        let _backend = nodes.serve_on_b(probe_bin(), &["echo-serve", "10.200.1.2:8080"]);
 
         // The Python peer, as front, tunnels into node B's agent to web.
-        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
-            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
-        let agent_b = Agent::start(spec_b);
-        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/front");
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let (cert, key) = openssl_cert(&nodes.ca, "spiffe://td/ns/shop/sa/front");
         let tunnel_in = |authority: &str| {
             parse_probe(Command::new(&python).arg(&script).args([
                 "client",
@@ -419,8 +464,8 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
         agent_b.stop();
 
         // Node A's agent tunnels front's connection into the Python peer, serving as web.
-        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/web");
-        let mut peer_server = node_b.command(&cgroup_b, &python);
+        let (cert, key) = openssl_cert(&nodes.ca, "spiffe://td/ns/shop/sa/web");
+        let mut peer_server = nodes.node_b.command(&nodes.cgroup_b, &python);
         peer_server.arg(&script).args([
             "server",
             "--cert",
@@ -438,9 +483,7 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
         let mut lines = BufReader::new(peer_server.stdout.take().expect("stdout")).lines();
         let first = lines.next().expect("a line").expect("stdout");
         assert!(first.contains("serving"), "{first}");
-        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
-        spec_a.extra_args = mtls_args;
-        let agent_a = Agent::start(spec_a);
+        let agent_a = nodes.agent_a(&yaml, &[]);
         let answer = client.probe(&["echo-check", "10.96.0.10:80", "65536"]);
         assert!(echo_ok(&answer), "{answer}\n{}", agent_a.log());
         let carried: Value = serde_json::from_str(&lines.next().expect("a line").expect("stdout")).expect("json");
@@ -452,8 +495,6 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
         agent_a.stop();
         let _ = peer_server.kill();
         let _ = peer_server.wait();
-        let _ = std::fs::remove_file(&script);
-        let _ = std::fs::remove_dir_all(&ca);
     });
 }
 
@@ -483,31 +524,21 @@ fn peer_client(python: &(PathBuf, PathBuf), root: &str, (cert, key): &(String, S
 #[test]
 fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_files_say_so() {
     in_netns(|| {
-        let Some(node_b) = NodeB::new() else { return };
-        let python = python_peer();
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let root = ca.join("root-cert.pem").display().to_string();
-        let (cgroup_a, cgroup_b) = (TestCgroup::new("refuse-node-a"), TestCgroup::new("refuse-node-b"));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-        let yaml = config(&client, &server);
-        let ca_arg = ca.display().to_string();
-        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
-        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["echo-serve", "10.200.1.2:8080"]));
-        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
-            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
-        let agent_b = Agent::start(spec_b);
+        let Some(nodes) = TwoNodes::new("refuse") else { return };
+        let python = python_peer(&nodes.ca);
+        let (client, yaml, root, ca) = (&nodes.client, nodes.yaml(), nodes.root(), &nodes.ca);
+        let _backend = nodes.serve_on_b(probe_bin(), &["echo-serve", "10.200.1.2:8080"]);
+        let agent_b = nodes.agent_b(&yaml, &[]);
         let refused = |reason: &str| agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", reason)]);
 
         // Another trust domain, though signed by the trusted root.
-        let answer = peer_client(&python, &root, &openssl_cert(&ca, "spiffe://elsewhere/ns/shop/sa/front"));
+        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://elsewhere/ns/shop/sa/front"));
         assert!(answer["error"].is_string(), "{answer}");
         assert_eq!(refused("wrong_trust_domain"), 1.0, "{}", agent_b.metrics());
 
         // A root nobody told node B to trust; then trusted beside the CA's own (a rotation's
         // overlap); then no longer (revoked): refused again, with nothing restarted.
-        let other = openssl_root();
+        let other = openssl_root(ca);
         let stranger = openssl_cert(&other, "spiffe://td/ns/shop/sa/front");
         assert!(peer_client(&python, &root, &stranger)["error"].is_string());
         assert_eq!(refused("untrusted_certificate"), 1.0);
@@ -524,14 +555,14 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
         let _ = std::io::Read::read_to_end(&mut plain, &mut Vec::new());
         assert_eq!(refused("not_tls"), 1.0);
         // The node's own workload still gets through after all that.
-        let answer = peer_client(&python, &root, &openssl_cert(&ca, "spiffe://td/ns/shop/sa/front"));
+        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://td/ns/shop/sa/front"));
         assert_eq!(answer["echo_ok"], true, "{answer}");
         agent_b.stop();
 
         // Node A's agent meets a "node B" whose certificate is not web's: it refuses, counts
         // why, and the pod's connection fails at once.
-        let (cert, key) = openssl_cert(&ca, "spiffe://td/ns/shop/sa/db");
-        let mut impostor = node_b.command(&cgroup_b, &python.0);
+        let (cert, key) = openssl_cert(ca, "spiffe://td/ns/shop/sa/db");
+        let mut impostor = nodes.node_b.command(&nodes.cgroup_b, &python.0);
         impostor.arg(&python.1).args([
             "server",
             "--cert",
@@ -546,40 +577,24 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
             "spiffe://td/ns/shop/sa/front",
         ]);
         let _impostor = Backend::spawn_raw(&mut impostor);
-        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
-        spec_a.extra_args = mtls_args;
-        let agent_a = Agent::start(spec_a);
+        let agent_a = nodes.agent_a(&yaml, &[]);
         let answer = client.probe(&["echo-check", "10.96.0.10:80", "100"]);
         assert!(!echo_ok(&answer), "{answer}");
         assert_eq!(agent_a.metric("mesh_hbone_refused_total", &[("direction", "outbound"), ("reason", "wrong_identity")]), 1.0);
         assert!(agent_a.log().contains("wrong_identity"), "logged with the reason:\n{}", agent_a.log());
         agent_a.stop();
-        for dir in [&ca, &other] {
-            let _ = std::fs::remove_dir_all(dir);
-        }
     });
 }
 
 #[test]
 fn certificates_renew_under_a_long_lived_tunnel_and_a_connection_loop_without_a_failure() {
     in_netns(|| {
-        let Some(node_b) = NodeB::new() else { return };
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let (cgroup_a, cgroup_b) = (TestCgroup::new("rotate-node-a"), TestCgroup::new("rotate-node-b"));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-        let yaml = config(&client, &server);
-        let ca_arg = ca.display().to_string();
+        let Some(nodes) = TwoNodes::new("rotate") else { return };
+        let (client, yaml) = (&nodes.client, nodes.yaml());
+        let _backend = nodes.serve_on_b(probe_bin(), &["serve", "web", "10.200.1.2:8080"]);
         // Ten-second certificates: renewed every four to five seconds.
-        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td", "--cert-lifetime", "10s"];
-        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["serve", "web", "10.200.1.2:8080"]));
-        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
-            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
-        let agent_b = Agent::start(spec_b);
-        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
-        spec_a.extra_args = mtls_args;
-        let agent_a = Agent::start(spec_a);
+        let agent_b = nodes.agent_b(&yaml, &["--cert-lifetime", "10s"]);
+        let agent_a = nodes.agent_a(&yaml, &["--cert-lifetime", "10s"]);
 
         let mut held = client.hold("10.96.0.10:80");
         assert!(held.send("first")["answer"].is_string(), "the long-lived connection works");
@@ -607,22 +622,18 @@ fn certificates_renew_under_a_long_lived_tunnel_and_a_connection_loop_without_a_
         assert!(held.send("last")["answer"].is_string(), "the connection made before every renewal still works");
         held.close();
         for agent in [&agent_a, &agent_b] {
-            assert!(!agent.metrics().contains("mesh_hbone_refused_total{"), "nothing refused:\n{}", agent.metrics());
+            assert_eq!(agent.metric("mesh_hbone_refused_total", &[]), 0.0, "nothing refused:\n{}", agent.metrics());
         }
         agent_a.stop();
         agent_b.stop();
-        let _ = std::fs::remove_dir_all(&ca);
     });
 }
 
 #[test]
 fn an_l7_service_on_another_node_is_reached_through_the_tunnel_under_its_http_routing() {
     in_netns(|| {
-        let Some(node_b) = NodeB::new() else { return };
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let (cgroup_a, cgroup_b) = (TestCgroup::new("l7-node-a"), TestCgroup::new("l7-node-b"));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        let Some(nodes) = TwoNodes::new("l7") else { return };
+        let client = &nodes.client;
         // The same pods, and an HTTP Service the proxy handles (mesh.dev/l7) with a route that
         // sends /v2 to it and nothing else.
         let yaml = format!(
@@ -633,18 +644,11 @@ fn an_l7_service_on_another_node_is_reached_through_the_tunnel_under_its_http_ro
              endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n---\n\
              apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: shop}}\n\
              spec: {{parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}], rules: [{{matches: [{{path: {{type: PathPrefix, value: /v2}}}}], backendRefs: [{{name: api, port: 80}}]}}]}}\n",
-            config(&client, &server)
+            nodes.yaml()
         );
-        let ca_arg = ca.display().to_string();
-        let mtls_args = vec!["--ca-dir", &ca_arg, "--trust-domain", "td"];
-        let _backend = Backend::spawn_raw(node_b.command(&server, probe_bin()).args(["serve", "api-b", "10.200.1.2:8081"]));
-        let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
-        (spec_b.node, spec_b.netns_of, spec_b.listen_ip, spec_b.extra_args) =
-            ("node-b", Some(node_b.pid()), Some("10.200.0.2"), mtls_args.clone());
-        let agent_b = Agent::start(spec_b);
-        let mut spec_a = AgentSpec::new(&yaml, &cgroup_a);
-        spec_a.extra_args = mtls_args;
-        let agent_a = Agent::start(spec_a);
+        let _backend = nodes.serve_on_b(probe_bin(), &["serve", "api-b", "10.200.1.2:8081"]);
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let agent_a = nodes.agent_a(&yaml, &[]);
 
         let capture = Capture::start("mesh-nb");
         let routed = client.probe(&["get", "10.96.0.11:80", "/v2/items", "3"]);
@@ -668,6 +672,5 @@ fn an_l7_service_on_another_node_is_reached_through_the_tunnel_under_its_http_ro
         assert_eq!(agent_a.metric("istio_requests_total", &[("response_code", "200")]), 3.0, "{}", agent_a.metrics());
         agent_a.stop();
         agent_b.stop();
-        let _ = std::fs::remove_dir_all(&ca);
     });
 }
