@@ -85,13 +85,23 @@ pub struct AgentOptions {
 /// Workload certificates and HBONE tunnels.
 #[derive(Debug, Clone)]
 pub struct MtlsOptions {
-    /// The CA the agent signs its workloads' certificates from (`mesh ca init`).
-    pub ca_dir: PathBuf,
+    /// Who signs the workloads' certificates.
+    pub signer: SignerSource,
     pub cert_lifetime: Duration,
     /// Where the kernel sends enrolled pods' connections to enrolled pods of other nodes.
     pub tunnel_addr: SocketAddr,
     /// Where peer agents' tunnels arrive (its port is every agent's).
     pub hbone_addr: SocketAddr,
+}
+
+/// Who signs workload certificates.
+#[derive(Debug, Clone)]
+pub enum SignerSource {
+    /// The CA directory of `mesh ca init` (standalone: this node holds the root key).
+    Files(PathBuf),
+    /// The central signer (`mesh ca serve`), trusted by `root`, proving itself as `identity`;
+    /// the agent proves itself with the token in `token_file`.
+    Remote { addr: String, root: PathBuf, identity: crate::identity::Identity, token_file: PathBuf },
 }
 
 /// Where the configuration comes from.
@@ -145,7 +155,7 @@ pub enum AgentError {
     Thread(#[source] std::io::Error),
     #[error("watching {0}: {1}")]
     Watch(PathBuf, #[source] notify::Error),
-    #[error("--ca-dir: {0}")]
+    #[error("the certificate authority: {0}")]
     Ca(#[from] crate::identity::ca::CaError),
     #[error("removing pins under {0}: {1}")]
     Teardown(PathBuf, #[source] std::io::Error),
@@ -568,10 +578,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // mTLS: the CA is read before anything is attached (a missing one fails the start).
     let mtls = match &opts.mtls {
         Some(m) => {
-            let signer = crate::identity::ca::FileSigner::new(&m.ca_dir)?;
+            let signer: Arc<dyn crate::identity::ca::Signer> = match &m.signer {
+                SignerSource::Files(dir) => Arc::new(crate::identity::ca::FileSigner::new(dir)?),
+                SignerSource::Remote { addr, root, identity, token_file } => {
+                    Arc::new(crate::signer::RemoteSigner::new(addr.clone(), identity.clone(), root, token_file.clone())?)
+                }
+            };
             let tunnel = bind_or_inherit(m.tunnel_addr, &mut inherited).await?;
             let hbone = bind_or_inherit(m.hbone_addr, &mut inherited).await?;
-            Some((crate::identity::certs::Certificates::new(Arc::new(signer), m.cert_lifetime), tunnel, hbone))
+            Some((crate::identity::certs::Certificates::new(signer, m.cert_lifetime), tunnel, hbone))
         }
         None => None,
     };

@@ -80,6 +80,26 @@ enum CaCommand {
         #[arg(long, default_value = "3650d", value_name = "DURATION", value_parser = parse_root_lifetime)]
         lifetime: std::time::Duration,
     },
+    /// The central signer for Kubernetes: signs an agent's request for an identity only if a
+    /// pod of that identity runs on the agent's node (checked with a TokenReview and the pods).
+    Serve {
+        /// The CA directory (the root's key lives only here).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        #[arg(long, default_value = "0.0.0.0:15012")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
+        trust_domain: String,
+        /// The signer's own identity (agents check it): default spiffe://<trust domain>/ns/mesh-system/sa/mesh-ca.
+        #[arg(long, value_name = "SPIFFE ID")]
+        identity: Option<String>,
+        /// The agents' service account, `namespace/name` (repeat for more).
+        #[arg(long = "agent-service-account", default_value = "mesh-system/mesh", value_name = "NS/NAME")]
+        agents: Vec<String>,
+        /// The kubeconfig to use (default: the pod's service account).
+        #[arg(long, value_name = "FILE")]
+        kubeconfig: Option<PathBuf>,
+    },
 }
 
 fn parse_root_lifetime(s: &str) -> Result<std::time::Duration, String> {
@@ -195,8 +215,22 @@ struct AgentArgs {
     drain_timeout_ms: u64,
     /// mTLS between nodes: sign workload certificates from this CA directory (`mesh ca init`)
     /// and carry enrolled pods' connections to enrolled pods of other nodes over HBONE.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_addr")]
     ca_dir: Option<PathBuf>,
+    /// mTLS between nodes, with certificates from the central signer (`mesh ca serve`) at
+    /// HOST:PORT instead of a CA directory; needs --ca-root.
+    #[arg(long, value_name = "HOST:PORT", requires = "ca_root")]
+    ca_addr: Option<String>,
+    /// With --ca-addr: the root certificate (PEM) the signer's certificate chains to.
+    #[arg(long, value_name = "FILE")]
+    ca_root: Option<PathBuf>,
+    /// With --ca-addr: the signer's identity, checked on its certificate.
+    #[arg(long, value_name = "SPIFFE ID")]
+    ca_identity: Option<String>,
+    /// With --ca-addr: the service account token sent to the signer (read at each request:
+    /// kubelet rotates it).
+    #[arg(long, value_name = "FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
+    ca_token_file: PathBuf,
     /// Lifetime of workload certificates (renewed at half-life): 24h by default, at least 1m.
     #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_lifetime)]
     cert_lifetime: std::time::Duration,
@@ -296,13 +330,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 traces: crate::telemetry::traces::TraceConfig { endpoint: args.otlp_traces, sampling: args.trace_sampling },
                 drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
                 take_over: args.take_over,
-                trust_domain: args.trust_domain,
-                mtls: args.ca_dir.map(|ca_dir| app::MtlsOptions {
-                    ca_dir,
-                    cert_lifetime: args.cert_lifetime,
-                    tunnel_addr: args.tunnel_addr,
-                    hbone_addr: args.hbone_addr,
-                }),
+                trust_domain: args.trust_domain.clone(),
+                mtls: {
+                    let signer = match (args.ca_dir, args.ca_addr) {
+                        (Some(dir), _) => Some(app::SignerSource::Files(dir)),
+                        (None, Some(addr)) => {
+                            let identity = match &args.ca_identity {
+                                Some(id) => crate::identity::Identity::parse(id)?,
+                                None => crate::identity::Identity::new(&args.trust_domain, "mesh-system", "mesh-ca")?,
+                            };
+                            let root = args.ca_root.clone().expect("clap requires --ca-root with --ca-addr");
+                            Some(app::SignerSource::Remote { addr, root, identity, token_file: args.ca_token_file })
+                        }
+                        (None, None) => None,
+                    };
+                    signer.map(|signer| app::MtlsOptions {
+                        signer,
+                        cert_lifetime: args.cert_lifetime,
+                        tunnel_addr: args.tunnel_addr,
+                        hbone_addr: args.hbone_addr,
+                    })
+                },
             };
             let runtime =
                 tokio::runtime::Builder::new_multi_thread().worker_threads(usize::from(args.worker_threads)).enable_all().build()?;
@@ -379,6 +427,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             std::thread::sleep(Duration::from_secs(1));
         },
+        Command::Ca { command: CaCommand::Serve { ca_dir, listen, trust_domain, identity, agents, kubeconfig } } => {
+            let identity = match identity {
+                Some(id) => crate::identity::Identity::parse(&id)?,
+                None => crate::identity::Identity::new(&trust_domain, "mesh-system", "mesh-ca")?,
+            };
+            let opts = crate::signer::SignerOptions { ca_dir, listen, trust_domain, identity, agents };
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async move {
+                let client = crate::sources::kube::client(kubeconfig.as_deref()).await?;
+                crate::signer::serve(opts, client).await?;
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Ca { command: CaCommand::Init { dir, trust_domain, lifetime } } => {
             crate::identity::ca::init(&dir, &trust_domain, lifetime)?;
             println!(

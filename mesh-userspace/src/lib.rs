@@ -9,6 +9,7 @@ pub mod host;
 pub mod identity;
 pub mod proxy;
 pub mod server;
+pub mod signer;
 pub mod sources;
 pub mod state;
 pub mod sync;

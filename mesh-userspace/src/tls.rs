@@ -217,6 +217,20 @@ pub fn client_config(own: &WorkloadCert, roots: Arc<RootCertStore>, expected: Id
     Ok(config)
 }
 
+/// A client with no certificate of its own that checks the server is `expected` (the agent
+/// asking the central signer, which authenticates it by its token).
+pub fn server_only_client_config(roots: Arc<RootCertStore>, expected: Identity) -> Result<ClientConfig, ConfigError> {
+    let provider = provider();
+    let verifier = ServerVerifier { roots, expected, algorithms: provider.signature_verification_algorithms };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// The server side of a tunnel into `own`'s workload, for clients of `trust_domain`.
 pub fn server_config(own: &WorkloadCert, roots: Arc<RootCertStore>, trust_domain: &str) -> Result<ServerConfig, ConfigError> {
     let provider = provider();

@@ -55,6 +55,8 @@ struct Inner {
     requests: Vec<String>,
     /// Watches answered 410 Gone, by resource.
     expired: Vec<String>,
+    /// Tokens a TokenReview knows: token → the user it names.
+    tokens: BTreeMap<String, Value>,
 }
 
 struct Shared {
@@ -122,6 +124,13 @@ impl KubeApi {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
         runtime.spawn(accept_loop(listener, addr, acceptor, shared.clone()));
         Self { addr, kubeconfig, dir, shared, runtime: Some(runtime) }
+    }
+
+    /// Makes a TokenReview of `token` answer `username`, bound to a pod on `node` when given
+    /// (the `authentication.kubernetes.io/node-name` extra of kubelet's projected tokens).
+    pub fn add_token(&self, token: &str, username: &str, node: Option<&str>) {
+        let extra = node.map_or_else(|| json!({}), |n| json!({"authentication.kubernetes.io/node-name": [n]}));
+        self.shared.inner.lock().unwrap().tokens.insert(token.to_owned(), json!({"username": username, "extra": extra}));
     }
 
     /// A directory as kubelet mounts a pod's service account at
@@ -475,6 +484,9 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         Ok(b) => b.to_bytes(),
         Err(_) => return Ok(status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body")),
     };
+    if method == Method::POST && target.resource == "apis/authentication.k8s.io/v1/tokenreviews" {
+        return Ok(token_review(&shared, &body));
+    }
     Ok(match (method, &target.name) {
         (Method::GET, None) if matches!(params.get("watch").map(String::as_str), Some("true" | "1")) => {
             watch_response(&shared, &target, &params)
@@ -505,6 +517,22 @@ async fn serve(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<B
         }
         _ => status(StatusCode::METHOD_NOT_ALLOWED, "MethodNotAllowed", "method not allowed"),
     })
+}
+
+/// A TokenReview, answered from the tokens `add_token` registered.
+fn token_review(shared: &Shared, body: &[u8]) -> Response<Body> {
+    let Ok(review) = serde_json::from_slice::<Value>(body) else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let answer = match shared.inner.lock().unwrap().tokens.get(token) {
+        Some(user) => json!({"authenticated": true, "user": user}),
+        None => json!({"authenticated": false, "error": "invalid bearer token"}),
+    };
+    respond(
+        StatusCode::CREATED,
+        &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "metadata": {}, "spec": review["spec"], "status": answer}),
+    )
 }
 
 fn list_response(shared: &Shared, target: &Target, params: &BTreeMap<String, String>) -> Response<Body> {

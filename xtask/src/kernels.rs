@@ -108,6 +108,7 @@ fn select(pins: &[Pin], selection: &str) -> anyhow::Result<Vec<Pin>> {
 const HOST_ONLY: &[(&str, &str)] = &[
     ("container", "it runs the agent's image under podman, which the VMs do not have"),
     ("monitoring", "it runs Prometheus and promtool, which the VMs do not have"),
+    ("signer", "its clients are Python's urllib and openssl, which the VMs do not have"),
 ];
 
 /// The static binaries that go into the VM.

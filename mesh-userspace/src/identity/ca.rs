@@ -53,7 +53,12 @@ pub enum CaError {
 pub trait Signer: Send + Sync + 'static {
     /// A certificate for `identity` over the public key of `csr` (DER PKCS#10, P-256), valid
     /// for `lifetime`. Only the key is taken from the request: the identity is the caller's.
-    fn sign(&self, identity: &Identity, csr: Vec<u8>, lifetime: Duration) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>>;
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr: Vec<u8>,
+        lifetime: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send + '_>>;
 
     /// The roots to trust peers by, now (cheap: asked for every TLS handshake).
     fn trust_roots(&self) -> Result<Vec<CertificateDer<'static>>, CaError>;
@@ -178,7 +183,12 @@ impl FileSigner {
 }
 
 impl Signer for FileSigner {
-    fn sign(&self, identity: &Identity, csr: Vec<u8>, lifetime: Duration) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>> {
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr: Vec<u8>,
+        lifetime: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send + '_>> {
         let signed = self.sign_now(identity, &csr, lifetime);
         Box::pin(std::future::ready(signed))
     }

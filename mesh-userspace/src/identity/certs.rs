@@ -80,6 +80,12 @@ pub struct Certificates {
     roots: Mutex<Option<(Vec<CertificateDer<'static>>, Arc<RootCertStore>)>>,
 }
 
+impl std::fmt::Debug for Certificates {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Certificates").field("lifetime", &self.lifetime).field("identities", &self.identities()).finish()
+    }
+}
+
 impl Drop for Certificates {
     fn drop(&mut self) {
         for slot in self.slots.get_mut().expect("not poisoned").values() {
@@ -273,7 +279,7 @@ mod tests {
             identity: &Identity,
             csr: Vec<u8>,
             lifetime: Duration,
-        ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>> {
+        ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send + '_>> {
             if self.down.load(Ordering::SeqCst) {
                 return Box::pin(std::future::ready(Err(CaError::Sign("the signer is away".into()))));
             }

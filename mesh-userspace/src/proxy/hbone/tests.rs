@@ -30,7 +30,12 @@ struct SignsWithOther {
 }
 
 impl Signer for SignsWithOther {
-    fn sign(&self, identity: &Identity, csr: Vec<u8>, lifetime: Duration) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send>> {
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr: Vec<u8>,
+        lifetime: Duration,
+    ) -> Pin<Box<dyn Future<Output = Result<Signed, CaError>> + Send + '_>> {
         self.signs.sign(identity, csr, lifetime)
     }
 
