@@ -74,10 +74,18 @@ pub fn reference(kustomization: &str) -> anyhow::Result<Reference> {
     }
 }
 
+/// The image reference of deploy/kustomization.yaml; deploy/mtls (a component, whose
+/// resources the including kustomization does not rename) must say the same.
 pub fn kustomization_reference() -> anyhow::Result<Reference> {
-    let path = workspace_root().join("deploy/kustomization.yaml");
-    let text = fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    reference(&text).with_context(|| path.display().to_string())
+    let read = |relative: &str| -> anyhow::Result<Reference> {
+        let path = workspace_root().join(relative);
+        let text = fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        reference(&text).with_context(|| path.display().to_string())
+    };
+    let base = read("deploy/kustomization.yaml")?;
+    let mtls = read("deploy/mtls/kustomization.yaml")?;
+    anyhow::ensure!(mtls == base, "deploy/mtls/kustomization.yaml names the image {mtls}, deploy/kustomization.yaml {base}: make them the same");
+    Ok(base)
 }
 
 /// Where `cargo xtask image` writes the archive.

@@ -41,7 +41,20 @@ pub fn check() -> anyhow::Result<Report> {
         bail!("kubectl kustomize deploy/ failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     fs::write(&rendered, &out.stdout)?;
-    let mut files = vec![rendered];
+    // deploy/ with its mTLS component on, as a user's kustomization includes it.
+    let with_mtls = dir.join("with-mtls");
+    fs::create_dir_all(&with_mtls)?;
+    fs::write(
+        with_mtls.join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [../../../deploy]\ncomponents: [../../../deploy/mtls]\n",
+    )?;
+    let out = Command::new("kubectl").args(["kustomize"]).arg(&with_mtls).output()?;
+    if !out.status.success() {
+        bail!("kubectl kustomize with deploy/mtls failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let rendered_mtls = dir.join("deploy-mtls.yaml");
+    fs::write(&rendered_mtls, &out.stdout)?;
+    let mut files = vec![rendered, rendered_mtls];
     files.extend(yaml_files(&workspace_root().join("deploy/examples"))?);
 
     let validate = kubernetes_validate()?;
