@@ -661,3 +661,56 @@ impl<'a> ServiceYaml<'a> {
         y
     }
 }
+
+/// Node B: a network namespace joined to the caller's (node A) by a veth pair, `mesh-nb` on
+/// A's side. Node A is 10.200.0.1, node B 10.200.0.2; B's pod has 10.200.1.2 (routed through
+/// B). Gone when dropped. Used by the mTLS tests and `cargo xtask bench mtls`.
+pub struct NodeB {
+    holder: Child,
+}
+
+impl NodeB {
+    pub fn new() -> Option<Self> {
+        let veth = Command::new("ip").args(["link", "add", "mesh-nb", "type", "veth"]).output().expect("ip");
+        if !veth.status.success() {
+            println!("SKIP: this kernel cannot make a veth pair: {}", String::from_utf8_lossy(&veth.stderr).trim());
+            return None;
+        }
+        let holder = Command::new("unshare").args(["-n", "sleep", "1000"]).spawn().expect("unshare");
+        let pid = holder.id().to_string();
+        run(Command::new("ip").args(["addr", "add", "10.200.0.1/24", "dev", "mesh-nb"]));
+        run(Command::new("ip").args(["link", "set", "mesh-nb", "up"]));
+        wait_until(
+            || Command::new("ip").args(["link", "set", "veth0", "netns", &pid]).status().is_ok_and(|s| s.success()),
+            || "moving veth0 into node B's namespace".into(),
+        );
+        for args in [
+            ["ip", "addr", "add", "10.200.0.2/24", "dev", "veth0"].as_slice(),
+            &["ip", "link", "set", "veth0", "up"],
+            &["ip", "link", "set", "lo", "up"],
+            &["ip", "addr", "add", "10.200.1.2/32", "dev", "lo"],
+        ] {
+            run(Command::new("nsenter").args(["-t", &pid, "-n"]).args(args));
+        }
+        run(Command::new("ip").args(["route", "add", "10.200.1.0/24", "via", "10.200.0.2"]));
+        Some(Self { holder })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.holder.id()
+    }
+
+    /// A command run in node B's namespace and in `cgroup`.
+    pub fn command(&self, cgroup: &TestCgroup, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = cgroup.command("nsenter");
+        cmd.args(["-t", &self.pid().to_string(), "-n", "--"]).arg(program);
+        cmd
+    }
+}
+
+impl Drop for NodeB {
+    fn drop(&mut self) {
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+    }
+}

@@ -263,11 +263,15 @@ impl Tunnels {
                 }
             }
         });
-        self.pool.lock().expect("not poisoned").entry(key.clone()).or_default().push(Pooled {
-            send: send.clone(),
-            streams: streams.clone(),
-            expires_at: own.expires_at,
+        let mut pool = self.pool.lock().expect("not poisoned");
+        // New connections are rare next to streams: the moment to forget closed ones of every
+        // key, so that routes no longer used do not keep entries.
+        let now = SystemTime::now();
+        pool.retain(|_, connections| {
+            connections.retain(|c| !c.send.is_closed() && c.expires_at > now);
+            !connections.is_empty()
         });
+        pool.entry(key.clone()).or_default().push(Pooled { send: send.clone(), streams: streams.clone(), expires_at: own.expires_at });
         Ok((send, streams))
     }
 }
