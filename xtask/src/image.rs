@@ -84,7 +84,10 @@ pub fn kustomization_reference() -> anyhow::Result<Reference> {
     };
     let base = read("deploy/kustomization.yaml")?;
     let mtls = read("deploy/mtls/kustomization.yaml")?;
-    anyhow::ensure!(mtls == base, "deploy/mtls/kustomization.yaml names the image {mtls}, deploy/kustomization.yaml {base}: make them the same");
+    anyhow::ensure!(
+        mtls == base,
+        "deploy/mtls/kustomization.yaml names the image {mtls}, deploy/kustomization.yaml {base}: make them the same"
+    );
     Ok(base)
 }
 
