@@ -202,33 +202,33 @@ pub enum ConfigError {
     Verifier(#[from] rustls::server::VerifierBuilderError),
 }
 
-/// The client side of a tunnel from `own`'s workload to `expected`.
-pub fn client_config(own: &WorkloadCert, roots: Arc<RootCertStore>, expected: Identity) -> Result<ClientConfig, ConfigError> {
+/// A TLS 1.3 client that accepts only `expected` (chained to `roots`), presenting `own` if given.
+fn client(own: Option<&WorkloadCert>, roots: Arc<RootCertStore>, expected: Identity, alpn: &[u8]) -> Result<ClientConfig, ConfigError> {
     let provider = provider();
     let verifier = ServerVerifier { roots, expected, algorithms: provider.signature_verification_algorithms };
-    let mut config = ClientConfig::builder_with_provider(provider)
+    let builder = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(own.certified.clone())));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
-    // Sessions are not resumed: every tunnel proves both identities afresh.
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let mut config = match own {
+        Some(own) => builder.with_client_cert_resolver(Arc::new(SingleCertAndKey::from(own.certified.clone()))),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![alpn.to_vec()];
+    // Sessions are not resumed: every connection proves the identities afresh.
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
+}
+
+/// The client side of a tunnel from `own`'s workload to `expected`.
+pub fn client_config(own: &WorkloadCert, roots: Arc<RootCertStore>, expected: Identity) -> Result<ClientConfig, ConfigError> {
+    client(Some(own), roots, expected, ALPN_H2)
 }
 
 /// A client with no certificate of its own that checks the server is `expected` (the agent
 /// asking the central signer, which authenticates it by its token).
 pub fn server_only_client_config(roots: Arc<RootCertStore>, expected: Identity) -> Result<ClientConfig, ConfigError> {
-    let provider = provider();
-    let verifier = ServerVerifier { roots, expected, algorithms: provider.signature_verification_algorithms };
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(config)
+    client(None, roots, expected, b"http/1.1")
 }
 
 /// The server side of a tunnel into `own`'s workload, for clients of `trust_domain`.

@@ -680,10 +680,10 @@ impl NodeB {
         let pid = holder.id().to_string();
         run(Command::new("ip").args(["addr", "add", "10.200.0.1/24", "dev", "mesh-nb"]));
         run(Command::new("ip").args(["link", "set", "mesh-nb", "up"]));
-        wait_until(
-            || Command::new("ip").args(["link", "set", "veth0", "netns", &pid]).status().is_ok_and(|s| s.success()),
-            || "moving veth0 into node B's namespace".into(),
-        );
+        // Until unshare has made its namespace, the holder is still in ours, and moving veth0
+        // "into" it would succeed and change nothing.
+        wait_until(|| in_other_netns(holder.id()), || "unshare to make node B's namespace".into());
+        run(Command::new("ip").args(["link", "set", "veth0", "netns", &pid]));
         for args in [
             ["ip", "addr", "add", "10.200.0.2/24", "dev", "veth0"].as_slice(),
             &["ip", "link", "set", "veth0", "up"],
@@ -713,4 +713,76 @@ impl Drop for NodeB {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
+}
+
+/// Whether process `pid` is in another network namespace than the calling thread (whose own
+/// may differ from the process's: `in_netns` unshares a thread).
+pub fn in_other_netns(pid: u32) -> bool {
+    let theirs = fs::read_link(format!("/proc/{pid}/ns/net"));
+    let ours = fs::read_link("/proc/thread-self/ns/net");
+    matches!((theirs, ours), (Ok(a), Ok(b)) if a != b)
+}
+
+/// The cgroup path as the `mesh.dev/cgroup` annotation takes it: under the cgroup2 mount.
+pub fn under_mount(cgroup: &TestCgroup) -> String {
+    Path::new("/").join(cgroup.path.strip_prefix(cgroup2_root()).expect("under the cgroup2 mount")).display().to_string()
+}
+
+/// The objects of the two-node mTLS tests and benchmark (both agents read the same; each sees
+/// its own node's pods as its own): namespace shop enrolled, pod front-0 (service account
+/// front) on node-a, pod web-0 (web, 10.200.1.2) on node-b, Service web (10.96.0.10:80 ->
+/// 8080).
+pub fn two_node_config(client: &TestCgroup, server: &TestCgroup) -> String {
+    format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: front-0, namespace: shop, uid: u-front, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-a, serviceAccountName: front}}\nstatus: {{podIP: 10.200.2.1, hostIP: 10.200.0.1}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-b, serviceAccountName: web}}\nstatus: {{podIP: 10.200.1.2, hostIP: 10.200.0.2}}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{clusterIP: 10.96.0.10, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
+         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
+         addressType: IPv4\nports: [{{name: tcp, port: 8080}}]\n\
+         endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n",
+        under_mount(client),
+        under_mount(server)
+    )
+}
+
+/// A P-256 key and certificate request made by openssl in `dir`, with the extensions a
+/// workload certificate for `uri` has: (key, request, extensions file).
+pub fn openssl_request(dir: &Path, uri: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let (key, csr, ext) = (dir.join("key.pem"), dir.join("req.csr"), dir.join("ext.cnf"));
+    fs::write(
+        &ext,
+        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
+    )
+    .expect("ext");
+    run(Command::new("openssl")
+        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=openssl-peer", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr));
+    (key, csr, ext)
+}
+
+/// A workload certificate made with openssl from the CA's files (nothing of mesh's), kept in
+/// the CA's directory (removed with it): (certificate, key) paths.
+pub fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
+    let dir = ca.join(unique_name("peer-cert"));
+    fs::create_dir(&dir).expect("mkdir");
+    let (key, csr, ext) = openssl_request(&dir, uri);
+    let cert = dir.join("cert.pem");
+    run(Command::new("openssl")
+        .args(["x509", "-req", "-days", "1", "-set_serial", "7", "-in"])
+        .arg(&csr)
+        .arg("-CA")
+        .arg(ca.join("root-cert.pem"))
+        .arg("-CAkey")
+        .arg(ca.join("root-key.pem"))
+        .arg("-extfile")
+        .arg(&ext)
+        .arg("-out")
+        .arg(&cert));
+    (cert.display().to_string(), key.display().to_string())
 }

@@ -430,11 +430,10 @@ impl PodNetns {
         };
         sh(&["ip", "addr", "add", "10.200.0.1/24", "dev", "mesh-node"]);
         sh(&["ip", "link", "set", "mesh-node", "up"]);
-        // The namespace exists once unshare has made it: retry until the move works.
-        wait_until(
-            || std::process::Command::new("ip").args(["link", "set", "veth0", "netns", &pid]).status().is_ok_and(|s| s.success()),
-            || "moving veth0 into the pod namespace".into(),
-        );
+        // Until unshare has made its namespace, the holder is still in ours, and moving veth0
+        // "into" it would succeed and change nothing.
+        wait_until(|| in_other_netns(holder.id()), || "unshare to make the pod namespace".into());
+        run(std::process::Command::new("ip").args(["link", "set", "veth0", "netns", &pid]));
         for args in [
             ["ip", "addr", "add", "10.200.0.2/24", "dev", "veth0"].as_slice(),
             &["ip", "link", "set", "veth0", "up"],

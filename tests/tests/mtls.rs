@@ -13,29 +13,8 @@ use mesh_tests::*;
 
 const MARKER: &str = "mesh-plaintext-marker-7f3a;";
 const SENTINEL_PORT: &str = "9";
-
-/// The cgroup path as the `mesh.dev/cgroup` annotation takes it: under the cgroup2 mount.
-fn under_mount(cgroup: &TestCgroup) -> String {
-    Path::new("/").join(cgroup.path.strip_prefix(cgroup2_root()).expect("under the cgroup2 mount")).display().to_string()
-}
-
-/// Both agents read the same objects; each sees its own node's pods as its own.
-fn config(client: &TestCgroup, server: &TestCgroup) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: front-0, namespace: shop, uid: u-front, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
-         spec: {{nodeName: node-a, serviceAccountName: front}}\nstatus: {{podIP: 10.200.2.1, hostIP: 10.200.0.1}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
-         spec: {{nodeName: node-b, serviceAccountName: web}}\nstatus: {{podIP: 10.200.1.2, hostIP: 10.200.0.2}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
-         spec: {{clusterIP: 10.96.0.10, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{name: tcp, port: 8080}}]\n\
-         endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n",
-        under_mount(client),
-        under_mount(server)
-    )
-}
+/// Node B's pod: web, at its address.
+const SERVER: &str = "10.200.1.2:8080";
 
 /// tcpdump on an interface, writing a pcap file, until stopped.
 struct Capture {
@@ -177,7 +156,7 @@ impl TwoNodes {
     }
 
     fn yaml(&self) -> String {
-        config(&self.client, &self.server)
+        two_node_config(&self.client, &self.server)
     }
 
     fn root(&self) -> String {
@@ -204,6 +183,16 @@ impl TwoNodes {
     /// Node B's agent, in node B's namespace, its listeners on node B's address.
     fn agent_b(&self, yaml: &str, extra: &[&str]) -> Agent {
         self.agent(yaml, true, extra)
+    }
+
+    /// The Python HBONE peer as a server on node B's HBONE port, presenting an openssl
+    /// certificate for `serving_as` and expecting front as its client.
+    fn peer_server(&self, (python, script): &(PathBuf, PathBuf), serving_as: &str) -> Command {
+        let (cert, key) = openssl_cert(&self.ca, serving_as);
+        let mut cmd = self.node_b.command(&self.cgroup_b, python);
+        cmd.arg(script).args(["server", "--cert", &cert, "--key", &key, "--ca", &self.root()]);
+        cmd.args(["--listen", "10.200.0.2:15008", "--expect-peer", "spiffe://td/ns/shop/sa/front"]);
+        cmd
     }
 
     /// A server process in web's cgroup on node B (it prints a "serving" line first).
@@ -345,13 +334,8 @@ fn openssl_root(inside: &Path) -> PathBuf {
 fn openssl_expired_cert(ca: &Path, uri: &str) -> (String, String) {
     let dir = ca.join(unique_name("expired"));
     std::fs::create_dir(&dir).expect("mkdir");
-    let (key, csr, cert, ext, config) =
-        (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"), dir.join("ca.cnf"));
-    std::fs::write(
-        &ext,
-        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
-    )
-    .expect("ext");
+    let (key, csr, ext) = openssl_request(&dir, uri);
+    let (cert, config) = (dir.join("cert.pem"), dir.join("ca.cnf"));
     std::fs::write(dir.join("index.txt"), "").expect("index");
     std::fs::write(dir.join("serial"), "1000\n").expect("serial");
     std::fs::write(
@@ -362,11 +346,6 @@ fn openssl_expired_cert(ca: &Path, uri: &str) -> (String, String) {
         ),
     )
     .expect("config");
-    run(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=python-peer", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
     run(Command::new("openssl")
         .args(["ca", "-batch", "-notext", "-config"])
         .arg(&config)
@@ -383,68 +362,18 @@ fn openssl_expired_cert(ca: &Path, uri: &str) -> (String, String) {
     (cert.display().to_string(), key.display().to_string())
 }
 
-/// A workload certificate made with openssl from the CA's files (nothing of mesh's), kept in
-/// the CA's directory (removed with it).
-fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
-    let dir = ca.join(unique_name("peer-cert"));
-    std::fs::create_dir(&dir).expect("mkdir");
-    let (key, csr, cert, ext) = (dir.join("key.pem"), dir.join("req.csr"), dir.join("cert.pem"), dir.join("ext.cnf"));
-    std::fs::write(
-        &ext,
-        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
-    )
-    .expect("ext");
-    run(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=python-peer", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr));
-    run(Command::new("openssl")
-        .args(["x509", "-req", "-days", "1", "-set_serial", "7", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(ca.join("root-cert.pem"))
-        .arg("-CAkey")
-        .arg(ca.join("root-key.pem"))
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&cert));
-    (cert.display().to_string(), key.display().to_string())
-}
-
 #[test]
 fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
     in_netns(|| {
         let Some(nodes) = TwoNodes::new("peer") else { return };
-        let (python, script) = python_peer(&nodes.ca);
+        let python = python_peer(&nodes.ca);
         let (client, yaml, root) = (&nodes.client, nodes.yaml(), nodes.root());
         let _backend = nodes.serve_on_b(probe_bin(), &["echo-serve", "10.200.1.2:8080"]);
 
         // The Python peer, as front, tunnels into node B's agent to web.
         let agent_b = nodes.agent_b(&yaml, &[]);
-        let (cert, key) = openssl_cert(&nodes.ca, "spiffe://td/ns/shop/sa/front");
-        let tunnel_in = |authority: &str| {
-            parse_probe(Command::new(&python).arg(&script).args([
-                "client",
-                "--cert",
-                &cert,
-                "--key",
-                &key,
-                "--ca",
-                &root,
-                "--connect",
-                "10.200.0.2:15008",
-                "--server-name",
-                "web.shop.sa.mesh.internal",
-                "--expect-peer",
-                "spiffe://td/ns/shop/sa/web",
-                "--authority",
-                authority,
-                "--size",
-                "1048576",
-            ]))
-        };
+        let creds = openssl_cert(&nodes.ca, "spiffe://td/ns/shop/sa/front");
+        let tunnel_in = |authority: &str| peer_client(&python, &root, &creds, authority, 1 << 20);
         let answer = tunnel_in("10.200.1.2:8080");
         assert_eq!(answer["status"], "200", "{answer}\n{}", agent_b.log());
         assert_eq!(answer["echo_ok"], true, "1 MiB there and back, half-closed: {answer}");
@@ -455,21 +384,7 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
         agent_b.stop();
 
         // Node A's agent tunnels front's connection into the Python peer, serving as web.
-        let (cert, key) = openssl_cert(&nodes.ca, "spiffe://td/ns/shop/sa/web");
-        let mut peer_server = nodes.node_b.command(&nodes.cgroup_b, &python);
-        peer_server.arg(&script).args([
-            "server",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--ca",
-            &root,
-            "--listen",
-            "10.200.0.2:15008",
-            "--expect-peer",
-            "spiffe://td/ns/shop/sa/front",
-        ]);
+        let mut peer_server = nodes.peer_server(&python, "spiffe://td/ns/shop/sa/web");
         let mut peer_server = peer_server.stdout(Stdio::piped()).spawn().expect("python peer");
         let mut lines = BufReader::new(peer_server.stdout.take().expect("stdout")).lines();
         let first = lines.next().expect("a line").expect("stdout");
@@ -489,27 +404,13 @@ fn an_independent_hbone_peer_tunnels_into_mesh_and_mesh_tunnels_into_it() {
     });
 }
 
-/// The Python peer as a client of node B's agent, with `cert`: its JSON answer.
-fn peer_client(python: &(PathBuf, PathBuf), root: &str, (cert, key): &(String, String)) -> Value {
-    parse_probe(Command::new(&python.0).arg(&python.1).args([
-        "client",
-        "--cert",
-        cert,
-        "--key",
-        key,
-        "--ca",
-        root,
-        "--connect",
-        "10.200.0.2:15008",
-        "--server-name",
-        "web.shop.sa.mesh.internal",
-        "--expect-peer",
-        "spiffe://td/ns/shop/sa/web",
-        "--authority",
-        "10.200.1.2:8080",
-        "--size",
-        "1000",
-    ]))
+/// The Python peer as a client of node B's agent with (cert, key), to `authority`, sending `size` bytes: its
+/// JSON answer.
+fn peer_client(python: &(PathBuf, PathBuf), root: &str, (cert, key): &(String, String), authority: &str, size: usize) -> Value {
+    let mut cmd = Command::new(&python.0);
+    cmd.arg(&python.1).args(["client", "--cert", cert, "--key", key, "--ca", root, "--connect", "10.200.0.2:15008"]);
+    cmd.args(["--server-name", "web.shop.sa.mesh.internal", "--expect-peer", "spiffe://td/ns/shop/sa/web", "--authority", authority]);
+    parse_probe(cmd.args(["--size", &size.to_string()]))
 }
 
 #[test]
@@ -523,12 +424,12 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
         let refused = |reason: &str| agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", reason)]);
 
         // Another trust domain, though signed by the trusted root.
-        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://elsewhere/ns/shop/sa/front"));
+        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://elsewhere/ns/shop/sa/front"), SERVER, 1000);
         assert!(answer["error"].is_string(), "{answer}");
         assert_eq!(refused("wrong_trust_domain"), 1.0, "{}", agent_b.metrics());
 
         // A certificate of the trusted root, for the right identity, that expired.
-        let answer = peer_client(&python, &root, &openssl_expired_cert(ca, "spiffe://td/ns/shop/sa/front"));
+        let answer = peer_client(&python, &root, &openssl_expired_cert(ca, "spiffe://td/ns/shop/sa/front"), SERVER, 1000);
         assert!(answer["error"].is_string(), "{answer}");
         assert_eq!(refused("expired_certificate"), 1.0, "{}", agent_b.metrics());
 
@@ -536,13 +437,13 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
         // overlap); then no longer (revoked): refused again, with nothing restarted.
         let other = openssl_root(ca);
         let stranger = openssl_cert(&other, "spiffe://td/ns/shop/sa/front");
-        assert!(peer_client(&python, &root, &stranger)["error"].is_string());
+        assert!(peer_client(&python, &root, &stranger, SERVER, 1000)["error"].is_string());
         assert_eq!(refused("untrusted_certificate"), 1.0);
         std::fs::copy(other.join("root-cert.pem"), ca.join("trust-bundle.pem")).expect("bundle");
-        let answer = peer_client(&python, &root, &stranger);
+        let answer = peer_client(&python, &root, &stranger, SERVER, 1000);
         assert_eq!((answer["status"].as_str(), answer["echo_ok"].as_bool()), (Some("200"), Some(true)), "{answer}");
         std::fs::remove_file(ca.join("trust-bundle.pem")).expect("revoke");
-        assert!(peer_client(&python, &root, &stranger)["error"].is_string());
+        assert!(peer_client(&python, &root, &stranger, SERVER, 1000)["error"].is_string());
         assert_eq!(refused("untrusted_certificate"), 2.0);
 
         // Plaintext on the HBONE port.
@@ -551,27 +452,13 @@ fn refused_tunnels_are_counted_by_reason_and_a_root_is_trusted_only_while_its_fi
         let _ = std::io::Read::read_to_end(&mut plain, &mut Vec::new());
         assert_eq!(refused("not_tls"), 1.0);
         // The node's own workload still gets through after all that.
-        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://td/ns/shop/sa/front"));
+        let answer = peer_client(&python, &root, &openssl_cert(ca, "spiffe://td/ns/shop/sa/front"), SERVER, 1000);
         assert_eq!(answer["echo_ok"], true, "{answer}");
         agent_b.stop();
 
         // Node A's agent meets a "node B" whose certificate is not web's: it refuses, counts
         // why, and the pod's connection fails at once.
-        let (cert, key) = openssl_cert(ca, "spiffe://td/ns/shop/sa/db");
-        let mut impostor = nodes.node_b.command(&nodes.cgroup_b, &python.0);
-        impostor.arg(&python.1).args([
-            "server",
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "--ca",
-            &root,
-            "--listen",
-            "10.200.0.2:15008",
-            "--expect-peer",
-            "spiffe://td/ns/shop/sa/front",
-        ]);
+        let mut impostor = nodes.peer_server(&python, "spiffe://td/ns/shop/sa/db");
         let _impostor = Backend::spawn_raw(&mut impostor);
         let agent_a = nodes.agent_a(&yaml, &[]);
         let answer = client.probe(&["echo-check", "10.96.0.10:80", "100"]);

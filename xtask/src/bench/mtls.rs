@@ -11,7 +11,7 @@
 //! tunneled connections.
 use std::{fs, path::Path, process::Command, time::Duration};
 
-use mesh_tests::{Agent, AgentSpec, NodeB, TestCgroup, in_netns};
+use mesh_tests::{Agent, AgentSpec, NodeB, TestCgroup, in_netns, openssl_cert, two_node_config};
 use serde_json::{Value, json};
 
 use super::l7::{Proc, fixed_rate, load, nginx_conf, oha, spawn, tools, usage};
@@ -41,58 +41,6 @@ pub fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cgroup_path(cgroup: &TestCgroup) -> String {
-    Path::new("/").join(cgroup.path.strip_prefix(mesh_tests::cgroup2_root()).expect("under the cgroup2 mount")).display().to_string()
-}
-
-/// Pods front (node A) and web (node B), the Service web in front of web's nginx.
-fn config(client: &TestCgroup, server: &TestCgroup) -> String {
-    format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: front-0, namespace: shop, uid: u-front, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
-         spec: {{nodeName: node-a, serviceAccountName: front}}\nstatus: {{podIP: 10.200.2.1, hostIP: 10.200.0.1}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
-         spec: {{nodeName: node-b, serviceAccountName: web}}\nstatus: {{podIP: 10.200.1.2, hostIP: 10.200.0.2}}\n---\n\
-         apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\nspec: {{clusterIP: 10.96.0.10, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n\
-         apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: web-1, namespace: shop, labels: {{kubernetes.io/service-name: web}}}}\n\
-         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{{addresses: [10.200.1.2], nodeName: node-b}}]\n",
-        cgroup_path(client),
-        cgroup_path(server)
-    )
-}
-
-/// A certificate for `uri` signed by the CA in `ca` (openssl), for Envoy: (cert, key).
-fn envoy_cert(ca: &Path, name: &str, uri: &str) -> anyhow::Result<(String, String)> {
-    let (key, csr, cert, ext) =
-        (ca.join(format!("{name}.key")), ca.join(format!("{name}.csr")), ca.join(format!("{name}.pem")), ca.join(format!("{name}.cnf")));
-    fs::write(
-        &ext,
-        format!("subjectAltName=critical,URI:{uri}\nextendedKeyUsage=serverAuth,clientAuth\nkeyUsage=critical,digitalSignature\n"),
-    )?;
-    let ok = |cmd: &mut Command| -> anyhow::Result<()> {
-        let out = cmd.output()?;
-        anyhow::ensure!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-        Ok(())
-    };
-    ok(Command::new("openssl")
-        .args(["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", "/O=envoy", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&csr))?;
-    ok(Command::new("openssl")
-        .args(["x509", "-req", "-days", "1", "-set_serial", "9", "-in"])
-        .arg(&csr)
-        .arg("-CA")
-        .arg(ca.join("root-cert.pem"))
-        .arg("-CAkey")
-        .arg(ca.join("root-key.pem"))
-        .arg("-extfile")
-        .arg(&ext)
-        .arg("-out")
-        .arg(&cert))?;
-    Ok((cert.display().to_string(), key.display().to_string()))
-}
-
 /// A `common_tls_context` block (and its key) for a YAML position `indent` spaces deep: TLS 1.3,
 /// ALPN h2, this side's certificate, the peer checked against the root and its SPIFFE id.
 fn tls_context(indent: usize, cert: &str, key: &str, root: &str, peer: &str) -> String {
@@ -107,7 +55,7 @@ fn tls_context(indent: usize, cert: &str, key: &str, root: &str, peer: &str) -> 
 
 /// The client-side Envoy: plain HTTP in, mTLS (HTTP/2) to the server-side Envoy.
 fn envoy_a(dir: &Path, ca: &Path, root: &str) -> anyhow::Result<std::path::PathBuf> {
-    let (cert, key) = envoy_cert(ca, "envoy-front", "spiffe://cluster.local/ns/shop/sa/front")?;
+    let (cert, key) = openssl_cert(ca, "spiffe://cluster.local/ns/shop/sa/front");
     let (host, port) = ENVOY_A.split_once(':').expect("addr");
     let (bhost, bport) = ENVOY_B.split_once(':').expect("addr");
     let tls = tls_context(8, &cert, &key, root, "spiffe://cluster.local/ns/shop/sa/web");
@@ -149,7 +97,7 @@ fn envoy_a(dir: &Path, ca: &Path, root: &str) -> anyhow::Result<std::path::PathB
 
 /// The server-side Envoy: mTLS in (client certificate required), plain HTTP/1.1 to the pod.
 fn envoy_b(dir: &Path, ca: &Path, root: &str) -> anyhow::Result<std::path::PathBuf> {
-    let (cert, key) = envoy_cert(ca, "envoy-web", "spiffe://cluster.local/ns/shop/sa/web")?;
+    let (cert, key) = openssl_cert(ca, "spiffe://cluster.local/ns/shop/sa/web");
     let (host, port) = ENVOY_B.split_once(':').expect("addr");
     let (bhost, bport) = SERVER.split_once(':').expect("addr");
     let tls = tls_context(10, &cert, &key, root, "spiffe://cluster.local/ns/shop/sa/front");
@@ -241,7 +189,7 @@ fn measure(envoy: &Path, oha: &Path, dir: &Path) -> anyhow::Result<Value> {
 
     let (cgroup_a, cgroup_b) = (TestCgroup::new("bench-mtls-a"), TestCgroup::new("bench-mtls-b"));
     let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-    let yaml = config(&client, &server);
+    let yaml = two_node_config(&client, &server);
     let ca_arg = ca.display().to_string();
     let args = vec!["--ca-dir", ca_arg.as_str(), "--worker-threads", "1"];
     let mut spec_b = AgentSpec::new(&yaml, &cgroup_b);
