@@ -120,7 +120,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     let Some(frontend) = (unsafe { FRONTENDS.get(&key) }) else {
         // Not a Service: maybe an enrolled pod of another node, dialled by its address.
         if proto == IPPROTO_TCP && connect {
-            return tunnel_if_enrolled(ctx, family, vip, vport_be, vip, vport_be, 0, None);
+            return tunnel_if_enrolled(ctx, family, vip, vport_be, vip, vport_be, 0, WorkloadValue::default());
         }
         return PROCEED;
     };
@@ -132,10 +132,13 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     };
 
     // The dialling pod, for TCP connects (its connections record it).
-    let caller = if proto == IPPROTO_TCP && connect { calling_workload() } else { None };
+    // A plain value (id 0: none), not an Option: the kernels before 6.2 refuse reading an
+    // Option's payload that the compiler left unwritten on the None path ("invalid read from
+    // stack"), where it passes the Option on.
+    let caller = if proto == IPPROTO_TCP && connect { calling_workload().unwrap_or_default() } else { WorkloadValue::default() };
     // A pod that is not enrolled is balanced at L4 even to an L7 Service: the proxy is for
     // enrolled workloads (and for processes in no known pod, as on a standalone host).
-    let caller_enrolled = caller.is_none_or(|w| w.flags & workload_flags::ENROLLED != 0);
+    let caller_enrolled = caller.id == 0 || caller.flags & workload_flags::ENROLLED != 0;
     let (baddr, bport_be) = if service.flags & service_flags::L7 != 0 && proto == IPPROTO_TCP && caller_enrolled {
         // L7-managed: to the agent's proxy, which reads the Service address back from
         // mesh_l7orig (filled by sock_ops once the connection is established).
@@ -155,7 +158,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         }
         // An enrolled pod's connection to an enrolled pod of another node: through the
         // tunnel, to the backend picked here.
-        if proto == IPPROTO_TCP && connect && caller.is_some_and(|w| w.flags & workload_flags::ENROLLED != 0) {
+        if proto == IPPROTO_TCP && connect && caller.id != 0 && caller.flags & workload_flags::ENROLLED != 0 {
             // SAFETY: plain-integer value.
             if unsafe { TUNNELED.get(&backend.addr) }.is_some() {
                 return tunnel_if_enrolled(ctx, family, vip, vport_be, backend.addr, backend.port_be, service_id, caller);
@@ -171,7 +174,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     // SAFETY: helper valid for sock_addr programs.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     if proto == IPPROTO_TCP {
-        remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id, caller.map_or(0, |w| w.id));
+        remember_dial(cookie, vip, vport_be, baddr, bport_be, service_id, caller.id);
         return PROCEED;
     }
     let rev_key = RevNatKey { cookie, addr: baddr, port_be: bport_be, _pad16: 0, _pad32: 0 };
@@ -188,7 +191,7 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
 
 /// Sends a TCP connect() to the agent's tunnel listener when `pod` is an enrolled pod of
 /// another node (`mesh_tunneled`) and the caller an enrolled pod of this one (`caller`, or
-/// looked up when None). The socket keeps `dialled` for getpeername(); the listener learns
+/// looked up when its id is 0). The socket keeps `dialled` for getpeername(); the listener learns
 /// `pod` and the caller from `mesh_tunorig`. No tunnel listener while the map says tunnel:
 /// refused (fail closed: the bytes would cross nodes in plaintext).
 #[inline(always)]
@@ -201,14 +204,14 @@ fn tunnel_if_enrolled(
     pod: Addr,
     pod_port_be: u16,
     service_id: u32,
-    caller: Option<WorkloadValue>,
+    caller: WorkloadValue,
 ) -> i32 {
     // SAFETY: plain-integer value. Looked up first: most connections go nowhere near it.
     if unsafe { TUNNELED.get(&pod) }.is_none() {
         return PROCEED;
     }
-    let Some(caller) = caller.or_else(calling_workload) else { return PROCEED };
-    if caller.flags & workload_flags::ENROLLED == 0 {
+    let caller = if caller.id != 0 { caller } else { calling_workload().unwrap_or_default() };
+    if caller.id == 0 || caller.flags & workload_flags::ENROLLED == 0 {
         return PROCEED;
     }
     let sa = ctx.sock_addr;

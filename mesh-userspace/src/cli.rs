@@ -231,7 +231,7 @@ struct AgentArgs {
     /// kubelet rotates it).
     #[arg(long, value_name = "FILE", default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token")]
     ca_token_file: PathBuf,
-    /// Lifetime of workload certificates (renewed at half-life): 24h by default, at least 1m.
+    /// Lifetime of workload certificates (renewed at half-life): 24h by default, 10s to 90d.
     #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_lifetime)]
     cert_lifetime: std::time::Duration,
     /// With --ca-dir: where the kernel sends tunneled connections (an address pods can reach).
@@ -253,7 +253,7 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
-/// `90s`, `30m`, `24h`, `7d`: between a minute and 90 days (tests may go down to 10s).
+/// `90s`, `30m`, `24h`, `7d`: between 10 seconds (for tests) and 90 days.
 fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (number, unit) = s.split_at(split);
