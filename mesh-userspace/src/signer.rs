@@ -96,7 +96,8 @@ pub enum SignerError {
 struct Refused(StatusCode, String);
 
 struct Service {
-    signer: FileSigner,
+    /// The same CA the signer's own certificate comes from (loaded once, read again on change).
+    signer: Arc<FileSigner>,
     client: kube::Client,
     trust_domain: String,
     agents: Vec<String>,
@@ -212,8 +213,8 @@ impl rustls::server::ResolvesServerCert for CurrentCert {
 
 /// Runs `mesh ca serve` until the process ends.
 pub async fn serve(opts: SignerOptions, client: kube::Client) -> Result<(), SignerError> {
-    let own = Arc::new(FileSigner::new(&opts.ca_dir)?);
-    let certs = Certificates::new(own, SERVING_LIFETIME);
+    let ca = Arc::new(FileSigner::new(&opts.ca_dir)?);
+    let certs = Certificates::new(ca.clone(), SERVING_LIFETIME);
     certs.fetch(&opts.identity).await.map_err(|e| SignerError::Certificate(e.to_string()))?;
     let resolver = Arc::new(CurrentCert { certs: certs.clone(), identity: opts.identity.clone() });
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
@@ -223,8 +224,7 @@ pub async fn serve(opts: SignerOptions, client: kube::Client) -> Result<(), Sign
         .with_cert_resolver(resolver);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let service =
-        Arc::new(Service { signer: FileSigner::new(&opts.ca_dir)?, client, trust_domain: opts.trust_domain, agents: opts.agents });
+    let service = Arc::new(Service { signer: ca, client, trust_domain: opts.trust_domain, agents: opts.agents });
     let listener = tokio::net::TcpListener::bind(opts.listen).await.map_err(|e| SignerError::Bind(opts.listen, e))?;
     tracing::info!(listen = %opts.listen, identity = %opts.identity, "signing workload certificates");
     let slots = crate::server::Slots::new(1024, Default::default(), Default::default());
