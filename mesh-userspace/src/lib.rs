@@ -1,6 +1,7 @@
 //! mesh's node agent as a library, so integration tests and tools can drive its parts.
 pub mod admin;
 pub mod app;
+pub mod authz;
 pub mod check;
 pub mod cli;
 pub mod ebpf;

@@ -1,5 +1,5 @@
 //! Where configuration comes from. Every source speaks the same language: typed Kubernetes
-//! objects (k8s-openapi, gateway-api) as per-object upserts and deletes, in batches that the
+//! objects (k8s-openapi, gateway-api, Istio's security kinds) as per-object upserts and deletes, in batches that the
 //! store applies whole or not at all.
 //!
 //! - `file`: multi-document YAML files or a directory of them, watched; one file is one batch,
@@ -8,6 +8,7 @@
 //!   object is rejected alone.
 #![forbid(unsafe_code)]
 pub mod file;
+pub mod istio;
 pub mod kube;
 
 use std::{fmt, path::Path, sync::Arc};
@@ -65,6 +66,9 @@ pub enum Kind {
     Pod,
     /// For the enrollment label of their pods.
     Namespace,
+    /// Istio's `security.istio.io` kinds.
+    AuthorizationPolicy,
+    PeerAuthentication,
 }
 
 impl fmt::Display for Kind {
@@ -76,6 +80,8 @@ impl fmt::Display for Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::Pod => "Pod",
             Kind::Namespace => "Namespace",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::PeerAuthentication => "PeerAuthentication",
         })
     }
 }
@@ -89,6 +95,8 @@ pub enum Object {
     GrpcRoute(Arc<GrpcRoute>),
     Pod(Arc<Pod>),
     Namespace(Arc<Namespace>),
+    AuthorizationPolicy(Arc<istio::AuthorizationPolicy>),
+    PeerAuthentication(Arc<istio::PeerAuthentication>),
 }
 
 impl Object {
@@ -100,6 +108,8 @@ impl Object {
             Object::GrpcRoute(_) => Kind::GrpcRoute,
             Object::Pod(_) => Kind::Pod,
             Object::Namespace(_) => Kind::Namespace,
+            Object::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Object::PeerAuthentication(_) => Kind::PeerAuthentication,
         }
     }
 
@@ -111,6 +121,8 @@ impl Object {
             Object::GrpcRoute(o) => &o.metadata,
             Object::Pod(o) => &o.metadata,
             Object::Namespace(o) => &o.metadata,
+            Object::AuthorizationPolicy(o) => &o.metadata,
+            Object::PeerAuthentication(o) => &o.metadata,
         }
     }
 

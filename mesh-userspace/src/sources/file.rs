@@ -106,15 +106,25 @@ impl Parse<'_> {
             }
             ("v1", "Pod") => self.typed(value, id(Kind::Pod), named, |o| Object::Pod(Arc::new(o))),
             ("v1", "Namespace") => self.typed(value, id(Kind::Namespace), named, |o| Object::Namespace(Arc::new(o))),
-            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList" | "PodList" | "NamespaceList") => {
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "AuthorizationPolicy") => {
+                self.typed(value, id(Kind::AuthorizationPolicy), named, |o| Object::AuthorizationPolicy(Arc::new(o)))
+            }
+            ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
+                self.typed(value, id(Kind::PeerAuthentication), named, |o| Object::PeerAuthentication(Arc::new(o)))
+            }
+            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList" | "PodList" | "NamespaceList" | "AuthorizationPolicyList" | "PeerAuthenticationList") => {
                 // `kubectl get -o yaml` wraps objects in a List.
                 let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
                 for (i, item) in items.into_iter().enumerate() {
                     self.document(item, format!("{object} items[{i}]"));
                 }
             }
-            (_, "Service" | "EndpointSlice") => {
-                let want = if kind == "Service" { "v1" } else { "discovery.k8s.io/v1" };
+            (_, "Service" | "EndpointSlice" | "AuthorizationPolicy" | "PeerAuthentication") => {
+                let want = match kind.as_str() {
+                    "Service" => "v1",
+                    "EndpointSlice" => "discovery.k8s.io/v1",
+                    _ => "security.istio.io/v1",
+                };
                 self.error(named, "apiVersion", format!("{kind} must be {want}, got {api_version:?}"));
             }
             _ => tracing::debug!(origin = %self.origin, %kind, "skipping object of a kind mesh does not use"),

@@ -58,7 +58,16 @@ const READ_TIMEOUT: Duration = Duration::from_secs(330);
 const LIST_BATCH: usize = 500;
 
 /// The kinds watched, in the order their first lists are awaited.
-const KINDS: [Kind; 6] = [Kind::Service, Kind::EndpointSlice, Kind::HttpRoute, Kind::GrpcRoute, Kind::Pod, Kind::Namespace];
+const KINDS: [Kind; 8] = [
+    Kind::Service,
+    Kind::EndpointSlice,
+    Kind::HttpRoute,
+    Kind::GrpcRoute,
+    Kind::Pod,
+    Kind::Namespace,
+    Kind::AuthorizationPolicy,
+    Kind::PeerAuthentication,
+];
 
 /// A client from `kubeconfig`, or inferred: in-cluster service account, then `KUBECONFIG` or
 /// ~/.kube/config.
@@ -84,6 +93,19 @@ fn api_resource(kind: Kind) -> ApiResource {
         Kind::GrpcRoute => ApiResource::erase::<GrpcRoute>(&()),
         Kind::Pod => ApiResource::erase::<Pod>(&()),
         Kind::Namespace => ApiResource::erase::<Namespace>(&()),
+        Kind::AuthorizationPolicy => istio_resource("AuthorizationPolicy", "authorizationpolicies"),
+        Kind::PeerAuthentication => istio_resource("PeerAuthentication", "peerauthentications"),
+    }
+}
+
+/// Istio's kinds have no generated Rust resource: named here.
+fn istio_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource {
+        group: super::istio::GROUP.into(),
+        version: super::istio::VERSION.into(),
+        api_version: format!("{}/{}", super::istio::GROUP, super::istio::VERSION),
+        kind: kind.into(),
+        plural: plural.into(),
     }
 }
 
@@ -178,7 +200,7 @@ impl KubeSource {
         let state = self.kinds.get_mut(&kind).expect("every kind has a state");
         let event = match item {
             Ok(event) => event,
-            Err(e) if is_not_found(&e) && matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) => {
+            Err(e) if is_not_found(&e) && matches!(kind, Kind::HttpRoute | Kind::GrpcRoute | Kind::AuthorizationPolicy | Kind::PeerAuthentication) => {
                 if !state.absent {
                     tracing::warn!(%kind, "the API server has no {kind} resource (CRD not installed?): none are served; looking again with backoff");
                 }
@@ -344,6 +366,8 @@ fn typed(kind: Kind, mut object: DynamicObject) -> Result<Change, (Origin, Confi
             Kind::GrpcRoute => Object::GrpcRoute(parse::<GrpcRoute>(value)?.into()),
             Kind::Pod => Object::Pod(parse::<Pod>(value)?.into()),
             Kind::Namespace => Object::Namespace(parse::<Namespace>(value)?.into()),
+            Kind::AuthorizationPolicy => Object::AuthorizationPolicy(parse::<super::istio::AuthorizationPolicy>(value)?.into()),
+            Kind::PeerAuthentication => Object::PeerAuthentication(parse::<super::istio::PeerAuthentication>(value)?.into()),
         })
     });
     match parsed {

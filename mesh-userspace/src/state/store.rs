@@ -14,6 +14,7 @@ use std::{
 
 use super::{
     model::{AppProtocol, Enrollment, NodeContext, ObjectKey, PodSpec, Protocol, ServiceSpec, SliceSpec, Workload, workload_of_pod},
+    policy::{PeerAuthSpec, Policies, PolicySpec},
     routes::RouteSpec,
     services::{LbService, LbServiceKey, balanced},
     validate::{self, Valid},
@@ -65,6 +66,8 @@ pub struct Snapshot {
     pub pods_by_ip: imbl::HashMap<IpAddr, Arc<Workload>>,
     /// Pods of other nodes by address (not host-network ones): where tunnels go.
     pub peers: imbl::HashMap<IpAddr, Arc<Workload>>,
+    /// AuthorizationPolicies and PeerAuthentications: a new `Arc` when one changed.
+    pub policies: Arc<Policies>,
 }
 
 /// What one applied batch changed.
@@ -98,6 +101,8 @@ pub struct Store {
     pods: HashMap<ObjectKey, Arc<PodSpec>>,
     /// Namespaces labelled `mesh.dev/dataplane: enabled`.
     enrolled_namespaces: BTreeSet<String>,
+    authorization: BTreeMap<ObjectKey, Arc<PolicySpec>>,
+    peer_authentication: BTreeMap<ObjectKey, Arc<PeerAuthSpec>>,
     snapshot: Snapshot,
 }
 
@@ -123,6 +128,8 @@ impl Store {
             workload_refs: HashMap::new(),
             pods: HashMap::new(),
             enrolled_namespaces: BTreeSet::new(),
+            authorization: BTreeMap::new(),
+            peer_authentication: BTreeMap::new(),
             snapshot: Snapshot::default(),
         }
     }
@@ -202,6 +209,9 @@ impl Store {
             self.remove(c.kind, &c.key, &mut dirty);
             self.insert(c, &mut dirty);
         }
+        if dirty.remove(&policy_marker()) {
+            self.publish_policies();
+        }
         let mut applied = Applied { services: dirty.len(), ..Default::default() };
         for service in dirty {
             self.recompute(&service, &mut applied.balanced);
@@ -277,6 +287,16 @@ impl Store {
                     self.publish_pods_of(&key.name);
                 }
             }
+            Kind::AuthorizationPolicy => {
+                if self.authorization.remove(key).is_some() {
+                    dirty.insert(policy_marker());
+                }
+            }
+            Kind::PeerAuthentication => {
+                if self.peer_authentication.remove(key).is_some() {
+                    dirty.insert(policy_marker());
+                }
+            }
             Kind::HttpRoute | Kind::GrpcRoute => {
                 let id = (kind, key.clone());
                 if let Some(route) = self.routes.remove(&id) {
@@ -341,8 +361,28 @@ impl Store {
                     self.publish_pods_of(&c.key.name);
                 }
             }
+            Valid::Policy(policy) => {
+                self.authorization.insert(c.key, Arc::new(policy));
+                dirty.insert(policy_marker());
+            }
+            Valid::PeerAuth(pa) => {
+                self.peer_authentication.insert(c.key, Arc::new(pa));
+                dirty.insert(policy_marker());
+            }
             Valid::Ignored => {}
         }
+    }
+
+    /// Rebuilds the snapshot's policies by namespace (O(policies), on a policy change only).
+    fn publish_policies(&mut self) {
+        let mut policies = Policies::default();
+        for (key, p) in &self.authorization {
+            policies.authorization.entry(key.namespace.clone()).or_default().push(p.clone());
+        }
+        for (key, p) in &self.peer_authentication {
+            policies.peer_authentication.entry(key.namespace.clone()).or_default().push(p.clone());
+        }
+        self.snapshot.policies = Arc::new(policies);
     }
 
     /// Puts a pod, with its enrollment as of now, into the snapshot.
@@ -463,6 +503,11 @@ impl Store {
             self.snapshot.services.insert(key.clone(), Arc::new(view));
         }
     }
+}
+
+/// Stands in the dirty set for "a policy changed": no Service has an empty namespace.
+fn policy_marker() -> ObjectKey {
+    ObjectKey::new("", "")
 }
 
 /// The (address, port, protocol) triples a Service takes.

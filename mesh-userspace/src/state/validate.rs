@@ -41,6 +41,8 @@ pub enum Valid {
     Pod(PodSpec),
     /// A namespace and whether it is enrolled (`mesh.dev/dataplane: enabled`).
     Namespace(bool),
+    Policy(super::policy::PolicySpec),
+    PeerAuth(super::policy::PeerAuthSpec),
     /// Valid, but nothing for mesh (an FQDN slice, a route of no Service).
     Ignored,
 }
@@ -63,6 +65,8 @@ pub fn object(object: &Object, key: &ObjectKey, node: &NodeContext) -> Result<Va
         }
         Object::Pod(p) => Ok(pod(p, key, node)?.map_or(Valid::Ignored, Valid::Pod)),
         Object::Namespace(n) => Ok(Valid::Namespace(enrollment(n.metadata.labels.as_ref(), "metadata.labels")? == Enrollment::Enabled)),
+        Object::AuthorizationPolicy(p) => super::policy::authorization(p, key).map(Valid::Policy),
+        Object::PeerAuthentication(p) => super::policy::peer_authentication(p, key).map(Valid::PeerAuth),
     }
 }
 

@@ -85,6 +85,22 @@ pub struct RefusalLabels {
     pub reason: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// `allow` or `deny`.
+    pub decision: String,
+    /// The AuthorizationPolicy that decided (`namespace/name`), or `none`.
+    pub policy: String,
+    /// `destination` or `source`.
+    pub reporter: String,
+}
+
+/// Authorization decisions.
+#[derive(Debug, Clone, Default)]
+pub struct AuthzMetrics {
+    pub decisions: Family<AuthzLabels, Counter>,
+}
+
 /// HBONE tunnels (mTLS between agents), by direction.
 #[derive(Debug, Clone, Default)]
 pub struct HboneMetrics {
@@ -96,6 +112,7 @@ pub struct HboneMetrics {
 pub struct Metrics {
     registry: Registry,
     pub hbone: HboneMetrics,
+    pub authz: AuthzMetrics,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub sent_bytes: Family<TcpLabels, Counter>,
@@ -215,12 +232,19 @@ impl Default for Metrics {
             "TLS connections between agents carrying HBONE streams, open now",
             hbone.connections_open.clone(),
         );
+        let authz = AuthzMetrics::default();
+        registry.register(
+            "mesh_authz_decisions",
+            "Authorization decisions on connections, by decision, the AuthorizationPolicy that made it (or none) and where (destination or source)",
+            authz.decisions.clone(),
+        );
         // The agent's own CPU, memory and descriptors, read at each scrape, under the names
         // every Prometheus client library uses (dashboards and alerts expect them).
         registry.register_collector(Box::new(ProcessCollector));
         Self {
             registry,
             hbone,
+            authz,
             spans_dropped,
             access_log_dropped,
             proxy_refused,
