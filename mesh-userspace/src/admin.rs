@@ -21,7 +21,7 @@ pub struct Caller {
 }
 
 /// Answers one request. Kept synchronous: every admin answer is computed from memory or maps.
-pub type Handler = Arc<dyn Fn(&Method, &str, &Caller) -> (StatusCode, String) + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&Method, &hyper::Uri, &Caller) -> (StatusCode, String) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 #[error("binding {0}: {1}")]
@@ -49,7 +49,7 @@ pub async fn serve(name: &'static str, listener: TcpListener, handler: Handler, 
                     let in_flight = activity.clone();
                     let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                         let busy = in_flight.busy();
-                        let (status, body) = handler(req.method(), req.uri().path(), &caller);
+                        let (status, body) = handler(req.method(), req.uri(), &caller);
                         let content_type = if body.starts_with('{') || body.starts_with('[') { "application/json" } else { "text/plain; charset=utf-8" };
                         let response = Response::builder()
                             .status(status)

@@ -24,6 +24,7 @@ use mesh_common::drop_counters;
 
 use crate::{
     admin,
+    authz::{self, Authorizer},
     ebpf::{
         Datapath as _, loader,
         maps::{OrigDstMap, PinnedMaps, TunnelOriginalMap, TunneledMap, WorkloadMap},
@@ -78,6 +79,8 @@ pub struct AgentOptions {
     pub take_over: bool,
     /// Of workload principals (`spiffe://<trust domain>/ns/<ns>/sa/<sa>`).
     pub trust_domain: String,
+    /// Whose AuthorizationPolicies and PeerAuthentications apply to every namespace.
+    pub root_namespace: String,
     /// mTLS between nodes (HBONE); None: off.
     pub mtls: Option<MtlsOptions>,
 }
@@ -202,6 +205,7 @@ struct Agent {
     snapshots: watch::Receiver<Arc<Snapshot>>,
     /// Workload certificates, with mTLS on.
     certs: Option<Arc<crate::identity::certs::Certificates>>,
+    authorizer: Arc<Authorizer>,
 }
 
 impl Agent {
@@ -325,7 +329,7 @@ impl Agent {
         (code, body)
     }
 
-    fn admin(&self, method: &Method, path: &str, caller: &admin::Caller, quit: &watch::Sender<bool>) -> (StatusCode, String) {
+    fn admin(&self, method: &Method, path: &str, query: &str, caller: &admin::Caller, quit: &watch::Sender<bool>) -> (StatusCode, String) {
         match (method, path) {
             (&Method::GET, "/config_dump") => {
                 let maps = self.maps.lock().expect("maps lock");
@@ -380,7 +384,18 @@ impl Agent {
                 let _ = quit.send(true);
                 (StatusCode::OK, "shutting down\n".into())
             }
-            _ => (StatusCode::NOT_FOUND, "endpoints: GET /config_dump, POST /quitquitquit\n".into()),
+            (&Method::GET, "/authz") => self.authz_check(query),
+            _ => (StatusCode::NOT_FOUND, "endpoints: GET /config_dump, GET /authz, POST /quitquitquit\n".into()),
+        }
+    }
+
+    /// `GET /authz?from=NS/SA&to=...&port=N`: see `authz::check`.
+    fn authz_check(&self, query: &str) -> (StatusCode, String) {
+        let snapshot = self.snapshots.borrow().clone();
+        match authz::check(&self.authorizer, &snapshot, &self.opts.trust_domain, query) {
+            Ok(answer) => (StatusCode::OK, serde_json::to_string_pretty(&answer).expect("json") + "\n"),
+            Err(authz::CheckError::BadQuery(m)) => (StatusCode::BAD_REQUEST, m + "\n"),
+            Err(authz::CheckError::NotFound(m)) => (StatusCode::NOT_FOUND, m + "\n"),
         }
     }
 
@@ -601,6 +616,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     telemetry.set_trust_domain(&opts.trust_domain);
     let access_log = AccessLog::open(&opts.access_log, telemetry.metrics.access_log_dropped.clone()).map_err(AgentError::AccessLog)?;
     let tracer = Tracer::start(&opts.traces, telemetry.metrics.spans_dropped.clone())?;
+    let authorizer = Arc::new(Authorizer::new(opts.root_namespace.clone(), telemetry.metrics.authz.clone()));
 
     let cgroup = match &opts.cgroup {
         Some(c) => c.clone(),
@@ -662,6 +678,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         config_read: watch::Sender::new(false),
         snapshots: snapshot_rx_for_agent,
         certs: mtls.as_ref().map(|(certs, _, _)| certs.clone()),
+        authorizer: authorizer.clone(),
     });
     if adopted {
         tracing::info!("adopted pinned service state; it serves until the configuration is applied");
@@ -709,15 +726,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let (quit_tx, mut quit_rx) = watch::channel(false);
     let readiness_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p, _| agent.readiness(m, p))
+        Arc::new(move |m, uri, _| agent.readiness(m, uri.path()))
     };
     let admin_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p, caller| agent.admin(m, p, caller, &quit_tx))
+        Arc::new(move |m, uri, caller| agent.admin(m, uri.path(), uri.query().unwrap_or_default(), caller, &quit_tx))
     };
     let metrics_handler: admin::Handler = {
         let agent = agent.clone();
-        Arc::new(move |m, p, _| agent.metrics(m, p))
+        Arc::new(move |m, uri, _| agent.metrics(m, uri.path()))
     };
     let mut servers = vec![
         tokio::spawn(admin::serve("admin", admin_listener, admin_handler, shutdown_rx.clone())),
@@ -729,9 +746,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     if let Some((certs, tunnel_listener, hbone_listener)) = mtls {
         let trust_domain = opts.trust_domain.clone();
         let hbone_metrics = telemetry.metrics.hbone.clone();
-        let workloads = Arc::new(SnapshotWorkloads::new(agent.snapshots.clone(), trust_domain.clone()));
-        let inbound = Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone())
-            .on_carried(proxy::tunnel::inbound_reporter(agent.snapshots.clone(), telemetry.clone()));
+        let workloads = Arc::new(SnapshotWorkloads::new(agent.snapshots.clone(), trust_domain.clone(), authorizer.clone()));
+        let inbound = Arc::new(
+            Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone())
+                .on_carried(proxy::tunnel::inbound_reporter(agent.snapshots.clone(), telemetry.clone())),
+        );
+        servers.push(tokio::spawn(review_on_policy_change(inbound.clone(), agent.snapshots.clone())));
         if let Ok(addr) = tunnel_listener.local_addr() {
             telemetry.set_tunnel_listener(addr);
         }
@@ -744,7 +764,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             trust_domain.clone(),
         )
         .with_hbone_port(tunnels.hbone_port);
-        servers.push(tokio::spawn(proxy::hbone::serve(Arc::new(inbound), hbone_listener, proxy_limits.max_connections, lifecycle.clone())));
+        servers.push(tokio::spawn(proxy::hbone::serve(inbound, hbone_listener, proxy_limits.max_connections, lifecycle.clone())));
         servers.push(tokio::spawn(proxy::tunnel::serve(Arc::new(tunnel), tunnel_listener, proxy_limits.max_connections, lifecycle)));
         // Certificates of workloads that left the node are no longer renewed.
         let mut snapshots = agent.snapshots.clone();
@@ -838,5 +858,22 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     while let Ok(mut ready) = fd.readable_mut().await {
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+/// Decides again on the HBONE streams open when the policies or this node's pods change (a
+/// relabelled pod may now be selected), closing those now denied.
+async fn review_on_policy_change(inbound: Arc<Inbound>, mut snapshots: watch::Receiver<Arc<Snapshot>>) {
+    let mut seen = snapshots.borrow().clone();
+    while snapshots.changed().await.is_ok() {
+        let now = snapshots.borrow_and_update().clone();
+        if Arc::ptr_eq(&now.policies, &seen.policies) && now.pods.ptr_eq(&seen.pods) {
+            continue;
+        }
+        seen = now;
+        let closed = inbound.review();
+        if closed > 0 {
+            tracing::info!(closed, "policy change: closed the tunnel streams it now denies");
+        }
     }
 }

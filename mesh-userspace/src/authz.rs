@@ -9,7 +9,7 @@
 use std::{
     collections::HashMap,
     fmt,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -18,7 +18,7 @@ use serde::Serialize;
 use crate::{
     identity::Identity,
     state::{
-        ObjectKey,
+        ObjectKey, Protocol, Snapshot,
         model::{PodSpec, Workload},
         policy::{Action, Attributes, Peer, Policies, PolicySpec, Request},
     },
@@ -38,6 +38,8 @@ pub enum Reason {
     AllowMatched,
     /// ALLOW policies select the workload and none matched.
     NoAllowMatched,
+    /// No workload is known at the destination.
+    UnknownDestination,
 }
 
 /// A decision and what made it.
@@ -54,6 +56,11 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Denied: the destination is no workload known here.
+    pub fn unknown_destination() -> Self {
+        Decision { allowed: false, reason: Reason::UnknownDestination, policy: None, rule: None, audited: Vec::new() }
+    }
+
     pub fn verdict(&self) -> &'static str {
         if self.allowed { "allow" } else { "deny" }
     }
@@ -77,6 +84,7 @@ impl fmt::Display for Decision {
                 by(f)
             }
             Reason::NoAllowMatched => f.write_str("denied: ALLOW policies select the destination and no rule of theirs matches"),
+            Reason::UnknownDestination => f.write_str("denied: the destination is no known workload"),
         }
     }
 }
@@ -147,6 +155,11 @@ impl Caller {
         }
     }
 
+    /// `trust-domain/ns/<ns>/sa/<sa>`, as policies write it.
+    pub fn principal(&self) -> String {
+        self.principal.clone()
+    }
+
     pub fn peer(&self) -> Peer<'_> {
         Peer { principal: &self.principal, namespace: &self.namespace, service_account: &self.service_account }
     }
@@ -163,7 +176,7 @@ pub struct Ask<'a> {
 }
 
 impl<'a> Ask<'a> {
-    fn attributes(&self) -> Attributes<'a> {
+    pub fn attributes(&self) -> Attributes<'a> {
         Attributes {
             source: self.caller.map(Caller::peer),
             source_ip: self.source_ip,
@@ -256,6 +269,101 @@ impl Authorizer {
         let labels = AuthzLabels { decision: decision.verdict().into(), policy, reporter: reporter.as_str().into() };
         self.metrics.decisions.get_or_create(&labels).inc();
     }
+}
+
+/// Why `check` could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("{0}")]
+    BadQuery(String),
+    #[error("{0}")]
+    NotFound(String),
+}
+
+/// `mesh authz check`, as the admin API's `GET /authz?from=NS/SA&to=NS/NAME|IP&port=N[&method=
+/// &path=&host=&source_ip=]`: what the live policies decide for a caller (none: plaintext) and
+/// each workload behind `to` (a Service's endpoints, or one pod), not counted as a decision.
+pub fn check(authorizer: &Authorizer, snapshot: &Snapshot, trust_domain: &str, query: &str) -> Result<serde_json::Value, CheckError> {
+    let params: HashMap<String, String> = form_urlencoded::parse(query.as_bytes()).into_owned().collect();
+    let bad = |m: String| CheckError::BadQuery(m);
+    let caller = match params.get("from").map(String::as_str) {
+        None | Some("") => None,
+        Some(from) => {
+            let (ns, sa) = from.split_once('/').ok_or_else(|| bad(format!("--from {from:?}: expected NAMESPACE/SERVICEACCOUNT")))?;
+            Some(Caller::of(&Identity::new(trust_domain, ns, sa).map_err(|e| bad(format!("--from {from:?}: {e}")))?))
+        }
+    };
+    let to = params.get("to").filter(|t| !t.is_empty()).ok_or_else(|| bad("--to is needed: a Service or pod (NAMESPACE/NAME) or an address".into()))?;
+    let port = params.get("port").and_then(|p| p.parse::<u16>().ok()).ok_or_else(|| bad("a port is needed: --to NAME:PORT".into()))?;
+    let source_ip = match params.get("source_ip").filter(|s| !s.is_empty()) {
+        Some(ip) => Some(ip.parse().map_err(|_| bad(format!("--source-ip {ip:?} is not an address")))?),
+        None => None,
+    };
+    let (method, path, host) = (params.get("method"), params.get("path"), params.get("host"));
+    let request = (method.is_some() || path.is_some() || host.is_some()).then(|| Request {
+        method: method.map_or("GET", String::as_str),
+        path: path.map_or("/", String::as_str),
+        host: host.map_or("", String::as_str),
+    });
+    let rows: Vec<serde_json::Value> = targets(snapshot, to, port)?
+        .iter()
+        .map(|(workload, target)| {
+            let ask = Ask { caller: caller.as_ref(), source_ip, destination_ip: target.ip(), port: target.port(), request };
+            let decision = authorizer.applicable(&snapshot.policies, workload).decide(&ask.attributes());
+            serde_json::json!({
+                "pod": workload.spec.key,
+                "address": target.to_string(),
+                "decision": decision.verdict(),
+                "reason": decision.reason,
+                "policy": decision.policy,
+                "rule": decision.rule,
+                "audited": decision.audited,
+                "explanation": decision.to_string(),
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({
+        "from": caller.as_ref().map_or_else(|| "plaintext (no identity)".to_owned(), Caller::principal),
+        "to": to,
+        "port": port,
+        "root_namespace": authorizer.root_namespace(),
+        "generation": snapshot.generation,
+        "decisions": rows,
+    }))
+}
+
+/// The workloads behind `to` and the address each is reached at: a Service's endpoints on its
+/// port `port`, a pod (this node's or a peer's) by name, or a pod by address.
+fn targets(snapshot: &Snapshot, to: &str, port: u16) -> Result<Vec<(Arc<Workload>, SocketAddr)>, CheckError> {
+    let by_ip = |ip: &IpAddr| snapshot.pods_by_ip.get(ip).or_else(|| snapshot.peers.get(ip)).cloned();
+    if let Ok(ip) = to.parse::<IpAddr>() {
+        let workload = by_ip(&ip).ok_or_else(|| CheckError::NotFound(format!("no pod is known at {ip}")))?;
+        return Ok(vec![(workload, SocketAddr::new(ip, port))]);
+    }
+    let (namespace, name) = to.split_once('/').ok_or_else(|| CheckError::BadQuery(format!("--to {to:?}: expected NAMESPACE/NAME or an address")))?;
+    let key = ObjectKey::new(namespace, name);
+    if let Some(service) = snapshot.services.get(&key) {
+        let ports: Vec<_> = service.ports.iter().filter(|p| p.frontend.port() == port && p.key.protocol == Protocol::Tcp).collect();
+        if ports.is_empty() {
+            return Err(CheckError::NotFound(format!("Service {key} has no TCP port {port}")));
+        }
+        let mut found: Vec<(Arc<Workload>, SocketAddr)> = Vec::new();
+        for backend in ports.iter().flat_map(|p| p.backends.iter()) {
+            if let Some(workload) = by_ip(&backend.addr.ip())
+                && !found.iter().any(|(_, a)| *a == backend.addr)
+            {
+                found.push((workload, backend.addr));
+            }
+        }
+        if found.is_empty() {
+            return Err(CheckError::NotFound(format!("Service {key} port {port} has no endpoint that is a known pod")));
+        }
+        return Ok(found);
+    }
+    let pod = snapshot.pods.get(&key).cloned().or_else(|| snapshot.peers.values().find(|w| w.spec.key == key).cloned());
+    let pod = pod.ok_or_else(|| CheckError::NotFound(format!("{to} is no Service and no pod known here")))?;
+    let ip = *pod.spec.ips.first().ok_or_else(|| CheckError::NotFound(format!("pod {key} has no address yet")))?;
+    Ok(vec![(pod, SocketAddr::new(ip, port))])
 }
 
 #[cfg(test)]

@@ -55,6 +55,11 @@ enum Command {
         #[arg(long, default_value = host::DEFAULT_BPFFS_DIR)]
         bpffs: PathBuf,
     },
+    /// Authorization: what the running agent's policies decide.
+    Authz {
+        #[command(subcommand)]
+        command: AuthzCommand,
+    },
     /// Configuration tools.
     Config {
         #[command(subcommand)]
@@ -108,6 +113,37 @@ fn parse_root_lifetime(s: &str) -> Result<std::time::Duration, String> {
 }
 
 #[derive(Debug, Subcommand)]
+enum AuthzCommand {
+    /// Print the decision for a caller and each workload behind a Service or pod, and the
+    /// policy and rule that made it, from the running agent's live state (its admin API).
+    /// Exits 0 when every workload allows, 1 when one denies.
+    Check {
+        /// The caller's identity, NAMESPACE/SERVICEACCOUNT; without it, a plaintext caller.
+        #[arg(long, value_name = "NS/SA")]
+        from: Option<String>,
+        /// A Service or pod (NAMESPACE/NAME) or a pod address, and the port: `default/web:80`,
+        /// `10.1.0.5:8080`, `[fd00::5]:8080`.
+        #[arg(long, value_name = "TARGET:PORT")]
+        to: String,
+        /// A request's method, path and host, for rules that need them (L7 Services).
+        #[arg(long)]
+        method: Option<String>,
+        #[arg(long)]
+        path: Option<String>,
+        #[arg(long)]
+        host: Option<String>,
+        /// The caller's address, for ipBlocks.
+        #[arg(long, value_name = "IP")]
+        source_ip: Option<std::net::IpAddr>,
+        #[arg(long)]
+        json: bool,
+        /// The agent's admin API.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: SocketAddr,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum ConfigCommand {
     /// Validate a YAML file or directory as the agent would, without applying it.
     Validate { path: PathBuf },
@@ -136,6 +172,10 @@ struct AgentArgs {
     /// The trust domain of workload identities: `spiffe://<trust domain>/ns/<ns>/sa/<sa>`.
     #[arg(long, default_value = "cluster.local", value_name = "DOMAIN")]
     trust_domain: String,
+    /// The namespace whose AuthorizationPolicies and PeerAuthentications apply mesh-wide
+    /// (Istio's root namespace).
+    #[arg(long, default_value = crate::authz::DEFAULT_ROOT_NAMESPACE, value_name = "NAMESPACE")]
+    root_namespace: String,
     /// With `--source kubernetes`: the namespace of the Lease that picks the one agent writing
     /// route status and Events (the agent's own namespace).
     #[arg(long, default_value = "mesh-system", value_name = "NAMESPACE")]
@@ -331,6 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 drain_timeout: std::time::Duration::from_millis(args.drain_timeout_ms),
                 take_over: args.take_over,
                 trust_domain: args.trust_domain.clone(),
+                root_namespace: args.root_namespace,
                 mtls: {
                     let signer = match (args.ca_dir, args.ca_addr) {
                         (Some(dir), _) => Some(app::SignerSource::Files(dir)),
@@ -450,6 +491,33 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Command::Authz { command: AuthzCommand::Check { from, to, method, path, host, source_ip, json, admin_addr } } => {
+            let (target, port) = to
+                .rsplit_once(':')
+                .and_then(|(t, p)| Some((t.trim_start_matches('[').trim_end_matches(']'), p.parse::<u16>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("--to {to:?}: expected NAMESPACE/NAME:PORT or ADDRESS:PORT"))?;
+            let mut query = form_urlencoded::Serializer::new(String::new());
+            query.append_pair("to", target).append_pair("port", &port.to_string());
+            for (key, value) in [("from", from), ("method", method), ("path", path), ("host", host), ("source_ip", source_ip.map(|i| i.to_string()))] {
+                if let Some(value) = value {
+                    query.append_pair(key, &value);
+                }
+            }
+            let body = admin_get(admin_addr, &format!("/authz?{}", query.finish()))?;
+            let answer: serde_json::Value = serde_json::from_str(&body)?;
+            let decisions = answer["decisions"].as_array().cloned().unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+            } else {
+                println!("from {} to {}:{} (policies of generation {})", answer["from"].as_str().unwrap_or("?"), target, port, answer["generation"]);
+                for d in &decisions {
+                    let text = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
+                    println!("{:<6} {:<40} {:<22} {}", text("decision").to_uppercase(), text("pod"), text("address"), text("explanation"));
+                }
+            }
+            let denied = decisions.iter().any(|d| d["decision"] != "allow");
+            Ok(if denied { ExitCode::FAILURE } else { ExitCode::SUCCESS })
+        }
         Command::Config { command: ConfigCommand::Validate { path } } => match validate_config(&path) {
             Ok((services, slices, routes)) => {
                 println!("{}: {services} Services, {slices} EndpointSlices, {routes} routes: valid", path.display());
@@ -461,6 +529,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// GETs `path` from the agent's admin API: the body of a 200, or the agent's own words.
+fn admin_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let timeout = Duration::from_secs(10);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)
+        .map_err(|e| anyhow::anyhow!("the agent's admin API at {addr}: {e} (is the agent running? --admin-addr)"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.take(16 * 1024 * 1024).read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("{addr}: not an HTTP answer"))?;
+    let status = head.split(' ').nth(1).unwrap_or_default();
+    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") { dechunk(body) } else { body.to_owned() };
+    if status != "200" {
+        anyhow::bail!("the agent answered {status}: {}", body.trim());
+    }
+    Ok(body)
+}
+
+/// The body of a chunked HTTP/1.1 answer.
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else { break };
+        if size == 0 || rest.len() < size {
+            break;
+        }
+        out.push_str(&rest[..size]);
+        body = rest[size..].trim_start_matches("\r\n");
+    }
+    out
 }
 
 /// What the agent would accept from `path`: every file parsed and applied to a fresh store,

@@ -6,6 +6,10 @@
 //! checks that the destination is a workload it serves with the identity it was asked for,
 //! connects to it and splices bytes both ways, half-close included.
 //!
+//! The destination agent is where authorization is enforced: each CONNECT is decided on the
+//! verified peer identity (`LocalWorkloads::authorize`), and `Inbound::review` closes the
+//! live streams a policy change now denies.
+//!
 //! Which certificate the destination agent presents: the one of the identity the client asks
 //! for by server name (`Identity::server_name`), since one agent holds a certificate per
 //! identity of its node and the `:authority` comes only after the handshake.
@@ -36,6 +40,7 @@ use tokio::{
 };
 
 use crate::{
+    authz::Decision,
     identity::{Identity, certs::Certificates},
     server::{self, Lifecycle, Slots},
     telemetry::metrics::{DirectionLabels, HboneMetrics, RefusalLabels},
@@ -351,6 +356,17 @@ pub trait LocalWorkloads: Send + Sync + 'static {
     fn identity_at(&self, ip: IpAddr) -> Option<Identity>;
     /// Whether an enrolled workload of this node has `identity`.
     fn serves(&self, identity: &Identity) -> bool;
+    /// Whether `source` (from `source_ip`, as far as known) may reach `target`, by this
+    /// node's AuthorizationPolicies; counted as the destination's decision.
+    fn authorize(&self, source: &Identity, source_ip: Option<IpAddr>, target: SocketAddr) -> Decision;
+}
+
+/// A stream being carried, as a policy change looks at it again.
+struct Live {
+    source: Identity,
+    source_ip: Option<IpAddr>,
+    target: SocketAddr,
+    close: Arc<tokio::sync::Notify>,
 }
 
 /// A tunnel the inbound side carries, as telemetry sees it.
@@ -377,12 +393,46 @@ pub struct Inbound {
     metrics: HboneMetrics,
     refusals: Refusals,
     on_carried: OnCarried,
+    /// Streams open now, by a number of their own.
+    live: Mutex<HashMap<u64, Live>>,
+    next_stream: std::sync::atomic::AtomicU64,
 }
 
 impl Inbound {
     pub fn new(certs: Arc<Certificates>, trust_domain: String, workloads: Arc<dyn LocalWorkloads>, metrics: HboneMetrics) -> Self {
         let refusals = Refusals { metrics: metrics.clone(), direction: "inbound", logged: Mutex::default() };
-        Self { certs, trust_domain, workloads, metrics, refusals, on_carried: Box::new(|_| Box::new(|_, _| {})) }
+        Self {
+            certs,
+            trust_domain,
+            workloads,
+            metrics,
+            refusals,
+            on_carried: Box::new(|_| Box::new(|_, _| {})),
+            live: Mutex::default(),
+            next_stream: 0.into(),
+        }
+    }
+
+    /// Decides again on every stream open now (after a policy or workload change) and closes
+    /// those now denied; returns how many it closed.
+    pub fn review(&self) -> usize {
+        let live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut closed = 0;
+        for stream in live.values() {
+            let decision = self.workloads.authorize(&stream.source, stream.source_ip, stream.target);
+            if !decision.allowed {
+                let refusal = Refusal::new("policy_closed", format!("{} to {}: {decision}", stream.source, stream.target));
+                self.refusals.record(&refusal, stream.target);
+                stream.close.notify_one();
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Streams open now.
+    pub fn live_streams(&self) -> usize {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     /// Tells `report` of each tunnel as it opens, and its closure as it closes.
@@ -453,6 +503,14 @@ impl Inbound {
                 );
             }
         }
+        let forwarded_for = request.headers().get(hyper::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
+        // The source pod's address as its agent says (it holds the pod's identity too), else
+        // the agent's.
+        let source_ip = forwarded_for.or(Some(peer.ip()));
+        let decision = self.workloads.authorize(source, source_ip, target);
+        if !decision.allowed {
+            return refuse(StatusCode::FORBIDDEN, Refusal::new("policy_denied", format!("{source} to {target}: {decision}")));
+        }
         let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(target)).await;
         let upstream = match connected {
             Ok(Ok(stream)) => stream,
@@ -467,25 +525,77 @@ impl Inbound {
             }
         };
         let _ = upstream.set_nodelay(true);
-        let forwarded_for = request.headers().get(hyper::header::FORWARDED).and_then(|v| v.to_str().ok()).and_then(parse_forwarded_for);
         let carried = Carried { peer, source: source.clone(), destination: local.clone(), target, forwarded_for };
         let closed = (self.on_carried)(&carried);
         let open = Held::new(self.metrics.streams_open.get_or_create(&DirectionLabels::inbound()).clone());
+        let close = Arc::new(tokio::sync::Notify::new());
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let live = Live { source: source.clone(), source_ip, target, close: close.clone() };
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, live);
+        let inbound = self.clone();
         tokio::spawn(async move {
             let _open = open;
+            let _live = Unlisted { inbound: &inbound, id };
             let Ok(upgraded) = hyper::upgrade::on(request).await else { return closed(0, 0) };
-            let mut tunnel = TokioIo::new(upgraded);
+            let mut tunnel = Counting { inner: TokioIo::new(upgraded), read: 0, written: 0 };
             let mut upstream = upstream;
-            let (from_source, to_source) = match tokio::io::copy_bidirectional(&mut tunnel, &mut upstream).await {
-                Ok(counts) => counts,
-                Err(e) => {
+            tokio::select! {
+                result = tokio::io::copy_bidirectional(&mut tunnel, &mut upstream) => if let Err(e) = result {
                     tracing::debug!(%peer, %target, error = %e, "tunnel ended with an error");
-                    (0, 0)
-                }
-            };
-            closed(from_source, to_source);
+                },
+                // A policy now denies it: both ends are dropped (the stream reset, the
+                // workload's connection closed).
+                () = close.notified() => tracing::info!(%peer, %target, "tunnel stream closed: a policy change denies it"),
+            }
+            closed(tunnel.read, tunnel.written);
         });
         Response::new(Empty::new())
+    }
+}
+
+/// Counts the bytes through a stream, for telemetry of streams however they end.
+struct Counting<S> {
+    inner: S,
+    read: u64,
+    written: u64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counting<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.read += (buf.filled().len() - before) as u64;
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counting<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.written += n as u64;
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Takes a stream off the live list when its task ends, however it ends.
+struct Unlisted<'a> {
+    inbound: &'a Inbound,
+    id: u64,
+}
+
+impl Drop for Unlisted<'_> {
+    fn drop(&mut self) {
+        self.inbound.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&self.id);
     }
 }
 

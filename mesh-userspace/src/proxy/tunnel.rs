@@ -16,6 +16,7 @@ use super::{
     hbone::{self, LocalWorkloads, Refusal, Route, Tunnels},
 };
 use crate::{
+    authz::{Ask, Authorizer, Caller, Decision, Reporter},
     ebpf::maps::{TunnelOriginalMap, TunnelTarget},
     identity::Identity,
     server::{self, Lifecycle, Slots},
@@ -249,11 +250,12 @@ pub fn inbound_reporter(snapshot: watch::Receiver<Arc<Snapshot>>, telemetry: Arc
 pub struct SnapshotWorkloads {
     snapshot: watch::Receiver<Arc<Snapshot>>,
     trust_domain: String,
+    authorizer: Arc<Authorizer>,
 }
 
 impl SnapshotWorkloads {
-    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, trust_domain: String) -> Self {
-        Self { snapshot, trust_domain }
+    pub fn new(snapshot: watch::Receiver<Arc<Snapshot>>, trust_domain: String, authorizer: Arc<Authorizer>) -> Self {
+        Self { snapshot, trust_domain, authorizer }
     }
 
     /// The identities of the node's enrolled workloads now.
@@ -275,5 +277,16 @@ impl LocalWorkloads for SnapshotWorkloads {
                 .pods
                 .values()
                 .any(|w| w.enrolled && w.spec.key.namespace == identity.namespace && w.spec.service_account == identity.service_account)
+    }
+
+    fn authorize(&self, source: &Identity, source_ip: Option<std::net::IpAddr>, target: SocketAddr) -> Decision {
+        let snapshot = self.snapshot.borrow().clone();
+        let caller = Caller::of(source);
+        let ask = Ask { caller: Some(&caller), source_ip, destination_ip: target.ip(), port: target.port(), request: None };
+        match snapshot.pods_by_ip.get(&target.ip()) {
+            Some(workload) => self.authorizer.decide(&snapshot.policies, workload, &ask, Reporter::Destination),
+            // Not reached: the CONNECT target was checked to be a workload of this node.
+            None => Decision::unknown_destination(),
+        }
     }
 }

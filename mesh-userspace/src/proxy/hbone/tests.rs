@@ -10,15 +10,31 @@ fn identity(sa: &str) -> Identity {
     Identity::new("td", "shop", sa).unwrap()
 }
 
-struct Workloads(HashMap<IpAddr, Identity>);
+/// The node's workloads by address, and the sources a "policy" denies (changeable).
+struct Workloads {
+    at: HashMap<IpAddr, Identity>,
+    denied: Arc<Mutex<Vec<Identity>>>,
+}
+
+impl Workloads {
+    fn new(at: HashMap<IpAddr, Identity>) -> Self {
+        Self { at, denied: Arc::default() }
+    }
+}
 
 impl LocalWorkloads for Workloads {
     fn identity_at(&self, ip: IpAddr) -> Option<Identity> {
-        self.0.get(&ip).cloned()
+        self.at.get(&ip).cloned()
     }
 
     fn serves(&self, identity: &Identity) -> bool {
-        self.0.values().any(|i| i == identity)
+        self.at.values().any(|i| i == identity)
+    }
+
+    fn authorize(&self, source: &Identity, _: Option<IpAddr>, _: SocketAddr) -> Decision {
+        let mut decision = Decision::unknown_destination();
+        decision.allowed = !self.denied.lock().unwrap().contains(source);
+        decision
     }
 }
 
@@ -70,6 +86,7 @@ async fn reversing_pod() -> SocketAddr {
 
 struct Agent {
     addr: SocketAddr,
+    inbound: Arc<Inbound>,
     metrics: HboneMetrics,
     carried: tokio::sync::mpsc::UnboundedReceiver<(Carried, u64, u64)>,
     _drain: tokio::sync::watch::Sender<bool>,
@@ -91,10 +108,11 @@ async fn destination_agent_with(signer: Arc<dyn Signer>, workloads: Workloads, m
             let _ = tx.send((c, from, to));
         })
     }));
+    let inbound = Arc::new(inbound);
     let (ready, drain) = (tokio::sync::watch::channel(true).1, tokio::sync::watch::channel(false));
     let lifecycle = Lifecycle { ready, drain: drain.1, drain_timeout: Duration::from_secs(5) };
-    tokio::spawn(serve(Arc::new(inbound), listener, max_connections, lifecycle));
-    Agent { addr, metrics, carried, _drain: drain.0 }
+    tokio::spawn(serve(inbound.clone(), listener, max_connections, lifecycle));
+    Agent { addr, inbound, metrics, carried, _drain: drain.0 }
 }
 
 fn refused(metrics: &HboneMetrics, direction: &str, reason: &str) -> u64 {
@@ -112,7 +130,7 @@ async fn bytes_cross_both_ways_with_half_close_and_tunnels_share_one_connection(
     let dir = tempfile::tempdir().unwrap();
     let signer: Arc<dyn Signer> = Arc::new(ca(dir.path()));
     let pod = reversing_pod().await;
-    let mut agent = destination_agent(signer.clone(), Workloads([(pod.ip(), identity("web"))].into())).await;
+    let mut agent = destination_agent(signer.clone(), Workloads::new([(pod.ip(), identity("web"))].into())).await;
     let metrics = HboneMetrics::default();
     let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), metrics.clone());
     let route = Route {
@@ -161,7 +179,7 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
     let dir = tempfile::tempdir().unwrap();
     let signer: Arc<dyn Signer> = Arc::new(ca(dir.path()));
     let pod = reversing_pod().await;
-    let agent = destination_agent(signer.clone(), Workloads([(pod.ip(), identity("web"))].into())).await;
+    let agent = destination_agent(signer.clone(), Workloads::new([(pod.ip(), identity("web"))].into())).await;
     let metrics = HboneMetrics::default();
     let tunnels = Tunnels::new(Certificates::new(signer.clone(), Duration::from_secs(3600)), metrics.clone());
 
@@ -232,7 +250,7 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted_and_slots_come_
     let dir = tempfile::tempdir().unwrap();
     let signer: Arc<dyn Signer> = Arc::new(ca(dir.path()));
     let pod = reversing_pod().await;
-    let agent = destination_agent_with(signer.clone(), Workloads([(pod.ip(), identity("web"))].into()), 2).await;
+    let agent = destination_agent_with(signer.clone(), Workloads::new([(pod.ip(), identity("web"))].into()), 2).await;
     // Two clients that never say a word hold both places (their handshakes wait).
     let idle = [TcpStream::connect(agent.addr).await.unwrap(), TcpStream::connect(agent.addr).await.unwrap()];
     let slots_open = || open(&agent.metrics.connections_open, DirectionLabels::inbound());
@@ -251,4 +269,41 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted_and_slots_come_
     let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
     let mut tunnel = tunnels.open(&route).await.expect("a place again once the idle clients left");
     tunnel.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_denied_source_is_refused_with_the_reason_and_a_policy_change_closes_live_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer: Arc<dyn Signer> = Arc::new(ca(dir.path()));
+    let pod = reversing_pod().await;
+    let workloads = Workloads::new([(pod.ip(), identity("web"))].into());
+    let denied = workloads.denied.clone();
+    denied.lock().unwrap().push(identity("mallory"));
+    let mut agent = destination_agent(signer.clone(), workloads).await;
+    let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), HboneMetrics::default());
+    let route = |source: &str| Route { source: identity(source), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
+
+    let refusal = tunnels.open(&route("mallory")).await.err().expect("denied");
+    assert!(refusal.detail.contains("403") && refusal.detail.contains("policy_denied"), "the peer says why: {refusal}");
+    assert_eq!(refused(&agent.metrics, "inbound", "policy_denied"), 1);
+
+    // A live stream, then a change that denies it: review closes it, the client sees the end.
+    let mut tunnel = tunnels.open(&route("front")).await.unwrap();
+    tunnel.write_all(b"half a request").await.unwrap();
+    assert_eq!(agent.inbound.review(), 0, "still allowed: nothing closed");
+    while agent.inbound.live_streams() == 0 {
+        tokio::task::yield_now().await;
+    }
+    denied.lock().unwrap().push(identity("front"));
+    assert_eq!(agent.inbound.review(), 1);
+    let mut rest = Vec::new();
+    let ended = tunnel.read_to_end(&mut rest).await;
+    assert!(ended.is_err() || rest.is_empty(), "no answer comes: the stream was cut ({ended:?}, {rest:?})");
+    let (carried, from_source, _) = agent.carried.recv().await.unwrap();
+    assert_eq!(carried.source, identity("front"));
+    assert!(from_source <= 14, "bytes counted up to the cut: {from_source}");
+    assert_eq!(refused(&agent.metrics, "inbound", "policy_closed"), 1);
+    while agent.inbound.live_streams() > 0 {
+        tokio::task::yield_now().await;
+    }
 }
