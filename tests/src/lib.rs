@@ -382,9 +382,19 @@ impl Agent {
 
     /// Replaces the configuration atomically (write, then rename), as a ConfigMap update does.
     pub fn write_config(&self, yaml: &str) {
-        let tmp = self.config_dir.join(".services.yaml.tmp");
+        self.write_file("services.yaml", yaml);
+    }
+
+    /// Writes (or replaces) one more file of the configuration directory atomically.
+    pub fn write_file(&self, name: &str, yaml: &str) {
+        let tmp = self.config_dir.join(format!(".{name}.tmp"));
         fs::write(&tmp, yaml).expect("write config");
-        fs::rename(&tmp, self.config_dir.join("services.yaml")).expect("rename config");
+        fs::rename(&tmp, self.config_dir.join(name)).expect("rename config");
+    }
+
+    /// Removes a file of the configuration directory.
+    pub fn remove_file(&self, name: &str) {
+        fs::remove_file(self.config_dir.join(name)).expect("remove config file");
     }
 
     pub fn log_path(&self) -> PathBuf {
@@ -730,14 +740,14 @@ pub fn under_mount(cgroup: &TestCgroup) -> String {
 
 /// The objects of the two-node mTLS tests and benchmark (both agents read the same; each sees
 /// its own node's pods as its own): namespace shop enrolled, pod front-0 (service account
-/// front) on node-a, pod web-0 (web, 10.200.1.2) on node-b, Service web (10.96.0.10:80 ->
+/// front) on node-a, pod web-0 (web, label app=web, 10.200.1.2) on node-b, Service web (10.96.0.10:80 ->
 /// 8080).
 pub fn two_node_config(client: &TestCgroup, server: &TestCgroup) -> String {
     format!(
         "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
          apiVersion: v1\nkind: Pod\nmetadata: {{name: front-0, namespace: shop, uid: u-front, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
          spec: {{nodeName: node-a, serviceAccountName: front}}\nstatus: {{podIP: 10.200.2.1, hostIP: 10.200.0.1}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0, namespace: shop, uid: u-web, labels: {{app: web}}, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
          spec: {{nodeName: node-b, serviceAccountName: web}}\nstatus: {{podIP: 10.200.1.2, hostIP: 10.200.0.2}}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {{name: web, namespace: shop}}\n\
          spec: {{clusterIP: 10.96.0.10, ports: [{{name: tcp, port: 80, targetPort: 8080}}]}}\n---\n\
@@ -785,4 +795,85 @@ pub fn openssl_cert(ca: &Path, uri: &str) -> (String, String) {
         .arg("-out")
         .arg(&cert));
     (cert.display().to_string(), key.display().to_string())
+}
+
+/// Two nodes sharing a CA (trust domain `td`), with a pod cgroup on each: front on node A,
+/// web on node B. The CA directory goes when dropped.
+pub struct TwoNodes {
+    pub client: TestCgroup,
+    pub server: TestCgroup,
+    pub cgroup_a: TestCgroup,
+    pub cgroup_b: TestCgroup,
+    pub node_b: NodeB,
+    pub ca: PathBuf,
+}
+
+impl TwoNodes {
+    /// None (the test skips) where the kernel cannot make a veth pair.
+    pub fn new(label: &str) -> Option<Self> {
+        let node_b = NodeB::new()?;
+        let ca = tempfile_dir("ca");
+        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
+        let (cgroup_a, cgroup_b) = (TestCgroup::new(&format!("{label}-node-a")), TestCgroup::new(&format!("{label}-node-b")));
+        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
+        Some(Self { client, server, cgroup_a, cgroup_b, node_b, ca })
+    }
+
+    pub fn yaml(&self) -> String {
+        two_node_config(&self.client, &self.server)
+    }
+
+    pub fn root(&self) -> String {
+        self.ca.join("root-cert.pem").display().to_string()
+    }
+
+    pub fn agent(&self, yaml: &str, on_b: bool, extra: &[&str]) -> Agent {
+        let ca = self.ca.display().to_string();
+        let mut args = vec!["--ca-dir", &ca, "--trust-domain", "td"];
+        args.extend_from_slice(extra);
+        let mut spec = AgentSpec::new(yaml, if on_b { &self.cgroup_b } else { &self.cgroup_a });
+        spec.extra_args = args;
+        if on_b {
+            (spec.node, spec.netns_of, spec.listen_ip) = ("node-b", Some(self.node_b.pid()), Some("10.200.0.2"));
+        }
+        Agent::start(spec)
+    }
+
+    /// Node A's agent, mTLS on, reading `yaml`.
+    pub fn agent_a(&self, yaml: &str, extra: &[&str]) -> Agent {
+        self.agent(yaml, false, extra)
+    }
+
+    /// Node B's agent, in node B's namespace, its listeners on node B's address.
+    pub fn agent_b(&self, yaml: &str, extra: &[&str]) -> Agent {
+        self.agent(yaml, true, extra)
+    }
+
+    /// The Python HBONE peer as a server on node B's HBONE port, presenting an openssl
+    /// certificate for `serving_as` and expecting front as its client.
+    pub fn peer_server(&self, (python, script): &(PathBuf, PathBuf), serving_as: &str) -> Command {
+        let (cert, key) = openssl_cert(&self.ca, serving_as);
+        let mut cmd = self.node_b.command(&self.cgroup_b, python);
+        cmd.arg(script).args(["server", "--cert", &cert, "--key", &key, "--ca", &self.root()]);
+        cmd.args(["--listen", "10.200.0.2:15008", "--expect-peer", "spiffe://td/ns/shop/sa/front"]);
+        cmd
+    }
+
+    /// A server process in web's cgroup on node B (it prints a "serving" line first).
+    pub fn serve_on_b(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Backend {
+        Backend::spawn_raw(self.node_b.command(&self.server, program).args(args))
+    }
+}
+
+impl Drop for TwoNodes {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.ca);
+    }
+}
+
+/// A directory of its own under the temporary directory.
+pub fn tempfile_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique_name(label));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
 }

@@ -133,80 +133,6 @@ fn echo_ok(answer: &Value) -> bool {
     answer["results"].as_array().is_some_and(|r| !r.is_empty() && r.iter().all(|x| x["ok"] == true))
 }
 
-/// Two nodes sharing a CA (trust domain `td`), with a pod cgroup on each: front on node A,
-/// web on node B. The CA directory goes when dropped.
-struct TwoNodes {
-    client: TestCgroup,
-    server: TestCgroup,
-    cgroup_a: TestCgroup,
-    cgroup_b: TestCgroup,
-    node_b: NodeB,
-    ca: PathBuf,
-}
-
-impl TwoNodes {
-    /// None (the test skips) where the kernel cannot make a veth pair.
-    fn new(label: &str) -> Option<Self> {
-        let node_b = NodeB::new()?;
-        let ca = tempfile_dir("ca");
-        run(Command::new(mesh_bin()).args(["ca", "init"]).arg(&ca).args(["--trust-domain", "td"]));
-        let (cgroup_a, cgroup_b) = (TestCgroup::new(&format!("{label}-node-a")), TestCgroup::new(&format!("{label}-node-b")));
-        let (client, server) = (cgroup_a.child("front"), cgroup_b.child("web"));
-        Some(Self { client, server, cgroup_a, cgroup_b, node_b, ca })
-    }
-
-    fn yaml(&self) -> String {
-        two_node_config(&self.client, &self.server)
-    }
-
-    fn root(&self) -> String {
-        self.ca.join("root-cert.pem").display().to_string()
-    }
-
-    fn agent(&self, yaml: &str, on_b: bool, extra: &[&str]) -> Agent {
-        let ca = self.ca.display().to_string();
-        let mut args = vec!["--ca-dir", &ca, "--trust-domain", "td"];
-        args.extend_from_slice(extra);
-        let mut spec = AgentSpec::new(yaml, if on_b { &self.cgroup_b } else { &self.cgroup_a });
-        spec.extra_args = args;
-        if on_b {
-            (spec.node, spec.netns_of, spec.listen_ip) = ("node-b", Some(self.node_b.pid()), Some("10.200.0.2"));
-        }
-        Agent::start(spec)
-    }
-
-    /// Node A's agent, mTLS on, reading `yaml`.
-    fn agent_a(&self, yaml: &str, extra: &[&str]) -> Agent {
-        self.agent(yaml, false, extra)
-    }
-
-    /// Node B's agent, in node B's namespace, its listeners on node B's address.
-    fn agent_b(&self, yaml: &str, extra: &[&str]) -> Agent {
-        self.agent(yaml, true, extra)
-    }
-
-    /// The Python HBONE peer as a server on node B's HBONE port, presenting an openssl
-    /// certificate for `serving_as` and expecting front as its client.
-    fn peer_server(&self, (python, script): &(PathBuf, PathBuf), serving_as: &str) -> Command {
-        let (cert, key) = openssl_cert(&self.ca, serving_as);
-        let mut cmd = self.node_b.command(&self.cgroup_b, python);
-        cmd.arg(script).args(["server", "--cert", &cert, "--key", &key, "--ca", &self.root()]);
-        cmd.args(["--listen", "10.200.0.2:15008", "--expect-peer", "spiffe://td/ns/shop/sa/front"]);
-        cmd
-    }
-
-    /// A server process in web's cgroup on node B (it prints a "serving" line first).
-    fn serve_on_b(&self, program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Backend {
-        Backend::spawn_raw(self.node_b.command(&self.server, program).args(args))
-    }
-}
-
-impl Drop for TwoNodes {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.ca);
-    }
-}
-
 #[test]
 fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_tls() {
     in_netns(|| {
@@ -298,11 +224,6 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
     });
 }
 
-fn tempfile_dir(label: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(unique_name(label));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
 
 /// The independent HBONE peer (tests/python/hbone_peer.py), written out for `python` in
 /// `inside` (removed with it).

@@ -1,0 +1,136 @@
+//! Authorization between nodes: the two-node topology of the mTLS tests (front on node A, web
+//! on node B behind Service web 10.96.0.10:80), plus a second caller on node A, `other` in
+//! namespace lab. Node B's agent decides on each tunnel by Istio's AuthorizationPolicies from
+//! its configuration directory; `mesh authz check` explains the decision from its live state.
+use std::process::Command;
+
+use mesh_tests::*;
+
+const VIP: &str = "10.96.0.10:80";
+
+/// Namespace lab (enrolled) and its pod other-0 (service account other, 10.200.2.2) on node A.
+fn other_pod(cgroup: &TestCgroup) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Namespace\nmetadata: {{name: lab, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {{name: other-0, namespace: lab, uid: u-other, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-a, serviceAccountName: other}}\nstatus: {{podIP: 10.200.2.2, hostIP: 10.200.0.1}}\n",
+        under_mount(cgroup)
+    )
+}
+
+fn policy(name: &str, spec: &str) -> String {
+    format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}\n")
+}
+
+/// How many of `n` connections through the Service got the backend's answer.
+fn answered(caller: &TestCgroup, n: usize) -> u64 {
+    let answer = caller.probe(&["tcp", VIP, &n.to_string()]);
+    names(&answer).iter().filter(|(name, _)| name == "web").map(|(_, count)| count).sum()
+}
+
+/// `mesh authz check` against an agent's admin API: (exit code, output).
+fn authz_check(agent: &Agent, args: &[&str]) -> (i32, String) {
+    let out = Command::new(mesh_bin())
+        .args(["authz", "check", "--admin-addr", agent.admin_addr()])
+        .args(args)
+        .output()
+        .expect("mesh authz check");
+    (out.status.code().unwrap_or(-1), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Waits until node B's agent decides `from` -> web:8080 as `decision` (its files were read).
+fn wait_decision(agent: &Agent, from: &str, decision: &str) {
+    wait_until(
+        || authz_check(agent, &["--from", from, "--to", "shop/web:80"]).1.contains(&format!("{} ", decision.to_uppercase())),
+        || format!("{from} -> web to be {decision}: {}\n{}", authz_check(agent, &["--from", from, "--to", "shop/web:80"]).1, agent.log()),
+    );
+}
+
+#[test]
+fn destination_agents_enforce_istio_authorization_policies_on_the_verified_identity() {
+    in_netns(|| {
+        let Some(nodes) = TwoNodes::new("authz") else { return };
+        let other = nodes.cgroup_a.child("other");
+        let yaml = format!("{}{}", nodes.yaml(), other_pod(&other));
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let agent_a = nodes.agent_a(&yaml, &[]);
+        let _backend = nodes.serve_on_b(probe_bin(), &["serve", "web", "10.200.1.2:8080"]);
+        let front = &nodes.client;
+        let decided = |decision: &str, policy: &str| {
+            agent_b.metric("mesh_authz_decisions_total", &[("decision", decision), ("policy", policy), ("reporter", "destination")])
+        };
+
+        // No policy: everyone in.
+        assert_eq!(answered(front, 3), 3, "{}", agent_a.log());
+        assert_eq!(answered(&other, 3), 3);
+        let (code, text) = authz_check(&agent_b, &["--from", "shop/front", "--to", "shop/web:80"]);
+        assert_eq!(code, 0, "{text}");
+        assert!(text.contains("ALLOW") && text.contains("shop/web-0") && text.contains("10.200.1.2:8080"), "{text}");
+        assert!(text.contains("no AuthorizationPolicy selects"), "{text}");
+        assert_eq!(decided("allow", "none"), 6.0, "{}", agent_b.metrics());
+
+        // An ALLOW selecting web: only what it names gets in.
+        let allow_front = policy(
+            "allow-front",
+            "  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {principals: [td/ns/shop/sa/front]}\n",
+        );
+        agent_b.write_file("policy.yaml", &allow_front);
+        wait_decision(&agent_b, "lab/other", "deny");
+        assert_eq!(answered(front, 3), 3);
+        assert_eq!(answered(&other, 3), 0, "other is denied by default once an ALLOW selects web");
+        assert_eq!(decided("allow", "shop/allow-front"), 3.0, "{}", agent_b.metrics());
+        assert_eq!(decided("deny", "none"), 3.0, "{}", agent_b.metrics());
+        assert_eq!(agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", "policy_denied")]), 3.0);
+        let (code, text) = authz_check(&agent_b, &["--from", "lab/other", "--to", "shop/web:80"]);
+        assert_eq!(code, 1, "a denial exits 1: {text}");
+        assert!(text.contains("DENY") && text.contains("no rule of theirs matches"), "{text}");
+        let (_, text) = authz_check(&agent_b, &["--from", "shop/front", "--to", "10.200.1.2:8080", "--json"]);
+        assert!(text.contains("\"policy\": \"shop/allow-front\"") && text.contains("\"rule\": 0"), "{text}");
+
+        // A DENY comes before any ALLOW: front, still allowed by allow-front, is refused.
+        let deny_shop = policy("deny-shop", "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n    to:\n    - operation: {ports: ['8080']}\n");
+        agent_b.write_file("policy.yaml", &format!("{allow_front}---\n{deny_shop}"));
+        wait_decision(&agent_b, "shop/front", "deny");
+        assert_eq!(answered(front, 2), 0);
+        assert_eq!(decided("deny", "shop/deny-shop"), 2.0, "{}", agent_b.metrics());
+
+        // Not-forms and address blocks: everyone not from lab, and anyone from front's address.
+        let by_address = policy(
+            "by-address",
+            "  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {notNamespaces: [lab]}\n  - from:\n    - source: {ipBlocks: [10.200.2.2/32]}\n    to:\n    - operation: {notPorts: ['9090']}\n",
+        );
+        agent_b.write_file("policy.yaml", &by_address);
+        wait_decision(&agent_b, "shop/front", "allow");
+        assert_eq!(answered(front, 2), 2, "front is not in lab");
+        assert_eq!(answered(&other, 2), 2, "other is in lab, but its pod address is allowed (rule 1)");
+        let (_, text) = authz_check(&agent_b, &["--from", "lab/other", "--to", "shop/web:80", "--source-ip", "10.200.2.2"]);
+        assert!(text.contains("rules[1]"), "{text}");
+        let (code, _) = authz_check(&agent_b, &["--from", "lab/other", "--to", "shop/web:80", "--source-ip", "10.200.2.9"]);
+        assert_eq!(code, 1, "another address of lab is denied");
+
+        // A policy change closes a live connection it now denies.
+        let mut held = other.hold(VIP);
+        assert_eq!(held.send("one")["answer"], "web:one");
+        agent_b.write_file("policy.yaml", &allow_front);
+        wait_until(
+            || agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", "policy_closed")]) == 1.0,
+            || format!("the live stream of other to be closed:\n{}", agent_b.log()),
+        );
+        assert!(held.send("two").get("error").is_some(), "the held connection is closed");
+        assert_eq!(answered(front, 1), 1, "front's own connections stay allowed");
+
+        // A malformed policy in a file of its own is refused alone, naming file and field; the
+        // good one keeps deciding.
+        agent_b.write_file("zz-bad.yaml", &policy("typo", "  action: ALOW\n"));
+        wait_until(
+            || agent_b.log().contains("zz-bad.yaml: AuthorizationPolicy shop/typo: spec.action"),
+            || format!("the refusal in the log:\n{}", agent_b.log()),
+        );
+        assert_eq!(agent_b.metric("mesh_config_rejected_objects", &[]), 1.0, "{}", agent_b.metrics());
+        assert_eq!(answered(front, 1), 1);
+        assert_eq!(answered(&other, 1), 0);
+
+        agent_a.stop();
+        agent_b.stop();
+    });
+}
