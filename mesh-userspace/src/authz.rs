@@ -293,7 +293,10 @@ pub fn check(authorizer: &Authorizer, snapshot: &Snapshot, trust_domain: &str, q
             Some(Caller::of(&Identity::new(trust_domain, ns, sa).map_err(|e| bad(format!("--from {from:?}: {e}")))?))
         }
     };
-    let to = params.get("to").filter(|t| !t.is_empty()).ok_or_else(|| bad("--to is needed: a Service or pod (NAMESPACE/NAME) or an address".into()))?;
+    let to = params
+        .get("to")
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| bad("--to is needed: a Service or pod (NAMESPACE/NAME) or an address".into()))?;
     let port = params.get("port").and_then(|p| p.parse::<u16>().ok()).ok_or_else(|| bad("a port is needed: --to NAME:PORT".into()))?;
     let source_ip = match params.get("source_ip").filter(|s| !s.is_empty()) {
         Some(ip) => Some(ip.parse().map_err(|_| bad(format!("--source-ip {ip:?} is not an address")))?),
@@ -340,7 +343,8 @@ fn targets(snapshot: &Snapshot, to: &str, port: u16) -> Result<Vec<(Arc<Workload
         let workload = by_ip(&ip).ok_or_else(|| CheckError::NotFound(format!("no pod is known at {ip}")))?;
         return Ok(vec![(workload, SocketAddr::new(ip, port))]);
     }
-    let (namespace, name) = to.split_once('/').ok_or_else(|| CheckError::BadQuery(format!("--to {to:?}: expected NAMESPACE/NAME or an address")))?;
+    let (namespace, name) =
+        to.split_once('/').ok_or_else(|| CheckError::BadQuery(format!("--to {to:?}: expected NAMESPACE/NAME or an address")))?;
     let key = ObjectKey::new(namespace, name);
     if let Some(service) = snapshot.services.get(&key) {
         let ports: Vec<_> = service.ports.iter().filter(|p| p.frontend.port() == port && p.key.protocol == Protocol::Tcp).collect();

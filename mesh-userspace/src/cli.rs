@@ -498,7 +498,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .ok_or_else(|| anyhow::anyhow!("--to {to:?}: expected NAMESPACE/NAME:PORT or ADDRESS:PORT"))?;
             let mut query = form_urlencoded::Serializer::new(String::new());
             query.append_pair("to", target).append_pair("port", &port.to_string());
-            for (key, value) in [("from", from), ("method", method), ("path", path), ("host", host), ("source_ip", source_ip.map(|i| i.to_string()))] {
+            for (key, value) in
+                [("from", from), ("method", method), ("path", path), ("host", host), ("source_ip", source_ip.map(|i| i.to_string()))]
+            {
                 if let Some(value) = value {
                     query.append_pair(key, &value);
                 }
@@ -509,7 +511,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
             } else {
-                println!("from {} to {}:{} (policies of generation {})", answer["from"].as_str().unwrap_or("?"), target, port, answer["generation"]);
+                println!(
+                    "from {} to {}:{} (policies of generation {})",
+                    answer["from"].as_str().unwrap_or("?"),
+                    target,
+                    port,
+                    answer["generation"]
+                );
                 for d in &decisions {
                     let text = |k: &str| d[k].as_str().unwrap_or("-").to_owned();
                     println!("{:<6} {:<40} {:<22} {}", text("decision").to_uppercase(), text("pod"), text("address"), text("explanation"));

@@ -88,7 +88,10 @@ fn destination_agents_enforce_istio_authorization_policies_on_the_verified_ident
         assert!(text.contains("\"policy\": \"shop/allow-front\"") && text.contains("\"rule\": 0"), "{text}");
 
         // A DENY comes before any ALLOW: front, still allowed by allow-front, is refused.
-        let deny_shop = policy("deny-shop", "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n    to:\n    - operation: {ports: ['8080']}\n");
+        let deny_shop = policy(
+            "deny-shop",
+            "  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n    to:\n    - operation: {ports: ['8080']}\n",
+        );
         agent_b.write_file("policy.yaml", &format!("{allow_front}---\n{deny_shop}"));
         wait_decision(&agent_b, "shop/front", "deny");
         assert_eq!(answered(front, 2), 0);

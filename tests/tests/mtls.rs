@@ -224,7 +224,6 @@ fn enrolled_pods_on_two_nodes_talk_through_mutual_tls_and_the_wire_carries_only_
     });
 }
 
-
 /// The independent HBONE peer (tests/python/hbone_peer.py), written out for `python` in
 /// `inside` (removed with it).
 fn python_peer(inside: &Path) -> (PathBuf, PathBuf) {

@@ -112,7 +112,18 @@ impl Parse<'_> {
             ("security.istio.io/v1" | "security.istio.io/v1beta1", "PeerAuthentication") => {
                 self.typed(value, id(Kind::PeerAuthentication), named, |o| Object::PeerAuthentication(Arc::new(o)))
             }
-            (_, "List" | "ServiceList" | "EndpointSliceList" | "HTTPRouteList" | "GRPCRouteList" | "PodList" | "NamespaceList" | "AuthorizationPolicyList" | "PeerAuthenticationList") => {
+            (
+                _,
+                "List"
+                | "ServiceList"
+                | "EndpointSliceList"
+                | "HTTPRouteList"
+                | "GRPCRouteList"
+                | "PodList"
+                | "NamespaceList"
+                | "AuthorizationPolicyList"
+                | "PeerAuthenticationList",
+            ) => {
                 // `kubectl get -o yaml` wraps objects in a List.
                 let items = value.get("items").and_then(|v| v.as_sequence()).cloned().unwrap_or_default();
                 for (i, item) in items.into_iter().enumerate() {

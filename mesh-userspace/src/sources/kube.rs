@@ -200,7 +200,10 @@ impl KubeSource {
         let state = self.kinds.get_mut(&kind).expect("every kind has a state");
         let event = match item {
             Ok(event) => event,
-            Err(e) if is_not_found(&e) && matches!(kind, Kind::HttpRoute | Kind::GrpcRoute | Kind::AuthorizationPolicy | Kind::PeerAuthentication) => {
+            Err(e)
+                if is_not_found(&e)
+                    && matches!(kind, Kind::HttpRoute | Kind::GrpcRoute | Kind::AuthorizationPolicy | Kind::PeerAuthentication) =>
+            {
                 if !state.absent {
                     tracing::warn!(%kind, "the API server has no {kind} resource (CRD not installed?): none are served; looking again with backoff");
                 }

@@ -7,11 +7,7 @@
 //! request attribute (method, path, host, a request principal, a request `when` key) does not
 //! match a connection, and a DENY rule that does matches it on its other parts: a policy written
 //! for requests fails closed where only connections are seen, as ztunnel's does.
-use std::{
-    collections::BTreeMap,
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::BTreeMap, net::IpAddr, sync::Arc};
 
 use super::model::{FieldError, ObjectKey, field_error as err};
 use crate::sources::istio;
@@ -362,7 +358,10 @@ pub fn authorization(policy: &istio::AuthorizationPolicy, key: &ObjectKey) -> Re
     let mut errors = Vec::new();
     if spec.target_ref.is_some() || spec.target_refs.is_some() {
         let field = if spec.target_ref.is_some() { "spec.targetRef" } else { "spec.targetRefs" };
-        errors.push(err(field, "waypoint and gateway policies are not supported (mesh has no waypoints): select workloads with spec.selector"));
+        errors.push(err(
+            field,
+            "waypoint and gateway policies are not supported (mesh has no waypoints): select workloads with spec.selector",
+        ));
     }
     let action = match spec.action.as_deref().unwrap_or("ALLOW") {
         "ALLOW" => Action::Allow,
@@ -385,10 +384,7 @@ pub fn authorization(policy: &istio::AuthorizationPolicy, key: &ObjectKey) -> Re
         let at = format!("spec.rules[{i}]");
         rules.push(RuleSpec {
             from: rule.from.as_ref().map(|from| {
-                from.iter()
-                    .enumerate()
-                    .map(|(j, f)| source(f.source.as_ref(), &format!("{at}.from[{j}].source"), &mut errors))
-                    .collect()
+                from.iter().enumerate().map(|(j, f)| source(f.source.as_ref(), &format!("{at}.from[{j}].source"), &mut errors)).collect()
             }),
             to: rule.to.as_ref().map(|to| {
                 to.iter()
@@ -405,7 +401,11 @@ pub fn authorization(policy: &istio::AuthorizationPolicy, key: &ObjectKey) -> Re
                 .collect(),
         });
     }
-    if errors.is_empty() { Ok(PolicySpec { key: key.clone(), selector: selector(spec.selector.as_ref()), action, rules }) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok(PolicySpec { key: key.clone(), selector: selector(spec.selector.as_ref()), action, rules })
+    } else {
+        Err(errors)
+    }
 }
 
 fn patterns(values: Option<&Vec<String>>, field: &str, errors: &mut Vec<FieldError>) -> Option<Vec<Pattern>> {
@@ -524,7 +524,9 @@ fn condition(c: &istio::Condition, at: &str, errors: &mut Vec<FieldError>) -> Op
         "source.principal" => {
             ConditionSpec::SourcePrincipal(Field { any_of: patterns(values, &vf, errors), none_of: patterns(not_values, &nf, errors) })
         }
-        "destination.ip" => ConditionSpec::DestinationIp(Field { any_of: blocks(values, &vf, errors), none_of: blocks(not_values, &nf, errors) }),
+        "destination.ip" => {
+            ConditionSpec::DestinationIp(Field { any_of: blocks(values, &vf, errors), none_of: blocks(not_values, &nf, errors) })
+        }
         "destination.port" => {
             ConditionSpec::DestinationPort(Field { any_of: ports(values, &vf, errors), none_of: ports(not_values, &nf, errors) })
         }

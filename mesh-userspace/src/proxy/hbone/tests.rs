@@ -281,7 +281,8 @@ async fn a_denied_source_is_refused_with_the_reason_and_a_policy_change_closes_l
     denied.lock().unwrap().push(identity("mallory"));
     let mut agent = destination_agent(signer.clone(), workloads).await;
     let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), HboneMetrics::default());
-    let route = |source: &str| Route { source: identity(source), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
+    let route =
+        |source: &str| Route { source: identity(source), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
 
     let refusal = tunnels.open(&route("mallory")).await.err().expect("denied");
     assert!(refusal.detail.contains("403") && refusal.detail.contains("policy_denied"), "the peer says why: {refusal}");
