@@ -66,11 +66,17 @@ pub mod map_names {
     /// tunnels are on, also of connections captured for the L7 proxy (which learns the calling
     /// pod from it, to tunnel its requests as that pod).
     pub const TUNNEL_ORIGINAL: &str = "mesh_tunorig";
+    /// Pods selected by an AuthorizationPolicy, by address → their policy class (pods whose
+    /// selecting policies are the same share one). Pods not here are not refused early.
+    pub const AUTHZ_CLASSES: &str = "mesh_authz_cls";
+    /// (calling pod, policy class, port) → `AuthzVerdict`: what the destination would decide,
+    /// so that connect() fails at once (EPERM) where it would be refused.
+    pub const AUTHZ: &str = "mesh_authz";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 23] = [
+    pub const ALL: [&str; 25] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -94,6 +100,8 @@ pub mod map_names {
         TUNNELED,
         TUNNEL_PENDING,
         TUNNEL_ORIGINAL,
+        AUTHZ_CLASSES,
+        AUTHZ,
     ];
 }
 
@@ -162,6 +170,10 @@ pub mod sizes {
     pub const MAX_TUNNELED: u32 = 262_144;
     /// Connections on their way to the tunnel listener, and there before it takes them.
     pub const MAX_TUNNEL_ORIGINALS: u32 = 65_536;
+    /// Pods (of any node) selected by an AuthorizationPolicy (allocated on insert).
+    pub const MAX_AUTHZ_CLASSES: u32 = 262_144;
+    /// Verdicts: calling pods of this node x policy classes x the ports their policies name.
+    pub const MAX_AUTHZ: u32 = 262_144;
     /// How deep below the cgroup v2 root a pod's cgroup may sit (kind's systemd layout puts
     /// it at level 4, a container's cgroup one below).
     pub const MAX_POD_CGROUP_LEVEL: i32 = 7;
@@ -380,6 +392,34 @@ pub struct WorkloadValue {
 pub mod workload_flags {
     /// Enrolled (`mesh.dev/dataplane: enabled` on the pod or its namespace).
     pub const ENROLLED: u32 = 1 << 0;
+    /// The agent itself (its own cgroup): its connections are never captured or refused.
+    pub const AGENT: u32 = 1 << 1;
+}
+
+/// `WorkloadValue::id` of the agent's own cgroup.
+pub const AGENT_WORKLOAD: u32 = u32::MAX;
+
+/// `mesh_authz` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuthzKey {
+    /// The calling pod (`WorkloadValue::id`; 0: a process in no known pod).
+    pub workload: u32,
+    /// The destination's policy class (`mesh_authz_cls`).
+    pub class: u32,
+    /// Host byte order; 0: every port the class's policies do not name.
+    pub port: u16,
+    pub _pad16: u16,
+}
+
+/// `mesh_authz` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuthzVerdict {
+    /// 1: allowed; 0: refused.
+    pub allow: u32,
+    /// The agent's number for the AuthorizationPolicy that decided (0: none did).
+    pub policy: u32,
 }
 
 /// `mesh_proxy` value: the agent's outbound listener. Port 0: no proxy running.
@@ -530,6 +570,9 @@ pub mod conn_event {
     /// A connection reached TCP_CLOSE; the record holds its final counters. (1 was a record at
     /// establishment, no longer sent: the agent counts openings from the table.)
     pub const CLOSED: u32 = 2;
+    /// A connect() refused by authorization policy (EPERM): `remote` is the pod it was for,
+    /// `workload` the caller, `ConnEvent::detail` the policy's number.
+    pub const DENIED: u32 = 3;
 }
 
 /// A record in `mesh_events`.
@@ -538,7 +581,8 @@ pub mod conn_event {
 pub struct ConnEvent {
     /// `conn_event::*`
     pub kind: u32,
-    pub _pad: u32,
+    /// `DENIED`: the policy's number (`AuthzVerdict::policy`); else 0.
+    pub detail: u32,
     /// `bpf_ktime_get_ns()` of the event.
     pub at_ns: u64,
     pub conn: ConnValue,
@@ -571,6 +615,8 @@ mod pod {
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for WorkloadValue {}
     unsafe impl aya::Pod for TunnelOriginal {}
+    unsafe impl aya::Pod for AuthzKey {}
+    unsafe impl aya::Pod for AuthzVerdict {}
 }
 
 #[cfg(test)]
@@ -595,6 +641,8 @@ mod tests {
         assert_eq!(size_of::<RevNatIndex>(), 88);
         assert_eq!(size_of::<SockKey>(), 48);
         assert_eq!(size_of::<TunnelOriginal>(), 32);
+        assert_eq!(size_of::<AuthzKey>(), 12);
+        assert_eq!(size_of::<AuthzVerdict>(), 8);
     }
 
     #[test]

@@ -5,8 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey, ProxyAddr, RevNatIndex,
-    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, TunnelOriginal, WorkloadValue, drop_counters, sizes,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey,
+    ProxyAddr, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, TunnelOriginal, WorkloadValue,
+    drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -111,3 +112,11 @@ pub static TUNNEL_PENDING: LruHashMap<u64, TunnelOriginal> = LruHashMap::pinned(
 /// The same, by client end, for the agent to read when it accepts the connection.
 #[map(name = "mesh_tunorig")]
 pub static TUNNEL_ORIGINAL: LruHashMap<PeerKey, TunnelOriginal> = LruHashMap::pinned(sizes::MAX_TUNNEL_ORIGINALS, 0);
+
+/// Pod address -> its policy class (see `mesh_common::map_names::AUTHZ_CLASSES`).
+#[map(name = "mesh_authz_cls")]
+pub static AUTHZ_CLASSES: HashMap<Addr, u32> = HashMap::pinned(sizes::MAX_AUTHZ_CLASSES, NO_PREALLOC);
+
+/// (calling pod, class, port) -> verdict (see `mesh_common::map_names::AUTHZ`).
+#[map(name = "mesh_authz")]
+pub static AUTHZ: HashMap<AuthzKey, AuthzVerdict> = HashMap::pinned(sizes::MAX_AUTHZ, NO_PREALLOC);

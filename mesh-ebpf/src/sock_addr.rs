@@ -34,16 +34,16 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP, MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN,
-    RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal, WorkloadValue, conn_phase, drop_counters,
-    service_flags, sizes, workload_flags,
+    Addr, AffinityKey, AffinityValue, AuthzKey, BackendValue, ConnEvent, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN, RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal,
+    WorkloadValue, conn_event, conn_phase, direction, drop_counters, service_flags, sizes, workload_flags,
 };
 
 use crate::{
     conns,
     maps::{
-        AFFINITY, BACKENDS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL, TUNNEL_PENDING, TUNNELED, WORKLOADS,
-        count_drop,
+        AFFINITY, AUTHZ, AUTHZ_CLASSES, BACKENDS, EVENTS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL,
+        TUNNEL_PENDING, TUNNELED, WORKLOADS, count_drop,
     },
 };
 
@@ -118,9 +118,14 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
     // SAFETY: map values are plain integers; a concurrent update can at worst make us read a
     // value from just before or after it, which the agent's update order makes harmless.
     let Some(frontend) = (unsafe { FRONTENDS.get(&key) }) else {
-        // Not a Service: maybe an enrolled pod of another node, dialled by its address.
+        // Not a Service: maybe a pod under policy, or an enrolled pod of another node, dialled
+        // by its address.
         if proto == IPPROTO_TCP && connect {
-            return tunnel_if_enrolled(ctx, family, vip, vport_be, vip, vport_be, 0, WorkloadValue::default());
+            let caller = WorkloadValue::default();
+            if !authorized(ctx, caller, vip, vport_be, vip, vport_be, 0) {
+                return REJECT;
+            }
+            return tunnel_if_enrolled(ctx, family, vip, vport_be, vip, vport_be, 0, caller);
         }
         return PROCEED;
     };
@@ -155,6 +160,10 @@ fn balance(ctx: &SockAddrContext, family: Family, connect: bool) -> i32 {
         // wrongly, but the verifier-checked program must not trust that.
         if family == Family::V4 && !backend.addr.is_v4_mapped() {
             return refuse(sa, family, proto, connect);
+        }
+        // Where the destination's policies would refuse the caller: refused here, at once.
+        if proto == IPPROTO_TCP && connect && !authorized(ctx, caller, backend.addr, backend.port_be, vip, vport_be, service_id) {
+            return REJECT;
         }
         // An enrolled pod's connection to an enrolled pod of another node: through the
         // tunnel, to the backend picked here.
@@ -229,6 +238,72 @@ fn tunnel_if_enrolled(
     remember_dial(cookie, dialled, dialled_port_be, addr, port_be, service_id, caller.id);
     trace!(ctx, "to the tunnel listener, for port {}", u16::from_be(pod_port_be));
     PROCEED
+}
+
+/// Whether the policies of the pod at `pod` let the caller (`caller`, or looked up when its id
+/// is 0) connect to `pod_port_be`, as the agent worked them out into `mesh_authz`. A refusal
+/// is recorded in `mesh_events` (the flow log and the source's decision metric read it). Pods
+/// that no policy selects, and the agent itself, are let through without a second lookup.
+#[inline(always)]
+fn authorized(
+    ctx: &SockAddrContext,
+    caller: WorkloadValue,
+    pod: Addr,
+    pod_port_be: u16,
+    dialled: Addr,
+    dialled_port_be: u16,
+    service_id: u32,
+) -> bool {
+    // SAFETY: plain-integer values. Looked up first: most pods are under no policy.
+    let Some(class) = (unsafe { AUTHZ_CLASSES.get(&pod) }) else { return true };
+    let caller = if caller.id != 0 { caller } else { calling_workload().unwrap_or_default() };
+    if caller.flags & workload_flags::AGENT != 0 {
+        return true;
+    }
+    let mut key = AuthzKey { workload: caller.id, class: *class, port: u16::from_be(pod_port_be), _pad16: 0 };
+    // The port's own verdict, else the class's verdict for ports its policies do not name.
+    let verdict = match unsafe { AUTHZ.get(&key) } {
+        Some(v) => *v,
+        None => {
+            key.port = 0;
+            match unsafe { AUTHZ.get(&key) } {
+                Some(v) => *v,
+                // No verdict for this caller: the destination decides.
+                None => return true,
+            }
+        }
+    };
+    if verdict.allow != 0 {
+        return true;
+    }
+    // SAFETY: helpers valid for sock_addr programs.
+    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
+        count_drop(drop_counters::EVENTS);
+        return false;
+    };
+    let event = entry.as_mut_ptr();
+    // SAFETY: an exclusive, aligned reservation of size_of::<ConnEvent>() bytes.
+    unsafe {
+        (*event).kind = conn_event::DENIED;
+        (*event).detail = verdict.policy;
+        (*event).at_ns = now;
+        (*event).conn = ConnValue {
+            cookie,
+            start_ns: now,
+            remote: pod,
+            remote_port: u16::from_be(pod_port_be),
+            service_addr: dialled,
+            service_port: if service_id != 0 { u16::from_be(dialled_port_be) } else { 0 },
+            service_id,
+            workload: caller.id,
+            direction: direction::OUTBOUND,
+            ..ConnValue::default()
+        };
+    }
+    entry.submit(0);
+    debug!(ctx, "connect to port {} refused by policy {}", u16::from_be(pod_port_be), verdict.policy);
+    false
 }
 
 /// Remembers that the socket has a `mesh_revnat` entry for this backend, so that sock_release

@@ -341,7 +341,7 @@ fn emit(kind: u32, at_ns: u64, conn: &ConnValue) {
     // SAFETY: an exclusive, aligned reservation of size_of::<ConnEvent>() bytes.
     unsafe {
         (*event).kind = kind;
-        (*event)._pad = 0;
+        (*event).detail = 0;
         (*event).at_ns = at_ns;
         (*event).conn = *conn;
     }

@@ -27,7 +27,7 @@ use crate::{
     authz::{self, Authorizer},
     ebpf::{
         Datapath as _, loader,
-        maps::{OrigDstMap, PinnedMaps, TunnelOriginalMap, TunneledMap, WorkloadMap},
+        maps::{AuthzMaps, OrigDstMap, PinnedMaps, TunnelOriginalMap, TunneledMap, WorkloadMap},
     },
     handoff, host,
     proxy::{
@@ -707,7 +707,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     });
     let cgroup_task = tokio::spawn(watch_cgroup(agent.clone()));
     let workload_sync = crate::sync::workloads::WorkloadSync::new(WorkloadMap::open(&opts.bpffs)?, cgroup.clone());
-    let workloads_task = tokio::spawn(crate::sync::workloads::run(workload_sync, agent.snapshots.clone(), telemetry.clone()));
+    let (numbered_tx, numbered_rx) = watch::channel(imbl::HashMap::new());
+    let workloads_task = tokio::spawn(crate::sync::workloads::run(workload_sync, agent.snapshots.clone(), telemetry.clone(), numbered_tx));
+    let authz_planner = crate::sync::authz::AuthzPlanner::new(authorizer.clone(), opts.trust_domain.clone());
+    let authz_task = tokio::spawn(crate::sync::authz::run(
+        AuthzMaps::open(&opts.bpffs)?,
+        authz_planner,
+        agent.snapshots.clone(),
+        numbered_rx,
+        telemetry.clone(),
+    ));
     let telemetry_task = tokio::spawn(telemetry::run(telemetry.clone(), opts.bpffs.clone()));
     let mut tunneled = TunneledMap::open(&opts.bpffs)?;
     let tunnels_task = match &mtls {
@@ -812,8 +821,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let handed = successor.is_some();
 
-    for task in
-        [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task, tunnels_task].into_iter().chain(certs_task)
+    for task in [source_task, ids_task, gauges_task, cgroup_task, telemetry_task, workloads_task, tunnels_task, authz_task]
+        .into_iter()
+        .chain(certs_task)
     {
         task.abort();
     }

@@ -112,6 +112,13 @@ pub fn locate_pod_cgroup(root: &Path, mount: Option<&Path>, annotated: Option<&P
 }
 
 /// The cgroup at `path` (a standalone pod's, named by its annotation), when it exists.
+/// The calling process's own cgroup v2 directory (from /proc/self/cgroup), under `mount`.
+pub fn own_cgroup(mount: &Path) -> Option<PodCgroup> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    cgroup_at(&mount.join(relative.trim_start_matches('/')))
+}
+
 pub fn cgroup_at(path: &Path) -> Option<PodCgroup> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::metadata(path).ok().filter(|m| m.is_dir())?;

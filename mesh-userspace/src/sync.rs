@@ -11,6 +11,7 @@
 //! id, (service id, address) → backend id, slot positions), so an agent that adopts pinned state
 //! rewrites nothing that did not change.
 #![forbid(unsafe_code)]
+pub mod authz;
 pub mod maglev;
 pub mod tunnels;
 pub mod worker;

@@ -26,7 +26,7 @@ use mesh_common::{ConnEvent, ConnValue, conn_event};
 use prometheus_client::metrics::counter::Counter;
 
 use self::{conns::ConnRow, identity::Identities, metrics::Metrics};
-use crate::ebpf::{conn_table::ConnTable, events::EventRing};
+use crate::ebpf::{conn_table::ConnTable, events::EventRing, image::ip_of};
 
 /// How often the live-connection table is read (openings and byte counters).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(2);
@@ -64,6 +64,8 @@ pub struct Telemetry {
     /// report (with both principals), not counted twice.
     tunnel_listener: RwLock<Option<mesh_common::Addr>>,
     tunnel_port: std::sync::atomic::AtomicU16,
+    /// AuthorizationPolicies by the number the kernel's refusal records carry.
+    policy_numbers: RwLock<std::collections::HashMap<u32, crate::state::ObjectKey>>,
 }
 
 /// A tunneled connection's counters, from its opening to its close.
@@ -145,6 +147,7 @@ impl Telemetry {
             scans: std::sync::atomic::AtomicU64::new(0),
             tunnel_listener: RwLock::new(None),
             tunnel_port: std::sync::atomic::AtomicU16::new(0),
+            policy_numbers: RwLock::default(),
             flow_log: Mutex::new(writer),
         })
     }
@@ -324,8 +327,16 @@ impl Telemetry {
         TunnelSeries(Arc::new(series))
     }
 
+    /// Policies by the number `sync::authz` gave them.
+    pub fn set_policy_numbers(&self, numbers: std::collections::HashMap<u32, crate::state::ObjectKey>) {
+        *self.policy_numbers.write().expect("policy numbers lock") = numbers;
+    }
+
     /// Folds one kernel record into the metrics (and the flow log).
     pub fn record(&self, event: &ConnEvent) {
+        if event.kind == conn_event::DENIED {
+            return self.record_denial(event);
+        }
         if event.kind != conn_event::CLOSED {
             return;
         }
@@ -381,6 +392,42 @@ impl Telemetry {
             self.count(&conn, &series, Some(scan));
         }
         self.reported.lock().expect("reported lock").retain(|_, r| r.seen_in_scan + 2 > scan);
+    }
+
+    /// A connect() the kernel refused by policy: the source's decision, counted and logged.
+    fn record_denial(&self, event: &ConnEvent) {
+        let policy = match event.detail {
+            0 => "none".to_owned(),
+            n => self.policy_numbers.read().expect("policy numbers lock").get(&n).map_or_else(|| format!("#{n}"), ToString::to_string),
+        };
+        let labels = metrics::AuthzLabels { decision: "deny".into(), policy: policy.clone(), reporter: "source".into() };
+        self.metrics.authz.decisions.get_or_create(&labels).inc();
+        let conn = &event.conn;
+        let caller = self.workload_by_kernel_id(conn.workload).map(|w| w.spec.key.to_string());
+        let destination = self.workload_of(ip_of(&conn.remote)).map(|w| w.to_string());
+        let reason = if event.detail == 0 {
+            "no ALLOW policy of the destination matches".to_owned()
+        } else {
+            format!("AuthorizationPolicy {policy}")
+        };
+        tracing::debug!(caller = caller.as_deref().unwrap_or("-"), destination = %ip_of(&conn.remote), port = conn.remote_port, %reason, "connect refused by policy (EPERM)");
+        let mut flow_log = self.flow_log.lock().expect("flow log lock");
+        let Some(writer) = flow_log.as_mut() else { return };
+        let line = serde_json::json!({
+            "event": "tcp_denied",
+            "reporter": "source",
+            "source_pod": caller,
+            "destination": format!("{}", std::net::SocketAddr::new(ip_of(&conn.remote), conn.remote_port)),
+            "destination_workload": destination,
+            "destination_service": (conn.service_id != 0).then(|| format!("{}", std::net::SocketAddr::new(ip_of(&conn.service_addr), conn.service_port))),
+            "policy": policy,
+            "reason": reason,
+            "errno": "EPERM",
+        });
+        if writeln!(writer, "{line}").is_err() {
+            tracing::warn!("flow log write failed; disabling the flow log");
+            *flow_log = None;
+        }
     }
 
     fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {

@@ -137,3 +137,88 @@ fn destination_agents_enforce_istio_authorization_policies_on_the_verified_ident
         agent_b.stop();
     });
 }
+
+/// db-0 (shop/db, app=db) on node A at 10.200.2.9, an address of node A's loopback.
+fn db_pod(cgroup: &TestCgroup) -> String {
+    format!(
+        "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: db-0, namespace: shop, uid: u-db, labels: {{app: db}}, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+         spec: {{nodeName: node-a, serviceAccountName: db}}\nstatus: {{podIP: 10.200.2.9, hostIP: 10.200.0.1}}\n",
+        under_mount(cgroup)
+    )
+}
+
+#[test]
+fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_of_its_node() {
+    in_netns(|| {
+        let Some(nodes) = TwoNodes::new("authz-src") else { return };
+        run(Command::new("ip").args(["addr", "add", "10.200.2.9/32", "dev", "lo"]));
+        let (other, db) = (nodes.cgroup_a.child("other"), nodes.cgroup_a.child("db"));
+        let yaml = format!("{}{}{}", nodes.yaml(), other_pod(&other), db_pod(&db));
+        let flow_log = std::env::temp_dir().join(format!("{}.jsonl", unique_name("flows")));
+        let flow_arg = flow_log.display().to_string();
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let agent_a = nodes.agent_a(&yaml, &["--flow-log", &flow_arg]);
+        let _web = nodes.serve_on_b(probe_bin(), &["serve", "web", "10.200.1.2:8080"]);
+        let _db = Backend::start_in(&db, "db", &["10.200.2.9:5432"]);
+        let front = &nodes.client;
+        let tcp = |caller: &TestCgroup, addr: &str| caller.probe(&["tcp", addr, "2"]);
+        assert_eq!(names(&tcp(&other, VIP)), [("web".to_owned(), 2)], "{}", agent_a.log());
+        assert_eq!(names(&tcp(&other, "10.200.2.9:5432")), [("db".to_owned(), 2)]);
+
+        // web takes front only; db refuses lab on its port.
+        let policies = format!(
+            "{}---\n{}",
+            policy(
+                "web-from-front",
+                "  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {principals: [td/ns/shop/sa/front]}\n"
+            ),
+            policy(
+                "db-not-lab",
+                "  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [lab]}\n    to:\n    - operation: {ports: ['5432']}\n"
+            ),
+        );
+        agent_b.write_file("policy.yaml", &policies);
+        agent_a.write_file("policy.yaml", &policies);
+        let refused = |answer: &serde_json::Value| answer["errors"]["EPERM"].as_u64() == Some(2);
+        wait_until(|| refused(&tcp(&other, VIP)), || format!("other -> web refused at connect:\n{}", agent_a.log()));
+        // (Until node A had the policy, node B refused other's tunnels itself.)
+        let destination_denials = || agent_b.metric("mesh_authz_decisions_total", &[("decision", "deny"), ("reporter", "destination")]);
+        let before = destination_denials();
+        assert!(refused(&tcp(&other, VIP)));
+        assert!(refused(&tcp(&other, "10.200.2.9:5432")), "same node: other -> db refused at connect");
+        assert_eq!(names(&tcp(front, VIP)), [("web".to_owned(), 2)]);
+        assert_eq!(names(&tcp(front, "10.200.2.9:5432")), [("db".to_owned(), 2)], "front is not in lab");
+        assert_eq!(destination_denials(), before, "refused at the source: node B never saw them\n{}", agent_b.metrics());
+
+        // The reason, in the flow log and the source's decision counter.
+        let line_for = |destination: &str| {
+            std::fs::read_to_string(&flow_log)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|l| l["event"] == "tcp_denied" && l["destination"] == destination)
+        };
+        wait_until(|| line_for("10.200.2.9:5432").is_some(), || "the refusal in the flow log".into());
+        let line = line_for("10.200.2.9:5432").unwrap();
+        assert_eq!(line["source_pod"], "lab/other-0", "{line}");
+        assert_eq!(line["policy"], "shop/db-not-lab", "{line}");
+        assert_eq!(line["errno"], "EPERM", "{line}");
+        let line = line_for("10.200.1.2:8080").expect("web's refusal too");
+        assert_eq!(line["destination_service"], VIP, "{line}");
+        assert!(line["reason"].as_str().unwrap().contains("no ALLOW policy"), "{line}");
+        wait_until(
+            || {
+                agent_a.metric("mesh_authz_decisions_total", &[("decision", "deny"), ("policy", "shop/db-not-lab"), ("reporter", "source")])
+                    >= 2.0
+            },
+            || agent_a.metrics(),
+        );
+
+        // The policy goes: connections go through again.
+        agent_a.remove_file("policy.yaml");
+        wait_until(|| names(&tcp(&other, "10.200.2.9:5432")) == [("db".to_owned(), 2)], || agent_a.log());
+        agent_a.stop();
+        agent_b.stop();
+        let _ = std::fs::remove_file(&flow_log);
+    });
+}

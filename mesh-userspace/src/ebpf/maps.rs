@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex,
-    RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable,
+    PeerKey, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -309,5 +309,72 @@ impl WorkloadMap {
             written += 1;
         }
         Ok((written, removed))
+    }
+}
+
+/// `mesh_authz_cls` and `mesh_authz`: which pods are under policy (by class), and the verdict
+/// for each calling pod of this node, class and port, for the kernel to refuse connect()s early.
+/// The agent keeps what it wrote and writes only differences.
+pub struct AuthzMaps {
+    classes: HashMap<MapData, Addr, u32>,
+    verdicts: HashMap<MapData, AuthzKey, AuthzVerdict>,
+    written_classes: std::collections::BTreeMap<std::net::IpAddr, u32>,
+    written_verdicts: std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+}
+
+impl AuthzMaps {
+    /// Opens both maps and reads what they hold (left by an earlier agent).
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        let classes: HashMap<MapData, Addr, u32> = open_hash(dir, map_names::AUTHZ_CLASSES)?;
+        let verdicts: HashMap<MapData, AuthzKey, AuthzVerdict> = open_hash(dir, map_names::AUTHZ)?;
+        let written_classes = classes.iter().filter_map(Result::ok).map(|(a, c)| (ip_of(&a), c)).collect();
+        let written_verdicts = verdicts.iter().filter_map(Result::ok).collect();
+        Ok(Self { classes, verdicts, written_classes, written_verdicts })
+    }
+
+    pub fn classes(&self) -> &std::collections::BTreeMap<std::net::IpAddr, u32> {
+        &self.written_classes
+    }
+
+    pub fn verdicts(&self) -> &std::collections::BTreeMap<AuthzKey, AuthzVerdict> {
+        &self.written_verdicts
+    }
+
+    /// Makes the maps hold exactly `classes` and `verdicts`; returns how many entries were
+    /// written or removed. Order: new verdicts, then classes, then what went: a pod's new
+    /// class has its verdicts before the pod points at it.
+    pub fn sync(
+        &mut self,
+        classes: &std::collections::BTreeMap<std::net::IpAddr, u32>,
+        verdicts: &std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+    ) -> Result<usize, DatapathError> {
+        let mut changed = 0;
+        for (key, verdict) in verdicts {
+            if self.written_verdicts.get(key) != Some(verdict) {
+                self.verdicts.insert(key, verdict, 0).map_err(map_err(map_names::AUTHZ, "update"))?;
+                self.written_verdicts.insert(*key, *verdict);
+                changed += 1;
+            }
+        }
+        for (ip, class) in classes {
+            if self.written_classes.get(ip) != Some(class) {
+                self.classes.insert(&addr_of(*ip), class, 0).map_err(map_err(map_names::AUTHZ_CLASSES, "update"))?;
+                self.written_classes.insert(*ip, *class);
+                changed += 1;
+            }
+        }
+        let gone: Vec<std::net::IpAddr> = self.written_classes.keys().filter(|ip| !classes.contains_key(ip)).copied().collect();
+        for ip in gone {
+            ignore_missing(self.classes.remove(&addr_of(ip))).map_err(map_err(map_names::AUTHZ_CLASSES, "delete"))?;
+            self.written_classes.remove(&ip);
+            changed += 1;
+        }
+        let gone: Vec<AuthzKey> = self.written_verdicts.keys().filter(|k| !verdicts.contains_key(k)).copied().collect();
+        for key in gone {
+            ignore_missing(self.verdicts.remove(&key)).map_err(map_err(map_names::AUTHZ, "delete"))?;
+            self.written_verdicts.remove(&key);
+            changed += 1;
+        }
+        Ok(changed)
     }
 }

@@ -50,6 +50,24 @@ impl PolicySpec {
         self.rules.iter().any(RuleSpec::has_l7)
     }
 
+    /// The ports its rules name (`ports`, `notPorts`, `destination.port`): decisions on other
+    /// ports are all alike.
+    pub fn named_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.rules.iter().flat_map(|r| {
+            let ops = r.to.iter().flatten().flat_map(|o| o.ports.any_of.iter().chain(o.ports.none_of.iter()).flatten().copied());
+            let conditions = r.when.iter().flat_map(|c| match c {
+                ConditionSpec::DestinationPort(f) => f.any_of.iter().chain(f.none_of.iter()).flatten().copied().collect::<Vec<_>>(),
+                _ => Vec::new(),
+            });
+            ops.chain(conditions)
+        })
+    }
+
+    /// Whether a rule looks at the destination's address (decisions differ pod by pod).
+    pub fn uses_destination_ip(&self) -> bool {
+        self.rules.iter().flat_map(|r| &r.when).any(|c| matches!(c, ConditionSpec::DestinationIp(_)))
+    }
+
     /// The first rule that matches, by index.
     pub fn matching_rule(&self, attrs: &Attributes<'_>) -> Option<usize> {
         self.rules.iter().position(|r| r.matches(attrs, self.action))

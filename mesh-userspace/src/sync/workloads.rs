@@ -2,7 +2,8 @@
 //! tree for either kubelet driver, or named by the pod's `mesh.dev/cgroup` annotation) with the
 //! agent's number for the pod, which the kernel records on the connections the pod dials.
 //! kubelet makes a pod's cgroup when it starts the pod, which may be after the API says the
-//! pod exists: pods whose cgroup is missing are looked for again every `RETRY`.
+//! pod exists: pods whose cgroup is missing are looked for again every `RETRY`. The agent's own
+//! cgroup is there too, flagged, so the kernel never captures or refuses its connections.
 use std::{
     collections::{BTreeMap, HashMap},
     path::PathBuf,
@@ -10,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{WorkloadValue, workload_flags};
+use mesh_common::{AGENT_WORKLOAD, WorkloadValue, workload_flags};
 use tokio::sync::watch;
 
 use crate::{
@@ -27,6 +28,8 @@ type PodId = (ObjectKey, String);
 
 pub struct WorkloadSync {
     map: WorkloadMap,
+    /// The agent's own cgroup: its connections are never captured or refused.
+    own: Option<PodCgroup>,
     /// Where kubelet's pod cgroups are looked for (the attached cgroup: the node's root).
     root: PathBuf,
     /// The cgroup v2 mount, for `mesh.dev/cgroup` paths.
@@ -38,7 +41,9 @@ pub struct WorkloadSync {
 
 impl WorkloadSync {
     pub fn new(map: WorkloadMap, root: PathBuf) -> Self {
-        Self { map, root, mount: host::cgroup2_root().ok(), ids: HashMap::new(), next_id: 1, found: HashMap::new() }
+        let mount = host::cgroup2_root().ok();
+        let own = mount.as_deref().and_then(host::own_cgroup);
+        Self { map, own, root, mount, ids: HashMap::new(), next_id: 1, found: HashMap::new() }
     }
 
     fn cgroup_of(&mut self, id: &PodId, pod: &Workload) -> Option<PodCgroup> {
@@ -81,6 +86,9 @@ impl WorkloadSync {
                 None => missing = true,
             }
         }
+        if let Some(own) = &self.own {
+            wanted.insert(own.id, WorkloadValue { id: AGENT_WORKLOAD, flags: workload_flags::AGENT });
+        }
         match self.map.sync(&wanted) {
             Ok((0, 0)) => {}
             Ok((written, removed)) => tracing::debug!(written, removed, pods = wanted.len(), "workloads synced to the kernel"),
@@ -95,7 +103,12 @@ impl WorkloadSync {
 
 /// Keeps `mesh_workloads` in line with the store's pods until the snapshots end. Most snapshots
 /// change no pod (an endpoint moved): those cost nothing here.
-pub async fn run(mut sync: WorkloadSync, mut snapshots: watch::Receiver<Arc<Snapshot>>, telemetry: Arc<Telemetry>) {
+pub async fn run(
+    mut sync: WorkloadSync,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    telemetry: Arc<Telemetry>,
+    numbered: watch::Sender<imbl::HashMap<u32, Arc<Workload>>>,
+) {
     let mut done: Option<imbl::OrdMap<ObjectKey, Arc<Workload>>> = None;
     let mut retry = false;
     loop {
@@ -103,7 +116,12 @@ pub async fn run(mut sync: WorkloadSync, mut snapshots: watch::Receiver<Arc<Snap
         let pods_changed = done.as_ref().is_none_or(|pods| !pods.ptr_eq(&snapshot.pods));
         if pods_changed || retry {
             let (by_id, again) = sync.apply(&snapshot);
-            telemetry.set_workload_ids(by_id);
+            telemetry.set_workload_ids(by_id.clone());
+            numbered.send_if_modified(|old| {
+                let changed = *old != by_id;
+                *old = by_id;
+                changed
+            });
             (done, retry) = (Some(snapshot.pods.clone()), again);
         }
         tokio::select! {

@@ -1,0 +1,202 @@
+//! AuthorizationPolicies into the kernel, so that a connect() the destination would refuse
+//! fails at once with EPERM (and for pods of this node, whose connections to each other never
+//! reach an agent, it is where policy is enforced).
+//!
+//! Pods (of any node) selected by ALLOW or DENY policies get a class: pods with the same
+//! selecting policies share one, so verdicts are per class, not per pod. For each calling pod
+//! of this node (and "no pod", 0), each class and each port the class's policies name, the
+//! verdict is decided here as the destination would decide it; ports they do not name share
+//! the verdict of port 0. Only what differs from "allowed" is written: a caller with no verdict
+//! is let through, and the destination decides.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::IpAddr,
+    sync::Arc,
+    time::Duration,
+};
+
+use mesh_common::{AuthzKey, AuthzVerdict};
+use tokio::sync::watch;
+
+use crate::{
+    authz::{Applicable, Ask, Authorizer, Caller},
+    ebpf::maps::AuthzMaps,
+    state::{ObjectKey, Snapshot, model::Workload, policy::Policies},
+    telemetry::Telemetry,
+};
+
+const RETRY: Duration = Duration::from_secs(2);
+
+/// What makes a class: the policies that decide (sorted), and the pod's address when one of
+/// them looks at it.
+type ClassKey = (Vec<ObjectKey>, Option<IpAddr>);
+
+/// Numbers that stay with what they name while it exists (a policy, a class), so that a change
+/// rewrites only the entries it touches.
+#[derive(Debug)]
+struct Numbers<K> {
+    of: HashMap<K, u32>,
+    next: u32,
+}
+
+impl<K: std::hash::Hash + Eq + Clone> Numbers<K> {
+    fn new() -> Self {
+        Self { of: HashMap::new(), next: 1 }
+    }
+
+    fn get(&mut self, key: &K) -> u32 {
+        if let Some(n) = self.of.get(key) {
+            return *n;
+        }
+        let n = self.next;
+        self.next = self.next.checked_add(1).unwrap_or(1);
+        self.of.insert(key.clone(), n);
+        n
+    }
+
+    /// Forgets the keys not in `live`.
+    fn retain(&mut self, live: &std::collections::HashSet<K>) {
+        self.of.retain(|k, _| live.contains(k));
+    }
+}
+
+/// The maps' wanted contents.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan {
+    pub classes: BTreeMap<IpAddr, u32>,
+    pub verdicts: BTreeMap<AuthzKey, AuthzVerdict>,
+}
+
+pub struct AuthzPlanner {
+    authorizer: Arc<Authorizer>,
+    trust_domain: String,
+    policies: Numbers<ObjectKey>,
+    classes: Numbers<ClassKey>,
+}
+
+impl AuthzPlanner {
+    pub fn new(authorizer: Arc<Authorizer>, trust_domain: String) -> Self {
+        Self { authorizer, trust_domain, policies: Numbers::new(), classes: Numbers::new() }
+    }
+
+    /// The policy a kernel verdict names, by its number.
+    pub fn policy_numbers(&self) -> HashMap<u32, ObjectKey> {
+        self.policies.of.iter().map(|(k, n)| (*n, k.clone())).collect()
+    }
+
+    /// The maps' contents for `snapshot` and this node's calling pods (by kernel number).
+    pub fn plan(&mut self, snapshot: &Snapshot, callers: &imbl::HashMap<u32, Arc<Workload>>) -> Plan {
+        let policies = &snapshot.policies;
+        let mut plan = Plan::default();
+        // One representative pod per class: verdicts are the class's.
+        let mut representatives: BTreeMap<u32, (Arc<Workload>, IpAddr, Arc<Applicable>)> = BTreeMap::new();
+        let mut live_classes = std::collections::HashSet::new();
+        let local = snapshot.pods.values().filter(|w| !w.spec.host_network).flat_map(|w| w.spec.ips.iter().map(move |ip| (*ip, w)));
+        for (ip, workload) in local.chain(snapshot.peers.iter().map(|(ip, w)| (*ip, w))) {
+            if !workload.enrolled {
+                continue;
+            }
+            let applicable = self.authorizer.applicable(policies, workload);
+            if applicable.is_empty() {
+                continue;
+            }
+            let mut keys: Vec<ObjectKey> = applicable.deny.iter().chain(&applicable.allow).map(|p| p.key.clone()).collect();
+            keys.sort();
+            let by_ip = applicable.deny.iter().chain(&applicable.allow).any(|p| p.uses_destination_ip()).then_some(ip);
+            let key = (keys, by_ip);
+            let class = self.classes.get(&key);
+            live_classes.insert(key);
+            plan.classes.insert(ip, class);
+            representatives.entry(class).or_insert_with(|| (workload.clone(), ip, applicable));
+        }
+        self.classes.retain(&live_classes);
+        let live_policies: std::collections::HashSet<ObjectKey> =
+            policies.authorization.values().flatten().map(|p| p.key.clone()).collect();
+        self.policies.retain(&live_policies);
+
+        let mut calling: Vec<(u32, Option<Caller>, Option<IpAddr>)> = vec![(0, None, None)];
+        for (number, pod) in callers {
+            let caller = pod.enrolled.then(|| pod.identity(&self.trust_domain)).flatten().map(|id| Caller::of(&id));
+            let source_ip = (!pod.spec.host_network).then(|| pod.spec.ips.first().copied()).flatten();
+            calling.push((*number, caller, source_ip));
+        }
+        for (class, (_, ip, applicable)) in &representatives {
+            let named: BTreeSet<u16> = applicable.deny.iter().chain(&applicable.allow).flat_map(|p| p.named_ports()).collect();
+            // A port no policy of the class names stands for all of them.
+            let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
+            for (number, caller, source_ip) in &calling {
+                let mut decide = |port: u16| {
+                    let ask = Ask { caller: caller.as_ref(), source_ip: *source_ip, destination_ip: *ip, port, request: None };
+                    let decision = applicable.decide(&ask.attributes());
+                    let policy = decision.policy.as_ref().map_or(0, |p| self.policies.get(p));
+                    AuthzVerdict { allow: u32::from(decision.allowed), policy }
+                };
+                let fallback = decide(other);
+                if fallback.allow == 0 {
+                    plan.verdicts.insert(AuthzKey { workload: *number, class: *class, port: 0, _pad16: 0 }, fallback);
+                }
+                for port in &named {
+                    let verdict = decide(*port);
+                    if verdict.allow != fallback.allow {
+                        plan.verdicts.insert(AuthzKey { workload: *number, class: *class, port: *port, _pad16: 0 }, verdict);
+                    }
+                }
+            }
+        }
+        plan
+    }
+}
+
+/// Keeps the maps in line with the policies, pods and calling pods until the snapshots end;
+/// telemetry learns the policies' numbers (for the kernel's refusal records) after each change.
+pub async fn run(
+    mut maps: AuthzMaps,
+    mut planner: AuthzPlanner,
+    mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    mut callers: watch::Receiver<imbl::HashMap<u32, Arc<Workload>>>,
+    telemetry: Arc<Telemetry>,
+) {
+    type Seen =
+        (Arc<Policies>, imbl::OrdMap<ObjectKey, Arc<Workload>>, imbl::HashMap<IpAddr, Arc<Workload>>, imbl::HashMap<u32, Arc<Workload>>);
+    let mut seen: Option<Seen> = None;
+    let mut retry = false;
+    loop {
+        let snapshot = snapshots.borrow_and_update().clone();
+        let calling = callers.borrow_and_update().clone();
+        let unchanged = seen.as_ref().is_some_and(|(policies, pods, peers, by_number)| {
+            Arc::ptr_eq(policies, &snapshot.policies)
+                && pods.ptr_eq(&snapshot.pods)
+                && peers.ptr_eq(&snapshot.peers)
+                && by_number.ptr_eq(&calling)
+        });
+        if !unchanged || retry {
+            let plan = planner.plan(&snapshot, &calling);
+            telemetry.set_policy_numbers(planner.policy_numbers());
+            retry = match maps.sync(&plan.classes, &plan.verdicts) {
+                Ok(0) => false,
+                Ok(changed) => {
+                    tracing::debug!(
+                        changed,
+                        verdicts = plan.verdicts.len(),
+                        pods = plan.classes.len(),
+                        "authorization verdicts synced to the kernel"
+                    );
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!("writing the authorization maps: {e}; trying again");
+                    true
+                }
+            };
+            seen = Some((snapshot.policies.clone(), snapshot.pods.clone(), snapshot.peers.clone(), calling));
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            changed = callers.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(RETRY), if retry => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

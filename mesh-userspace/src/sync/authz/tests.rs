@@ -1,0 +1,126 @@
+use std::path::Path;
+
+use super::*;
+use crate::{
+    state::{NodeContext, store},
+    telemetry::metrics::AuthzMetrics,
+};
+
+/// front-0 (shop/front) and other-0 (lab/other) on this node; web-0 (shop/web, app=web) on
+/// node-b and db-0 (shop/db, app=db) here; all enrolled.
+const PODS: &str = "
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {mesh.dev/dataplane: enabled}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: lab, labels: {mesh.dev/dataplane: enabled}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: front-0, namespace: shop, uid: u1}
+spec: {nodeName: node-a, serviceAccountName: front}
+status: {podIP: 10.1.0.1, hostIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: other-0, namespace: lab, uid: u2}
+spec: {nodeName: node-a, serviceAccountName: other}
+status: {podIP: 10.1.0.2, hostIP: 10.0.0.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-0, namespace: shop, uid: u3, labels: {app: web}}
+spec: {nodeName: node-b, serviceAccountName: web}
+status: {podIP: 10.2.0.1, hostIP: 10.0.0.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: shop, uid: u4, labels: {app: db}}
+spec: {nodeName: node-a, serviceAccountName: db}
+status: {podIP: 10.1.0.9, hostIP: 10.0.0.1}
+";
+
+const POLICIES: &str = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-from-front, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - from:
+    - source: {principals: [td/ns/shop/sa/front]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-port, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  action: DENY
+  rules:
+  - to:
+    - operation: {ports: ['5432']}
+";
+
+fn plan_of(yaml: &str) -> (Plan, HashMap<u32, ObjectKey>, imbl::HashMap<u32, Arc<Workload>>) {
+    let node = NodeContext { node: "node-a".into(), zone: None };
+    let snapshot = store::load(Path::new("t.yaml"), yaml, node).unwrap().snapshot();
+    let callers: imbl::HashMap<u32, Arc<Workload>> =
+        snapshot.pods.values().filter(|w| w.spec.key.name != "db-0").enumerate().map(|(i, w)| (i as u32 + 1, w.clone())).collect();
+    let mut planner = AuthzPlanner::new(Arc::new(Authorizer::new("istio-system", AuthzMetrics::default())), "td".into());
+    let plan = planner.plan(&snapshot, &callers);
+    (plan, planner.policy_numbers(), callers)
+}
+
+fn number_of(callers: &imbl::HashMap<u32, Arc<Workload>>, name: &str) -> u32 {
+    callers.iter().find(|(_, w)| w.spec.key.name == name).map(|(n, _)| *n).unwrap()
+}
+
+#[test]
+fn no_policy_writes_nothing() {
+    let (plan, _, _) = plan_of(PODS);
+    assert_eq!(plan, Plan::default());
+}
+
+#[test]
+fn selected_pods_get_classes_and_only_refusals_and_exceptions_are_written() {
+    let (plan, numbers, callers) = plan_of(&format!("{PODS}{POLICIES}"));
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    assert_eq!(plan.classes.keys().copied().collect::<Vec<_>>(), [ip("10.1.0.9"), ip("10.2.0.1")], "db and web are under policy");
+    let (web, db) = (plan.classes[&ip("10.2.0.1")], plan.classes[&ip("10.1.0.9")]);
+    assert_ne!(web, db);
+    let (front, other) = (number_of(&callers, "front-0"), number_of(&callers, "other-0"));
+    let verdict = |workload: u32, class: u32, port: u16| plan.verdicts.get(&AuthzKey { workload, class, port, _pad16: 0 }).copied();
+    // web: only front is allowed, on any port; other and "no pod" are refused everywhere.
+    assert_eq!(verdict(front, web, 0), None, "allowed: nothing written");
+    assert_eq!(verdict(other, web, 0), Some(AuthzVerdict { allow: 0, policy: 0 }), "no ALLOW matched: no policy named");
+    assert_eq!(verdict(0, web, 0), Some(AuthzVerdict { allow: 0, policy: 0 }));
+    // db: everyone is refused port 5432 only, by db-port.
+    let denied = verdict(front, db, 5432).expect("port 5432 refused");
+    assert_eq!((denied.allow, numbers[&denied.policy].to_string().as_str()), (0, "shop/db-port"));
+    assert_eq!(verdict(front, db, 0), None, "other ports are allowed");
+    assert_eq!(plan.verdicts.len(), 2 + 3, "web: other and no-pod; db: 5432 for each of three callers");
+}
+
+#[test]
+fn an_exception_port_is_written_where_the_rest_is_refused() {
+    let allow_one_port = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-8080, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  rules:
+  - to:
+    - operation: {ports: ['8080']}
+";
+    let (plan, _, callers) = plan_of(&format!("{PODS}{allow_one_port}"));
+    let web = plan.classes[&"10.2.0.1".parse().unwrap()];
+    let front = number_of(&callers, "front-0");
+    let verdict = |port: u16| plan.verdicts.get(&AuthzKey { workload: front, class: web, port, _pad16: 0 }).map(|v| v.allow);
+    assert_eq!(verdict(0), Some(0), "ports but 8080 refused");
+    assert_eq!(verdict(8080), Some(1), "8080 allowed, an exception to port 0's refusal");
+}
