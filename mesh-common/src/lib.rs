@@ -72,11 +72,21 @@ pub mod map_names {
     /// (calling pod, policy class, port) → `AuthzVerdict`: what the destination would decide,
     /// so that connect() fails at once (EPERM) where it would be refused.
     pub const AUTHZ: &str = "mesh_authz";
+    /// Socket cookie -> the calling pod, for a connect() to a pod under policy that was let
+    /// through: sock_ops moves it into `TRUSTED` once the socket's ports are known.
+    pub const AUTHZ_PASSED: &str = "mesh_authzok";
+    /// (pod address, port) -> `StrictValue`: PeerAuthentication STRICT (or a port's exception
+    /// to it) for this node's enrolled pods; port 0 for the pod's other ports.
+    pub const STRICT: &str = "mesh_strict";
+    /// Connections about to reach a pod of this node whose SYN the ingress filter lets in
+    /// without asking again (`FlowKey` -> `trusted::*`): the agent's own (registered before
+    /// it connects), and those connect4/6 already let through.
+    pub const TRUSTED: &str = "mesh_trusted";
 
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 25] = [
+    pub const ALL: [&str; 28] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -102,6 +112,9 @@ pub mod map_names {
         TUNNEL_ORIGINAL,
         AUTHZ_CLASSES,
         AUTHZ,
+        AUTHZ_PASSED,
+        STRICT,
+        TRUSTED,
     ];
 }
 
@@ -130,9 +143,13 @@ pub mod program_names {
     /// sockets inserted by sock_ops get it).
     pub const REDIRECTION: [&str; 2] = [REDIRECT, SOCKMAP];
 
+    /// cgroup_skb/ingress: drops the SYNs PeerAuthentication STRICT or authorization refuses
+    /// (plaintext from anything but the agent, and callers the kernel cannot vouch for).
+    pub const INGRESS: &str = "mesh_ingress";
+
     /// The programs always attached to the cgroup, in attach order.
-    pub const ALL: [&str; 10] =
-        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS, SOCK_RELEASE];
+    pub const ALL: [&str; 11] =
+        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS, SOCK_RELEASE, INGRESS];
 }
 
 /// Map capacities.
@@ -174,6 +191,14 @@ pub mod sizes {
     pub const MAX_AUTHZ_CLASSES: u32 = 262_144;
     /// Verdicts: calling pods of this node x policy classes x the ports their policies name.
     pub const MAX_AUTHZ: u32 = 262_144;
+    /// Connections let through by connect4/6 on their way to a pod under policy, before their
+    /// SYN leaves (LRU).
+    pub const MAX_AUTHZ_PASSED: u32 = 16_384;
+    /// (pod, port) STRICT entries of this node's pods.
+    pub const MAX_STRICT: u32 = 65_536;
+    /// Connections between their registration and their SYN's arrival (LRU: one whose SYN
+    /// never came ages out).
+    pub const MAX_TRUSTED: u32 = 65_536;
     /// How deep below the cgroup v2 root a pod's cgroup may sit (kind's systemd layout puts
     /// it at level 4, a container's cgroup one below).
     pub const MAX_POD_CGROUP_LEVEL: i32 = 7;
@@ -412,6 +437,45 @@ pub struct AuthzKey {
     pub _pad16: u16,
 }
 
+/// `mesh_strict` key.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct StrictKey {
+    pub addr: Addr,
+    /// Host byte order; 0: the pod's ports without an entry of their own.
+    pub port: u16,
+    pub _pad16: u16,
+}
+
+/// `mesh_strict` value.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StrictValue {
+    /// 1: STRICT; 0: plaintext accepted (a port's exception).
+    pub strict: u32,
+    /// The agent's number for the PeerAuthentication that decided.
+    pub policy: u32,
+}
+
+/// `mesh_trusted` key: a TCP connection as its SYN carries it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FlowKey {
+    pub source: Addr,
+    pub destination: Addr,
+    /// Host byte order.
+    pub source_port: u16,
+    pub destination_port: u16,
+}
+
+/// `mesh_trusted` values.
+pub mod trusted {
+    /// The agent's own connection (after mTLS, or the L7 proxy's): STRICT lets it in.
+    pub const AGENT: u32 = 1;
+    /// A pod of this node that connect4/6 let through: authorization lets it in, STRICT not.
+    pub const CHECKED: u32 = 2;
+}
+
 /// `mesh_authz` value.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -573,6 +637,16 @@ pub mod conn_event {
     /// A connect() refused by authorization policy (EPERM): `remote` is the pod it was for,
     /// `workload` the caller, `ConnEvent::detail` the policy's number.
     pub const DENIED: u32 = 3;
+    /// A SYN the ingress filter dropped: `remote` is the sender, `local` the pod, `detail` the
+    /// policy's number; `direction` INBOUND. `service_id` says which check: 1 STRICT, 2
+    /// authorization (a caller the kernel could not vouch for).
+    pub const INGRESS_DROPPED: u32 = 4;
+}
+
+/// `ConnEvent::conn.service_id` of an `INGRESS_DROPPED` record.
+pub mod ingress_drop {
+    pub const STRICT: u32 = 1;
+    pub const AUTHZ: u32 = 2;
 }
 
 /// A record in `mesh_events`.
@@ -617,6 +691,9 @@ mod pod {
     unsafe impl aya::Pod for TunnelOriginal {}
     unsafe impl aya::Pod for AuthzKey {}
     unsafe impl aya::Pod for AuthzVerdict {}
+    unsafe impl aya::Pod for StrictKey {}
+    unsafe impl aya::Pod for StrictValue {}
+    unsafe impl aya::Pod for FlowKey {}
 }
 
 #[cfg(test)]
@@ -643,6 +720,9 @@ mod tests {
         assert_eq!(size_of::<TunnelOriginal>(), 32);
         assert_eq!(size_of::<AuthzKey>(), 12);
         assert_eq!(size_of::<AuthzVerdict>(), 8);
+        assert_eq!(size_of::<StrictKey>(), 20);
+        assert_eq!(size_of::<StrictValue>(), 8);
+        assert_eq!(size_of::<FlowKey>(), 36);
     }
 
     #[test]

@@ -7,6 +7,8 @@
 #[cfg(target_arch = "bpf")]
 mod conns;
 #[cfg(target_arch = "bpf")]
+mod ingress;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sk_msg;

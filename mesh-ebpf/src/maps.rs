@@ -5,9 +5,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, ConnValue, FrontendKey, FrontendValue, MaglevTable, PeerKey,
-    ProxyAddr, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, TunnelOriginal, WorkloadValue,
-    drop_counters, sizes,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, ConnValue, FlowKey, FrontendKey, FrontendValue, MaglevTable,
+    PeerKey, ProxyAddr, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, StrictKey,
+    StrictValue, TunnelOriginal, WorkloadValue, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -120,3 +120,15 @@ pub static AUTHZ_CLASSES: HashMap<Addr, u32> = HashMap::pinned(sizes::MAX_AUTHZ_
 /// (calling pod, class, port) -> verdict (see `mesh_common::map_names::AUTHZ`).
 #[map(name = "mesh_authz")]
 pub static AUTHZ: HashMap<AuthzKey, AuthzVerdict> = HashMap::pinned(sizes::MAX_AUTHZ, NO_PREALLOC);
+
+/// Socket cookie -> calling pod, for sock_ops to register the connection in TRUSTED.
+#[map(name = "mesh_authzok")]
+pub static AUTHZ_PASSED: LruHashMap<u64, u32> = LruHashMap::pinned(sizes::MAX_AUTHZ_PASSED, 0);
+
+/// (pod, port) -> STRICT or not (see `mesh_common::map_names::STRICT`).
+#[map(name = "mesh_strict")]
+pub static STRICT: HashMap<StrictKey, StrictValue> = HashMap::pinned(sizes::MAX_STRICT, NO_PREALLOC);
+
+/// Connections the ingress filter lets in without asking (see `mesh_common::map_names::TRUSTED`).
+#[map(name = "mesh_trusted")]
+pub static TRUSTED: LruHashMap<FlowKey, u32> = LruHashMap::pinned(sizes::MAX_TRUSTED, 0);

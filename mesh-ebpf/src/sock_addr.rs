@@ -42,8 +42,8 @@ use mesh_common::{
 use crate::{
     conns,
     maps::{
-        AFFINITY, AUTHZ, AUTHZ_CLASSES, BACKENDS, EVENTS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS, TUNNEL,
-        TUNNEL_PENDING, TUNNELED, WORKLOADS, count_drop,
+        AFFINITY, AUTHZ, AUTHZ_CLASSES, AUTHZ_PASSED, BACKENDS, EVENTS, FRONTENDS, MAGLEV, PROXY, REVNAT, REVNAT_INDEX, SERVICES, SLOTS,
+        TUNNEL, TUNNEL_PENDING, TUNNELED, WORKLOADS, count_drop,
     },
 };
 
@@ -262,22 +262,24 @@ fn authorized(
     }
     let mut key = AuthzKey { workload: caller.id, class: *class, port: u16::from_be(pod_port_be), _pad16: 0 };
     // The port's own verdict, else the class's verdict for ports its policies do not name.
-    let verdict = match unsafe { AUTHZ.get(&key) } {
-        Some(v) => *v,
-        None => {
-            key.port = 0;
-            match unsafe { AUTHZ.get(&key) } {
-                Some(v) => *v,
-                // No verdict for this caller: the destination decides.
-                None => return true,
-            }
+    let verdict = unsafe { AUTHZ.get(&key) }.copied().or_else(|| {
+        key.port = 0;
+        unsafe { AUTHZ.get(&key) }.copied()
+    });
+    // SAFETY: helper valid for sock_addr programs.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // No verdict for this caller: the destination decides.
+    if verdict.is_none_or(|v| v.allow != 0) {
+        // A pod of this node, let through: once its SYN leaves, sock_ops tells the
+        // destination's ingress filter (if the pod is on this node) not to ask again.
+        if caller.id != 0 {
+            let _ = AUTHZ_PASSED.insert(&cookie, &caller.id, 0);
         }
-    };
-    if verdict.allow != 0 {
         return true;
     }
-    // SAFETY: helpers valid for sock_addr programs.
-    let (cookie, now) = unsafe { (bpf_get_socket_cookie(ctx.as_ptr()), bpf_ktime_get_ns()) };
+    let Some(verdict) = verdict else { return true };
+    // SAFETY: helper valid everywhere.
+    let now = unsafe { bpf_ktime_get_ns() };
     let Some(mut entry) = EVENTS.reserve::<ConnEvent>(0) else {
         count_drop(drop_counters::EVENTS);
         return false;

@@ -20,7 +20,7 @@ use core::ptr::{addr_of, read_volatile};
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{
-        BPF_ANY, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_ANY, BPF_NOEXIST, BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_RTT_CB, BPF_SOCK_OPS_RTT_CB_FLAG, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSE_WAIT, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT1,
         BPF_TCP_FIN_WAIT2, BPF_TCP_LAST_ACK, bpf_sock_ops,
@@ -30,12 +30,15 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    Addr, ConnEvent, ConnValue, PeerKey, RevNatValue, SockKey, TunnelOriginal, conn_event, conn_phase, direction, drop_counters, sizes,
+    Addr, ConnEvent, ConnValue, FlowKey, PeerKey, RevNatValue, SockKey, TunnelOriginal, conn_event, conn_phase, direction, drop_counters,
+    sizes, trusted,
 };
 
 use crate::{
     conns,
-    maps::{EVENTS, L7_ORIGINAL, PROXY, SOCK_COOKIES, SOCKHASH, TUNNEL, TUNNEL_ORIGINAL, TUNNEL_PENDING, count_drop},
+    maps::{
+        AUTHZ_PASSED, EVENTS, L7_ORIGINAL, PROXY, SOCK_COOKIES, SOCKHASH, TRUSTED, TUNNEL, TUNNEL_ORIGINAL, TUNNEL_PENDING, count_drop,
+    },
 };
 
 const AF_INET: u32 = 2;
@@ -83,13 +86,30 @@ fn now() -> u64 {
 /// until establishment, or until the agent sweeps it.
 #[inline(always)]
 fn syn_leaving(ctx: &SockOpsContext) {
-    let Some(slot) = conns::own_slot(cookie(ctx)) else { return };
+    let cookie = cookie(ctx);
+    vouch_for(ctx, cookie);
+    let Some(slot) = conns::own_slot(cookie) else { return };
     // SAFETY: an entry of this socket's, whose callbacks are serialised.
     if unsafe { (*slot).phase } != conn_phase::DIALED {
         return;
     }
     conns::publish(slot, conn_phase::CONNECTING);
     let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+}
+
+/// A connection connect4/6 let through to a pod under policy (`mesh_authzok`): its flow goes
+/// into `mesh_trusted`, so that the pod's ingress filter, if the pod is on this node, lets its
+/// SYN in without taking it for a caller it cannot vouch for. The agent's entries are kept.
+#[inline(always)]
+fn vouch_for(ctx: &SockOpsContext, cookie: u64) {
+    // SAFETY: plain-integer value.
+    if unsafe { AUTHZ_PASSED.get(&cookie) }.is_none() {
+        return;
+    }
+    let _ = AUTHZ_PASSED.remove(&cookie);
+    let (local, remote, local_port, remote_port_be) = endpoints(ctx);
+    let flow = FlowKey { source: local, destination: remote, source_port: local_port, destination_port: u16::from_be(remote_port_be) };
+    let _ = TRUSTED.insert(&flow, &trusted::CHECKED, BPF_NOEXIST as u64);
 }
 
 #[inline(always)]

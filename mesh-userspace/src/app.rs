@@ -27,12 +27,12 @@ use crate::{
     authz::{self, Authorizer},
     ebpf::{
         Datapath as _, loader,
-        maps::{AuthzMaps, OrigDstMap, PinnedMaps, TunnelOriginalMap, TunneledMap, WorkloadMap},
+        maps::{AuthzMaps, OrigDstMap, PinnedMaps, TrustedMap, TunnelOriginalMap, TunneledMap, WorkloadMap},
     },
     handoff, host,
     proxy::{
         self,
-        connect::TcpConnector,
+        connect::{AgentConnector, AgentDialer},
         hbone::{Inbound, Tunnels},
         outbound::{Outbound, TunnelConfig},
         tunnel::{SnapshotWorkloads, TunnelOutbound},
@@ -341,8 +341,15 @@ impl Agent {
                 match read {
                     Ok((image, mut occupancy)) => {
                         // Pod cgroup id -> the agent's number for the pod, as the kernel holds it.
+                        // (The agent's own entry is not a pod's.)
                         let in_kernel: std::collections::HashMap<u64, u32> = WorkloadMap::open(&self.opts.bpffs)
-                            .map(|m| m.entries().into_iter().map(|(c, v)| (c, v.id)).collect())
+                            .map(|m| {
+                                m.entries()
+                                    .into_iter()
+                                    .filter(|(_, v)| v.id != mesh_common::AGENT_WORKLOAD)
+                                    .map(|(c, v)| (c, v.id))
+                                    .collect()
+                            })
                             .unwrap_or_default();
                         occupancy.insert(mesh_common::map_names::WORKLOADS, in_kernel.len());
                         let status = self.status.lock().expect("status lock");
@@ -360,6 +367,7 @@ impl Agent {
                             // Enrolled pods of other nodes the kernel sends through tunnels.
                             "tunneled": TunneledMap::open(&self.opts.bpffs).map(|m| m.addresses()).unwrap_or_default(),
                             "certificates": self.certificate_rows(),
+                            "authorization": authorization_rows(&self.opts.bpffs),
                             "map_entries": occupancy,
                         });
                         (StatusCode::OK, serde_json::to_string_pretty(&dump).expect("json") + "\n")
@@ -657,7 +665,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }),
         None => None,
     };
-    let mut outbound = Outbound::new(Box::new(orig_dst), Arc::new(TcpConnector), snapshot_rx, telemetry.clone())
+    // The agent's own connections to pods of this node are registered for their ingress
+    // filter (STRICT ports let only these in).
+    let dialer = {
+        let snapshots = snapshot_rx.clone();
+        Arc::new(AgentDialer::new(Arc::new(TrustedMap::open(&opts.bpffs)?), move |ip| snapshots.borrow().pods_by_ip.contains_key(&ip)))
+    };
+    let mut outbound = Outbound::new(Box::new(orig_dst), Arc::new(AgentConnector(dialer.clone())), snapshot_rx, telemetry.clone())
         .with_default_request_timeout(opts.default_request_timeout)
         .with_access_log(access_log)
         .with_tracer(tracer);
@@ -720,7 +734,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let telemetry_task = tokio::spawn(telemetry::run(telemetry.clone(), opts.bpffs.clone()));
     let mut tunneled = TunneledMap::open(&opts.bpffs)?;
     let tunnels_task = match &mtls {
-        Some(_) => tokio::spawn(crate::sync::tunnels::run(tunneled, agent.snapshots.clone())),
+        Some(_) => tokio::spawn(crate::sync::tunnels::run(tunneled, agent.snapshots.clone(), opts.root_namespace.clone())),
         None => {
             // mTLS off (now, or since the last agent): nothing is tunneled.
             if let Err(e) = tunneled.sync(&Default::default()) {
@@ -758,6 +772,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         let workloads = Arc::new(SnapshotWorkloads::new(agent.snapshots.clone(), trust_domain.clone(), authorizer.clone()));
         let inbound = Arc::new(
             Inbound::new(certs.clone(), trust_domain.clone(), workloads, hbone_metrics.clone())
+                .with_dialer(dialer.clone())
                 .on_carried(proxy::tunnel::inbound_reporter(agent.snapshots.clone(), telemetry.clone())),
         );
         servers.push(tokio::spawn(review_on_policy_change(inbound.clone(), agent.snapshots.clone())));
@@ -772,7 +787,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             telemetry.clone(),
             trust_domain.clone(),
         )
-        .with_hbone_port(tunnels.hbone_port);
+        .with_hbone_port(tunnels.hbone_port)
+        .with_local_node(own_hbone_address(&hbone_listener, tunnels.hbone_port));
         servers.push(tokio::spawn(proxy::hbone::serve(inbound, hbone_listener, proxy_limits.max_connections, lifecycle.clone())));
         servers.push(tokio::spawn(proxy::tunnel::serve(Arc::new(tunnel), tunnel_listener, proxy_limits.max_connections, lifecycle)));
         // Certificates of workloads that left the node are no longer renewed.
@@ -868,6 +884,38 @@ async fn forward_kernel_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>)
     while let Ok(mut ready) = fd.readable_mut().await {
         ready.get_inner_mut().flush();
         ready.clear_ready();
+    }
+}
+
+/// What the kernel holds of the policies: the pods under AuthorizationPolicy by class, how
+/// many verdicts, and the STRICT ports.
+fn authorization_rows(bpffs: &std::path::Path) -> serde_json::Value {
+    let Ok(maps) = AuthzMaps::open(bpffs) else { return serde_json::Value::Null };
+    let strict: Vec<serde_json::Value> = maps
+        .strict()
+        .iter()
+        .map(|(k, v)| {
+            serde_json::json!({
+                "address": crate::ebpf::image::ip_of(&k.addr).to_string(),
+                "port": if k.port == 0 { None } else { Some(k.port) },
+                "mode": if v.strict != 0 { "STRICT" } else { "PERMISSIVE" },
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "pods_under_policy": maps.classes().iter().map(|(ip, class)| serde_json::json!({"address": ip.to_string(), "class": class})).collect::<Vec<_>>(),
+        "verdicts": maps.verdicts().len(),
+        "strict": strict,
+    })
+}
+
+/// Where this agent's own HBONE listener is reached from this node: its address, or loopback
+/// when it listens on every address.
+fn own_hbone_address(listener: &tokio::net::TcpListener, port: u16) -> std::net::SocketAddr {
+    match listener.local_addr() {
+        Ok(addr) if addr.ip().is_unspecified() => std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+        Ok(addr) => addr,
+        Err(_) => std::net::SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), port),
     }
 }
 

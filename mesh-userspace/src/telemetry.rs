@@ -48,6 +48,12 @@ struct Reported {
     seen_in_scan: u64,
 }
 
+#[derive(Debug, Default)]
+struct PolicyNumbers {
+    authorization: std::collections::HashMap<u32, crate::state::ObjectKey>,
+    peer_authentication: std::collections::HashMap<u32, crate::state::ObjectKey>,
+}
+
 pub struct Telemetry {
     pub metrics: Metrics,
     identities: RwLock<Identities>,
@@ -64,8 +70,9 @@ pub struct Telemetry {
     /// report (with both principals), not counted twice.
     tunnel_listener: RwLock<Option<mesh_common::Addr>>,
     tunnel_port: std::sync::atomic::AtomicU16,
-    /// AuthorizationPolicies by the number the kernel's refusal records carry.
-    policy_numbers: RwLock<std::collections::HashMap<u32, crate::state::ObjectKey>>,
+    /// AuthorizationPolicies and PeerAuthentications by the numbers the kernel's refusal
+    /// records carry.
+    policy_numbers: RwLock<PolicyNumbers>,
 }
 
 /// A tunneled connection's counters, from its opening to its close.
@@ -327,15 +334,31 @@ impl Telemetry {
         TunnelSeries(Arc::new(series))
     }
 
-    /// Policies by the number `sync::authz` gave them.
-    pub fn set_policy_numbers(&self, numbers: std::collections::HashMap<u32, crate::state::ObjectKey>) {
-        *self.policy_numbers.write().expect("policy numbers lock") = numbers;
+    /// Policies by the numbers `sync::authz` gave them.
+    pub fn set_policy_numbers(
+        &self,
+        authorization: std::collections::HashMap<u32, crate::state::ObjectKey>,
+        peer_authentication: std::collections::HashMap<u32, crate::state::ObjectKey>,
+    ) {
+        *self.policy_numbers.write().expect("policy numbers lock") = PolicyNumbers { authorization, peer_authentication };
+    }
+
+    fn policy_name(&self, number: u32, peer_authentication: bool) -> String {
+        let numbers = self.policy_numbers.read().expect("policy numbers lock");
+        let table = if peer_authentication { &numbers.peer_authentication } else { &numbers.authorization };
+        match number {
+            0 => "none".to_owned(),
+            n => table.get(&n).map_or_else(|| format!("#{n}"), ToString::to_string),
+        }
     }
 
     /// Folds one kernel record into the metrics (and the flow log).
     pub fn record(&self, event: &ConnEvent) {
         if event.kind == conn_event::DENIED {
             return self.record_denial(event);
+        }
+        if event.kind == conn_event::INGRESS_DROPPED {
+            return self.record_ingress_drop(event);
         }
         if event.kind != conn_event::CLOSED {
             return;
@@ -396,10 +419,7 @@ impl Telemetry {
 
     /// A connect() the kernel refused by policy: the source's decision, counted and logged.
     fn record_denial(&self, event: &ConnEvent) {
-        let policy = match event.detail {
-            0 => "none".to_owned(),
-            n => self.policy_numbers.read().expect("policy numbers lock").get(&n).map_or_else(|| format!("#{n}"), ToString::to_string),
-        };
+        let policy = self.policy_name(event.detail, false);
         let labels = metrics::AuthzLabels { decision: "deny".into(), policy: policy.clone(), reporter: "source".into() };
         self.metrics.authz.decisions.get_or_create(&labels).inc();
         let conn = &event.conn;
@@ -423,6 +443,46 @@ impl Telemetry {
             "policy": policy,
             "reason": reason,
             "errno": "EPERM",
+        });
+        if writeln!(writer, "{line}").is_err() {
+            tracing::warn!("flow log write failed; disabling the flow log");
+            *flow_log = None;
+        }
+    }
+
+    /// A SYN the ingress filter dropped: plaintext to a STRICT pod, or a caller the kernel could
+    /// not vouch for that authorization refuses. Counted as the destination's, and logged.
+    fn record_ingress_drop(&self, event: &ConnEvent) {
+        let conn = &event.conn;
+        let strict = conn.service_id == mesh_common::ingress_drop::STRICT;
+        let policy = self.policy_name(event.detail, strict);
+        let pod = self.workload_of(ip_of(&conn.local)).map(|w| w.to_string());
+        if strict {
+            let labels =
+                metrics::StrictLabels { destination_workload: pod.clone().unwrap_or_else(|| "unknown".into()), policy: policy.clone() };
+            self.metrics.strict_dropped.get_or_create(&labels).inc();
+        } else {
+            let labels = metrics::AuthzLabels { decision: "deny".into(), policy: policy.clone(), reporter: "destination".into() };
+            self.metrics.authz.decisions.get_or_create(&labels).inc();
+        }
+        let (check, reason) = if strict {
+            ("peer_authentication", format!("plaintext to a STRICT port (PeerAuthentication {policy})"))
+        } else if event.detail == 0 {
+            ("authorization", "a caller without a verified identity: no ALLOW policy of the destination matches".to_owned())
+        } else {
+            ("authorization", format!("a caller without a verified identity: AuthorizationPolicy {policy}"))
+        };
+        let mut flow_log = self.flow_log.lock().expect("flow log lock");
+        let Some(writer) = flow_log.as_mut() else { return };
+        let line = serde_json::json!({
+            "event": "tcp_dropped",
+            "reporter": "destination",
+            "check": check,
+            "source": format!("{}", std::net::SocketAddr::new(ip_of(&conn.remote), conn.remote_port)),
+            "destination": format!("{}", std::net::SocketAddr::new(ip_of(&conn.local), conn.local_port)),
+            "destination_workload": pod,
+            "policy": policy,
+            "reason": reason,
         });
         if writeln!(writer, "{line}").is_err() {
             tracing::warn!("flow log write failed; disabling the flow log");

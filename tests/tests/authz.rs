@@ -165,9 +165,9 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
         assert_eq!(names(&tcp(&other, VIP)), [("web".to_owned(), 2)], "{}", agent_a.log());
         assert_eq!(names(&tcp(&other, "10.200.2.9:5432")), [("db".to_owned(), 2)]);
 
-        // web takes front only; db refuses lab on its port.
+        // web takes front only; db takes shop's pods and refuses lab on its port.
         let policies = format!(
-            "{}---\n{}",
+            "{}---\n{}---\n{}",
             policy(
                 "web-from-front",
                 "  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {principals: [td/ns/shop/sa/front]}\n"
@@ -176,6 +176,7 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
                 "db-not-lab",
                 "  selector: {matchLabels: {app: db}}\n  action: DENY\n  rules:\n  - from:\n    - source: {namespaces: [lab]}\n    to:\n    - operation: {ports: ['5432']}\n"
             ),
+            policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n"),
         );
         agent_b.write_file("policy.yaml", &policies);
         agent_a.write_file("policy.yaml", &policies);
@@ -189,6 +190,15 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
         assert_eq!(names(&tcp(front, VIP)), [("web".to_owned(), 2)]);
         assert_eq!(names(&tcp(front, "10.200.2.9:5432")), [("db".to_owned(), 2)], "front is not in lab");
         assert_eq!(destination_denials(), before, "refused at the source: node B never saw them\n{}", agent_b.metrics());
+        // A process in no pod has no identity the kernel can vouch for: its SYNs to pods under
+        // an ALLOW policy are dropped at their ingress (here on node A, and on node B).
+        let timed_out = |answer: &serde_json::Value| {
+            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
+        };
+        let outside = probe_outside(&["tcp", "10.200.2.9:5432", "1"]);
+        assert!(timed_out(&outside), "{outside}");
+        let outside = probe_outside(&["tcp", "10.200.1.2:8080", "1"]);
+        assert!(timed_out(&outside), "{outside}");
 
         // The reason, in the flow log and the source's decision counter.
         let line_for = |destination: &str| {
@@ -213,10 +223,87 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
             },
             || agent_a.metrics(),
         );
+        let dropped = std::fs::read_to_string(&flow_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["event"] == "tcp_dropped")
+            .expect("the outside caller's drop in node A's flow log");
+        assert_eq!(
+            (dropped["check"].as_str(), dropped["destination"].as_str()),
+            (Some("authorization"), Some("10.200.2.9:5432")),
+            "{dropped}"
+        );
 
         // The policy goes: connections go through again.
         agent_a.remove_file("policy.yaml");
         wait_until(|| names(&tcp(&other, "10.200.2.9:5432")) == [("db".to_owned(), 2)], || agent_a.log());
+        agent_a.stop();
+        agent_b.stop();
+        let _ = std::fs::remove_file(&flow_log);
+    });
+}
+
+fn peer_authentication(name: &str, namespace: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n"
+    )
+}
+
+#[test]
+fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_it_in() {
+    in_netns(|| {
+        let Some(nodes) = TwoNodes::new("strict") else { return };
+        run(Command::new("ip").args(["addr", "add", "10.200.2.9/32", "dev", "lo"]));
+        let db = nodes.cgroup_a.child("db");
+        let yaml = format!("{}{}", nodes.yaml(), db_pod(&db));
+        let flow_log = std::env::temp_dir().join(format!("{}.jsonl", unique_name("flows")));
+        let flow_arg = flow_log.display().to_string();
+        let agent_b = nodes.agent_b(&yaml, &["--flow-log", &flow_arg]);
+        let agent_a = nodes.agent_a(&yaml, &[]);
+        let _web = nodes.serve_on_b(probe_bin(), &["serve", "web", "10.200.1.2:8080"]);
+        let _db = Backend::start_in(&db, "db", &["10.200.2.9:5432"]);
+        let front = &nodes.client;
+        let plain = |addr: &str| probe_outside(&["tcp", addr, "1"]);
+        let answered_by = |answer: &serde_json::Value, name: &str| names(answer) == [(name.to_owned(), 1)];
+        assert!(answered_by(&plain("10.200.1.2:8080"), "web"), "no PeerAuthentication: plaintext is accepted");
+
+        // STRICT in namespace shop, on both nodes.
+        let strict = peer_authentication("strict", "shop", "{mtls: {mode: STRICT}}");
+        agent_a.write_file("peer.yaml", &strict);
+        agent_b.write_file("peer.yaml", &strict);
+        // A dropped SYN: the connect times out (nothing refuses it).
+        let timed_out = |answer: &serde_json::Value| {
+            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
+        };
+        wait_until(|| timed_out(&plain("10.200.1.2:8080")), || format!("plaintext to web dropped:\n{}", agent_b.log()));
+        let to_db = plain("10.200.2.9:5432");
+        assert!(timed_out(&to_db), "plaintext to db (node A) dropped too: {to_db}");
+        // Enrolled callers come in through the tunnel: web on the other node, db through
+        // node A's own agent.
+        assert!(answered_by(&front.probe(&["tcp", VIP, "1"]), "web"), "{}", agent_a.log());
+        assert!(answered_by(&front.probe(&["tcp", "10.200.2.9:5432", "1"]), "db"), "{}", agent_a.log());
+        wait_until(
+            || agent_b.metric("mesh_strict_dropped_total", &[("destination_workload", "shop/web"), ("policy", "shop/strict")]) >= 1.0,
+            || agent_b.metrics(),
+        );
+        let dropped = std::fs::read_to_string(&flow_log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["event"] == "tcp_dropped")
+            .expect("the drop in node B's flow log");
+        assert_eq!(dropped["check"], "peer_authentication", "{dropped}");
+        assert_eq!(dropped["destination"], "10.200.1.2:8080", "{dropped}");
+        assert_eq!(dropped["destination_workload"], "shop/web", "{dropped}");
+
+        // PERMISSIVE: plaintext is accepted again.
+        let permissive = peer_authentication("strict", "shop", "{mtls: {mode: PERMISSIVE}}");
+        agent_a.write_file("peer.yaml", &permissive);
+        agent_b.write_file("peer.yaml", &permissive);
+        wait_until(|| answered_by(&plain("10.200.1.2:8080"), "web"), || agent_b.log());
+        assert!(answered_by(&plain("10.200.2.9:5432"), "db"));
+        assert!(answered_by(&front.probe(&["tcp", VIP, "1"]), "web"));
         agent_a.stop();
         agent_b.stop();
         let _ = std::fs::remove_file(&flow_log);

@@ -217,6 +217,7 @@ pub(crate) fn load_program(ebpf: &mut Ebpf, name: &'static str) -> Result<(), Lo
         Program::CgroupSockAddr(p) => p.load(),
         Program::CgroupSock(p) => p.load(),
         Program::SockOps(p) => p.load(),
+        Program::CgroupSkb(p) => p.load(),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     }
     .map_err(|e| LoadError::Program(name, e))
@@ -233,14 +234,14 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
     // any attach flag on link creation (EINVAL).
     // aya's program types share these methods without a common trait: one body for each.
     macro_rules! link {
-        ($p:expr) => {{
+        ($p:expr $(, $attach_type:expr)?) => {{
             let p = $p;
             if let Some(link) = open_pinned(&pin) {
                 let fd = p.fd().map_err(|e| LoadError::Program(name, e))?;
                 update_link(&link, fd.as_fd()).map_err(|e| pin_error(e.to_string()))?;
                 None
             } else {
-                let id = p.attach(cgroup, CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
+                let id = p.attach(cgroup, $($attach_type,)? CgroupAttachMode::Single).map_err(|e| LoadError::Program(name, e))?;
                 let link = p.take_link(id).map_err(|e| LoadError::Program(name, e))?;
                 Some(link.try_into().map_err(|e: LinkError| pin_error(e.to_string()))?)
             }
@@ -250,6 +251,7 @@ pub(crate) fn attach_or_adopt(ebpf: &mut Ebpf, name: &'static str, pin_dir: &Pat
         Program::CgroupSockAddr(p) => link!(p),
         Program::CgroupSock(p) => link!(p),
         Program::SockOps(p) => link!(p),
+        Program::CgroupSkb(p) => link!(p, aya::programs::CgroupSkbAttachType::Ingress),
         other => unreachable!("{name} is a {:?}, not a cgroup program", other.prog_type()),
     };
     if let Some(fd_link) = fd_link {

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE, MaglevTable,
-    PeerKey, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, TunnelOriginal, WorkloadValue, map_names,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, FlowKey, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE,
+    MaglevTable, PeerKey, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, StrictKey, StrictValue,
+    TunnelOriginal, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -318,8 +319,10 @@ impl WorkloadMap {
 pub struct AuthzMaps {
     classes: HashMap<MapData, Addr, u32>,
     verdicts: HashMap<MapData, AuthzKey, AuthzVerdict>,
+    strict: HashMap<MapData, StrictKey, StrictValue>,
     written_classes: std::collections::BTreeMap<std::net::IpAddr, u32>,
     written_verdicts: std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+    written_strict: std::collections::BTreeMap<StrictKey, StrictValue>,
 }
 
 impl AuthzMaps {
@@ -327,9 +330,15 @@ impl AuthzMaps {
     pub fn open(dir: &Path) -> Result<Self, DatapathError> {
         let classes: HashMap<MapData, Addr, u32> = open_hash(dir, map_names::AUTHZ_CLASSES)?;
         let verdicts: HashMap<MapData, AuthzKey, AuthzVerdict> = open_hash(dir, map_names::AUTHZ)?;
+        let strict: HashMap<MapData, StrictKey, StrictValue> = open_hash(dir, map_names::STRICT)?;
         let written_classes = classes.iter().filter_map(Result::ok).map(|(a, c)| (ip_of(&a), c)).collect();
         let written_verdicts = verdicts.iter().filter_map(Result::ok).collect();
-        Ok(Self { classes, verdicts, written_classes, written_verdicts })
+        let written_strict = strict.iter().filter_map(Result::ok).collect();
+        Ok(Self { classes, verdicts, strict, written_classes, written_verdicts, written_strict })
+    }
+
+    pub fn strict(&self) -> &std::collections::BTreeMap<StrictKey, StrictValue> {
+        &self.written_strict
     }
 
     pub fn classes(&self) -> &std::collections::BTreeMap<std::net::IpAddr, u32> {
@@ -347,8 +356,26 @@ impl AuthzMaps {
         &mut self,
         classes: &std::collections::BTreeMap<std::net::IpAddr, u32>,
         verdicts: &std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+        strict: &std::collections::BTreeMap<StrictKey, StrictValue>,
     ) -> Result<usize, DatapathError> {
         let mut changed = 0;
+        // STRICT entries have no order to keep with the others: written, then the gone ones
+        // removed (an exception port is written before its pod turns STRICT).
+        let mut ports_first: Vec<(&StrictKey, &StrictValue)> = strict.iter().collect();
+        ports_first.sort_by_key(|(k, _)| k.port == 0);
+        for (key, value) in ports_first {
+            if self.written_strict.get(key) != Some(value) {
+                self.strict.insert(key, value, 0).map_err(map_err(map_names::STRICT, "update"))?;
+                self.written_strict.insert(*key, *value);
+                changed += 1;
+            }
+        }
+        let gone: Vec<StrictKey> = self.written_strict.keys().filter(|k| !strict.contains_key(k)).copied().collect();
+        for key in gone {
+            ignore_missing(self.strict.remove(&key)).map_err(map_err(map_names::STRICT, "delete"))?;
+            self.written_strict.remove(&key);
+            changed += 1;
+        }
         for (key, verdict) in verdicts {
             if self.written_verdicts.get(key) != Some(verdict) {
                 self.verdicts.insert(key, verdict, 0).map_err(map_err(map_names::AUTHZ, "update"))?;
@@ -376,5 +403,27 @@ impl AuthzMaps {
             changed += 1;
         }
         Ok(changed)
+    }
+}
+
+/// `mesh_trusted`: the agent registers each connection it makes to a pod of this node before
+/// its SYN leaves, so that the pod's ingress filter (STRICT) lets it in.
+pub struct TrustedMap {
+    map: std::sync::Mutex<HashMap<MapData, FlowKey, u32>>,
+}
+
+impl TrustedMap {
+    pub fn open(dir: &Path) -> Result<Self, DatapathError> {
+        Ok(Self { map: std::sync::Mutex::new(open_hash(dir, map_names::TRUSTED)?) })
+    }
+
+    pub fn register(&self, flow: &FlowKey) -> Result<(), DatapathError> {
+        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        map.insert(flow, &mesh_common::trusted::AGENT, 0).map_err(map_err(map_names::TRUSTED, "update"))
+    }
+
+    pub fn unregister(&self, flow: &FlowKey) {
+        let mut map = self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _ = map.remove(flow);
     }
 }

@@ -54,6 +54,86 @@ impl Connector for TcpConnector {
     }
 }
 
+/// The agent's own connections to pods of its node: each is registered in `mesh_trusted`
+/// (source and destination, addresses and ports) before its SYN leaves, so that the pod's
+/// ingress filter lets it in where PeerAuthentication is STRICT, and unregistered once
+/// connected. The source port is bound first to know it; the source address is the one the
+/// routes pick (asked of a UDP socket, which sends nothing), remembered per destination.
+pub struct AgentDialer {
+    trusted: Option<Arc<crate::ebpf::maps::TrustedMap>>,
+    /// Which addresses are pods of this node (the others are dialled plainly).
+    local_pods: Box<dyn Fn(std::net::IpAddr) -> bool + Send + Sync>,
+    sources: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, std::net::IpAddr>>,
+}
+
+/// Destinations whose source address is remembered, at most (then forgotten and asked again).
+const MAX_REMEMBERED_SOURCES: usize = 65_536;
+
+impl AgentDialer {
+    /// Dials plainly, registering nothing (no datapath: tests, tools).
+    pub fn plain() -> Self {
+        Self { trusted: None, local_pods: Box::new(|_| false), sources: Default::default() }
+    }
+
+    pub fn new(trusted: Arc<crate::ebpf::maps::TrustedMap>, local_pods: impl Fn(std::net::IpAddr) -> bool + Send + Sync + 'static) -> Self {
+        Self { trusted: Some(trusted), local_pods: Box::new(local_pods), sources: Default::default() }
+    }
+
+    pub async fn connect(&self, target: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+        let Some(trusted) = self.trusted.as_ref().filter(|_| (self.local_pods)(target.ip())) else {
+            return tokio::net::TcpStream::connect(target).await;
+        };
+        let source = self.source_for(target)?;
+        let socket = if target.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let local = socket.local_addr()?;
+        let flow = mesh_common::FlowKey {
+            source: crate::ebpf::image::addr_of(local.ip()),
+            destination: crate::ebpf::image::addr_of(target.ip()),
+            source_port: local.port(),
+            destination_port: target.port(),
+        };
+        trusted.register(&flow).map_err(io::Error::other)?;
+        let connected = socket.connect(target).await;
+        // Its SYN has been let in (or never will be): the entry has done its work.
+        trusted.unregister(&flow);
+        connected
+    }
+
+    fn source_for(&self, target: SocketAddr) -> io::Result<std::net::IpAddr> {
+        let mut sources = self.sources.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(source) = sources.get(&target.ip()) {
+            return Ok(*source);
+        }
+        let unspecified: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { (std::net::Ipv6Addr::UNSPECIFIED, 0).into() };
+        let probe = std::net::UdpSocket::bind(unspecified)?;
+        probe.connect(target)?;
+        let source = probe.local_addr()?.ip();
+        if sources.len() >= MAX_REMEMBERED_SOURCES {
+            sources.clear();
+        }
+        sources.insert(target.ip(), source);
+        Ok(source)
+    }
+}
+
+/// Plain TCP as `TcpConnector`, through an `AgentDialer` (the L7 proxy's connections to
+/// endpoints that are pods of this node are the agent's own).
+pub struct AgentConnector(pub Arc<AgentDialer>);
+
+impl Connector for AgentConnector {
+    fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
+        let dialer = self.0.clone();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, dialer.connect(endpoint))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer to connect within {CONNECT_TIMEOUT:?}")))??;
+            stream.set_nodelay(true)?;
+            Ok(Conn::new(stream))
+        })
+    }
+}
+
 /// The connections of one backend Service against its circuit breakers (`max-connections`,
 /// `max-pending-requests`; 0: no limit). The limits can change under live connections.
 #[derive(Debug, Default)]

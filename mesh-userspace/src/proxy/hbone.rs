@@ -39,6 +39,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
+use super::connect::AgentDialer;
 use crate::{
     authz::Decision,
     identity::{Identity, certs::Certificates},
@@ -396,6 +397,8 @@ pub struct Inbound {
     /// Streams open now, by a number of their own.
     live: Mutex<HashMap<u64, Live>>,
     next_stream: std::sync::atomic::AtomicU64,
+    /// Connects to the workloads (registered, for STRICT ports to let them in).
+    dialer: Arc<AgentDialer>,
 }
 
 impl Inbound {
@@ -410,7 +413,14 @@ impl Inbound {
             on_carried: Box::new(|_| Box::new(|_, _| {})),
             live: Mutex::default(),
             next_stream: 0.into(),
+            dialer: Arc::new(AgentDialer::plain()),
         }
+    }
+
+    /// Connects to workloads through `dialer`.
+    pub fn with_dialer(mut self, dialer: Arc<AgentDialer>) -> Self {
+        self.dialer = dialer;
+        self
     }
 
     /// Decides again on every stream open now (after a policy or workload change) and closes
@@ -511,7 +521,7 @@ impl Inbound {
         if !decision.allowed {
             return refuse(StatusCode::FORBIDDEN, Refusal::new("policy_denied", format!("{source} to {target}: {decision}")));
         }
-        let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(target)).await;
+        let connected = tokio::time::timeout(HANDSHAKE_TIMEOUT, self.dialer.connect(target)).await;
         let upstream = match connected {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {

@@ -45,6 +45,8 @@ pub struct TunnelOutbound {
     trust_domain: String,
     /// The port peer agents take tunnels on.
     hbone_port: u16,
+    /// This agent's HBONE listener.
+    local_node: Option<SocketAddr>,
 }
 
 impl TunnelOutbound {
@@ -55,12 +57,18 @@ impl TunnelOutbound {
         telemetry: Arc<Telemetry>,
         trust_domain: String,
     ) -> Self {
-        Self { origins, tunnels, snapshot, telemetry, trust_domain, hbone_port: hbone::PORT }
+        Self { origins, tunnels, snapshot, telemetry, trust_domain, hbone_port: hbone::PORT, local_node: None }
     }
 
     /// Peer agents take tunnels on `port` (tests run several "nodes" on one address).
     pub fn with_hbone_port(mut self, port: u16) -> Self {
         self.hbone_port = port;
+        self
+    }
+
+    /// This agent's own HBONE listener, for pods of this node (STRICT ones are tunneled).
+    pub fn with_local_node(mut self, addr: SocketAddr) -> Self {
+        self.local_node = Some(addr);
         self
     }
 
@@ -77,16 +85,23 @@ impl TunnelOutbound {
             detail: format!("pod number {} is no enrolled pod of this node", target.workload),
         })?;
         let snapshot = self.snapshot.borrow().clone();
-        let peer_pod = snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled).cloned();
-        let (destination, node) =
-            peer_pod.as_ref().and_then(|w| Some((w.identity(&self.trust_domain)?, w.spec.host_ip?))).ok_or_else(|| Refusal {
-                reason: "unknown_destination",
-                detail: format!("{} is no enrolled pod of another node", target.pod),
-            })?;
+        // A pod of another node, through its agent; or one of this node (STRICT), through ours.
+        let (peer_pod, node) = match snapshot.peers.get(&target.pod.ip()).filter(|w| w.enrolled) {
+            Some(w) => (Some(w.clone()), w.spec.host_ip.map(|ip| SocketAddr::new(ip, self.hbone_port))),
+            None => {
+                let here = snapshot.pods_by_ip.get(&target.pod.ip()).filter(|w| w.enrolled).cloned();
+                let node = here.as_ref().and(self.local_node);
+                (here, node)
+            }
+        };
+        let (destination, node) = peer_pod
+            .as_ref()
+            .and_then(|w| Some((w.identity(&self.trust_domain)?, node?)))
+            .ok_or_else(|| Refusal { reason: "unknown_destination", detail: format!("{} is no enrolled pod known here", target.pod) })?;
         // Host-network pods share the node's address: not theirs to forward.
         let source_addr = source_pod.as_ref().filter(|w| !w.spec.host_network).and_then(|w| w.spec.ips.first().copied());
         Ok(Planned {
-            route: Route { source, destination, node: SocketAddr::new(node, self.hbone_port), target: target.pod, source_addr },
+            route: Route { source, destination, node, target: target.pod, source_addr },
             source_pod,
             peer_pod,
             service_id: target.service_id,

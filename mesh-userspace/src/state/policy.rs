@@ -586,3 +586,50 @@ pub fn peer_authentication(pa: &istio::PeerAuthentication, key: &ObjectKey) -> R
     }
     if errors.is_empty() { Ok(PeerAuthSpec { key: key.clone(), selector, mode, ports }) } else { Err(errors) }
 }
+
+/// A pod's mutual TLS mode on its ports, by Istio's PeerAuthentication rules: the workload's
+/// policy (in its namespace, selecting it; the first by name if several), then its namespace's
+/// (no selector), then the mesh's (no selector, root namespace), then PERMISSIVE; UNSET at a
+/// level defers to the next. Port-level modes come from the workload's policy. DISABLE accepts
+/// plaintext as PERMISSIVE does (as in Istio ambient, where it cannot turn mTLS off).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodMtls {
+    /// The mode of ports without one of their own, and the policy that set it (None: the
+    /// default).
+    pub mode: Option<(MtlsMode, ObjectKey)>,
+    /// Ports whose mode differs from `mode`.
+    pub ports: BTreeMap<u16, (MtlsMode, ObjectKey)>,
+}
+
+impl PodMtls {
+    pub fn of(policies: &Policies, root_namespace: &str, namespace: &str, labels: &BTreeMap<String, String>) -> Self {
+        let in_namespace = policies.peer_authentication.get(namespace).map(Vec::as_slice).unwrap_or_default();
+        let workload = in_namespace.iter().find(|p| p.selector.is_some() && p.selects(labels));
+        let namespace_wide = in_namespace.iter().find(|p| p.selector.is_none());
+        let mesh_wide = policies.peer_authentication.get(root_namespace).and_then(|list| list.iter().find(|p| p.selector.is_none()));
+        let mode = [workload, namespace_wide, mesh_wide]
+            .into_iter()
+            .flatten()
+            .find(|p| p.mode != MtlsMode::Unset)
+            .map(|p| (effective(p.mode), p.key.clone()));
+        let base = mode.as_ref().map_or(MtlsMode::Permissive, |(m, _)| *m);
+        let ports = workload
+            .map(|p| {
+                p.ports
+                    .iter()
+                    .filter(|(_, m)| **m != MtlsMode::Unset && effective(**m) != base)
+                    .map(|(port, m)| (*port, (effective(*m), p.key.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self { mode, ports }
+    }
+
+    pub fn is_strict_anywhere(&self) -> bool {
+        self.mode.as_ref().is_some_and(|(m, _)| *m == MtlsMode::Strict) || self.ports.values().any(|(m, _)| *m == MtlsMode::Strict)
+    }
+}
+
+fn effective(mode: MtlsMode) -> MtlsMode {
+    if mode == MtlsMode::Disable { MtlsMode::Permissive } else { mode }
+}

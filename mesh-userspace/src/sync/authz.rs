@@ -8,6 +8,10 @@
 //! verdict is decided here as the destination would decide it; ports they do not name share
 //! the verdict of port 0. Only what differs from "allowed" is written: a caller with no verdict
 //! is let through, and the destination decides.
+//!
+//! PeerAuthentication: this node's enrolled pods that are STRICT on some port get entries in
+//! `mesh_strict` (port 0 for the pod's mode, other ports where they differ), for the ingress
+//! filter to drop SYNs that are not the agent's.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::IpAddr,
@@ -15,13 +19,17 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{AuthzKey, AuthzVerdict};
+use mesh_common::{AuthzKey, AuthzVerdict, StrictKey, StrictValue};
 use tokio::sync::watch;
 
 use crate::{
     authz::{Applicable, Ask, Authorizer, Caller},
     ebpf::maps::AuthzMaps,
-    state::{ObjectKey, Snapshot, model::Workload, policy::Policies},
+    state::{
+        ObjectKey, Snapshot,
+        model::Workload,
+        policy::{MtlsMode, PodMtls, Policies},
+    },
     telemetry::Telemetry,
 };
 
@@ -65,29 +73,66 @@ impl<K: std::hash::Hash + Eq + Clone> Numbers<K> {
 pub struct Plan {
     pub classes: BTreeMap<IpAddr, u32>,
     pub verdicts: BTreeMap<AuthzKey, AuthzVerdict>,
+    /// This node's enrolled pods' STRICT ports (port 0: the pod's other ports) and exceptions.
+    pub strict: BTreeMap<StrictKey, StrictValue>,
 }
 
 pub struct AuthzPlanner {
     authorizer: Arc<Authorizer>,
     trust_domain: String,
     policies: Numbers<ObjectKey>,
+    peer_authentications: Numbers<ObjectKey>,
     classes: Numbers<ClassKey>,
 }
 
 impl AuthzPlanner {
     pub fn new(authorizer: Arc<Authorizer>, trust_domain: String) -> Self {
-        Self { authorizer, trust_domain, policies: Numbers::new(), classes: Numbers::new() }
+        Self { authorizer, trust_domain, policies: Numbers::new(), peer_authentications: Numbers::new(), classes: Numbers::new() }
     }
 
-    /// The policy a kernel verdict names, by its number.
+    /// The AuthorizationPolicy a kernel verdict names, by its number.
     pub fn policy_numbers(&self) -> HashMap<u32, ObjectKey> {
         self.policies.of.iter().map(|(k, n)| (*n, k.clone())).collect()
+    }
+
+    /// The PeerAuthentication a STRICT entry names, by its number.
+    pub fn peer_authentication_numbers(&self) -> HashMap<u32, ObjectKey> {
+        self.peer_authentications.of.iter().map(|(k, n)| (*n, k.clone())).collect()
+    }
+
+    /// STRICT entries of this node's enrolled pods.
+    fn plan_strict(&mut self, snapshot: &Snapshot, plan: &mut Plan) {
+        let root = self.authorizer.root_namespace().to_owned();
+        let mut live = std::collections::HashSet::new();
+        for pod in snapshot.pods.values().filter(|w| w.enrolled && !w.spec.host_network) {
+            let mtls = PodMtls::of(&snapshot.policies, &root, &pod.spec.key.namespace, &pod.spec.labels);
+            if !mtls.is_strict_anywhere() {
+                continue;
+            }
+            let mut value = |(mode, key): &(MtlsMode, ObjectKey)| {
+                live.insert(key.clone());
+                StrictValue { strict: u32::from(*mode == MtlsMode::Strict), policy: self.peer_authentications.get(key) }
+            };
+            let base = mtls.mode.as_ref().map(&mut value);
+            let ports: Vec<(u16, StrictValue)> = mtls.ports.iter().map(|(port, m)| (*port, value(m))).collect();
+            for ip in &pod.spec.ips {
+                let addr = crate::ebpf::image::addr_of(*ip);
+                if let Some(base) = base.filter(|b| b.strict != 0) {
+                    plan.strict.insert(StrictKey { addr, port: 0, _pad16: 0 }, base);
+                }
+                for (port, v) in &ports {
+                    plan.strict.insert(StrictKey { addr, port: *port, _pad16: 0 }, *v);
+                }
+            }
+        }
+        self.peer_authentications.retain(&live);
     }
 
     /// The maps' contents for `snapshot` and this node's calling pods (by kernel number).
     pub fn plan(&mut self, snapshot: &Snapshot, callers: &imbl::HashMap<u32, Arc<Workload>>) -> Plan {
         let policies = &snapshot.policies;
         let mut plan = Plan::default();
+        self.plan_strict(snapshot, &mut plan);
         // One representative pod per class: verdicts are the class's.
         let mut representatives: BTreeMap<u32, (Arc<Workload>, IpAddr, Arc<Applicable>)> = BTreeMap::new();
         let mut live_classes = std::collections::HashSet::new();
@@ -137,7 +182,9 @@ impl AuthzPlanner {
                 }
                 for port in &named {
                     let verdict = decide(*port);
-                    if verdict.allow != fallback.allow {
+                    // Written where it differs, if only in the policy that decided (the
+                    // refusal names it).
+                    if verdict != fallback {
                         plan.verdicts.insert(AuthzKey { workload: *number, class: *class, port: *port, _pad16: 0 }, verdict);
                     }
                 }
@@ -171,8 +218,8 @@ pub async fn run(
         });
         if !unchanged || retry {
             let plan = planner.plan(&snapshot, &calling);
-            telemetry.set_policy_numbers(planner.policy_numbers());
-            retry = match maps.sync(&plan.classes, &plan.verdicts) {
+            telemetry.set_policy_numbers(planner.policy_numbers(), planner.peer_authentication_numbers());
+            retry = match maps.sync(&plan.classes, &plan.verdicts, &plan.strict) {
                 Ok(0) => false,
                 Ok(changed) => {
                     tracing::debug!(

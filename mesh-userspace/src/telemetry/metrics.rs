@@ -95,6 +95,14 @@ pub struct AuthzLabels {
     pub reporter: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StrictLabels {
+    /// The pod (`namespace/name`) the SYN was for.
+    pub destination_workload: String,
+    /// The PeerAuthentication that made the port STRICT.
+    pub policy: String,
+}
+
 /// Authorization decisions.
 #[derive(Debug, Clone, Default)]
 pub struct AuthzMetrics {
@@ -113,6 +121,8 @@ pub struct Metrics {
     registry: Registry,
     pub hbone: HboneMetrics,
     pub authz: AuthzMetrics,
+    /// Plaintext connection attempts the kernel dropped at STRICT pods.
+    pub strict_dropped: Family<StrictLabels, Counter>,
     pub opened: Family<TcpLabels, Counter>,
     pub closed: Family<TcpLabels, Counter>,
     pub sent_bytes: Family<TcpLabels, Counter>,
@@ -238,6 +248,12 @@ impl Default for Metrics {
             "Authorization decisions on connections, by decision, the AuthorizationPolicy that made it (or none) and where (destination or source)",
             authz.decisions.clone(),
         );
+        let strict_dropped = Family::<StrictLabels, Counter>::default();
+        registry.register(
+            "mesh_strict_dropped",
+            "Plaintext connection attempts (SYNs) the kernel dropped at pods whose PeerAuthentication is STRICT, by pod and policy",
+            strict_dropped.clone(),
+        );
         // The agent's own CPU, memory and descriptors, read at each scrape, under the names
         // every Prometheus client library uses (dashboards and alerts expect them).
         registry.register_collector(Box::new(ProcessCollector));
@@ -245,6 +261,7 @@ impl Default for Metrics {
             registry,
             hbone,
             authz,
+            strict_dropped,
             spans_dropped,
             access_log_dropped,
             proxy_refused,

@@ -105,6 +105,29 @@ fn selected_pods_get_classes_and_only_refusals_and_exceptions_are_written() {
 }
 
 #[test]
+fn a_port_refused_by_another_policy_than_the_rest_names_its_own() {
+    let more = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-from-shop, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from:
+    - source: {namespaces: [shop]}
+";
+    // other (lab): refused on every port of db, on 5432 by db-port's DENY, elsewhere by no
+    // ALLOW matching.
+    let (plan, numbers, callers) = plan_of(&format!("{PODS}{POLICIES}{more}"));
+    let db = plan.classes[&"10.1.0.9".parse().unwrap()];
+    let other = number_of(&callers, "other-0");
+    let verdict = |port: u16| plan.verdicts[&AuthzKey { workload: other, class: db, port, _pad16: 0 }];
+    assert_eq!(verdict(0), AuthzVerdict { allow: 0, policy: 0 });
+    assert_eq!(numbers[&verdict(5432).policy].to_string(), "shop/db-port");
+}
+
+#[test]
 fn an_exception_port_is_written_where_the_rest_is_refused() {
     let allow_one_port = "
 ---
