@@ -673,6 +673,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let mut outbound = Outbound::new(Box::new(orig_dst), Arc::new(AgentConnector(dialer.clone())), snapshot_rx, telemetry.clone())
         .with_default_request_timeout(opts.default_request_timeout)
+        .with_authorization(proxy::authorize::RequestAuthz::new(authorizer.clone()))
         .with_access_log(access_log)
         .with_tracer(tracer);
     if let Some(tunnels) = &tunnels {

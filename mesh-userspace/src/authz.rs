@@ -173,6 +173,8 @@ pub struct Ask<'a> {
     pub destination_ip: IpAddr,
     pub port: u16,
     pub request: Option<Request<'a>>,
+    /// The source's proxy checked the requests (see `Attributes::l7_checked`).
+    pub l7_checked: bool,
 }
 
 impl<'a> Ask<'a> {
@@ -183,6 +185,7 @@ impl<'a> Ask<'a> {
             destination_ip: self.destination_ip,
             port: self.port,
             request: self.request,
+            l7_checked: self.l7_checked,
         }
     }
 }
@@ -311,7 +314,8 @@ pub fn check(authorizer: &Authorizer, snapshot: &Snapshot, trust_domain: &str, q
     let rows: Vec<serde_json::Value> = targets(snapshot, to, port)?
         .iter()
         .map(|(workload, target)| {
-            let ask = Ask { caller: caller.as_ref(), source_ip, destination_ip: target.ip(), port: target.port(), request };
+            let ask =
+                Ask { caller: caller.as_ref(), source_ip, destination_ip: target.ip(), port: target.port(), request, l7_checked: false };
             let decision = authorizer.applicable(&snapshot.policies, workload).decide(&ask.attributes());
             serde_json::json!({
                 "pod": workload.spec.key,

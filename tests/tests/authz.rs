@@ -309,3 +309,68 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         let _ = std::fs::remove_file(&flow_log);
     });
 }
+
+#[test]
+fn an_l7_rule_is_decided_per_request_by_the_proxy_and_the_destination_takes_what_it_let_through() {
+    in_netns(|| {
+        let Some(nodes) = TwoNodes::new("authz-l7") else { return };
+        let other = nodes.cgroup_a.child("other");
+        // An HTTP Service the proxy handles (mesh.dev/l7), served by web-0 on node B.
+        let yaml = format!(
+            "{}{}---\napiVersion: v1\nkind: Service\nmetadata: {{name: api, namespace: shop, annotations: {{mesh.dev/l7: \"true\"}}}}\n\
+             spec: {{clusterIP: 10.96.0.11, ports: [{{name: http, port: 80, targetPort: 8081}}]}}\n---\n\
+             apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: api-1, namespace: shop, labels: {{kubernetes.io/service-name: api}}}}\n\
+             addressType: IPv4\nports: [{{name: http, port: 8081}}]\n\
+             endpoints: [{{addresses: [10.200.1.2], nodeName: node-b, targetRef: {{kind: Pod, name: web-0, namespace: shop}}}}]\n---\n\
+             apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: api, namespace: shop}}\n\
+             spec: {{parentRefs: [{{group: \"\", kind: Service, name: api, port: 80}}], rules: [{{backendRefs: [{{name: api, port: 80}}]}}]}}\n",
+            nodes.yaml(),
+            other_pod(&other)
+        );
+        let _backend = nodes.serve_on_b(probe_bin(), &["serve", "api-b", "10.200.1.2:8081"]);
+        let agent_b = nodes.agent_b(&yaml, &[]);
+        let agent_a = nodes.agent_a(&yaml, &[]);
+        let front = &nodes.client;
+        let get = |caller: &TestCgroup, path: &str| names(&caller.probe(&["get", "10.96.0.11:80", path, "1"]));
+        let answer = |text: &str| vec![(text.to_owned(), 1)];
+        assert_eq!(get(front, "/private"), answer("api-b"), "no policy: {}", agent_a.log());
+
+        // front may GET /public*; nobody else anything.
+        let read_only = policy(
+            "public-reads",
+            "  selector: {matchLabels: {app: web}}\n  rules:\n  - from:\n    - source: {principals: [td/ns/shop/sa/front]}\n    to:\n    - operation: {methods: [GET], paths: [/public*]}\n",
+        );
+        agent_a.write_file("policy.yaml", &read_only);
+        agent_b.write_file("policy.yaml", &read_only);
+        wait_until(|| get(front, "/private") == answer("HTTP 403"), || format!("GET /private refused:\n{}", agent_a.log()));
+        assert_eq!(get(front, "/public/items"), answer("api-b"), "the destination takes what the proxy let through\n{}", agent_b.log());
+        assert_eq!(get(&other, "/public/items"), answer("HTTP 403"), "other is not front");
+        assert_eq!(
+            agent_a.metric("mesh_authz_decisions_total", &[("decision", "deny"), ("policy", "none"), ("reporter", "source")]),
+            2.0,
+            "{}",
+            agent_a.metrics()
+        );
+        assert_eq!(agent_a.metric("mesh_authz_decisions_total", &[("decision", "allow"), ("policy", "shop/public-reads")]), 1.0);
+        assert_eq!(
+            agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", "policy_denied")]),
+            0.0,
+            "the destination refused nothing the proxy let through\n{}",
+            agent_b.metrics()
+        );
+
+        // The same policy at L4, for a caller dialling web-0 directly: it names requests, which
+        // a connection does not show, so the destination refuses (fail closed, as ztunnel).
+        agent_a.remove_file("policy.yaml");
+        let refused_at_b = || agent_b.metric("mesh_hbone_refused_total", &[("direction", "inbound"), ("reason", "policy_denied")]);
+        wait_until(
+            || {
+                let direct = front.probe(&["tcp", "10.200.1.2:8081", "1"]);
+                names(&direct).is_empty() && refused_at_b() >= 1.0
+            },
+            || format!("a direct connection refused by node B:\n{}", agent_b.log()),
+        );
+        agent_a.stop();
+        agent_b.stop();
+    });
+}

@@ -369,6 +369,7 @@ fn istios_documented_examples_decide_as_its_documentation_says() {
             destination_ip: "10.1.0.5".parse().unwrap(),
             port: case.port,
             request: case.request.map(|(method, path, host)| Request { method, path, host }),
+            l7_checked: false,
         };
         let decision = authorizer.decide(&policies, &workload, &ask, Reporter::Destination);
         let by = decision.policy.as_ref().map(ToString::to_string);
@@ -382,7 +383,8 @@ fn istios_documented_examples_decide_as_its_documentation_says() {
 #[test]
 fn audit_matches_are_reported_and_change_nothing() {
     let authorizer = Authorizer::new(DEFAULT_ROOT_NAMESPACE, AuthzMetrics::default());
-    let ask = Ask { caller: None, source_ip: None, destination_ip: "10.1.0.5".parse().unwrap(), port: 8000, request: None };
+    let ask =
+        Ask { caller: None, source_ip: None, destination_ip: "10.1.0.5".parse().unwrap(), port: 8000, request: None, l7_checked: false };
     let decision = authorizer.decide(&policies(AUDIT_ONLY), &workload(HTTPBIN.0, HTTPBIN.1), &ask, Reporter::Destination);
     assert!(decision.allowed);
     assert_eq!(decision.audited, [ObjectKey::new("foo", "audit-posts")]);
@@ -395,7 +397,8 @@ fn decisions_are_counted_by_decision_policy_and_reporter() {
     let policies = policies(TCP_PORTS);
     let to = workload(TCP_ECHO.0, TCP_ECHO.1);
     for port in [9000, 9000, 9002] {
-        let ask = Ask { caller: None, source_ip: None, destination_ip: "10.1.0.5".parse().unwrap(), port, request: None };
+        let ask =
+            Ask { caller: None, source_ip: None, destination_ip: "10.1.0.5".parse().unwrap(), port, request: None, l7_checked: false };
         authorizer.decide(&policies, &to, &ask, Reporter::Destination);
     }
     let count = |decision: &str, policy: &str| {

@@ -141,8 +141,11 @@ pub struct Route {
     pub node: SocketAddr,
     pub target: SocketAddr,
     /// The source pod's address, sent as `Forwarded: for=` (as ztunnel does) for the
-    /// destination's telemetry; it never decides anything there.
+    /// destination's telemetry and ipBlocks.
     pub source_addr: Option<IpAddr>,
+    /// The stream carries the L7 proxy's requests, each already decided on by the source's
+    /// AuthorizationPolicy check (sent as `mesh-l7: checked`).
+    pub l7_checked: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -197,6 +200,9 @@ impl Tunnels {
         let mut request = Request::builder().method(Method::CONNECT).uri(route.target.to_string());
         if let Some(addr) = route.source_addr {
             request = request.header(hyper::header::FORWARDED, forwarded_for(addr));
+        }
+        if route.l7_checked {
+            request = request.header(L7_HEADER, "checked");
         }
         let request = request.body(Empty::new()).map_err(|e| Refusal::new("bad_request", e.to_string()))?;
         let response =
@@ -350,6 +356,8 @@ fn parse_forwarded_for(value: &str) -> Option<IpAddr> {
 
 /// A refused CONNECT says why in this response header.
 pub const REASON_HEADER: &str = "mesh-refusal";
+/// A CONNECT of the source's L7 proxy, whose requests it checked against policy, says so.
+pub const L7_HEADER: &str = "mesh-l7";
 
 /// The enrolled workloads of this node, as the inbound side needs them.
 pub trait LocalWorkloads: Send + Sync + 'static {
@@ -358,8 +366,9 @@ pub trait LocalWorkloads: Send + Sync + 'static {
     /// Whether an enrolled workload of this node has `identity`.
     fn serves(&self, identity: &Identity) -> bool;
     /// Whether `source` (from `source_ip`, as far as known) may reach `target`, by this
-    /// node's AuthorizationPolicies; counted as the destination's decision.
-    fn authorize(&self, source: &Identity, source_ip: Option<IpAddr>, target: SocketAddr) -> Decision;
+    /// node's AuthorizationPolicies; counted as the destination's decision. `l7_checked`: the
+    /// source's proxy decided on each request (`Attributes::l7_checked`).
+    fn authorize(&self, source: &Identity, source_ip: Option<IpAddr>, target: SocketAddr, l7_checked: bool) -> Decision;
 }
 
 /// A stream being carried, as a policy change looks at it again.
@@ -367,6 +376,7 @@ struct Live {
     source: Identity,
     source_ip: Option<IpAddr>,
     target: SocketAddr,
+    l7_checked: bool,
     close: Arc<tokio::sync::Notify>,
 }
 
@@ -429,7 +439,7 @@ impl Inbound {
         let live = self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut closed = 0;
         for stream in live.values() {
-            let decision = self.workloads.authorize(&stream.source, stream.source_ip, stream.target);
+            let decision = self.workloads.authorize(&stream.source, stream.source_ip, stream.target, stream.l7_checked);
             if !decision.allowed {
                 let refusal = Refusal::new("policy_closed", format!("{} to {}: {decision}", stream.source, stream.target));
                 self.refusals.record(&refusal, stream.target);
@@ -517,7 +527,8 @@ impl Inbound {
         // The source pod's address as its agent says (it holds the pod's identity too), else
         // the agent's.
         let source_ip = forwarded_for.or(Some(peer.ip()));
-        let decision = self.workloads.authorize(source, source_ip, target);
+        let l7_checked = request.headers().get(L7_HEADER).is_some_and(|v| v == "checked");
+        let decision = self.workloads.authorize(source, source_ip, target, l7_checked);
         if !decision.allowed {
             return refuse(StatusCode::FORBIDDEN, Refusal::new("policy_denied", format!("{source} to {target}: {decision}")));
         }
@@ -540,7 +551,7 @@ impl Inbound {
         let open = Held::new(self.metrics.streams_open.get_or_create(&DirectionLabels::inbound()).clone());
         let close = Arc::new(tokio::sync::Notify::new());
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
-        let live = Live { source: source.clone(), source_ip, target, close: close.clone() };
+        let live = Live { source: source.clone(), source_ip, target, l7_checked, close: close.clone() };
         self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(id, live);
         let inbound = self.clone();
         tokio::spawn(async move {

@@ -20,6 +20,7 @@ use tokio::{net::TcpListener, sync::watch};
 
 use super::{
     admission::{Gate, TokenBucket},
+    authorize::RequestAuthz,
     balancer::Balancer,
     connect::{Connector, Overflow, Upstream},
     filters::{apply_edits, modify_path, redirect_response},
@@ -143,6 +144,8 @@ pub struct Outbound {
     tracer: Arc<Tracer>,
     /// mTLS on: requests of enrolled pods to enrolled pods of other nodes go through tunnels.
     tunnels: Option<TunnelConfig>,
+    /// Requests are decided on against their endpoints' AuthorizationPolicies.
+    request_authz: Option<RequestAuthz>,
 }
 
 /// What the proxy needs to open tunnels for its callers.
@@ -172,7 +175,14 @@ impl Outbound {
             access_log: Arc::new(AccessLog::off()),
             tracer: Arc::new(Tracer::off()),
             tunnels: None,
+            request_authz: None,
         }
+    }
+
+    /// Decides on each request against the endpoints' AuthorizationPolicies (403 when refused).
+    pub fn with_authorization(mut self, authz: RequestAuthz) -> Self {
+        self.request_authz = Some(authz);
+        self
     }
 
     /// Sends enrolled callers' requests to enrolled pods of other nodes through tunnels.
@@ -362,6 +372,18 @@ impl Outbound {
         if endpoints.is_empty() {
             outcome.flags = "UH";
             return reply(StatusCode::SERVICE_UNAVAILABLE, "no usable endpoint\n");
+        }
+        // The endpoints' AuthorizationPolicies, with what only a request shows.
+        if let Some(authz) = &self.request_authz {
+            let snapshot = self.snapshot.borrow().clone();
+            let authority = req.uri().authority().map(|a| a.as_str());
+            let host = req.headers().get(hyper::header::HOST).and_then(|h| h.to_str().ok()).or(authority).unwrap_or_default();
+            let request = crate::state::policy::Request { method: req.method().as_str(), path: req.uri().path(), host };
+            if let Some(refusal) = authz.refusal(&snapshot, &key, &endpoints, source, request) {
+                tracing::debug!(service = %key, %refusal, "request refused by policy");
+                // Envoy's RBAC filter's answer, word for word: clients and tests expect it.
+                return reply(StatusCode::FORBIDDEN, "RBAC: access denied\n");
+            }
         }
         // The route's request timeout (a default when it names none, none for "0s"), or the
         // client's own grpc-timeout if sooner.

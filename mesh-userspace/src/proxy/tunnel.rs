@@ -101,7 +101,7 @@ impl TunnelOutbound {
         // Host-network pods share the node's address: not theirs to forward.
         let source_addr = source_pod.as_ref().filter(|w| !w.spec.host_network).and_then(|w| w.spec.ips.first().copied());
         Ok(Planned {
-            route: Route { source, destination, node, target: target.pod, source_addr },
+            route: Route { source, destination, node, target: target.pod, source_addr, l7_checked: false },
             source_pod,
             peer_pod,
             service_id: target.service_id,
@@ -221,6 +221,8 @@ impl Connector for MeshConnector {
             node: SocketAddr::new(node, self.hbone_port),
             target: endpoint,
             source_addr: self.source_addr,
+            // The L7 proxy decides on each request before it is sent.
+            l7_checked: true,
         };
         let tunnels = self.tunnels.clone();
         Box::pin(async move {
@@ -294,10 +296,10 @@ impl LocalWorkloads for SnapshotWorkloads {
                 .any(|w| w.enrolled && w.spec.key.namespace == identity.namespace && w.spec.service_account == identity.service_account)
     }
 
-    fn authorize(&self, source: &Identity, source_ip: Option<std::net::IpAddr>, target: SocketAddr) -> Decision {
+    fn authorize(&self, source: &Identity, source_ip: Option<std::net::IpAddr>, target: SocketAddr, l7_checked: bool) -> Decision {
         let snapshot = self.snapshot.borrow().clone();
         let caller = Caller::of(source);
-        let ask = Ask { caller: Some(&caller), source_ip, destination_ip: target.ip(), port: target.port(), request: None };
+        let ask = Ask { caller: Some(&caller), source_ip, destination_ip: target.ip(), port: target.port(), request: None, l7_checked };
         match snapshot.pods_by_ip.get(&target.ip()) {
             Some(workload) => self.authorizer.decide(&snapshot.policies, workload, &ask, Reporter::Destination),
             // Not reached: the CONNECT target was checked to be a workload of this node.

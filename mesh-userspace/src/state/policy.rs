@@ -232,8 +232,9 @@ impl RuleSpec {
 
     fn matches(&self, attrs: &Attributes<'_>, action: Action) -> bool {
         // Where a request attribute is asked for and none is seen: an ALLOW rule does not
-        // match; a DENY (or AUDIT) rule matches on its other parts.
-        let unseen = action != Action::Allow;
+        // match; a DENY (or AUDIT) rule matches on its other parts. Requests the source's
+        // proxy checked: the other way round (it applied those parts itself).
+        let unseen = (action != Action::Allow) != attrs.l7_checked;
         let l7 = attrs.request.as_ref();
         let from = self.from.as_ref().is_none_or(|sources| sources.iter().any(|s| s.matches(attrs, unseen)));
         let to = self.to.as_ref().is_none_or(|ops| {
@@ -308,6 +309,10 @@ pub struct Attributes<'a> {
     pub port: u16,
     /// None: a connection (L4).
     pub request: Option<Request<'a>>,
+    /// A connection whose requests the source's agent (its L7 proxy) has already decided on,
+    /// request by request: what rules ask of requests counts as checked there (an ALLOW's
+    /// request fields as met, a DENY's as not), and the rest is decided here.
+    pub l7_checked: bool,
 }
 
 /// PeerAuthentication's `mtls.mode`.

@@ -171,7 +171,8 @@ impl AuthzPlanner {
             let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
             for (number, caller, source_ip) in &calling {
                 let mut decide = |port: u16| {
-                    let ask = Ask { caller: caller.as_ref(), source_ip: *source_ip, destination_ip: *ip, port, request: None };
+                    let ask =
+                        Ask { caller: caller.as_ref(), source_ip: *source_ip, destination_ip: *ip, port, request: None, l7_checked: false };
                     let decision = applicable.decide(&ask.attributes());
                     let policy = decision.policy.as_ref().map_or(0, |p| self.policies.get(p));
                     AuthzVerdict { allow: u32::from(decision.allowed), policy }

@@ -31,7 +31,7 @@ impl LocalWorkloads for Workloads {
         self.at.values().any(|i| i == identity)
     }
 
-    fn authorize(&self, source: &Identity, _: Option<IpAddr>, _: SocketAddr) -> Decision {
+    fn authorize(&self, source: &Identity, _: Option<IpAddr>, _: SocketAddr, _: bool) -> Decision {
         let mut decision = Decision::unknown_destination();
         decision.allowed = !self.denied.lock().unwrap().contains(source);
         decision
@@ -139,6 +139,7 @@ async fn bytes_cross_both_ways_with_half_close_and_tunnels_share_one_connection(
         node: agent.addr,
         target: pod,
         source_addr: Some("10.9.8.7".parse().unwrap()),
+        l7_checked: false,
     };
 
     for size in [1usize, 100_000, 8 << 20] {
@@ -184,7 +185,14 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
     let tunnels = Tunnels::new(Certificates::new(signer.clone(), Duration::from_secs(3600)), metrics.clone());
 
     // An identity the destination node does not serve.
-    let to_db = Route { source: identity("front"), destination: identity("db"), node: agent.addr, target: pod, source_addr: None };
+    let to_db = Route {
+        source: identity("front"),
+        destination: identity("db"),
+        node: agent.addr,
+        target: pod,
+        source_addr: None,
+        l7_checked: false,
+    };
     let refusal = tunnels.open(&to_db).await.err().unwrap();
     assert_eq!(refusal.reason, "refused_by_peer", "{refusal}");
     assert_eq!(refused(&agent.metrics, "inbound", "unknown_destination"), 1);
@@ -196,6 +204,7 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
         node: agent.addr,
         target: "127.0.0.2:80".parse().unwrap(),
         source_addr: None,
+        l7_checked: false,
     };
     let refusal = tunnels.open(&elsewhere).await.err().unwrap();
     assert!(refusal.detail.contains("no enrolled workload"), "the peer's reason reaches the client: {refusal}");
@@ -214,6 +223,7 @@ async fn refusals_say_why_on_both_sides_and_count_by_reason() {
         node: agent.addr,
         target: pod,
         source_addr: Some("10.9.8.7".parse().unwrap()),
+        l7_checked: false,
     };
     assert!(forged.open(&route).await.is_err());
     assert_eq!(refused(&agent.metrics, "inbound", "untrusted_certificate"), 1);
@@ -266,7 +276,14 @@ async fn connections_past_the_cap_are_closed_at_once_and_counted_and_slots_come_
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), HboneMetrics::default());
-    let route = Route { source: identity("front"), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
+    let route = Route {
+        source: identity("front"),
+        destination: identity("web"),
+        node: agent.addr,
+        target: pod,
+        source_addr: None,
+        l7_checked: false,
+    };
     let mut tunnel = tunnels.open(&route).await.expect("a place again once the idle clients left");
     tunnel.shutdown().await.unwrap();
 }
@@ -281,8 +298,14 @@ async fn a_denied_source_is_refused_with_the_reason_and_a_policy_change_closes_l
     denied.lock().unwrap().push(identity("mallory"));
     let mut agent = destination_agent(signer.clone(), workloads).await;
     let tunnels = Tunnels::new(Certificates::new(signer, Duration::from_secs(3600)), HboneMetrics::default());
-    let route =
-        |source: &str| Route { source: identity(source), destination: identity("web"), node: agent.addr, target: pod, source_addr: None };
+    let route = |source: &str| Route {
+        source: identity(source),
+        destination: identity("web"),
+        node: agent.addr,
+        target: pod,
+        source_addr: None,
+        l7_checked: false,
+    };
 
     let refusal = tunnels.open(&route("mallory")).await.err().expect("denied");
     assert!(refusal.detail.contains("403") && refusal.detail.contains("policy_denied"), "the peer says why: {refusal}");
