@@ -82,6 +82,7 @@ impl Variant {
     }
 }
 
+mod authz;
 mod control_plane;
 mod l7;
 mod mtls;
@@ -89,6 +90,9 @@ mod stats_cost;
 
 pub fn run(suite: &str, only: &[String], perf: Option<&Path>) -> anyhow::Result<()> {
     anyhow::ensure!(perf.is_none() || suite == "l7", "--perf is for the l7 benchmark");
+    if suite == "authz" {
+        return authz::run();
+    }
     if suite == "l7" || suite == "control-plane" || suite == "mtls" {
         // SAFETY: plain geteuid(2).
         anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");
@@ -98,7 +102,7 @@ pub fn run(suite: &str, only: &[String], perf: Option<&Path>) -> anyhow::Result<
             _ => control_plane::run(),
         };
     }
-    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`, `l7`, `mtls` or `control-plane`");
+    anyhow::ensure!(suite == "l4", "unknown benchmark {suite:?}: try `l4`, `l7`, `mtls`, `authz` or `control-plane`");
     let cases = select(only)?;
     // SAFETY: plain geteuid(2).
     anyhow::ensure!(unsafe { libc::geteuid() } == 0, "the benchmark attaches eBPF programs: run as root");

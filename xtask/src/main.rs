@@ -54,7 +54,8 @@ enum Command {
     /// toolchain.
     Lint,
     /// Benchmarks: `l4`, `l7` and `mtls` (two nodes, against Envoy) as ratios against a baseline
-    /// in the same run, `control-plane` at 10k Services / 100k endpoints.
+    /// in the same run, `control-plane` at 10k Services / 100k endpoints, `authz` (a decision
+    /// with 1,000 AuthorizationPolicies against none).
     Bench {
         #[arg(default_value = "l4")]
         suite: String,

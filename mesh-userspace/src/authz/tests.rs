@@ -204,6 +204,22 @@ metadata: {name: deny-all, namespace: bar}
 spec: {action: DENY, rules: [{}]}
 ";
 
+/// A condition on request headers mesh does not read: a DENY with it fails closed, an ALLOW
+/// never matches, even for requests.
+const HEADER_CONDITIONS: &str = "
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-by-header, namespace: foo}
+spec:
+  action: DENY
+  rules:
+  - to:
+    - operation: {ports: ['8000']}
+    when:
+    - key: request.headers[x-debug]
+      values: ['1']
+";
+
 /// AUDIT changes nothing.
 const AUDIT_ONLY: &str = "
 apiVersion: security.istio.io/v1
@@ -352,6 +368,18 @@ fn cases() -> Vec<Case> {
             None,
         ),
         c("AUDIT alone allows", AUDIT_ONLY, HTTPBIN, sleep, "10.1.1.1", 8000, None, true, None),
+        c(
+            "an unread request condition: DENY fails closed on requests",
+            HEADER_CONDITIONS,
+            HTTPBIN,
+            sleep,
+            "10.1.1.1",
+            8000,
+            get("/"),
+            false,
+            Some("foo/deny-by-header"),
+        ),
+        c("an unread request condition: other ports untouched", HEADER_CONDITIONS, HTTPBIN, sleep, "10.1.1.1", 9000, get("/"), true, None),
     ]
 }
 

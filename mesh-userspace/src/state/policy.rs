@@ -191,7 +191,8 @@ pub struct SourceSpec {
     /// `<ns>/<sa>`.
     pub service_accounts: Field<Pattern>,
     pub ip_blocks: Field<IpBlock>,
-    /// JWT principals: a request attribute.
+    /// JWT principals: a request attribute mesh does not read (no JWT validation): as unseen,
+    /// even in a request.
     pub request_principals: bool,
 }
 
@@ -256,7 +257,8 @@ impl RuleSpec {
             ConditionSpec::SourcePrincipal(f) => attrs.source.map_or(f.any_of.is_none(), |s| f.matches(|p| p.matches(s.principal))),
             ConditionSpec::DestinationIp(f) => f.matches(|b| b.contains(attrs.destination_ip)),
             ConditionSpec::DestinationPort(f) => f.matches(|p| *p == attrs.port),
-            ConditionSpec::Request => l7.is_none() && unseen,
+            // Request headers and claims are never read here: as unseen, even in a request.
+            ConditionSpec::Request => unseen,
         });
         from && to && when
     }
@@ -355,7 +357,7 @@ impl PeerAuthSpec {
 
 /// Every policy the store holds, by namespace; rebuilt (O(policies)) when one changes, shared
 /// by snapshots otherwise, so a consumer sees a change as a new `Arc`.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Policies {
     pub authorization: BTreeMap<String, Vec<Arc<PolicySpec>>>,
     pub peer_authentication: BTreeMap<String, Vec<Arc<PeerAuthSpec>>>,
@@ -637,4 +639,57 @@ impl PodMtls {
 
 fn effective(mode: MtlsMode) -> MtlsMode {
     if mode == MtlsMode::Disable { MtlsMode::Permissive } else { mode }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::state::{NodeContext, store};
+
+    fn pa(namespace: &str, name: &str, spec: &str) -> String {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {spec}\n---\n"
+        )
+    }
+
+    fn mtls_of(yaml: &str, namespace: &str, labels: &[(&str, &str)]) -> PodMtls {
+        let snapshot = store::load(Path::new("pa.yaml"), yaml, NodeContext { node: "n".into(), zone: None }).unwrap().snapshot();
+        let labels = labels.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        PodMtls::of(&snapshot.policies, "istio-system", namespace, &labels)
+    }
+
+    fn mode(m: &PodMtls) -> Option<(MtlsMode, String)> {
+        m.mode.as_ref().map(|(mode, key)| (*mode, key.to_string()))
+    }
+
+    #[test]
+    fn peer_authentication_resolves_workload_then_namespace_then_mesh_with_port_exceptions() {
+        let mesh = pa("istio-system", "default", "{mtls: {mode: STRICT}}");
+        let namespace = pa("shop", "ns", "{mtls: {mode: PERMISSIVE}}");
+        let unset = pa("lab", "unset", "{mtls: {mode: UNSET}}");
+        let workload = pa(
+            "shop",
+            "web",
+            "{selector: {matchLabels: {app: web}}, mtls: {mode: STRICT}, portLevelMtls: {'8080': {mode: DISABLE}, '9090': {mode: STRICT}}}",
+        );
+
+        assert_eq!(mode(&mtls_of("", "shop", &[])), None, "nothing: PERMISSIVE by default");
+        assert!(!mtls_of("", "shop", &[]).is_strict_anywhere());
+        assert_eq!(mode(&mtls_of(&mesh, "shop", &[])), Some((MtlsMode::Strict, "istio-system/default".into())), "mesh-wide");
+        let both = format!("{mesh}{namespace}");
+        assert_eq!(mode(&mtls_of(&both, "shop", &[])), Some((MtlsMode::Permissive, "shop/ns".into())), "the namespace overrides");
+        let with_unset = format!("{mesh}{unset}");
+        assert_eq!(mode(&mtls_of(&with_unset, "lab", &[])), Some((MtlsMode::Strict, "istio-system/default".into())), "UNSET inherits");
+
+        let all = format!("{mesh}{namespace}{workload}");
+        let web = mtls_of(&all, "shop", &[("app", "web")]);
+        assert_eq!(mode(&web), Some((MtlsMode::Strict, "shop/web".into())), "the workload's own policy first");
+        assert_eq!(web.ports.get(&8080).map(|(m, _)| *m), Some(MtlsMode::Permissive), "DISABLE accepts plaintext, as PERMISSIVE");
+        assert_eq!(web.ports.get(&9090), None, "a port with the pod's own mode is no exception");
+        let other = mtls_of(&all, "shop", &[("app", "db")]);
+        assert_eq!(mode(&other), Some((MtlsMode::Permissive, "shop/ns".into())), "not selected: the namespace's");
+        assert!(other.ports.is_empty());
+    }
 }
