@@ -417,12 +417,19 @@ pub struct WorkloadValue {
 pub mod workload_flags {
     /// Enrolled (`mesh.dev/dataplane: enabled` on the pod or its namespace).
     pub const ENROLLED: u32 = 1 << 0;
-    /// The agent itself (its own cgroup): its connections are never captured or refused.
+    /// The agent itself (its own cgroup), or the node's kubelet: their connections are never
+    /// captured, tunneled or refused, and STRICT ports take them (kubelet's probes are plain).
     pub const AGENT: u32 = 1 << 1;
 }
 
-/// `WorkloadValue::id` of the agent's own cgroup.
+/// `WorkloadValue::id` of the agent's own cgroup (and, in `mesh_authzok`, of any caller with
+/// the `AGENT` flag).
 pub const AGENT_WORKLOAD: u32 = u32::MAX;
+/// `WorkloadValue::id` of the kubelet's cgroup (its probes reach pods as the agent's do).
+pub const KUBELET_WORKLOAD: u32 = u32::MAX - 1;
+/// `mesh_authz_cls` value of a pod under no AuthorizationPolicy that is STRICT on a port: its
+/// connect()s are looked at only to let the agent's and kubelet's into it.
+pub const NO_CLASS: u32 = 0;
 
 /// `mesh_authz` key.
 #[repr(C)]

@@ -17,7 +17,7 @@
 //! them).
 use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, programs::SkBuffContext};
 use mesh_common::{
-    Addr, AuthzKey, ConnEvent, ConnValue, FlowKey, IPPROTO_TCP, StrictKey, V4_MAPPED_WORD, conn_event, direction, drop_counters,
+    Addr, AuthzKey, ConnEvent, ConnValue, FlowKey, IPPROTO_TCP, NO_CLASS, StrictKey, V4_MAPPED_WORD, conn_event, direction, drop_counters,
     ingress_drop, trusted,
 };
 
@@ -82,7 +82,7 @@ fn admit(flow: &FlowKey) -> i32 {
             .or_else(|| STRICT.get(&StrictKey { addr: pod, port: 0, _pad16: 0 }))
             .copied()
     };
-    let class = unsafe { AUTHZ_CLASSES.get(&pod) }.copied();
+    let class = unsafe { AUTHZ_CLASSES.get(&pod) }.copied().filter(|c| *c != NO_CLASS);
     if strict.is_none_or(|s| s.strict == 0) && class.is_none() {
         return PASS;
     }

@@ -34,8 +34,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::{debug, trace};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, AuthzKey, BackendValue, ConnEvent, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
-    MAGLEV_TABLE_SIZE, REVNAT_INDEX_LEN, RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal,
+    AGENT_WORKLOAD, Addr, AffinityKey, AffinityValue, AuthzKey, BackendValue, ConnEvent, ConnValue, FrontendKey, IPPROTO_TCP, IPPROTO_UDP,
+    MAGLEV_TABLE_SIZE, NO_CLASS, REVNAT_INDEX_LEN, RevNatIndex, RevNatKey, RevNatPeer, RevNatValue, ServiceValue, SlotKey, TunnelOriginal,
     WorkloadValue, conn_event, conn_phase, direction, drop_counters, service_flags, sizes, workload_flags,
 };
 
@@ -258,6 +258,14 @@ fn authorized(
     let Some(class) = (unsafe { AUTHZ_CLASSES.get(&pod) }) else { return true };
     let caller = if caller.id != 0 { caller } else { calling_workload().unwrap_or_default() };
     if caller.flags & workload_flags::AGENT != 0 {
+        // The agent, or the kubelet (its probes): let through, and into STRICT ports.
+        // SAFETY: helper valid for sock_addr programs.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+        let _ = AUTHZ_PASSED.insert(&cookie, &AGENT_WORKLOAD, 0);
+        return true;
+    }
+    if *class == NO_CLASS {
+        // STRICT only: the ingress filter decides.
         return true;
     }
     let mut key = AuthzKey { workload: caller.id, class: *class, port: u16::from_be(pod_port_be), _pad16: 0 };

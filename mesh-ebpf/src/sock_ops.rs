@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use mesh_common::{
-    Addr, ConnEvent, ConnValue, FlowKey, PeerKey, RevNatValue, SockKey, TunnelOriginal, conn_event, conn_phase, direction, drop_counters,
-    sizes, trusted,
+    AGENT_WORKLOAD, Addr, ConnEvent, ConnValue, FlowKey, PeerKey, RevNatValue, SockKey, TunnelOriginal, conn_event, conn_phase, direction,
+    drop_counters, sizes, trusted,
 };
 
 use crate::{
@@ -103,13 +103,13 @@ fn syn_leaving(ctx: &SockOpsContext) {
 #[inline(always)]
 fn vouch_for(ctx: &SockOpsContext, cookie: u64) {
     // SAFETY: plain-integer value.
-    if unsafe { AUTHZ_PASSED.get(&cookie) }.is_none() {
-        return;
-    }
+    let Some(caller) = (unsafe { AUTHZ_PASSED.get(&cookie) }).copied() else { return };
     let _ = AUTHZ_PASSED.remove(&cookie);
     let (local, remote, local_port, remote_port_be) = endpoints(ctx);
     let flow = FlowKey { source: local, destination: remote, source_port: local_port, destination_port: u16::from_be(remote_port_be) };
-    let _ = TRUSTED.insert(&flow, &trusted::CHECKED, BPF_NOEXIST as u64);
+    // The agent's and the kubelet's own: STRICT lets them in too.
+    let who = if caller == AGENT_WORKLOAD { trusted::AGENT } else { trusted::CHECKED };
+    let _ = TRUSTED.insert(&flow, &who, BPF_NOEXIST as u64);
 }
 
 #[inline(always)]

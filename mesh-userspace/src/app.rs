@@ -81,6 +81,9 @@ pub struct AgentOptions {
     pub trust_domain: String,
     /// Whose AuthorizationPolicies and PeerAuthentications apply to every namespace.
     pub root_namespace: String,
+    /// The kubelet's cgroup (under the cgroup v2 mount): its probes are let into pods under
+    /// policy and STRICT ports, as in Istio. None: probes are callers without identity.
+    pub kubelet_cgroup: Option<PathBuf>,
     /// mTLS between nodes (HBONE); None: off.
     pub mtls: Option<MtlsOptions>,
 }
@@ -721,7 +724,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
     });
     let cgroup_task = tokio::spawn(watch_cgroup(agent.clone()));
-    let workload_sync = crate::sync::workloads::WorkloadSync::new(WorkloadMap::open(&opts.bpffs)?, cgroup.clone());
+    let workload_sync = crate::sync::workloads::WorkloadSync::new(WorkloadMap::open(&opts.bpffs)?, cgroup.clone())
+        .with_kubelet(opts.kubelet_cgroup.clone());
     let (numbered_tx, numbered_rx) = watch::channel(imbl::HashMap::new());
     let workloads_task = tokio::spawn(crate::sync::workloads::run(workload_sync, agent.snapshots.clone(), telemetry.clone(), numbered_tx));
     let authz_planner = crate::sync::authz::AuthzPlanner::new(authorizer.clone(), opts.trust_domain.clone());

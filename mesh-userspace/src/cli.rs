@@ -176,6 +176,11 @@ struct AgentArgs {
     /// (Istio's root namespace).
     #[arg(long, default_value = crate::authz::DEFAULT_ROOT_NAMESPACE, value_name = "NAMESPACE")]
     root_namespace: String,
+    /// The kubelet's cgroup, under the cgroup v2 mount: its probes reach pods under policy and
+    /// STRICT ports in plaintext, as Istio lets them. "" for none (probes are then callers
+    /// without identity).
+    #[arg(long, default_value = "system.slice/kubelet.service", value_name = "PATH")]
+    kubelet_cgroup: PathBuf,
     /// With `--source kubernetes`: the namespace of the Lease that picks the one agent writing
     /// route status and Events (the agent's own namespace).
     #[arg(long, default_value = "mesh-system", value_name = "NAMESPACE")]
@@ -372,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 take_over: args.take_over,
                 trust_domain: args.trust_domain.clone(),
                 root_namespace: args.root_namespace,
+                kubelet_cgroup: Some(args.kubelet_cgroup).filter(|p| !p.as_os_str().is_empty()),
                 mtls: {
                     let signer = match (args.ca_dir, args.ca_addr) {
                         (Some(dir), _) => Some(app::SignerSource::Files(dir)),

@@ -14,7 +14,8 @@
 //!   resumed watch gets 410), `set_down(true)` refuses connections until `set_down(false)`.
 //!
 //! Objects are JSON values; a resource is `api/v1/services` or
-//! `apis/discovery.k8s.io/v1/endpointslices` (the plural is the lower-case kind + "s").
+//! `apis/discovery.k8s.io/v1/endpointslices` (the plural is the lower-case kind + "s", or
+//! "ies" for a kind ending in "y").
 use std::{
     collections::{BTreeMap, HashSet, VecDeque},
     convert::Infallible,
@@ -417,7 +418,12 @@ fn resource_of(object: &Value) -> String {
     let api_version = object["apiVersion"].as_str().expect("apiVersion");
     let kind = object["kind"].as_str().expect("kind");
     let prefix = if api_version.contains('/') { format!("apis/{api_version}") } else { format!("api/{api_version}") };
-    format!("{prefix}/{}s", kind.to_lowercase())
+    let kind = kind.to_lowercase();
+    // English plurals, as CRDs spell them: AuthorizationPolicy -> authorizationpolicies.
+    match kind.strip_suffix('y') {
+        Some(stem) => format!("{prefix}/{stem}ies"),
+        None => format!("{prefix}/{kind}s"),
+    }
 }
 
 /// Stores `object` at a new resourceVersion and records the event.

@@ -256,10 +256,13 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         let Some(nodes) = TwoNodes::new("strict") else { return };
         run(Command::new("ip").args(["addr", "add", "10.200.2.9/32", "dev", "lo"]));
         let db = nodes.cgroup_a.child("db");
+        // Node B's kubelet, and a host process of node B in no pod.
+        let (kubelet, host) = (nodes.cgroup_b.child("kubelet"), nodes.cgroup_b.child("host"));
         let yaml = format!("{}{}", nodes.yaml(), db_pod(&db));
         let flow_log = std::env::temp_dir().join(format!("{}.jsonl", unique_name("flows")));
         let flow_arg = flow_log.display().to_string();
-        let agent_b = nodes.agent_b(&yaml, &["--flow-log", &flow_arg]);
+        let kubelet_arg = under_mount(&kubelet);
+        let agent_b = nodes.agent_b(&yaml, &["--flow-log", &flow_arg, "--kubelet-cgroup", &kubelet_arg]);
         let agent_a = nodes.agent_a(&yaml, &[]);
         let _web = nodes.serve_on_b(probe_bin(), &["serve", "web", "10.200.1.2:8080"]);
         let _db = Backend::start_in(&db, "db", &["10.200.2.9:5432"]);
@@ -283,6 +286,12 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         // node A's own agent.
         assert!(answered_by(&front.probe(&["tcp", VIP, "1"]), "web"), "{}", agent_a.log());
         assert!(answered_by(&front.probe(&["tcp", "10.200.2.9:5432", "1"]), "db"), "{}", agent_a.log());
+        // The kubelet's probes come in plain, as in Istio; another host process does not.
+        let from_node_b =
+            |cgroup: &TestCgroup| parse_probe(nodes.node_b.command(cgroup, probe_bin()).args(["tcp", "10.200.1.2:8080", "1"]));
+        assert!(answered_by(&from_node_b(&kubelet), "web"), "the kubelet's probe: {}", agent_b.log());
+        let from_host = from_node_b(&host);
+        assert!(timed_out(&from_host), "a host process in no pod: {from_host}");
         wait_until(
             || agent_b.metric("mesh_strict_dropped_total", &[("destination_workload", "shop/web"), ("policy", "shop/strict")]) >= 1.0,
             || agent_b.metrics(),

@@ -19,7 +19,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{AuthzKey, AuthzVerdict, StrictKey, StrictValue};
+use mesh_common::{AuthzKey, AuthzVerdict, NO_CLASS, StrictKey, StrictValue};
 use tokio::sync::watch;
 
 use crate::{
@@ -116,6 +116,8 @@ impl AuthzPlanner {
             let base = mtls.mode.as_ref().map(&mut value);
             let ports: Vec<(u16, StrictValue)> = mtls.ports.iter().map(|(port, m)| (*port, value(m))).collect();
             for ip in &pod.spec.ips {
+                // connect4/6 must see it, to let the agent's and kubelet's connections in.
+                plan.classes.entry(*ip).or_insert(NO_CLASS);
                 let addr = crate::ebpf::image::addr_of(*ip);
                 if let Some(base) = base.filter(|b| b.strict != 0) {
                     plan.strict.insert(StrictKey { addr, port: 0, _pad16: 0 }, base);
@@ -132,7 +134,6 @@ impl AuthzPlanner {
     pub fn plan(&mut self, snapshot: &Snapshot, callers: &imbl::HashMap<u32, Arc<Workload>>) -> Plan {
         let policies = &snapshot.policies;
         let mut plan = Plan::default();
-        self.plan_strict(snapshot, &mut plan);
         // One representative pod per class: verdicts are the class's.
         let mut representatives: BTreeMap<u32, (Arc<Workload>, IpAddr, Arc<Applicable>)> = BTreeMap::new();
         let mut live_classes = std::collections::HashSet::new();
@@ -191,6 +192,7 @@ impl AuthzPlanner {
                 }
             }
         }
+        self.plan_strict(snapshot, &mut plan);
         plan
     }
 }

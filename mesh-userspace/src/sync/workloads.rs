@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{AGENT_WORKLOAD, WorkloadValue, workload_flags};
+use mesh_common::{AGENT_WORKLOAD, KUBELET_WORKLOAD, WorkloadValue, workload_flags};
 use tokio::sync::watch;
 
 use crate::{
@@ -30,6 +30,8 @@ pub struct WorkloadSync {
     map: WorkloadMap,
     /// The agent's own cgroup: its connections are never captured or refused.
     own: Option<PodCgroup>,
+    /// The kubelet's cgroup, whose probes reach pods as the agent's connections do.
+    kubelet: Option<PathBuf>,
     /// Where kubelet's pod cgroups are looked for (the attached cgroup: the node's root).
     root: PathBuf,
     /// The cgroup v2 mount, for `mesh.dev/cgroup` paths.
@@ -43,7 +45,13 @@ impl WorkloadSync {
     pub fn new(map: WorkloadMap, root: PathBuf) -> Self {
         let mount = host::cgroup2_root().ok();
         let own = mount.as_deref().and_then(host::own_cgroup);
-        Self { map, own, root, mount, ids: HashMap::new(), next_id: 1, found: HashMap::new() }
+        Self { map, own, kubelet: None, root, mount, ids: HashMap::new(), next_id: 1, found: HashMap::new() }
+    }
+
+    /// The kubelet's cgroup (a path under the cgroup v2 mount): looked for at each sync.
+    pub fn with_kubelet(mut self, path: Option<PathBuf>) -> Self {
+        self.kubelet = path;
+        self
     }
 
     fn cgroup_of(&mut self, id: &PodId, pod: &Workload) -> Option<PodCgroup> {
@@ -88,6 +96,13 @@ impl WorkloadSync {
         }
         if let Some(own) = &self.own {
             wanted.insert(own.id, WorkloadValue { id: AGENT_WORKLOAD, flags: workload_flags::AGENT });
+        }
+        let kubelet = self.kubelet.as_ref().and_then(|p| {
+            let under_mount = p.strip_prefix("/").unwrap_or(p);
+            host::cgroup_at(&self.mount.as_deref()?.join(under_mount))
+        });
+        if let Some(kubelet) = kubelet {
+            wanted.entry(kubelet.id).or_insert(WorkloadValue { id: KUBELET_WORKLOAD, flags: workload_flags::AGENT });
         }
         match self.map.sync(&wanted) {
             Ok((0, 0)) => {}
