@@ -146,10 +146,13 @@ pub mod program_names {
     /// cgroup_skb/ingress: drops the SYNs PeerAuthentication STRICT or authorization refuses
     /// (plaintext from anything but the agent, and callers the kernel cannot vouch for).
     pub const INGRESS: &str = "mesh_ingress";
+    /// Attached only while a pod of the node is STRICT or under policy: it runs for every
+    /// packet a socket of the cgroup receives, which nothing else in mesh does.
+    pub const ON_DEMAND: [&str; 1] = [INGRESS];
 
     /// The programs always attached to the cgroup, in attach order.
-    pub const ALL: [&str; 11] =
-        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS, SOCK_RELEASE, INGRESS];
+    pub const ALL: [&str; 10] =
+        [CONNECT4, CONNECT6, SENDMSG4, SENDMSG6, RECVMSG4, RECVMSG6, GETPEERNAME4, GETPEERNAME6, SOCKOPS, SOCK_RELEASE];
 }
 
 /// Map capacities.
@@ -734,7 +737,7 @@ mod tests {
 
     #[test]
     fn names_fit_the_kernel_limit() {
-        for name in map_names::ALL.iter().chain(program_names::ALL.iter()) {
+        for name in map_names::ALL.iter().chain(program_names::ALL.iter()).chain(program_names::ON_DEMAND.iter()) {
             assert!(name.len() <= 15, "{name} is longer than 15 bytes");
         }
     }

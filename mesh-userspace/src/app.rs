@@ -735,6 +735,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         agent.snapshots.clone(),
         numbered_rx,
         telemetry.clone(),
+        Some(loader::IngressSwitch::new(&opts.bpffs, &cgroup)),
     ));
     let telemetry_task = tokio::spawn(telemetry::run(telemetry.clone(), opts.bpffs.clone()));
     let mut tunneled = TunneledMap::open(&opts.bpffs)?;

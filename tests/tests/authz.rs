@@ -270,6 +270,9 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         let plain = |addr: &str| probe_outside(&["tcp", addr, "1"]);
         let answered_by = |answer: &serde_json::Value, name: &str| names(answer) == [(name.to_owned(), 1)];
         assert!(answered_by(&plain("10.200.1.2:8080"), "web"), "no PeerAuthentication: plaintext is accepted");
+        // The ingress filter runs for every packet: attached only while a pod needs it.
+        let filtering = |agent: &Agent| agent.bpffs.join("link_mesh_ingress").exists();
+        assert!(!filtering(&agent_b), "no policy, no filter");
 
         // STRICT in namespace shop, on both nodes.
         let strict = peer_authentication("strict", "shop", "{mtls: {mode: STRICT}}");
@@ -280,6 +283,7 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
             names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
         };
         wait_until(|| timed_out(&plain("10.200.1.2:8080")), || format!("plaintext to web dropped:\n{}", agent_b.log()));
+        assert!(filtering(&agent_b), "STRICT: the filter is attached");
         let to_db = plain("10.200.2.9:5432");
         assert!(timed_out(&to_db), "plaintext to db (node A) dropped too: {to_db}");
         // Enrolled callers come in through the tunnel: web on the other node, db through
@@ -311,6 +315,7 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         agent_a.write_file("peer.yaml", &permissive);
         agent_b.write_file("peer.yaml", &permissive);
         wait_until(|| answered_by(&plain("10.200.1.2:8080"), "web"), || agent_b.log());
+        wait_until(|| !filtering(&agent_b), || format!("the filter detached once nothing needs it:\n{}", agent_b.log()));
         assert!(answered_by(&plain("10.200.2.9:5432"), "db"));
         assert!(answered_by(&front.probe(&["tcp", VIP, "1"]), "web"));
         agent_a.stop();

@@ -129,6 +129,55 @@ pub(crate) fn link_pin(dir: &Path, program: &str) -> PathBuf {
     dir.join(format!("link_{program}"))
 }
 
+/// Where an on-demand program itself is pinned (to be attached later).
+pub(crate) fn program_pin(dir: &Path, program: &str) -> PathBuf {
+    dir.join(format!("prog_{program}"))
+}
+
+/// Attaches and detaches the on-demand ingress filter (`program_names::INGRESS`) from its
+/// pinned program: attached while some pod of the node is STRICT or under policy.
+pub struct IngressSwitch {
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+}
+
+impl IngressSwitch {
+    pub fn new(pin_dir: &Path, cgroup: &Path) -> Self {
+        Self { pin_dir: pin_dir.to_owned(), cgroup: cgroup.to_owned() }
+    }
+
+    pub fn is_on(&self) -> bool {
+        link_pin(&self.pin_dir, program_names::INGRESS).exists()
+    }
+
+    /// Attaches (`on`) or detaches the filter; whether anything changed.
+    pub fn set(&self, on: bool) -> Result<bool, LoadError> {
+        let name = program_names::INGRESS;
+        let pin = link_pin(&self.pin_dir, name);
+        if on == self.is_on() {
+            return Ok(false);
+        }
+        if !on {
+            fs::remove_file(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+            return Ok(true);
+        }
+        let program_at = program_pin(&self.pin_dir, name);
+        let mut program = aya::programs::CgroupSkb::from_pin(&program_at, aya::programs::CgroupSkbAttachType::Ingress)
+            .map_err(|e| LoadError::Program(name, e))?;
+        let cgroup = fs::File::open(&self.cgroup).map_err(|e| LoadError::Cgroup(self.cgroup.clone(), e))?;
+        let id = program
+            .attach(&cgroup, aya::programs::CgroupSkbAttachType::Ingress, CgroupAttachMode::Single)
+            .map_err(|e| LoadError::Program(name, e))?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(|e| LoadError::Program(name, e))?
+            .try_into()
+            .map_err(|e: LinkError| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+        link.pin(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+        Ok(true)
+    }
+}
+
 /// Nothing is half-applied: every program passes the verifier before any is attached, and a
 /// start that found nothing pinned removes what it pinned when it fails.
 pub fn load_and_attach(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Loaded, LoadError> {
@@ -181,11 +230,23 @@ fn bring_up(pin_dir: &Path, cgroup: &Path, options: ProgramOptions) -> Result<Lo
         meta.set(0, &LAYOUT_VERSION, 0).map_err(|e| LoadError::Map(map_names::META, e))?;
     }
 
-    for name in program_names::ALL {
+    for name in program_names::ALL.iter().chain(program_names::ON_DEMAND.iter()) {
         load_program(&mut ebpf, name)?;
     }
     for name in program_names::ALL {
         attach_or_adopt(&mut ebpf, name, pin_dir, &cgroup_dir)?;
+    }
+    // On-demand programs: pinned, for `IngressSwitch` to attach when needed; one attached
+    // by an earlier agent runs the new program from now on.
+    for name in program_names::ON_DEMAND {
+        let pin = program_pin(pin_dir, name);
+        let program = ebpf.program_mut(name).expect("every program in program_names is in the object");
+        let _ = fs::remove_file(&pin);
+        program.pin(&pin).map_err(|e| LoadError::PinLink(name, pin.clone(), e.to_string()))?;
+        if let Some(link) = open_pinned(&link_pin(pin_dir, name)) {
+            let fd = program.fd().map_err(|e| LoadError::Program(name, e))?;
+            update_link(&link, fd.as_fd()).map_err(|e| LoadError::PinLink(name, link_pin(pin_dir, name), e.to_string()))?;
+        }
     }
     let redirecting = if redirection {
         match attach_redirection(&mut ebpf, pin_dir, &cgroup_dir) {
@@ -361,7 +422,7 @@ const BPF_LINK_UPDATE: libc::c_long = 29;
 /// A pinned link attached to another cgroup (the agent was restarted with another --cgroup) is
 /// unpinned, which detaches it, so that the programs are attached where they were asked to be.
 fn forget_links_of_other_cgroups(pin_dir: &Path, cgroup_id: u64) {
-    for name in program_names::ALL {
+    for name in program_names::ALL.iter().chain(program_names::ON_DEMAND.iter()) {
         let pin = link_pin(pin_dir, name);
         if let Some(pinned_on) = pinned_link_cgroup_id(&pin)
             && pinned_on != cgroup_id
@@ -390,8 +451,11 @@ fn pinned_layout(pin_dir: &Path) -> Option<u32> {
 /// nothing is pinned.
 pub fn teardown(pin_dir: &Path) -> std::io::Result<()> {
     // Links first: once their pins are gone (and no process holds them), the programs detach.
-    for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()) {
+    for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()).chain(program_names::ON_DEMAND.iter()) {
         remove_if_exists(&link_pin(pin_dir, name))?;
+    }
+    for name in program_names::ON_DEMAND {
+        remove_if_exists(&program_pin(pin_dir, name))?;
     }
     for name in map_names::ALL {
         remove_if_exists(&pin_dir.join(name))?;

@@ -45,7 +45,7 @@ pub enum ProgramsError {
 /// Every program attached through a link pinned under `pin_dir`, in program_names order.
 pub fn attached(pin_dir: &Path) -> Result<Vec<ProgramRow>, ProgramsError> {
     let mut wanted = Vec::new();
-    for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()) {
+    for name in program_names::ALL.iter().chain(program_names::REDIRECTION.iter()).chain(program_names::ON_DEMAND.iter()) {
         let pin = link_pin(pin_dir, name);
         if !pin.exists() {
             continue;

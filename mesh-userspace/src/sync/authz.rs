@@ -24,7 +24,7 @@ use tokio::sync::watch;
 
 use crate::{
     authz::{Applicable, Ask, Authorizer, Caller},
-    ebpf::maps::AuthzMaps,
+    ebpf::{loader::IngressSwitch, maps::AuthzMaps},
     state::{
         ObjectKey, Snapshot,
         model::Workload,
@@ -205,6 +205,7 @@ pub async fn run(
     mut snapshots: watch::Receiver<Arc<Snapshot>>,
     mut callers: watch::Receiver<imbl::HashMap<u32, Arc<Workload>>>,
     telemetry: Arc<Telemetry>,
+    ingress: Option<IngressSwitch>,
 ) {
     type Seen =
         (Arc<Policies>, imbl::OrdMap<ObjectKey, Arc<Workload>>, imbl::HashMap<IpAddr, Arc<Workload>>, imbl::HashMap<u32, Arc<Workload>>);
@@ -222,6 +223,17 @@ pub async fn run(
         if !unchanged || retry {
             let plan = planner.plan(&snapshot, &calling);
             telemetry.set_policy_numbers(planner.policy_numbers(), planner.peer_authentication_numbers());
+            // The ingress filter runs for every packet of the cgroup: attached only while a pod
+            // of the node needs it, before its entries are written and after they are gone.
+            let needed = !plan.classes.is_empty() || !plan.strict.is_empty();
+            let switch = |on: bool| match ingress.as_ref().map(|i| i.set(on)) {
+                Some(Ok(true)) => tracing::info!(attached = on, "the ingress filter (STRICT, authorization of plaintext callers)"),
+                Some(Err(e)) => tracing::warn!("switching the ingress filter {}: {e}", if on { "on" } else { "off" }),
+                _ => {}
+            };
+            if needed {
+                switch(true);
+            }
             retry = match maps.sync(&plan.classes, &plan.verdicts, &plan.strict) {
                 Ok(0) => false,
                 Ok(changed) => {
@@ -238,6 +250,9 @@ pub async fn run(
                     true
                 }
             };
+            if !needed && !retry {
+                switch(false);
+            }
             seen = Some((snapshot.policies.clone(), snapshot.pods.clone(), snapshot.peers.clone(), calling));
         }
         tokio::select! {
