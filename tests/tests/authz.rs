@@ -388,3 +388,60 @@ fn an_l7_rule_is_decided_per_request_by_the_proxy_and_the_destination_takes_what
         agent_b.stop();
     });
 }
+
+/// One node, no veth (so it runs on every kernel of the matrix): pods front (shop), other (lab)
+/// and db (shop, app=db, 127.0.0.61) in child cgroups of one agent's, mTLS off.
+#[test]
+fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_in() {
+    in_netns(|| {
+        let node = TestCgroup::new("authz-node");
+        let (front, other, db, kubelet) = (node.child("front"), node.child("other"), node.child("db"), node.child("kubelet"));
+        let pod = |name: &str, namespace: &str, sa: &str, labels: &str, ip: &str, cgroup: &TestCgroup| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, uid: u-{name}, labels: {{{labels}}}, annotations: {{mesh.dev/cgroup: \"{}\"}}}}\n\
+                 spec: {{serviceAccountName: {sa}}}\nstatus: {{podIP: {ip}}}\n",
+                under_mount(cgroup)
+            )
+        };
+        let yaml = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop, labels: {{mesh.dev/dataplane: enabled}}}}\n---\n\
+             apiVersion: v1\nkind: Namespace\nmetadata: {{name: lab, labels: {{mesh.dev/dataplane: enabled}}}}\n{}{}{}",
+            pod("front-0", "shop", "front", "app: front", "127.0.0.62", &front),
+            pod("other-0", "lab", "other", "app: other", "127.0.0.63", &other),
+            pod("db-0", "shop", "db", "app: db", "127.0.0.61", &db),
+        );
+        let kubelet_arg = under_mount(&kubelet);
+        let agent = Agent::start(AgentSpec { extra_args: vec!["--kubelet-cgroup", &kubelet_arg], ..AgentSpec::new(&yaml, &node) });
+        let _db = Backend::start_in(&db, "db", &["127.0.0.61:5432"]);
+        let tcp = |caller: &TestCgroup| caller.probe(&["tcp", "127.0.0.61:5432", "1"]);
+        let answered = |answer: &serde_json::Value| names(answer) == [("db".to_owned(), 1)];
+        let timed_out = |answer: &serde_json::Value| {
+            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
+        };
+        assert!(answered(&tcp(&other)), "no policy");
+
+        // db takes shop's pods only: other is refused at connect(), a process in no pod at the
+        // SYN (it cannot be vouched for), front and the kubelet get in.
+        agent.write_file(
+            "policy.yaml",
+            &policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n"),
+        );
+        wait_until(|| tcp(&other)["errors"]["EPERM"] == 1, || format!("other refused at connect:\n{}", agent.log()));
+        assert!(answered(&tcp(&front)), "front is in shop (vouched for by sock_ops)");
+        assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
+        let outside = probe_outside(&["tcp", "127.0.0.61:5432", "1"]);
+        assert!(names(&outside).is_empty(), "a process outside the cgroup, in no pod: {outside}");
+
+        // STRICT without mTLS: only the agent's and the kubelet's connections come in.
+        agent.write_file(
+            "policy.yaml",
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
+        );
+        wait_until(|| timed_out(&tcp(&front)), || format!("plaintext from front dropped:\n{}", agent.log()));
+        assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
+        wait_until(|| agent.metric("mesh_strict_dropped_total", &[("policy", "shop/strict")]) >= 1.0, || agent.metrics());
+        agent.remove_file("policy.yaml");
+        wait_until(|| answered(&tcp(&front)), || agent.log());
+        agent.stop();
+    });
+}
