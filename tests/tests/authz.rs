@@ -18,6 +18,21 @@ fn other_pod(cgroup: &TestCgroup) -> String {
     )
 }
 
+/// A connection whose SYN was dropped: it timed out (nothing refused it).
+fn timed_out(answer: &serde_json::Value) -> bool {
+    names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
+}
+
+/// The flow log's lines of `event`, oldest first.
+fn flow_events(flow_log: &std::path::Path, event: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(flow_log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["event"] == event)
+        .collect()
+}
+
 fn policy(name: &str, spec: &str) -> String {
     format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n{spec}\n")
 }
@@ -192,22 +207,13 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
         assert_eq!(destination_denials(), before, "refused at the source: node B never saw them\n{}", agent_b.metrics());
         // A process in no pod has no identity the kernel can vouch for: its SYNs to pods under
         // an ALLOW policy are dropped at their ingress (here on node A, and on node B).
-        let timed_out = |answer: &serde_json::Value| {
-            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
-        };
         let outside = probe_outside(&["tcp", "10.200.2.9:5432", "1"]);
         assert!(timed_out(&outside), "{outside}");
         let outside = probe_outside(&["tcp", "10.200.1.2:8080", "1"]);
         assert!(timed_out(&outside), "{outside}");
 
         // The reason, in the flow log and the source's decision counter.
-        let line_for = |destination: &str| {
-            std::fs::read_to_string(&flow_log)
-                .unwrap_or_default()
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .find(|l| l["event"] == "tcp_denied" && l["destination"] == destination)
-        };
+        let line_for = |destination: &str| flow_events(&flow_log, "tcp_denied").into_iter().find(|l| l["destination"] == destination);
         wait_until(|| line_for("10.200.2.9:5432").is_some(), || "the refusal in the flow log".into());
         let line = line_for("10.200.2.9:5432").unwrap();
         assert_eq!(line["source_pod"], "lab/other-0", "{line}");
@@ -223,12 +229,7 @@ fn the_source_refuses_with_eperm_at_connect_says_why_and_enforces_between_pods_o
             },
             || agent_a.metrics(),
         );
-        let dropped = std::fs::read_to_string(&flow_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["event"] == "tcp_dropped")
-            .expect("the outside caller's drop in node A's flow log");
+        let dropped = flow_events(&flow_log, "tcp_dropped").into_iter().next().expect("the outside caller's drop in node A's flow log");
         assert_eq!(
             (dropped["check"].as_str(), dropped["destination"].as_str()),
             (Some("authorization"), Some("10.200.2.9:5432")),
@@ -279,9 +280,6 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         agent_a.write_file("peer.yaml", &strict);
         agent_b.write_file("peer.yaml", &strict);
         // A dropped SYN: the connect times out (nothing refuses it).
-        let timed_out = |answer: &serde_json::Value| {
-            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
-        };
         wait_until(|| timed_out(&plain("10.200.1.2:8080")), || format!("plaintext to web dropped:\n{}", agent_b.log()));
         assert!(filtering(&agent_b), "STRICT: the filter is attached");
         let to_db = plain("10.200.2.9:5432");
@@ -300,12 +298,7 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
             || agent_b.metric("mesh_strict_dropped_total", &[("destination_workload", "shop/web"), ("policy", "shop/strict")]) >= 1.0,
             || agent_b.metrics(),
         );
-        let dropped = std::fs::read_to_string(&flow_log)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|l| l["event"] == "tcp_dropped")
-            .expect("the drop in node B's flow log");
+        let dropped = flow_events(&flow_log, "tcp_dropped").into_iter().next().expect("the drop in node B's flow log");
         assert_eq!(dropped["check"], "peer_authentication", "{dropped}");
         assert_eq!(dropped["destination"], "10.200.1.2:8080", "{dropped}");
         assert_eq!(dropped["destination_workload"], "shop/web", "{dropped}");
@@ -415,9 +408,6 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
         let _db = Backend::start_in(&db, "db", &["127.0.0.61:5432"]);
         let tcp = |caller: &TestCgroup| caller.probe(&["tcp", "127.0.0.61:5432", "1"]);
         let answered = |answer: &serde_json::Value| names(answer) == [("db".to_owned(), 1)];
-        let timed_out = |answer: &serde_json::Value| {
-            names(answer).is_empty() && answer["errors"].as_object().is_some_and(|e| e.contains_key("TimedOut"))
-        };
         assert!(answered(&tcp(&other)), "no policy");
 
         // db takes shop's pods only: other is refused at connect(), a process in no pod at the
