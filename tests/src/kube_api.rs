@@ -290,9 +290,12 @@ async fn accept_loop(listener: std::net::TcpListener, addr: SocketAddr, acceptor
             accepted = l.accept() => {
                 let Ok((tcp, _)) = accepted else { continue };
                 let (acceptor, shared) = (acceptor.clone(), shared.clone());
+                // The epoch as of the accept, not as of the task's first poll: a connection
+                // accepted just before a restart (or going down) must be cut by it, not outlive it
+                // because its task started after the bump.
+                let mut epoch = shared.epoch.subscribe();
+                epoch.borrow_and_update();
                 tokio::spawn(async move {
-                    let mut epoch = shared.epoch.subscribe();
-                    epoch.borrow_and_update();
                     let Ok(tls) = acceptor.accept(tcp).await else { return };
                     let service = hyper::service::service_fn(move |req| serve(shared.clone(), req));
                     let conn = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), service);
