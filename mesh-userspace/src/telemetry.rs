@@ -431,9 +431,8 @@ impl Telemetry {
             format!("AuthorizationPolicy {policy}")
         };
         tracing::debug!(caller = caller.as_deref().unwrap_or("-"), destination = %ip_of(&conn.remote), port = conn.remote_port, %reason, "connect refused by policy (EPERM)");
-        let mut flow_log = self.flow_log.lock().expect("flow log lock");
-        let Some(writer) = flow_log.as_mut() else { return };
-        let line = serde_json::json!({
+        self.write_flow_line(|| {
+            serde_json::json!({
             "event": "tcp_denied",
             "reporter": "source",
             "source_pod": caller,
@@ -443,11 +442,8 @@ impl Telemetry {
             "policy": policy,
             "reason": reason,
             "errno": "EPERM",
+            })
         });
-        if writeln!(writer, "{line}").is_err() {
-            tracing::warn!("flow log write failed; disabling the flow log");
-            *flow_log = None;
-        }
     }
 
     /// A SYN the ingress filter dropped: plaintext to a STRICT pod, or a caller the kernel could
@@ -472,9 +468,8 @@ impl Telemetry {
         } else {
             ("authorization", format!("a caller without a verified identity: AuthorizationPolicy {policy}"))
         };
-        let mut flow_log = self.flow_log.lock().expect("flow log lock");
-        let Some(writer) = flow_log.as_mut() else { return };
-        let line = serde_json::json!({
+        self.write_flow_line(|| {
+            serde_json::json!({
             "event": "tcp_dropped",
             "reporter": "destination",
             "check": check,
@@ -483,26 +478,29 @@ impl Telemetry {
             "destination_workload": pod,
             "policy": policy,
             "reason": reason,
+            })
         });
-        if writeln!(writer, "{line}").is_err() {
-            tracing::warn!("flow log write failed; disabling the flow log");
-            *flow_log = None;
-        }
     }
 
     fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {
+        self.write_flow_line(|| {
+            serde_json::json!({
+                "event": "tcp_close",
+                "reporter": labels.reporter,
+                "source_workload": labels.source_workload,
+                "destination_service": labels.destination_service,
+                "destination_workload": labels.destination_workload,
+                "connection": ConnRow::new(&event.conn, event.at_ns),
+            })
+        });
+    }
+
+    /// Writes one flow log line, built only while the flow log is on; a failed write turns it
+    /// off.
+    fn write_flow_line(&self, line: impl FnOnce() -> serde_json::Value) {
         let mut flow_log = self.flow_log.lock().expect("flow log lock");
         let Some(writer) = flow_log.as_mut() else { return };
-        let row = ConnRow::new(&event.conn, event.at_ns);
-        let line = serde_json::json!({
-            "event": "tcp_close",
-            "reporter": labels.reporter,
-            "source_workload": labels.source_workload,
-            "destination_service": labels.destination_service,
-            "destination_workload": labels.destination_workload,
-            "connection": row,
-        });
-        if writeln!(writer, "{line}").is_err() {
+        if writeln!(writer, "{}", line()).is_err() {
             tracing::warn!("flow log write failed; disabling the flow log");
             *flow_log = None;
         }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use crate::{
-    authz::{Applicable, Ask, Authorizer, Caller, Decision, Reporter},
+    authz::{Ask, Authorizer, Caller, Decision, Reporter},
     identity::Identity,
     state::{ObjectKey, Snapshot, model::Workload, policy::Request},
 };
@@ -74,7 +74,8 @@ impl RequestAuthz {
         {
             return found.clone();
         }
-        let mut found: Vec<(Arc<Workload>, SocketAddr, Arc<Applicable>)> = Vec::new();
+        // Endpoints with the same deciding policies are decided on once.
+        let mut found: Vec<(Arc<Workload>, SocketAddr, Vec<ObjectKey>)> = Vec::new();
         for endpoint in endpoints {
             let Some(workload) = snapshot.pods_by_ip.get(&endpoint.ip()).or_else(|| snapshot.peers.get(&endpoint.ip())) else { continue };
             if !workload.enrolled {
@@ -84,12 +85,10 @@ impl RequestAuthz {
             if applicable.is_empty() && applicable.audit.is_empty() {
                 continue;
             }
-            let same = |other: &Applicable| {
-                let keys = |a: &Applicable| a.deny.iter().chain(&a.allow).chain(&a.audit).map(|p| p.key.clone()).collect::<Vec<_>>();
-                keys(other) == keys(&applicable)
-            };
-            if !found.iter().any(|(_, _, a)| same(a)) {
-                found.push((workload.clone(), *endpoint, applicable));
+            let keys: Vec<ObjectKey> =
+                applicable.deny.iter().chain(&applicable.allow).chain(&applicable.audit).map(|p| p.key.clone()).collect();
+            if !found.iter().any(|(_, _, k)| *k == keys) {
+                found.push((workload.clone(), *endpoint, keys));
             }
         }
         let found: Representatives = Arc::new(found.into_iter().map(|(w, e, _)| (w, e)).collect());

@@ -43,14 +43,7 @@ pub struct TcpConnector;
 
 impl Connector for TcpConnector {
     fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
-        Box::pin(async move {
-            let connecting = tokio::net::TcpStream::connect(endpoint);
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer to connect within {CONNECT_TIMEOUT:?}")))??;
-            stream.set_nodelay(true)?;
-            Ok(Conn::new(stream))
-        })
+        Box::pin(within_connect_timeout(tokio::net::TcpStream::connect(endpoint)))
     }
 }
 
@@ -124,14 +117,17 @@ pub struct AgentConnector(pub Arc<AgentDialer>);
 impl Connector for AgentConnector {
     fn connect(&self, endpoint: SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<Conn>> + Send>> {
         let dialer = self.0.clone();
-        Box::pin(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, dialer.connect(endpoint))
-                .await
-                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer to connect within {CONNECT_TIMEOUT:?}")))??;
-            stream.set_nodelay(true)?;
-            Ok(Conn::new(stream))
-        })
+        Box::pin(async move { within_connect_timeout(dialer.connect(endpoint)).await })
     }
+}
+
+/// A connection from `connecting`, given up on after `CONNECT_TIMEOUT`, without Nagle.
+async fn within_connect_timeout(connecting: impl Future<Output = io::Result<tokio::net::TcpStream>>) -> io::Result<Conn> {
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no answer to connect within {CONNECT_TIMEOUT:?}")))??;
+    stream.set_nodelay(true)?;
+    Ok(Conn::new(stream))
 }
 
 /// The connections of one backend Service against its circuit breakers (`max-connections`,

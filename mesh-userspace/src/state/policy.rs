@@ -42,7 +42,7 @@ pub struct PolicySpec {
 
 impl PolicySpec {
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.as_ref().is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        selects(self.selector.as_ref(), labels)
     }
 
     /// Whether a rule needs what only a request carries.
@@ -351,7 +351,7 @@ pub struct PeerAuthSpec {
 
 impl PeerAuthSpec {
     pub fn selects(&self, labels: &BTreeMap<String, String>) -> bool {
-        self.selector.as_ref().is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
+        selects(self.selector.as_ref(), labels)
     }
 }
 
@@ -371,6 +371,11 @@ impl Policies {
     pub fn len(&self) -> usize {
         self.authorization.values().map(Vec::len).sum()
     }
+}
+
+/// Whether `labels` have every label of `selector` (None: every workload of the namespace).
+fn selects(selector: Option<&BTreeMap<String, String>>, labels: &BTreeMap<String, String>) -> bool {
+    selector.is_none_or(|want| want.iter().all(|(k, v)| labels.get(k) == Some(v)))
 }
 
 fn selector(s: Option<&istio::WorkloadSelector>) -> Option<BTreeMap<String, String>> {
