@@ -282,6 +282,12 @@ fn strict_peer_authentication_drops_plaintext_in_the_kernel_and_permissive_lets_
         // A dropped SYN: the connect times out (nothing refuses it).
         wait_until(|| timed_out(&plain("10.200.1.2:8080")), || format!("plaintext to web dropped:\n{}", agent_b.log()));
         assert!(filtering(&agent_b), "STRICT: the filter is attached");
+        let held = agent_b.config_dump()["authorization"]["strict"].clone();
+        assert_eq!(
+            held,
+            serde_json::json!([{"address": "10.200.1.2", "port": null, "mode": "STRICT"}]),
+            "/config_dump shows what the kernel holds"
+        );
         let to_db = plain("10.200.2.9:5432");
         assert!(timed_out(&to_db), "plaintext to db (node A) dropped too: {to_db}");
         // Enrolled callers come in through the tunnel: web on the other node, db through
