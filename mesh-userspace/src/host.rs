@@ -11,6 +11,8 @@ use std::{
 pub const DEFAULT_BPFFS_DIR: &str = "/sys/fs/bpf/mesh";
 const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
+pub mod sock_diag;
+
 /// Mount points of a filesystem type, from /proc/self/mountinfo.
 pub fn mount_points(fstype: &str) -> io::Result<Vec<PathBuf>> {
     let text = fs::read_to_string("/proc/self/mountinfo")?;
@@ -123,6 +125,64 @@ pub fn cgroup_at(path: &Path) -> Option<PodCgroup> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = fs::metadata(path).ok().filter(|m| m.is_dir())?;
     Some(PodCgroup { path: path.to_path_buf(), id: meta.ino() })
+}
+
+/// The network namespace (its /proc/PID/ns/net) of a process in the cgroup at `path` or below
+/// it: a pod's containers sit in child cgroups of the pod's and share its namespace. None when
+/// no process is there.
+pub fn netns_of_cgroup(path: &Path) -> Option<PathBuf> {
+    let mut level = vec![path.to_path_buf()];
+    for _ in 0..4 {
+        let mut next = Vec::new();
+        for dir in &level {
+            let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+            // The first one still running (a listed process may have exited since).
+            let found = procs.lines().map(|pid| PathBuf::from(format!("/proc/{}/ns/net", pid.trim()))).find(|ns| ns.exists());
+            if found.is_some() {
+                return found;
+            }
+            let Ok(entries) = fs::read_dir(dir) else { continue };
+            next.extend(entries.flatten().filter(|e| e.file_type().is_ok_and(|t| t.is_dir())).map(|e| e.path()));
+        }
+        level = next;
+    }
+    None
+}
+
+/// The addresses of this network namespace's interfaces (the node's, for an agent on the host
+/// network).
+pub fn interface_addresses() -> io::Result<std::collections::HashSet<std::net::IpAddr>> {
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: out-pointer to a list freed below.
+    if unsafe { libc::getifaddrs(&mut list) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = std::collections::HashSet::new();
+    let mut at = list;
+    while !at.is_null() {
+        // SAFETY: a node of the list getifaddrs made; its address, when set, is a sockaddr of
+        // the family it names.
+        unsafe {
+            let addr = (*at).ifa_addr;
+            if !addr.is_null() {
+                match i32::from((*addr).sa_family) {
+                    libc::AF_INET => {
+                        let v4 = &*addr.cast::<libc::sockaddr_in>();
+                        out.insert(std::net::IpAddr::from(v4.sin_addr.s_addr.to_ne_bytes()));
+                    }
+                    libc::AF_INET6 => {
+                        let v6 = &*addr.cast::<libc::sockaddr_in6>();
+                        out.insert(std::net::IpAddr::from(v6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            at = (*at).ifa_next;
+        }
+    }
+    // SAFETY: the list getifaddrs returned, freed once.
+    unsafe { libc::freeifaddrs(list) };
+    Ok(out)
 }
 
 /// Makes sure `dir` is on a bpffs, mounting one at /sys/fs/bpf when nothing is mounted there,
