@@ -165,6 +165,8 @@ pub enum AgentError {
     Ca(#[from] crate::identity::ca::CaError),
     #[error("removing pins under {0}: {1}")]
     Teardown(PathBuf, #[source] std::io::Error),
+    #[error("opening the connection table: {0}")]
+    ConnTable(String),
 }
 
 /// How often the kernel-written maps are counted for `/metrics` (off the scrape path).
@@ -736,6 +738,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         numbered_rx,
         telemetry.clone(),
         Some(loader::IngressSwitch::new(&opts.bpffs, &cgroup)),
+        Some(crate::sync::authz::Closing {
+            review: Arc::new(crate::sync::authz::review::ConnectionReview::new(
+                crate::ebpf::conn_table::ConnTable::open(&opts.bpffs).map_err(AgentError::ConnTable)?,
+                cgroup.clone(),
+            )),
+            config_read: agent.config_read.subscribe(),
+        }),
     ));
     let telemetry_task = tokio::spawn(telemetry::run(telemetry.clone(), opts.bpffs.clone()));
     let mut tunneled = TunneledMap::open(&opts.bpffs)?;
@@ -912,6 +921,9 @@ fn authorization_rows(bpffs: &std::path::Path) -> serde_json::Value {
         "pods_under_policy": maps.classes().iter().map(|(ip, class)| serde_json::json!({"address": ip.to_string(), "class": class})).collect::<Vec<_>>(),
         "verdicts": maps.verdicts().len(),
         "strict": strict,
+        // Whether connections a policy change denies can be closed (else only new ones are
+        // refused), and why not.
+        "closes_established": crate::host::sock_diag::probe().map_or_else(|e| serde_json::json!(e.to_string()), |()| serde_json::json!(true)),
     })
 }
 

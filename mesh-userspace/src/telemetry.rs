@@ -482,6 +482,29 @@ impl Telemetry {
         });
     }
 
+    /// A connection established before a policy change that now denies it, closed by the agent
+    /// (`sync::authz::review`). `policy` is a number of the table `peer_authentication` says.
+    pub fn record_policy_close(&self, conn: &mesh_common::ConnValue, check: &str, policy: u32, peer_authentication: bool) {
+        let policy = self.policy_name(policy, peer_authentication);
+        let labels = metrics::PolicyClosedLabels { check: check.to_owned(), policy: policy.clone() };
+        self.metrics.authz.closed.get_or_create(&labels).inc();
+        let source = std::net::SocketAddr::new(ip_of(&conn.remote), conn.remote_port);
+        let destination = std::net::SocketAddr::new(ip_of(&conn.local), conn.local_port);
+        tracing::info!(%source, %destination, check, %policy, "closed a connection the policy now denies");
+        self.write_flow_line(|| {
+            serde_json::json!({
+            "event": "tcp_policy_closed",
+            "reporter": "destination",
+            "check": check,
+            "source": source.to_string(),
+            "source_workload": self.workload_of(source.ip()).map(|w| w.to_string()),
+            "destination": destination.to_string(),
+            "destination_workload": self.workload_of(destination.ip()).map(|w| w.to_string()),
+            "policy": policy,
+            })
+        });
+    }
+
     fn write_flow(&self, event: &ConnEvent, labels: &metrics::TcpLabels) {
         self.write_flow_line(|| {
             serde_json::json!({

@@ -136,8 +136,17 @@ impl TestCgroup {
 
     /// One connection to `addr` from inside the cgroup, open until `HeldConnection::close`.
     pub fn hold(&self, addr: &str) -> HeldConnection {
-        let mut child =
-            self.command(probe_bin()).args(["hold", addr]).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("mesh-probe hold");
+        self.hold_with(&["hold", addr])
+    }
+
+    /// Like `hold`, from the local address `from` (a pod's address: in these tests pods share
+    /// one namespace, whose sockets take any of its addresses).
+    pub fn hold_from(&self, addr: &str, from: &str) -> HeldConnection {
+        self.hold_with(&["hold", addr, from])
+    }
+
+    fn hold_with(&self, args: &[&str]) -> HeldConnection {
+        let mut child = self.command(probe_bin()).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("mesh-probe hold");
         let stdin = child.stdin.take();
         let stdout = BufReader::new(child.stdout.take().expect("piped stdout"));
         HeldConnection { child, stdin, stdout }

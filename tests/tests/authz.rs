@@ -410,14 +410,33 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
             pod("db-0", "shop", "db", "app: db", "127.0.0.61", &db),
         );
         let kubelet_arg = under_mount(&kubelet);
-        let agent = Agent::start(AgentSpec { extra_args: vec!["--kubelet-cgroup", &kubelet_arg], ..AgentSpec::new(&yaml, &node) });
+        let flow_log = std::env::temp_dir().join(format!("{}.jsonl", unique_name("flows")));
+        let flow_arg = flow_log.display().to_string();
+        let agent = Agent::start(AgentSpec {
+            extra_args: vec!["--kubelet-cgroup", &kubelet_arg, "--flow-log", &flow_arg],
+            ..AgentSpec::new(&yaml, &node)
+        });
         let _db = Backend::start_in(&db, "db", &["127.0.0.61:5432"]);
         let tcp = |caller: &TestCgroup| caller.probe(&["tcp", "127.0.0.61:5432", "1"]);
         let answered = |answer: &serde_json::Value| names(answer) == [("db".to_owned(), 1)];
         assert!(answered(&tcp(&other)), "no policy");
+        // Connections established before the policy: the kernel path, no agent in them.
+        let (mut held_other, mut held_front) =
+            (other.hold_from("127.0.0.61:5432", "127.0.0.63:0"), front.hold_from("127.0.0.61:5432", "127.0.0.62:0"));
+        assert_eq!(held_other.send("one")["answer"], "db:one");
+        assert_eq!(held_front.send("one")["answer"], "db:one");
+        // Whether this kernel can close a socket on request (inet_diag with
+        // CONFIG_INET_DIAG_DESTROY; the VMs' kernels have inet_diag as a module they cannot load).
+        let closes = agent.config_dump()["authorization"]["closes_established"].clone();
+        let closes = closes == true || {
+            eprintln!("skipped closing established connections: {closes}");
+            false
+        };
+        let closed = |check: &str, policy: &str| agent.metric("mesh_policy_closed_total", &[("check", check), ("policy", policy)]);
 
         // db takes shop's pods only: other is refused at connect(), a process in no pod at the
-        // SYN (it cannot be vouched for), front and the kubelet get in.
+        // SYN (it cannot be vouched for), front and the kubelet get in; other's connection from
+        // before is closed, front's stays.
         agent.write_file(
             "policy.yaml",
             &policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n"),
@@ -427,6 +446,21 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
         assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
         let outside = probe_outside(&["tcp", "127.0.0.61:5432", "1"]);
         assert!(names(&outside).is_empty(), "a process outside the cgroup, in no pod: {outside}");
+        if closes {
+            wait_until(
+                || closed("authorization", "none") == 1.0,
+                || format!("other's connection closed:\n{}\n{}", agent.metrics(), agent.log()),
+            );
+            let answer = held_other.send("two");
+            assert!(answer["error"] == "ECONNRESET" || answer["error"] == "EOF", "other's connection was reset: {answer}");
+            assert_eq!(held_front.send("two")["answer"], "db:two", "front's stays open");
+            let line = flow_events(&flow_log, "tcp_policy_closed").into_iter().next().expect("the close in the flow log");
+            assert_eq!(
+                (line["source_workload"].as_str(), line["destination_workload"].as_str(), line["check"].as_str()),
+                (Some("lab/other"), Some("shop/db"), Some("authorization")),
+                "{line}"
+            );
+        }
 
         // STRICT without mTLS: only the agent's and the kubelet's connections come in.
         agent.write_file(
@@ -436,8 +470,14 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
         wait_until(|| timed_out(&tcp(&front)), || format!("plaintext from front dropped:\n{}", agent.log()));
         assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
         wait_until(|| agent.metric("mesh_strict_dropped_total", &[("policy", "shop/strict")]) >= 1.0, || agent.metrics());
+        if closes {
+            // front's plaintext connection from before STRICT, too.
+            wait_until(|| closed("peer_authentication", "shop/strict") == 1.0, || format!("{}\n{}", agent.metrics(), agent.log()));
+            assert!(held_front.send("three").get("error").is_some(), "front's plaintext connection was closed");
+        }
         agent.remove_file("policy.yaml");
         wait_until(|| answered(&tcp(&front)), || agent.log());
         agent.stop();
+        let _ = std::fs::remove_file(&flow_log);
     });
 }

@@ -33,6 +33,9 @@ use crate::{
     telemetry::Telemetry,
 };
 
+pub mod review;
+use review::ConnectionReview;
+
 const RETRY: Duration = Duration::from_secs(2);
 
 /// What makes a class: the policies that decide (sorted), and the pod's address when one of
@@ -75,6 +78,24 @@ pub struct Plan {
     pub verdicts: BTreeMap<AuthzKey, AuthzVerdict>,
     /// This node's enrolled pods' STRICT ports (port 0: the pod's other ports) and exceptions.
     pub strict: BTreeMap<StrictKey, StrictValue>,
+}
+
+impl Plan {
+    /// Whether a connection this plan refuses could have been let through by `old`: a verdict
+    /// that refuses where `old`'s let through, a pod whose class changed, or a STRICT entry
+    /// `old` did not have. Only then are established connections worth deciding again.
+    pub fn refuses_more_than(&self, old: &Plan) -> bool {
+        let refuses = |plan: &Plan, key: &AuthzKey| {
+            let verdict = plan.verdicts.get(key).or_else(|| plan.verdicts.get(&AuthzKey { port: 0, ..*key }));
+            verdict.is_some_and(|v| v.allow == 0)
+        };
+        let verdicts = self.verdicts.keys().chain(old.verdicts.keys()).any(|k| refuses(self, k) && !refuses(old, k));
+        let classes = self.classes.iter().any(|(ip, class)| old.classes.get(ip) != Some(class));
+        // Only dropping a STRICT entry loosens: any other difference may refuse more.
+        let strict = self.strict.iter().any(|(k, v)| old.strict.get(k) != Some(v))
+            || old.strict.iter().any(|(k, v)| v.strict == 0 && !self.strict.contains_key(k));
+        verdicts || classes || strict
+    }
 }
 
 pub struct AuthzPlanner {
@@ -197,8 +218,17 @@ impl AuthzPlanner {
     }
 }
 
+/// Closes connections a change of plan refuses: the review, and whether the configuration has
+/// been read (a plan made from part of it would not know every caller).
+pub struct Closing {
+    pub review: Arc<ConnectionReview>,
+    pub config_read: watch::Receiver<bool>,
+}
+
 /// Keeps the maps in line with the policies, pods and calling pods until the snapshots end;
 /// telemetry learns the policies' numbers (for the kernel's refusal records) after each change.
+/// After a change of plan is in the maps, connections established before it that it refuses
+/// are closed (`closing`).
 pub async fn run(
     mut maps: AuthzMaps,
     mut planner: AuthzPlanner,
@@ -206,11 +236,14 @@ pub async fn run(
     mut callers: watch::Receiver<imbl::HashMap<u32, Arc<Workload>>>,
     telemetry: Arc<Telemetry>,
     ingress: Option<IngressSwitch>,
+    closing: Option<Closing>,
 ) {
     type Seen =
         (Arc<Policies>, imbl::OrdMap<ObjectKey, Arc<Workload>>, imbl::HashMap<IpAddr, Arc<Workload>>, imbl::HashMap<u32, Arc<Workload>>);
     let mut seen: Option<Seen> = None;
     let mut retry = false;
+    // The plan in the maps, once connections are reviewed (the configuration read).
+    let mut enforced: Option<Arc<Plan>> = None;
     loop {
         let snapshot = snapshots.borrow_and_update().clone();
         let calling = callers.borrow_and_update().clone();
@@ -253,12 +286,42 @@ pub async fn run(
             if !needed && !retry {
                 switch(false);
             }
+            // Every live connection is let through by `enforced` (decided again when it came in,
+            // or let through by a plan no stricter): only a stricter plan is worth a review.
+            if let Some(closing) = &closing
+                && !retry
+                && *closing.config_read.borrow()
+            {
+                let plan = Arc::new(plan);
+                if enforced.as_ref().is_none_or(|old| plan.refuses_more_than(old)) {
+                    let (review, new_plan, snapshot, calling, telemetry) =
+                        (closing.review.clone(), plan.clone(), snapshot.clone(), calling.clone(), telemetry.clone());
+                    let closed =
+                        tokio::task::spawn_blocking(move || review.run(&new_plan, &snapshot, &calling, &telemetry)).await.unwrap_or(0);
+                    if closed > 0 {
+                        tracing::info!(
+                            closed,
+                            "policy change: closed the connections between pods and from plaintext callers it now denies"
+                        );
+                    }
+                }
+                enforced = Some(plan);
+            }
             seen = Some((snapshot.policies.clone(), snapshot.pods.clone(), snapshot.peers.clone(), calling));
         }
+        // Until the configuration is read, no plan is reviewed: wake when it is.
+        let mut unread = closing.as_ref().filter(|c| !*c.config_read.borrow()).map(|c| c.config_read.clone());
+        let read_now = async {
+            match unread.as_mut() {
+                Some(read) => drop(read.wait_for(|r| *r).await),
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { return },
             changed = callers.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(RETRY), if retry => {}
+            () = read_now => retry = true,
         }
     }
 }

@@ -103,10 +103,21 @@ pub struct StrictLabels {
     pub policy: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PolicyClosedLabels {
+    /// `authorization` or `peer_authentication`.
+    pub check: String,
+    /// The policy (`namespace/name`) that denies the connection now, or `none`.
+    pub policy: String,
+}
+
 /// Authorization decisions.
 #[derive(Debug, Clone, Default)]
 pub struct AuthzMetrics {
     pub decisions: Family<AuthzLabels, Counter>,
+    /// Connections no agent is in (between pods of a node, plaintext) closed because a policy
+    /// change denies them.
+    pub closed: Family<PolicyClosedLabels, Counter>,
 }
 
 /// HBONE tunnels (mTLS between agents), by direction.
@@ -247,6 +258,11 @@ impl Default for Metrics {
             "mesh_authz_decisions",
             "Authorization decisions on connections, by decision, the AuthorizationPolicy that made it (or none) and where (destination or source)",
             authz.decisions.clone(),
+        );
+        registry.register(
+            "mesh_policy_closed",
+            "Established connections between pods of this node or from plaintext callers, closed by the agent because a policy change denies them, by check and policy (tunnel streams: mesh_hbone_refused_total{reason=\"policy_closed\"})",
+            authz.closed.clone(),
         );
         let strict_dropped = Family::<StrictLabels, Counter>::default();
         registry.register(

@@ -9,7 +9,7 @@
 //!                                      every reply comes from ADDR
 //! mesh-probe udp-connected ADDR COUNT  connected UDP socket; checks getpeername() == ADDR
 //! mesh-probe peer ADDR                 connect; print getpeername() and the backend's name
-//! mesh-probe hold ADDR                 connect, print the backend's name, then echo stdin
+//! mesh-probe hold ADDR [FROM]          connect (from the local address FROM), print the backend's name, then echo stdin
 //!                                      lines through the connection until stdin closes
 //! mesh-probe loop ADDR STOPFILE        connect repeatedly until STOPFILE exists
 //! mesh-probe serve-h2 NAME ADDR        HTTP/2 (h2c) server: body "NAME HTTP/2.0 <grpc-timeout|->"
@@ -61,7 +61,7 @@ fn main() {
         "udp" => udp(addr(), count()),
         "udp-connected" => udp_connected(addr(), count()),
         "peer" => peer(addr()),
-        "hold" => hold(addr()),
+        "hold" => hold(addr(), args.get(2).map(|from| from.parse().unwrap_or_else(|_| usage()))),
         "loop" => connect_loop(addr(), Path::new(arg(2))),
         "http-loop" => http_loop(addr(), Path::new(arg(2))),
         "serve-h2" => h2::serve(arg(1), arg(2).parse().unwrap_or_else(|_| usage())),
@@ -201,8 +201,23 @@ fn peer(addr: SocketAddr) {
 }
 
 /// Holds one connection open and relays stdin lines through it, printing each answer.
-fn hold(addr: SocketAddr) {
-    let stream = match connect(addr) {
+/// Like `connect`, from the local address `from` (a pod's own address, as its sockets have in
+/// a pod's network namespace).
+fn connect_from(addr: SocketAddr, from: SocketAddr) -> std::io::Result<TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let stream = runtime.block_on(async {
+        let socket = if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.bind(from)?;
+        tokio::time::timeout(TIMEOUT, socket.connect(addr)).await.map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+    })?;
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    Ok(stream)
+}
+
+fn hold(addr: SocketAddr, from: Option<SocketAddr>) {
+    let stream = match from.map_or_else(|| connect(addr), |from| connect_from(addr, from)) {
         Ok(s) => s,
         Err(e) => {
             println!("{}", json!({ "error": error_name(&e) }));

@@ -147,3 +147,118 @@ spec:
     assert_eq!(verdict(0), Some(0), "ports but 8080 refused");
     assert_eq!(verdict(8080), Some(1), "8080 allowed, an exception to port 0's refusal");
 }
+
+mod review {
+    use std::collections::HashSet;
+
+    use mesh_common::{ConnValue, direction};
+
+    use super::*;
+    use crate::{
+        ebpf::image::addr_of,
+        sync::authz::review::{Check, Dialers, to_cut},
+    };
+
+    /// An accepted connection of this node (`direction`), `from` -> `to`.
+    fn conn(cookie: u64, from: &str, to: &str, dir: u8) -> ConnValue {
+        let (from, to): (std::net::SocketAddr, std::net::SocketAddr) = (from.parse().unwrap(), to.parse().unwrap());
+        ConnValue {
+            cookie,
+            local: addr_of(to.ip()),
+            local_port: to.port(),
+            remote: addr_of(from.ip()),
+            remote_port: from.port(),
+            direction: dir,
+            ..ConnValue::default()
+        }
+    }
+
+    /// The connections cut: (cookie, check, the policy's name).
+    fn cuts_for(yaml: &str, conns: &[ConnValue]) -> Vec<(u64, Check, String)> {
+        let node = NodeContext { node: "node-a".into(), zone: None };
+        let snapshot = store::load(Path::new("t.yaml"), yaml, node).unwrap().snapshot();
+        let callers: imbl::HashMap<u32, Arc<Workload>> =
+            snapshot.pods.values().enumerate().map(|(i, w)| (i as u32 + 1, w.clone())).collect();
+        let mut planner = AuthzPlanner::new(Arc::new(Authorizer::new("istio-system", AuthzMetrics::default())), "td".into());
+        let plan = planner.plan(&snapshot, &callers);
+        let node_addresses: HashSet<IpAddr> = ["10.0.0.1".parse().unwrap()].into();
+        let dialers = Dialers::new(&snapshot, &callers, node_addresses);
+        let (authz, peer) = (planner.policy_numbers(), planner.peer_authentication_numbers());
+        to_cut(&plan, conns, &dialers)
+            .into_iter()
+            .map(|c| {
+                let names = if c.check == Check::Strict { &peer } else { &authz };
+                (c.conn.cookie, c.check, names.get(&c.policy).map_or("none".into(), ToString::to_string))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn accepted_connections_the_plan_refuses_are_cut_as_the_kernel_would_refuse_them_now() {
+        let conns = [
+            conn(1, "10.1.0.1:40000", "10.1.0.9:5432", direction::INBOUND), // front -> db:5432: DENY db-port
+            conn(2, "10.1.0.1:40001", "10.1.0.9:80", direction::INBOUND),   // front -> db:80: allowed
+            conn(3, "10.0.0.1:40002", "10.1.0.9:5432", direction::INBOUND), // the node (agent, kubelet): not decided
+            conn(4, "10.7.7.7:40003", "10.1.0.9:5432", direction::INBOUND), // no pod: denied too
+            conn(5, "10.1.0.1:40000", "10.1.0.9:5432", direction::OUTBOUND), // the caller's end: not the one cut
+            conn(6, "10.1.0.2:40004", "10.1.0.1:8080", direction::INBOUND), // other -> front: front under no policy
+        ];
+        let cuts = cuts_for(&format!("{PODS}{POLICIES}"), &conns);
+        assert_eq!(cuts, [(1, Check::Authorization, "shop/db-port".to_owned()), (4, Check::Authorization, "shop/db-port".to_owned())]);
+        // No policy: nothing is cut.
+        assert_eq!(cuts_for(PODS, &conns), []);
+    }
+
+    #[test]
+    fn plaintext_to_a_strict_port_is_cut_except_from_the_node() {
+        let strict = "
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}, selector: {matchLabels: {app: db}}, portLevelMtls: {'8080': {mode: PERMISSIVE}}}
+";
+        let conns = [
+            conn(1, "10.1.0.2:40000", "10.1.0.9:5432", direction::INBOUND), // other -> db: plaintext
+            conn(2, "10.0.0.1:40001", "10.1.0.9:5432", direction::INBOUND), // the agent's delivery
+            conn(3, "10.1.0.2:40002", "10.1.0.9:8080", direction::INBOUND), // a PERMISSIVE port
+        ];
+        let cuts = cuts_for(&format!("{PODS}{strict}"), &conns);
+        assert_eq!(cuts, [(1, Check::Strict, "shop/strict".to_owned())]);
+    }
+}
+
+#[test]
+fn only_a_plan_that_refuses_more_is_worth_reviewing_connections_for() {
+    let (none, _, _) = plan_of(PODS);
+    let (policies, _, _) = plan_of(&format!("{PODS}{POLICIES}"));
+    assert!(policies.refuses_more_than(&none), "policies where there were none");
+    assert!(!none.refuses_more_than(&policies), "policies gone");
+    assert!(!policies.refuses_more_than(&policies), "the same plan");
+    // An exception (port 8080 allowed where the rest is refused) dropped refuses more.
+    let key = AuthzKey { workload: 7, class: 1, port: 0, _pad16: 0 };
+    let refused = AuthzVerdict { allow: 0, policy: 0 };
+    let mut with_exception = Plan::default();
+    with_exception.classes.insert("10.1.0.9".parse().unwrap(), 1);
+    with_exception.verdicts.insert(key, refused);
+    let mut without = Plan { classes: with_exception.classes.clone(), verdicts: with_exception.verdicts.clone(), ..Plan::default() };
+    with_exception.verdicts.insert(AuthzKey { port: 8080, ..key }, AuthzVerdict { allow: 1, policy: 0 });
+    assert!(without.refuses_more_than(&with_exception));
+    assert!(!with_exception.refuses_more_than(&without));
+    // A pod that moves into a class refuses more, even with the class's verdicts unchanged.
+    without.classes.insert("10.1.0.10".parse().unwrap(), 1);
+    assert!(without.refuses_more_than(&Plan {
+        classes: with_exception.classes.clone(),
+        verdicts: without.verdicts.clone(),
+        ..Plan::default()
+    }));
+    // STRICT: a new entry refuses more, a dropped one does not; a dropped PERMISSIVE exception does.
+    let strict_key = |port| StrictKey { addr: crate::ebpf::image::addr_of("10.1.0.9".parse().unwrap()), port, _pad16: 0 };
+    let mut strict = Plan::default();
+    strict.strict.insert(strict_key(0), StrictValue { strict: 1, policy: 1 });
+    assert!(strict.refuses_more_than(&Plan::default()));
+    assert!(!Plan::default().refuses_more_than(&strict));
+    let mut exception = Plan { strict: strict.strict.clone(), ..Plan::default() };
+    exception.strict.insert(strict_key(8080), StrictValue { strict: 0, policy: 2 });
+    assert!(strict.refuses_more_than(&exception));
+}
