@@ -72,6 +72,10 @@ pub mod map_names {
     /// (calling pod, policy class, port) → `AuthzVerdict`: what the destination would decide,
     /// so that connect() fails at once (EPERM) where it would be refused.
     pub const AUTHZ: &str = "mesh_authz";
+    /// LPM trie, (policy class, port, sender address prefix) -> `AuthzVerdict`: for the classes
+    /// whose policies look at the sender's address (`ipBlocks`, `source.ip`), the verdict of a
+    /// sender without identity by its address, which the ingress filter asks before `AUTHZ`.
+    pub const AUTHZ_SOURCES: &str = "mesh_authz_src";
     /// Socket cookie -> the calling pod, for a connect() to a pod under policy that was let
     /// through: sock_ops moves it into `TRUSTED` once the socket's ports are known.
     pub const AUTHZ_PASSED: &str = "mesh_authzok";
@@ -86,7 +90,7 @@ pub mod map_names {
     /// The maps that hold service state, which the agent owns and reconciles.
     pub const SERVICE_STATE: [&str; 6] = [FRONTENDS, SERVICES, SLOTS, BACKENDS, MAGLEV, NAMES];
     /// Every map the programs declare, pinned.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 29] = [
         FRONTENDS,
         SERVICES,
         SLOTS,
@@ -112,6 +116,7 @@ pub mod map_names {
         TUNNEL_ORIGINAL,
         AUTHZ_CLASSES,
         AUTHZ,
+        AUTHZ_SOURCES,
         AUTHZ_PASSED,
         STRICT,
         TRUSTED,
@@ -194,6 +199,8 @@ pub mod sizes {
     pub const MAX_AUTHZ_CLASSES: u32 = 262_144;
     /// Verdicts: calling pods of this node x policy classes x the ports their policies name.
     pub const MAX_AUTHZ: u32 = 262_144;
+    /// Address blocks of the classes whose policies look at senders' addresses, per port.
+    pub const MAX_AUTHZ_SOURCES: u32 = 65_536;
     /// Connections let through by connect4/6 on their way to a pod under policy, before their
     /// SYN leaves (LRU).
     pub const MAX_AUTHZ_PASSED: u32 = 16_384;
@@ -446,6 +453,24 @@ pub struct AuthzKey {
     pub port: u16,
     pub _pad16: u16,
 }
+
+/// `mesh_authz_src` key data (behind the LPM trie's prefix length): matched on the class and
+/// port whole (`AUTHZ_SOURCE_FIXED_BITS`) and on a prefix of the sender's address. Every field
+/// in network byte order, as the trie compares bytes from the first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct AuthzSourceKey {
+    pub class_be: u32,
+    /// 0: every port the class's policies do not name.
+    pub port_be: u16,
+    pub _pad16: u16,
+    /// IPv4 as IPv4-mapped IPv6.
+    pub sender: Addr,
+}
+
+/// Bits of `AuthzSourceKey` before the sender's address: a prefix length is this plus the
+/// address's (96 more for an IPv4 block).
+pub const AUTHZ_SOURCE_FIXED_BITS: u32 = 64;
 
 /// `mesh_strict` key.
 #[repr(C)]
@@ -702,6 +727,7 @@ mod pod {
     unsafe impl aya::Pod for AuthzKey {}
     unsafe impl aya::Pod for AuthzVerdict {}
     unsafe impl aya::Pod for StrictKey {}
+    unsafe impl aya::Pod for AuthzSourceKey {}
     unsafe impl aya::Pod for StrictValue {}
     unsafe impl aya::Pod for FlowKey {}
 }
@@ -731,6 +757,7 @@ mod tests {
         assert_eq!(size_of::<AuthzKey>(), 12);
         assert_eq!(size_of::<AuthzVerdict>(), 8);
         assert_eq!(size_of::<StrictKey>(), 20);
+        assert_eq!(size_of::<AuthzSourceKey>(), 24);
         assert_eq!(size_of::<StrictValue>(), 8);
         assert_eq!(size_of::<FlowKey>(), 36);
     }

@@ -7,7 +7,8 @@
 //!   the L7 proxy); it registers each in `mesh_trusted` before it connects.
 //! - Authorization: a connection that connect4/6 on this node already let through (registered
 //!   by sock_ops as its SYN left) comes in; any other sender is a caller the kernel cannot vouch
-//!   for: it gets the verdict of "no pod" (`AuthzKey::workload` 0), as a plaintext peer.
+//!   for: it gets the verdict of "no pod" (`AuthzKey::workload` 0), as a plaintext peer: by its
+//!   address (`mesh_authz_src`) where the pod's policies look at senders' addresses.
 //!
 //! A dropped SYN is recorded in `mesh_events` (`INGRESS_DROPPED`); the sender retries its SYN
 //! and times out, as with a firewall's DROP.
@@ -15,13 +16,15 @@
 //! The IP header starts the packet (cgroup skb programs see no link layer). IPv6 extension
 //! headers before TCP are not walked: such SYNs pass (none of the kernel's own connections send
 //! them).
-use aya_ebpf::{bindings::BPF_RB_NO_WAKEUP, helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP, helpers::generated::bpf_ktime_get_ns, macros::cgroup_skb, maps::lpm_trie::Key, programs::SkBuffContext,
+};
 use mesh_common::{
-    Addr, AuthzKey, ConnEvent, ConnValue, FlowKey, IPPROTO_TCP, NO_CLASS, StrictKey, V4_MAPPED_WORD, conn_event, direction, drop_counters,
-    ingress_drop, trusted,
+    AUTHZ_SOURCE_FIXED_BITS, Addr, AuthzKey, AuthzSourceKey, AuthzVerdict, ConnEvent, ConnValue, FlowKey, IPPROTO_TCP, NO_CLASS, StrictKey,
+    V4_MAPPED_WORD, conn_event, direction, drop_counters, ingress_drop, trusted,
 };
 
-use crate::maps::{AUTHZ, AUTHZ_CLASSES, EVENTS, STRICT, TRUSTED, count_drop};
+use crate::maps::{AUTHZ, AUTHZ_CLASSES, AUTHZ_SOURCES, EVENTS, STRICT, TRUSTED, count_drop};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -98,6 +101,11 @@ fn admit(flow: &FlowKey) -> i32 {
     if registered.is_some() {
         return PASS;
     }
+    // Policies that look at the sender's address decide by it (its port's blocks, else the
+    // other ports').
+    if let Some(verdict) = by_sender(class, flow.destination_port, flow.source).or_else(|| by_sender(class, 0, flow.source)) {
+        return if verdict.allow != 0 { PASS } else { dropped(flow, ingress_drop::AUTHZ, verdict.policy) };
+    }
     let mut key = AuthzKey { workload: 0, class, port: flow.destination_port, _pad16: 0 };
     // SAFETY: plain-integer values.
     let verdict = match unsafe { AUTHZ.get(&key) } {
@@ -111,6 +119,16 @@ fn admit(flow: &FlowKey) -> i32 {
         }
     };
     if verdict.allow != 0 { PASS } else { dropped(flow, ingress_drop::AUTHZ, verdict.policy) }
+}
+
+/// The verdict for a sender without identity at `sender`, where the class's policies look at
+/// senders' addresses (`mesh_authz_src`).
+#[inline(always)]
+fn by_sender(class: u32, port: u16, sender: Addr) -> Option<AuthzVerdict> {
+    let data = AuthzSourceKey { class_be: class.to_be(), port_be: port.to_be(), _pad16: 0, sender };
+    let key = Key::new(AUTHZ_SOURCE_FIXED_BITS + 128, data);
+    // SAFETY: plain-integer value.
+    AUTHZ_SOURCES.get(&key).copied()
 }
 
 /// Records the drop (`INGRESS_DROPPED`) and drops.

@@ -2,12 +2,12 @@
 //! Names, sizes and layouts come from mesh-common.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf, SockHash},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, SockHash},
 };
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, ConnValue, FlowKey, FrontendKey, FrontendValue, MaglevTable,
-    PeerKey, ProxyAddr, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey, StrictKey,
-    StrictValue, TunnelOriginal, WorkloadValue, drop_counters, sizes,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzSourceKey, AuthzVerdict, BackendValue, ConnValue, FlowKey, FrontendKey, FrontendValue,
+    MaglevTable, PeerKey, ProxyAddr, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, SockKey,
+    StrictKey, StrictValue, TunnelOriginal, WorkloadValue, drop_counters, sizes,
 };
 
 /// BPF_F_NO_PREALLOC: allocate entries on insert. Used for the large-valued Maglev map, which
@@ -120,6 +120,11 @@ pub static AUTHZ_CLASSES: HashMap<Addr, u32> = HashMap::pinned(sizes::MAX_AUTHZ_
 /// (calling pod, class, port) -> verdict (see `mesh_common::map_names::AUTHZ`).
 #[map(name = "mesh_authz")]
 pub static AUTHZ: HashMap<AuthzKey, AuthzVerdict> = HashMap::pinned(sizes::MAX_AUTHZ, NO_PREALLOC);
+
+/// (class, port, sender prefix) -> verdict (see `mesh_common::map_names::AUTHZ_SOURCES`).
+/// LPM tries are always allocated on insert.
+#[map(name = "mesh_authz_src")]
+pub static AUTHZ_SOURCES: LpmTrie<AuthzSourceKey, AuthzVerdict> = LpmTrie::pinned(sizes::MAX_AUTHZ_SOURCES, 0);
 
 /// Socket cookie -> calling pod, for sock_ops to register the connection in TRUSTED.
 #[map(name = "mesh_authzok")]

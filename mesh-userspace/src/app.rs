@@ -920,6 +920,8 @@ fn authorization_rows(bpffs: &std::path::Path) -> serde_json::Value {
     serde_json::json!({
         "pods_under_policy": maps.classes().iter().map(|(ip, class)| serde_json::json!({"address": ip.to_string(), "class": class})).collect::<Vec<_>>(),
         "verdicts": maps.verdicts().len(),
+        // Address blocks of classes whose policies look at senders' addresses.
+        "sender_blocks": maps.senders().len(),
         "strict": strict,
         // Whether connections a policy change denies can be closed (else only new ones are
         // refused), and why not.

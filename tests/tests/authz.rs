@@ -462,6 +462,23 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
             );
         }
 
+        // A policy that looks at senders' addresses: a sender without identity is decided by
+        // its address at the SYN (the ingress filter's address blocks).
+        let from_block = policy(
+            "db-from-block",
+            "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {ipBlocks: [127.0.0.100/32]}\n",
+        );
+        let from_shop =
+            policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n");
+        agent.write_file("policy.yaml", &format!("{from_shop}---\n{from_block}"));
+        let outside_from = |source: &str| probe_outside(&["tcp", "127.0.0.61:5432", "1", source]);
+        wait_until(|| answered(&outside_from("127.0.0.100:0")), || format!("127.0.0.100 let in by its block:\n{}", agent.log()));
+        let blocks = agent.config_dump()["authorization"]["sender_blocks"].as_u64().unwrap_or(0);
+        assert!(blocks >= 3, "db's block and the IPv4 and IPv6 rest, in /config_dump: {blocks}");
+        let other_sender = outside_from("127.0.0.101:0");
+        assert!(timed_out(&other_sender), "127.0.0.101 is in no block: {other_sender}");
+        assert!(answered(&tcp(&front)), "front is in shop");
+
         // STRICT without mTLS: only the agent's and the kubelet's connections come in.
         agent.write_file(
             "policy.yaml",

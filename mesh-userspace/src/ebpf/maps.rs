@@ -3,11 +3,11 @@
 #![forbid(unsafe_code)]
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use mesh_common::{
-    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzVerdict, BackendValue, FlowKey, FrontendKey, FrontendValue, MAGLEV_TABLE_SIZE,
-    MaglevTable, PeerKey, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, StrictKey, StrictValue,
-    TunnelOriginal, WorkloadValue, map_names,
+    Addr, AffinityKey, AffinityValue, AuthzKey, AuthzSourceKey, AuthzVerdict, BackendValue, FlowKey, FrontendKey, FrontendValue,
+    MAGLEV_TABLE_SIZE, MaglevTable, PeerKey, RevNatIndex, RevNatKey, RevNatValue, ServiceName, ServiceValue, SlotKey, SlotValue, StrictKey,
+    StrictValue, TunnelOriginal, WorkloadValue, map_names,
 };
 
 use super::image::{MapImage, Op, addr_of, ip_of};
@@ -319,11 +319,16 @@ impl WorkloadMap {
 pub struct AuthzMaps {
     classes: HashMap<MapData, Addr, u32>,
     verdicts: HashMap<MapData, AuthzKey, AuthzVerdict>,
+    senders: LpmTrie<MapData, AuthzSourceKey, AuthzVerdict>,
     strict: HashMap<MapData, StrictKey, StrictValue>,
     written_classes: std::collections::BTreeMap<std::net::IpAddr, u32>,
     written_verdicts: std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+    written_senders: std::collections::BTreeMap<SenderBlock, AuthzVerdict>,
     written_strict: std::collections::BTreeMap<StrictKey, StrictValue>,
 }
+
+/// A `mesh_authz_src` entry's key: (prefix length, key data).
+pub type SenderBlock = (u32, AuthzSourceKey);
 
 impl AuthzMaps {
     /// Opens both maps and reads what they hold (left by an earlier agent).
@@ -331,10 +336,17 @@ impl AuthzMaps {
         let classes: HashMap<MapData, Addr, u32> = open_hash(dir, map_names::AUTHZ_CLASSES)?;
         let verdicts: HashMap<MapData, AuthzKey, AuthzVerdict> = open_hash(dir, map_names::AUTHZ)?;
         let strict: HashMap<MapData, StrictKey, StrictValue> = open_hash(dir, map_names::STRICT)?;
+        let senders: LpmTrie<MapData, AuthzSourceKey, AuthzVerdict> = LpmTrie::try_from(open_map(dir, map_names::AUTHZ_SOURCES)?)
+            .map_err(|source| DatapathError::Open { path: dir.join(map_names::AUTHZ_SOURCES), source })?;
         let written_classes = classes.iter().filter_map(Result::ok).map(|(a, c)| (ip_of(&a), c)).collect();
         let written_verdicts = verdicts.iter().filter_map(Result::ok).collect();
+        let written_senders = senders.iter().filter_map(Result::ok).map(|(k, v)| ((k.prefix_len(), k.data()), v)).collect();
         let written_strict = strict.iter().filter_map(Result::ok).collect();
-        Ok(Self { classes, verdicts, strict, written_classes, written_verdicts, written_strict })
+        Ok(Self { classes, verdicts, senders, strict, written_classes, written_verdicts, written_senders, written_strict })
+    }
+
+    pub fn senders(&self) -> &std::collections::BTreeMap<SenderBlock, AuthzVerdict> {
+        &self.written_senders
     }
 
     pub fn strict(&self) -> &std::collections::BTreeMap<StrictKey, StrictValue> {
@@ -349,16 +361,26 @@ impl AuthzMaps {
         &self.written_verdicts
     }
 
-    /// Makes the maps hold exactly `classes` and `verdicts`; returns how many entries were
-    /// written or removed. Order: new verdicts, then classes, then what went: a pod's new
-    /// class has its verdicts before the pod points at it.
+    /// Makes the maps hold exactly `classes`, `verdicts`, `senders` and `strict`; returns how
+    /// many entries were written or removed. Order: new verdicts (by caller and by sender),
+    /// then classes, then what went: a pod's new class has its verdicts before the pod points
+    /// at it.
     pub fn sync(
         &mut self,
         classes: &std::collections::BTreeMap<std::net::IpAddr, u32>,
         verdicts: &std::collections::BTreeMap<AuthzKey, AuthzVerdict>,
+        senders: &std::collections::BTreeMap<SenderBlock, AuthzVerdict>,
         strict: &std::collections::BTreeMap<StrictKey, StrictValue>,
     ) -> Result<usize, DatapathError> {
         let mut changed = 0;
+        for ((prefix, data), verdict) in senders {
+            if self.written_senders.get(&(*prefix, *data)) != Some(verdict) {
+                let key = aya::maps::lpm_trie::Key::new(*prefix, *data);
+                self.senders.insert(&key, verdict, 0).map_err(map_err(map_names::AUTHZ_SOURCES, "update"))?;
+                self.written_senders.insert((*prefix, *data), *verdict);
+                changed += 1;
+            }
+        }
         // STRICT entries have no order to keep with the others: written, then the gone ones
         // removed (an exception port is written before its pod turns STRICT).
         let mut ports_first: Vec<(&StrictKey, &StrictValue)> = strict.iter().collect();
@@ -400,6 +422,13 @@ impl AuthzMaps {
         for key in gone {
             ignore_missing(self.verdicts.remove(&key)).map_err(map_err(map_names::AUTHZ, "delete"))?;
             self.written_verdicts.remove(&key);
+            changed += 1;
+        }
+        let gone: Vec<SenderBlock> = self.written_senders.keys().filter(|k| !senders.contains_key(k)).copied().collect();
+        for (prefix, data) in gone {
+            let key = aya::maps::lpm_trie::Key::new(prefix, data);
+            ignore_missing(self.senders.remove(&key)).map_err(map_err(map_names::AUTHZ_SOURCES, "delete"))?;
+            self.written_senders.remove(&(prefix, data));
             changed += 1;
         }
         Ok(changed)

@@ -63,6 +63,19 @@ impl PolicySpec {
         })
     }
 
+    /// The address blocks its rules match senders against (`ipBlocks`, `notIpBlocks`,
+    /// `source.ip`): decisions on a sender without identity differ only between them.
+    pub fn sender_blocks(&self) -> impl Iterator<Item = IpBlock> + '_ {
+        self.rules.iter().flat_map(|r| {
+            let sources = r.from.iter().flatten().map(|s| &s.ip_blocks);
+            let conditions = r.when.iter().filter_map(|c| match c {
+                ConditionSpec::SourceIp(f) => Some(f),
+                _ => None,
+            });
+            sources.chain(conditions).flat_map(|f| f.any_of.iter().chain(f.none_of.iter()).flatten().copied())
+        })
+    }
+
     /// Whether a rule looks at the destination's address (decisions differ pod by pod).
     pub fn uses_destination_ip(&self) -> bool {
         self.rules.iter().flat_map(|r| &r.when).any(|c| matches!(c, ConditionSpec::DestinationIp(_)))

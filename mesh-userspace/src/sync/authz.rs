@@ -19,16 +19,19 @@ use std::{
     time::Duration,
 };
 
-use mesh_common::{AuthzKey, AuthzVerdict, NO_CLASS, StrictKey, StrictValue};
+use mesh_common::{AUTHZ_SOURCE_FIXED_BITS, AuthzKey, AuthzSourceKey, AuthzVerdict, NO_CLASS, StrictKey, StrictValue};
 use tokio::sync::watch;
 
 use crate::{
     authz::{Applicable, Ask, Authorizer, Caller},
-    ebpf::{loader::IngressSwitch, maps::AuthzMaps},
+    ebpf::{
+        loader::IngressSwitch,
+        maps::{AuthzMaps, SenderBlock},
+    },
     state::{
         ObjectKey, Snapshot,
         model::Workload,
-        policy::{MtlsMode, PodMtls, Policies},
+        policy::{IpBlock, MtlsMode, PodMtls, Policies},
     },
     telemetry::Telemetry,
 };
@@ -76,11 +79,80 @@ impl<K: std::hash::Hash + Eq + Clone> Numbers<K> {
 pub struct Plan {
     pub classes: BTreeMap<IpAddr, u32>,
     pub verdicts: BTreeMap<AuthzKey, AuthzVerdict>,
+    /// For classes whose policies look at senders' addresses: a sender without identity's
+    /// verdict per address block (the longest match decides), per port (0: the others).
+    pub senders: BTreeMap<SenderBlock, AuthzVerdict>,
     /// This node's enrolled pods' STRICT ports (port 0: the pod's other ports) and exceptions.
     pub strict: BTreeMap<StrictKey, StrictValue>,
 }
 
+/// An address range as IPv6 numbers (IPv4 as IPv4-mapped), inclusive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Range {
+    start: u128,
+    end: u128,
+    /// Prefix length over the 128 bits.
+    bits: u8,
+}
+
+impl Range {
+    fn of(block: IpBlock) -> Self {
+        let bits = if block.addr.is_ipv4() { 96 + block.prefix } else { block.prefix };
+        let net = Self::number(block.addr);
+        let host = u128::MAX.checked_shr(u32::from(bits)).unwrap_or(0);
+        Self { start: net & !host, end: (net & !host) | host, bits }
+    }
+
+    /// An address as an IPv6 number (IPv4 as IPv4-mapped).
+    fn number(ip: IpAddr) -> u128 {
+        u128::from(match ip {
+            IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+            IpAddr::V6(v6) => v6,
+        })
+    }
+
+    fn ip(at: u128) -> IpAddr {
+        let v6 = std::net::Ipv6Addr::from(at);
+        v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)
+    }
+
+    /// An address of this range in none of `deeper` (ranges inside it), if there is one: the
+    /// addresses whose longest match is this range.
+    fn free_address(&self, ranges: &[Range]) -> Option<IpAddr> {
+        let mut inside: Vec<&Range> = ranges.iter().filter(|r| r.bits > self.bits && r.start >= self.start && r.end <= self.end).collect();
+        inside.sort();
+        let mut cursor = self.start;
+        for r in inside {
+            if r.start > cursor {
+                return Some(Self::ip(cursor));
+            }
+            cursor = cursor.max(r.end.checked_add(1)?);
+        }
+        (cursor <= self.end).then(|| Self::ip(cursor))
+    }
+}
+
 impl Plan {
+    /// A sender's verdict by its address, as the ingress filter looks it up: the port's
+    /// blocks, else the other ports'; the longest block that holds the address.
+    pub fn sender_verdict(&self, class: u32, port: u16, sender: IpAddr) -> Option<AuthzVerdict> {
+        let addr = Range::number(sender);
+        let lookup = |port: u16| {
+            self.senders
+                .iter()
+                .filter(|((_, k), _)| k.class_be == class.to_be() && k.port_be == port.to_be())
+                .filter(|((prefix, k), _)| {
+                    let bits = prefix - AUTHZ_SOURCE_FIXED_BITS;
+                    let host = u128::MAX.checked_shr(bits).unwrap_or(0);
+                    let net = Range::number(crate::ebpf::image::ip_of(&k.sender));
+                    net & !host == addr & !host
+                })
+                .max_by_key(|((prefix, _), _)| *prefix)
+                .map(|(_, v)| *v)
+        };
+        lookup(port).or_else(|| lookup(0))
+    }
+
     /// Whether a connection this plan refuses could have been let through by `old`: a verdict
     /// that refuses where `old`'s let through, a pod whose class changed, or a STRICT entry
     /// `old` did not have. Only then are established connections worth deciding again.
@@ -94,7 +166,9 @@ impl Plan {
         // Only dropping a STRICT entry loosens: any other difference may refuse more.
         let strict = self.strict.iter().any(|(k, v)| old.strict.get(k) != Some(v))
             || old.strict.iter().any(|(k, v)| v.strict == 0 && !self.strict.contains_key(k));
-        verdicts || classes || strict
+        // Any change of a block's verdict is taken as stricter: rare, and a review is only a scan.
+        let senders = self.senders != old.senders;
+        verdicts || classes || strict || senders
     }
 }
 
@@ -213,8 +287,46 @@ impl AuthzPlanner {
                 }
             }
         }
+        for (class, (_, ip, applicable)) in &representatives {
+            self.plan_senders(*class, *ip, applicable, &mut plan);
+        }
         self.plan_strict(snapshot, &mut plan);
         plan
+    }
+
+    /// A sender without identity's verdicts by address block, for a class whose policies
+    /// look at senders' addresses. Blocks nest or are apart, so the blocks holding an address
+    /// are its longest match and those around it: each block's verdict is decided for an
+    /// address of it in no deeper block (a block full of deeper ones gets none).
+    fn plan_senders(&mut self, class: u32, ip: IpAddr, applicable: &Applicable, plan: &mut Plan) {
+        let policies = || applicable.deny.iter().chain(&applicable.allow);
+        let mut ranges: Vec<Range> = policies().flat_map(|p| p.sender_blocks()).map(Range::of).collect();
+        if ranges.is_empty() {
+            return;
+        }
+        // Everything else: IPv4 (as mapped) and IPv6.
+        ranges.push(Range { start: 0xffff_0000_0000, end: 0xffff_ffff_ffff, bits: 96 });
+        ranges.push(Range { start: 0, end: u128::MAX, bits: 0 });
+        ranges.sort();
+        ranges.dedup();
+        let named: BTreeSet<u16> = policies().flat_map(|p| p.named_ports()).collect();
+        let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
+        for (key_port, port) in std::iter::once((0, other)).chain(named.iter().map(|p| (*p, *p))) {
+            for range in &ranges {
+                let Some(sender) = range.free_address(&ranges) else { continue };
+                let ask = Ask { caller: None, source_ip: Some(sender), destination_ip: ip, port, request: None, l7_checked: false };
+                let decision = applicable.decide(&ask.attributes());
+                let policy = decision.policy.as_ref().map_or(0, |p| self.policies.get(p));
+                let key = AuthzSourceKey {
+                    class_be: class.to_be(),
+                    port_be: key_port.to_be(),
+                    _pad16: 0,
+                    sender: crate::ebpf::image::addr_of(Range::ip(range.start)),
+                };
+                let prefix = AUTHZ_SOURCE_FIXED_BITS + u32::from(range.bits);
+                plan.senders.insert((prefix, key), AuthzVerdict { allow: u32::from(decision.allowed), policy });
+            }
+        }
     }
 }
 
@@ -267,7 +379,7 @@ pub async fn run(
             if needed {
                 switch(true);
             }
-            retry = match maps.sync(&plan.classes, &plan.verdicts, &plan.strict) {
+            retry = match maps.sync(&plan.classes, &plan.verdicts, &plan.senders, &plan.strict) {
                 Ok(0) => false,
                 Ok(changed) => {
                     tracing::debug!(

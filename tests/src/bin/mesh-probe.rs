@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! mesh-probe serve NAME ADDR...        TCP and UDP backends answering with NAME (HTTP too)
-//! mesh-probe tcp ADDR COUNT            COUNT connections; JSON tally of backend names/errors
+//! mesh-probe tcp ADDR COUNT [FROM]     COUNT connections (from FROM); JSON tally of backend names/errors
 //! mesh-probe http ADDR COUNT           the same with HTTP GET requests
 //! mesh-probe get ADDR PATH COUNT [H:V,..] GET PATH (with headers); tally bodies/statuses
 //! mesh-probe udp ADDR COUNT            COUNT datagrams from one unconnected socket; checks
@@ -50,7 +50,10 @@ fn main() {
     let count = || -> usize { arg(2).parse().unwrap_or_else(|_| usage()) };
     match arg(0) {
         "serve" => serve(arg(1), &args[2..]),
-        "tcp" => tally(count(), |_| tcp_name(addr())),
+        "tcp" => match args.get(3).map(|from| from.parse().unwrap_or_else(|_| usage())) {
+            Some(from) => tally(count(), |_| tcp_name_from(addr(), from)),
+            None => tally(count(), |_| tcp_name(addr())),
+        },
         "http" => tally(count(), |_| http_get(addr(), "/", &[])),
         "get" => {
             let n: usize = arg(3).parse().unwrap_or_else(|_| usage());
@@ -111,7 +114,15 @@ fn connect(addr: SocketAddr) -> std::io::Result<TcpStream> {
 
 /// One connection: send a line, read the backend's `NAME:line` answer.
 fn tcp_name(addr: SocketAddr) -> std::io::Result<String> {
-    let mut stream = connect(addr)?;
+    name_over(connect(addr)?)
+}
+
+/// `tcp_name` from the local address `from` (its port 0: any).
+fn tcp_name_from(addr: SocketAddr, from: SocketAddr) -> std::io::Result<String> {
+    name_over(connect_from(addr, from)?)
+}
+
+fn name_over(mut stream: TcpStream) -> std::io::Result<String> {
     stream.write_all(b"hello\n")?;
     let mut line = String::new();
     BufReader::new(&stream).read_line(&mut line)?;

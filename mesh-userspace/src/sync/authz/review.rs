@@ -134,7 +134,9 @@ pub fn to_cut(plan: &Plan, conns: &[ConnValue], dialers: &Dialers) -> Vec<Cut> {
         }
         let Some(class) = class else { continue };
         let key = |port| AuthzKey { workload: caller, class, port, _pad16: 0 };
-        let verdict = plan.verdicts.get(&key(conn.local_port)).or_else(|| plan.verdicts.get(&key(0)));
+        // A sender without identity is decided by its address where the policies look at it.
+        let by_sender = (caller == 0).then(|| plan.sender_verdict(class, conn.local_port, ip_of(&conn.remote))).flatten();
+        let verdict = by_sender.as_ref().or_else(|| plan.verdicts.get(&key(conn.local_port))).or_else(|| plan.verdicts.get(&key(0)));
         if let Some(verdict) = verdict.filter(|v| v.allow == 0) {
             out.push(Cut { conn: *conn, check: Check::Authorization, policy: verdict.policy });
         }

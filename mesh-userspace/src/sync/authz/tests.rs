@@ -262,3 +262,44 @@ fn only_a_plan_that_refuses_more_is_worth_reviewing_connections_for() {
     exception.strict.insert(strict_key(8080), StrictValue { strict: 0, policy: 2 });
     assert!(strict.refuses_more_than(&exception));
 }
+
+#[test]
+fn senders_without_identity_are_decided_by_address_block_where_policies_look_at_addresses() {
+    // db takes 10.0.0.0/8 but not 10.9.0.0/16 (except 10.9.9.9) on every port, and shop's pods.
+    let blocks = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-from-ten, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from:
+    - source: {ipBlocks: [10.0.0.0/8], notIpBlocks: [10.9.0.0/16]}
+  - from:
+    - source: {ipBlocks: [10.9.9.9]}
+  - from:
+    - source: {namespaces: [shop]}
+";
+    let (plan, numbers, _) = plan_of(&format!("{PODS}{blocks}"));
+    let db = plan.classes[&"10.1.0.9".parse().unwrap()];
+    let verdict = |sender: &str| plan.sender_verdict(db, 5432, sender.parse().unwrap()).map(|v| v.allow);
+    assert_eq!(verdict("10.200.0.1"), Some(1), "in 10/8");
+    assert_eq!(verdict("10.9.1.1"), Some(0), "in the excluded /16");
+    assert_eq!(verdict("10.9.9.9"), Some(1), "the one address let in");
+    assert_eq!(verdict("192.168.0.1"), Some(0), "outside every block");
+    assert_eq!(verdict("fd00::1"), Some(0), "IPv6, outside every block");
+    assert_eq!(verdict("::ffff:10.1.2.3"), Some(1), "IPv4-mapped is IPv4");
+    let refused = plan.sender_verdict(db, 5432, "192.168.0.1".parse().unwrap()).unwrap();
+    assert_eq!(refused.policy, 0, "no ALLOW matched: no policy named");
+    // Only classes whose policies look at addresses get blocks: web's (principals) has none.
+    let (plan, _, _) = plan_of(&format!("{PODS}{POLICIES}{blocks}"));
+    let web = plan.classes[&"10.2.0.1".parse().unwrap()];
+    assert!(plan.senders.keys().all(|(_, k)| u32::from_be(k.class_be) != web));
+    assert_eq!(plan.sender_verdict(web, 80, "10.200.0.1".parse().unwrap()), None);
+    // The port a DENY names has blocks of its own: 5432 refused to everyone by db-port.
+    let db = plan.classes[&"10.1.0.9".parse().unwrap()];
+    let on_5432 = plan.sender_verdict(db, 5432, "10.200.0.1".parse().unwrap()).unwrap();
+    assert_eq!((on_5432.allow, numbers.len()), (0, 1));
+    assert_eq!(plan.sender_verdict(db, 80, "10.200.0.1".parse().unwrap()).map(|v| v.allow), Some(1));
+}
