@@ -9,6 +9,10 @@
 //! the verdict of port 0. Only what differs from "allowed" is written: a caller with no verdict
 //! is let through, and the destination decides.
 //!
+//! A sender without identity (calling pod 0) is decided by its address where the class's
+//! policies look at addresses: `mesh_authz_src` holds its verdict per address block and port,
+//! for the ingress filter.
+//!
 //! PeerAuthentication: this node's enrolled pods that are STRICT on some port get entries in
 //! `mesh_strict` (port 0 for the pod's mode, other ports where they differ), for the ingress
 //! filter to drop SYNs that are not the agent's.
