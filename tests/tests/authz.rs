@@ -478,6 +478,11 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
         let other_sender = outside_from("127.0.0.101:0");
         assert!(timed_out(&other_sender), "127.0.0.101 is in no block: {other_sender}");
         assert!(answered(&tcp(&front)), "front is in shop");
+        // A process in no pod on this node: connect() does not refuse what its address decides.
+        let node_from = |source: &str| node.probe(&["tcp", "127.0.0.61:5432", "1", source]);
+        assert!(answered(&node_from("127.0.0.100:0")), "{}", agent.log());
+        let refused = node_from("127.0.0.101:0");
+        assert!(timed_out(&refused), "dropped at the ingress by its address, not refused at connect(): {refused}");
 
         // STRICT without mTLS: only the agent's and the kubelet's connections come in.
         agent.write_file(

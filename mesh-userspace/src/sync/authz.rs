@@ -269,7 +269,10 @@ impl AuthzPlanner {
             let named: BTreeSet<u16> = applicable.deny.iter().chain(&applicable.allow).flat_map(|p| p.named_ports()).collect();
             // A port no policy of the class names stands for all of them.
             let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
-            for (number, caller, source_ip) in &calling {
+            // Policies that look at senders' addresses: a process in no pod is not refused at
+            // connect() (decided without its address), the ingress filter decides it by address.
+            let by_address = applicable.deny.iter().chain(&applicable.allow).any(|p| p.sender_blocks().next().is_some());
+            for (number, caller, source_ip) in calling.iter().filter(|(number, ..)| *number != 0 || !by_address) {
                 let mut decide = |port: u16| {
                     let ask =
                         Ask { caller: caller.as_ref(), source_ip: *source_ip, destination_ip: *ip, port, request: None, l7_checked: false };

@@ -303,3 +303,24 @@ spec:
     assert_eq!((on_5432.allow, numbers.len()), (0, 1));
     assert_eq!(plan.sender_verdict(db, 80, "10.200.0.1".parse().unwrap()).map(|v| v.allow), Some(1));
 }
+
+#[test]
+fn a_process_in_no_pod_is_left_to_the_ingress_filter_where_policies_look_at_addresses() {
+    let blocks = "
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: db-from-node, namespace: shop}
+spec:
+  selector: {matchLabels: {app: db}}
+  rules:
+  - from:
+    - source: {ipBlocks: [10.0.0.1/32]}
+";
+    let (plan, _, callers) = plan_of(&format!("{PODS}{blocks}"));
+    let db = plan.classes[&"10.1.0.9".parse().unwrap()];
+    assert!(!plan.verdicts.keys().any(|k| k.workload == 0), "no refusal of a process in no pod at connect()");
+    let other = number_of(&callers, "other-0");
+    assert_eq!(plan.verdicts.get(&AuthzKey { workload: other, class: db, port: 0, _pad16: 0 }).map(|v| v.allow), Some(0), "pods still are");
+    assert_eq!(plan.sender_verdict(db, 5432, "10.0.0.1".parse().unwrap()).map(|v| v.allow), Some(1), "the node's address, at the ingress");
+}
