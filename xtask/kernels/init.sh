@@ -16,6 +16,11 @@ ip link set lo up
 ulimit -n 65536
 
 echo "MESH-VM-KERNEL $(uname -r)"
+# Modules Debian builds as such (xtask's fetch.rs MODULES), in load order: socket diagnostics.
+for module in inet_diag tcp_diag; do
+    file=/lib/modules/$(uname -r)/$module.ko
+    [ -f "$file" ] && { insmod "$file" || echo "MESH-VM-NOTE insmod $module failed"; }
+done
 # The host's first boot only asks whether this accelerator works.
 if grep -qw mesh.probe /proc/cmdline; then poweroff -f; fi
 export MESH_BIN=/bin/mesh MESH_PROBE_BIN=/bin/mesh-probe RUST_BACKTRACE=1

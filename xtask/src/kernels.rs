@@ -18,7 +18,7 @@ use crate::bootstrap::{self, HOST_TOOLCHAIN, cargo, workspace_root};
 
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// Debian packages the matrix needs on the host.
-const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "binutils"];
+const HOST_PACKAGES: &[&str] = &["qemu-system-x86", "busybox-static", "cpio", "binutils", "xz-utils"];
 
 /// One supported kernel series and the Debian package that provides it (`kernels/pins.txt`).
 #[derive(Clone, Debug)]
@@ -36,8 +36,10 @@ pub fn run(selection: &str) -> anyhow::Result<()> {
 
     let started = Instant::now();
     let binaries = build_static()?;
-    let initramfs = initramfs::pack(&cache.join("initramfs"), &binaries)?;
-    let images = pins.iter().map(|pin| Ok((pin, fetch::kernel_image(pin, &pins, &cache)?))).collect::<anyhow::Result<Vec<_>>>()?;
+    let kernels = pins.iter().map(|pin| Ok((pin, fetch::kernel(pin, &pins, &cache)?))).collect::<anyhow::Result<Vec<_>>>()?;
+    let modules: Vec<&Path> = kernels.iter().map(|(_, k)| k.modules.as_path()).collect();
+    let initramfs = initramfs::pack(&cache.join("initramfs"), &binaries, &modules)?;
+    let images: Vec<(&Pin, PathBuf)> = kernels.into_iter().map(|(pin, k)| (pin, k.image)).collect();
     let accel = vm::Accel::detect(&images[0].1, &initramfs);
     println!("[kernels] QEMU with {accel}; binaries and images ready in {:.0?}", started.elapsed());
 

@@ -1,6 +1,6 @@
 //! Kernel images from Debian's packages, fetched with apt under a private APT_CONFIG (its own
 //! sources, lists and cache under target/kernels/apt) so the host's apt setup is untouched.
-//! Only the image is kept, cached by package name.
+//! The image and the few modules the tests need (`MODULES`) are kept, cached by package name.
 use std::{
     fs,
     path::{Path, PathBuf},
@@ -13,14 +13,26 @@ use anyhow::{Context as _, bail};
 use super::Pin;
 use crate::bootstrap::run;
 
-/// The cached kernel image for `pin`, fetched first if the cache does not hold this package.
-pub fn kernel_image(pin: &Pin, all: &[Pin], cache: &Path) -> anyhow::Result<PathBuf> {
+/// Modules Debian builds as such that the tests need, in load order: socket diagnostics, with
+/// which the agent closes connections a policy change denies (`SOCK_DESTROY`).
+pub const MODULES: &[&str] = &["inet_diag", "tcp_diag"];
+
+/// A kernel as the VM boots it.
+pub struct Kernel {
+    pub image: PathBuf,
+    /// `MODULES` as `<release>/<name>.ko` (uncompressed, for busybox's insmod), under this.
+    pub modules: PathBuf,
+}
+
+/// The cached kernel for `pin`, fetched first if the cache does not hold this package.
+pub fn kernel(pin: &Pin, all: &[Pin], cache: &Path) -> anyhow::Result<Kernel> {
     let dir = cache.join(&pin.series);
     let image = dir.join("vmlinuz");
+    let modules = dir.join("modules");
     let stamp = dir.join("package");
-    if image.exists() && fs::read_to_string(&stamp).is_ok_and(|p| p.trim() == pin.package) {
+    if image.exists() && modules.exists() && fs::read_to_string(&stamp).is_ok_and(|p| p.trim() == pin.package) {
         println!("[kernels] {}: {} (cached)", pin.series, pin.package);
-        return Ok(image);
+        return Ok(Kernel { image, modules });
     }
     println!("[kernels] {}: fetching {} from {} {}", pin.series, pin.package, pin.mirror, pin.suite);
     fs::create_dir_all(&dir)?;
@@ -28,22 +40,64 @@ pub fn kernel_image(pin: &Pin, all: &[Pin], cache: &Path) -> anyhow::Result<Path
     apt.update()?;
     let deb = apt.download(pin, &dir)?;
 
-    // dpkg-deb | tar, taking only ./boot/vmlinuz-*.
+    // dpkg-deb | tar, taking only ./boot/vmlinuz-* and the modules (under ./lib/modules or,
+    // from trixie, ./usr/lib/modules; xz-compressed from trixie).
     let unpack = dir.join("unpack");
     let _ = fs::remove_dir_all(&unpack);
     fs::create_dir_all(&unpack)?;
-    let script = "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards './boot/vmlinuz-*'";
-    run(Command::new("sh").args(["-c", script, "sh"]).arg(&deb).arg(&unpack))?;
+    let mut script = "dpkg-deb --fsys-tarfile \"$1\" | tar -x -C \"$2\" --wildcards --wildcards-match-slash './boot/vmlinuz-*'".to_owned();
+    for name in MODULES {
+        script.push_str(&format!(" '*/kernel/net/ipv4/{name}.ko*'"));
+    }
+    run(Command::new("sh").args(["-c", &script, "sh"]).arg(&deb).arg(&unpack))?;
     let found = fs::read_dir(unpack.join("boot"))?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
         .with_context(|| format!("{} holds no /boot/vmlinuz-*", deb.display()))?;
+    let _ = fs::remove_dir_all(&modules);
+    for name in MODULES {
+        let module = find_module(&unpack, name)?.with_context(|| format!("{} holds no {name}.ko", deb.display()))?;
+        // .../modules/<release>/kernel/net/ipv4/<name>.ko[.xz]
+        let release = module
+            .ancestors()
+            .find(|a| a.parent().is_some_and(|p| p.ends_with("modules")))
+            .and_then(|a| a.file_name())
+            .with_context(|| format!("no release in {}", module.display()))?;
+        let into = modules.join(release);
+        fs::create_dir_all(&into)?;
+        let target = into.join(format!("{name}.ko"));
+        if module.extension().is_some_and(|e| e == "xz") {
+            let out = Command::new("xz").arg("-dc").arg(&module).output().context("running xz")?;
+            if !out.status.success() {
+                bail!("xz -d {}: {}", module.display(), String::from_utf8_lossy(&out.stderr));
+            }
+            fs::write(&target, out.stdout)?;
+        } else {
+            fs::rename(&module, &target)?;
+        }
+    }
     fs::rename(&found, &image)?;
     fs::write(&stamp, &pin.package)?;
     fs::remove_dir_all(&unpack)?;
     fs::remove_file(&deb)?;
-    Ok(image)
+    Ok(Kernel { image, modules })
+}
+
+/// The file of module `name` (`name.ko` or `name.ko.xz`) under `dir`.
+fn find_module(dir: &Path, name: &str) -> anyhow::Result<Option<PathBuf>> {
+    let wanted = [format!("{name}.ko"), format!("{name}.ko.xz")];
+    for entry in fs::read_dir(dir)?.flatten() {
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            if let Some(found) = find_module(&path, name)? {
+                return Ok(Some(found));
+            }
+        } else if wanted.iter().any(|w| entry.file_name() == w.as_str()) {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
 }
 
 struct PrivateApt {

@@ -1,5 +1,7 @@
 //! The VM's whole root file system: busybox, the static agent, probe and test binaries (debug
-//! info stripped, they are the bulk), and `kernels/init.sh` as PID 1, packed as a newc cpio.
+//! info stripped, they are the bulk), each kernel's few modules under /lib/modules/<release>
+//! (init.sh loads those of the running kernel), and `kernels/init.sh` as PID 1, packed as a
+//! newc cpio.
 use std::{
     fs,
     os::unix::fs::PermissionsExt as _,
@@ -16,7 +18,7 @@ const INIT: &str = include_str!("../../kernels/init.sh");
 /// Debian's busybox-static.
 const BUSYBOX: &str = "/bin/busybox";
 
-pub fn pack(dir: &Path, binaries: &StaticBinaries) -> anyhow::Result<PathBuf> {
+pub fn pack(dir: &Path, binaries: &StaticBinaries, modules: &[&Path]) -> anyhow::Result<PathBuf> {
     let root = dir.join("root");
     let _ = fs::remove_dir_all(&root);
     fs::create_dir_all(root.join("bin"))?;
@@ -31,6 +33,16 @@ pub fn pack(dir: &Path, binaries: &StaticBinaries) -> anyhow::Result<PathBuf> {
     strip_into(&binaries.probe, &root.join("bin/mesh-probe"))?;
     for (name, path) in &binaries.tests {
         strip_into(path, &root.join("tests").join(name))?;
+    }
+    // Each kernel's `<release>/<name>.ko`.
+    for tree in modules {
+        for release in fs::read_dir(tree)?.flatten() {
+            let into = root.join("lib/modules").join(release.file_name());
+            fs::create_dir_all(&into)?;
+            for module in fs::read_dir(release.path())?.flatten() {
+                fs::copy(module.path(), into.join(module.file_name()))?;
+            }
+        }
     }
     let init = root.join("init");
     fs::write(&init, INIT)?;
