@@ -150,28 +150,26 @@ pub struct ConnectionReview {
     /// Where pods' cgroups are (the attached cgroup), and the cgroup v2 mount for annotated ones.
     root: PathBuf,
     mount: Option<PathBuf>,
-    /// Why connections cannot be closed on this kernel, if they cannot.
-    unsupported: Option<String>,
 }
 
 impl ConnectionReview {
     pub fn new(table: ConnTable, root: PathBuf) -> Self {
-        let unsupported = sock_diag::probe().err().map(|e| e.to_string());
-        if let Some(why) = &unsupported {
+        if let Err(why) = sock_diag::probe() {
             tracing::warn!("connections a policy change denies cannot be closed on this kernel: {why}; new ones are still refused");
         }
-        Self { table, root, mount: host::cgroup2_root().ok(), unsupported }
-    }
-
-    /// Why this kernel cannot close connections, if it cannot (for /config_dump).
-    pub fn unsupported(&self) -> Option<&str> {
-        self.unsupported.as_deref()
+        Self { table, root, mount: host::cgroup2_root().ok() }
     }
 
     /// Decides this node's accepted connections again by `plan` and closes the refused ones;
     /// returns how many it closed. Blocking: reads the connection table, enters namespaces.
+    /// Asks the kernel each time whether it can close sockets (as /config_dump does): a module
+    /// loaded since start-up counts.
     pub fn run(&self, plan: &Plan, snapshot: &Snapshot, callers: &imbl::HashMap<u32, Arc<Workload>>, telemetry: &Telemetry) -> usize {
-        if self.unsupported.is_some() || (plan.classes.is_empty() && plan.strict.is_empty()) {
+        if plan.classes.is_empty() && plan.strict.is_empty() {
+            return 0;
+        }
+        if let Err(why) = sock_diag::probe() {
+            tracing::debug!("not reviewing established connections: {why}");
             return 0;
         }
         let conns = match self.table.established() {
