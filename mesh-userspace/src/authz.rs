@@ -98,6 +98,11 @@ pub struct Applicable {
 }
 
 impl Applicable {
+    /// The policies that decide (DENY, then ALLOW); AUDIT only logs.
+    pub fn deciding(&self) -> impl Iterator<Item = &Arc<PolicySpec>> {
+        self.deny.iter().chain(&self.allow)
+    }
+
     pub fn of(policies: &Policies, root_namespace: &str, namespace: &str, labels: &std::collections::BTreeMap<String, String>) -> Self {
         let mut applicable = Applicable::default();
         let mut namespaces = vec![namespace];

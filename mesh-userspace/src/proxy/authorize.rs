@@ -86,7 +86,7 @@ impl RequestAuthz {
                 continue;
             }
             let keys: Vec<ObjectKey> =
-                applicable.deny.iter().chain(&applicable.allow).chain(&applicable.audit).map(|p| p.key.clone()).collect();
+                applicable.deciding().chain(&applicable.audit).map(|p| p.key.clone()).collect();
             if !found.iter().any(|(_, _, k)| *k == keys) {
                 found.push((workload.clone(), *endpoint, keys));
             }

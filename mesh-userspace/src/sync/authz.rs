@@ -101,10 +101,18 @@ struct Range {
 
 impl Range {
     fn of(block: IpBlock) -> Self {
-        let bits = if block.addr.is_ipv4() { 96 + block.prefix } else { block.prefix };
-        let net = Self::number(block.addr);
+        Self::at(block.addr, if block.addr.is_ipv4() { 96 + block.prefix } else { block.prefix })
+    }
+
+    /// The block of `bits` (over the 128) holding `ip`.
+    fn at(ip: IpAddr, bits: u8) -> Self {
         let host = u128::MAX.checked_shr(u32::from(bits)).unwrap_or(0);
-        Self { start: net & !host, end: (net & !host) | host, bits }
+        let net = Self::number(ip) & !host;
+        Self { start: net, end: net | host, bits }
+    }
+
+    fn holds(&self, ip: IpAddr) -> bool {
+        (self.start..=self.end).contains(&Self::number(ip))
     }
 
     /// An address as an IPv6 number (IPv4 as IPv4-mapped).
@@ -140,16 +148,13 @@ impl Plan {
     /// A sender's verdict by its address, as the ingress filter looks it up: the port's
     /// blocks, else the other ports'; the longest block that holds the address.
     pub fn sender_verdict(&self, class: u32, port: u16, sender: IpAddr) -> Option<AuthzVerdict> {
-        let addr = Range::number(sender);
         let lookup = |port: u16| {
             self.senders
                 .iter()
                 .filter(|((_, k), _)| k.class_be == class.to_be() && k.port_be == port.to_be())
                 .filter(|((prefix, k), _)| {
-                    let bits = prefix - AUTHZ_SOURCE_FIXED_BITS;
-                    let host = u128::MAX.checked_shr(bits).unwrap_or(0);
-                    let net = Range::number(crate::ebpf::image::ip_of(&k.sender));
-                    net & !host == addr & !host
+                    let bits = u8::try_from(prefix - AUTHZ_SOURCE_FIXED_BITS).unwrap_or(128);
+                    Range::at(crate::ebpf::image::ip_of(&k.sender), bits).holds(sender)
                 })
                 .max_by_key(|((prefix, _), _)| *prefix)
                 .map(|(_, v)| *v)
@@ -245,9 +250,9 @@ impl AuthzPlanner {
             if applicable.is_empty() {
                 continue;
             }
-            let mut keys: Vec<ObjectKey> = applicable.deny.iter().chain(&applicable.allow).map(|p| p.key.clone()).collect();
+            let mut keys: Vec<ObjectKey> = applicable.deciding().map(|p| p.key.clone()).collect();
             keys.sort();
-            let by_ip = applicable.deny.iter().chain(&applicable.allow).any(|p| p.uses_destination_ip()).then_some(ip);
+            let by_ip = applicable.deciding().any(|p| p.uses_destination_ip()).then_some(ip);
             let key = (keys, by_ip);
             let class = self.classes.get(&key);
             live_classes.insert(key);
@@ -266,12 +271,12 @@ impl AuthzPlanner {
             calling.push((*number, caller, source_ip));
         }
         for (class, (_, ip, applicable)) in &representatives {
-            let named: BTreeSet<u16> = applicable.deny.iter().chain(&applicable.allow).flat_map(|p| p.named_ports()).collect();
+            let named: BTreeSet<u16> = applicable.deciding().flat_map(|p| p.named_ports()).collect();
             // A port no policy of the class names stands for all of them.
             let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
             // Policies that look at senders' addresses: a process in no pod is not refused at
             // connect() (decided without its address), the ingress filter decides it by address.
-            let by_address = applicable.deny.iter().chain(&applicable.allow).any(|p| p.sender_blocks().next().is_some());
+            let by_address = self.plan_senders(*class, *ip, applicable, &named, other, &mut plan);
             for (number, caller, source_ip) in calling.iter().filter(|(number, ..)| *number != 0 || !by_address) {
                 let mut decide = |port: u16| {
                     let ask =
@@ -294,30 +299,33 @@ impl AuthzPlanner {
                 }
             }
         }
-        for (class, (_, ip, applicable)) in &representatives {
-            self.plan_senders(*class, *ip, applicable, &mut plan);
-        }
         self.plan_strict(snapshot, &mut plan);
         plan
     }
 
     /// A sender without identity's verdicts by address block, for a class whose policies
-    /// look at senders' addresses. Blocks nest or are apart, so the blocks holding an address
-    /// are its longest match and those around it: each block's verdict is decided for an
-    /// address of it in no deeper block (a block full of deeper ones gets none).
-    fn plan_senders(&mut self, class: u32, ip: IpAddr, applicable: &Applicable, plan: &mut Plan) {
-        let policies = || applicable.deny.iter().chain(&applicable.allow);
-        let mut ranges: Vec<Range> = policies().flat_map(|p| p.sender_blocks()).map(Range::of).collect();
+    /// look at senders' addresses (returns whether they do), on its `named` ports and `other`
+    /// (port 0). Blocks nest or are apart, so the blocks holding an address are its longest
+    /// match and those around it: each block's verdict is decided for an address of it in no
+    /// deeper block (a block full of deeper ones gets none).
+    fn plan_senders(
+        &mut self,
+        class: u32,
+        ip: IpAddr,
+        applicable: &Applicable,
+        named: &BTreeSet<u16>,
+        other: u16,
+        plan: &mut Plan,
+    ) -> bool {
+        let mut ranges: Vec<Range> = applicable.deciding().flat_map(|p| p.sender_blocks()).map(Range::of).collect();
         if ranges.is_empty() {
-            return;
+            return false;
         }
         // Everything else: IPv4 (as mapped) and IPv6.
         ranges.push(Range { start: 0xffff_0000_0000, end: 0xffff_ffff_ffff, bits: 96 });
         ranges.push(Range { start: 0, end: u128::MAX, bits: 0 });
         ranges.sort();
         ranges.dedup();
-        let named: BTreeSet<u16> = policies().flat_map(|p| p.named_ports()).collect();
-        let other = (1..=u16::MAX).find(|p| !named.contains(p)).unwrap_or(1);
         for (key_port, port) in std::iter::once((0, other)).chain(named.iter().map(|p| (*p, *p))) {
             for range in &ranges {
                 let Some(sender) = range.free_address(&ranges) else { continue };
@@ -334,6 +342,7 @@ impl AuthzPlanner {
                 plan.senders.insert((prefix, key), AuthzVerdict { allow: u32::from(decision.allowed), policy });
             }
         }
+        true
     }
 }
 
