@@ -389,11 +389,22 @@ fn an_l7_rule_is_decided_per_request_by_the_proxy_and_the_destination_takes_what
 }
 
 /// One node, no veth (so it runs on every kernel of the matrix): pods front (shop), other (lab)
-/// and db (shop, app=db, 127.0.0.61) in child cgroups of one agent's, mTLS off.
-#[test]
-fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_in() {
-    in_netns(|| {
-        let node = TestCgroup::new("authz-node");
+/// and db (shop, app=db, 127.0.0.61, serving on 5432) in child cgroups of one agent's, mTLS off;
+/// the agent writes a flow log and knows the kubelet's cgroup.
+/// (Fields drop in order: the pods' cgroups before the node's.)
+struct OneNode {
+    front: TestCgroup,
+    other: TestCgroup,
+    kubelet: TestCgroup,
+    agent: Agent,
+    flow_log: std::path::PathBuf,
+    _db: (Backend, TestCgroup),
+    node: TestCgroup,
+}
+
+impl OneNode {
+    fn start(name: &str) -> Self {
+        let node = TestCgroup::new(name);
         let (front, other, db, kubelet) = (node.child("front"), node.child("other"), node.child("db"), node.child("kubelet"));
         let pod = |name: &str, namespace: &str, sa: &str, labels: &str, ip: &str, cgroup: &TestCgroup| {
             format!(
@@ -416,51 +427,42 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
             extra_args: vec!["--kubelet-cgroup", &kubelet_arg, "--flow-log", &flow_arg],
             ..AgentSpec::new(&yaml, &node)
         });
-        let _db = Backend::start_in(&db, "db", &["127.0.0.61:5432"]);
+        let db_backend = Backend::start_in(&db, "db", &["127.0.0.61:5432"]);
+        Self { front, other, kubelet, agent, flow_log, _db: (db_backend, db), node }
+    }
+
+    fn stop(self) {
+        self.agent.stop();
+        let _ = std::fs::remove_file(&self.flow_log);
+    }
+}
+
+/// One connection from `caller` to db: did db answer?
+fn db_answers(caller: &TestCgroup) -> bool {
+    names(&caller.probe(&["tcp", "127.0.0.61:5432", "1"])) == [("db".to_owned(), 1)]
+}
+
+const DB_FROM_SHOP: &str = "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n";
+const SHOP_STRICT: &str =
+    "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n";
+
+#[test]
+fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_in() {
+    in_netns(|| {
+        let one = OneNode::start("authz-node");
+        let (agent, front, other, kubelet) = (&one.agent, &one.front, &one.other, &one.kubelet);
         let tcp = |caller: &TestCgroup| caller.probe(&["tcp", "127.0.0.61:5432", "1"]);
         let answered = |answer: &serde_json::Value| names(answer) == [("db".to_owned(), 1)];
-        assert!(answered(&tcp(&other)), "no policy");
-        // Connections established before the policy: the kernel path, no agent in them.
-        let (mut held_other, mut held_front) =
-            (other.hold_from("127.0.0.61:5432", "127.0.0.63:0"), front.hold_from("127.0.0.61:5432", "127.0.0.62:0"));
-        assert_eq!(held_other.send("one")["answer"], "db:one");
-        assert_eq!(held_front.send("one")["answer"], "db:one");
-        // Whether this kernel can close a socket on request (inet_diag with
-        // CONFIG_INET_DIAG_DESTROY; the VMs' kernels have inet_diag as a module they cannot load).
-        let closes = agent.config_dump()["authorization"]["closes_established"].clone();
-        let closes = closes == true || {
-            eprintln!("skipped closing established connections: {closes}");
-            false
-        };
-        let closed = |check: &str, policy: &str| agent.metric("mesh_policy_closed_total", &[("check", check), ("policy", policy)]);
+        assert!(db_answers(other), "no policy");
 
         // db takes shop's pods only: other is refused at connect(), a process in no pod at the
-        // SYN (it cannot be vouched for), front and the kubelet get in; other's connection from
-        // before is closed, front's stays.
-        agent.write_file(
-            "policy.yaml",
-            &policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n"),
-        );
-        wait_until(|| tcp(&other)["errors"]["EPERM"] == 1, || format!("other refused at connect:\n{}", agent.log()));
-        assert!(answered(&tcp(&front)), "front is in shop (vouched for by sock_ops)");
-        assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
+        // SYN (it cannot be vouched for), front and the kubelet get in.
+        agent.write_file("policy.yaml", &policy("db-from-shop", DB_FROM_SHOP));
+        wait_until(|| tcp(other)["errors"]["EPERM"] == 1, || format!("other refused at connect:\n{}", agent.log()));
+        assert!(db_answers(front), "front is in shop (vouched for by sock_ops)");
+        assert!(db_answers(kubelet), "the kubelet's probe");
         let outside = probe_outside(&["tcp", "127.0.0.61:5432", "1"]);
         assert!(names(&outside).is_empty(), "a process outside the cgroup, in no pod: {outside}");
-        if closes {
-            wait_until(
-                || closed("authorization", "none") == 1.0,
-                || format!("other's connection closed:\n{}\n{}", agent.metrics(), agent.log()),
-            );
-            let answer = held_other.send("two");
-            assert!(answer["error"] == "ECONNRESET" || answer["error"] == "EOF", "other's connection was reset: {answer}");
-            assert_eq!(held_front.send("two")["answer"], "db:two", "front's stays open");
-            let line = flow_events(&flow_log, "tcp_policy_closed").into_iter().next().expect("the close in the flow log");
-            assert_eq!(
-                (line["source_workload"].as_str(), line["destination_workload"].as_str(), line["check"].as_str()),
-                (Some("lab/other"), Some("shop/db"), Some("authorization")),
-                "{line}"
-            );
-        }
 
         // A policy that looks at senders' addresses: a sender without identity is decided by
         // its address at the SYN (the ingress filter's address blocks).
@@ -468,38 +470,72 @@ fn on_one_node_the_kernel_refuses_at_connect_filters_syns_and_lets_the_kubelet_i
             "db-from-block",
             "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {ipBlocks: [127.0.0.100/32]}\n",
         );
-        let from_shop =
-            policy("db-from-shop", "  selector: {matchLabels: {app: db}}\n  rules:\n  - from:\n    - source: {namespaces: [shop]}\n");
-        agent.write_file("policy.yaml", &format!("{from_shop}---\n{from_block}"));
+        agent.write_file("policy.yaml", &format!("{}---\n{from_block}", policy("db-from-shop", DB_FROM_SHOP)));
         let outside_from = |source: &str| probe_outside(&["tcp", "127.0.0.61:5432", "1", source]);
         wait_until(|| answered(&outside_from("127.0.0.100:0")), || format!("127.0.0.100 let in by its block:\n{}", agent.log()));
         let blocks = agent.config_dump()["authorization"]["sender_blocks"].as_u64().unwrap_or(0);
         assert!(blocks >= 3, "db's block and the IPv4 and IPv6 rest, in /config_dump: {blocks}");
         let other_sender = outside_from("127.0.0.101:0");
         assert!(timed_out(&other_sender), "127.0.0.101 is in no block: {other_sender}");
-        assert!(answered(&tcp(&front)), "front is in shop");
+        assert!(db_answers(front), "front is in shop");
         // A process in no pod on this node: connect() does not refuse what its address decides.
-        let node_from = |source: &str| node.probe(&["tcp", "127.0.0.61:5432", "1", source]);
+        let node_from = |source: &str| one.node.probe(&["tcp", "127.0.0.61:5432", "1", source]);
         assert!(answered(&node_from("127.0.0.100:0")), "{}", agent.log());
         let refused = node_from("127.0.0.101:0");
         assert!(timed_out(&refused), "dropped at the ingress by its address, not refused at connect(): {refused}");
 
         // STRICT without mTLS: only the agent's and the kubelet's connections come in.
-        agent.write_file(
-            "policy.yaml",
-            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n",
-        );
-        wait_until(|| timed_out(&tcp(&front)), || format!("plaintext from front dropped:\n{}", agent.log()));
-        assert!(answered(&tcp(&kubelet)), "the kubelet's probe");
+        agent.write_file("policy.yaml", SHOP_STRICT);
+        wait_until(|| timed_out(&tcp(front)), || format!("plaintext from front dropped:\n{}", agent.log()));
+        assert!(db_answers(kubelet), "the kubelet's probe");
         wait_until(|| agent.metric("mesh_strict_dropped_total", &[("policy", "shop/strict")]) >= 1.0, || agent.metrics());
-        if closes {
-            // front's plaintext connection from before STRICT, too.
-            wait_until(|| closed("peer_authentication", "shop/strict") == 1.0, || format!("{}\n{}", agent.metrics(), agent.log()));
-            assert!(held_front.send("three").get("error").is_some(), "front's plaintext connection was closed");
-        }
         agent.remove_file("policy.yaml");
-        wait_until(|| answered(&tcp(&front)), || agent.log());
-        agent.stop();
-        let _ = std::fs::remove_file(&flow_log);
+        wait_until(|| db_answers(front), || agent.log());
+        one.stop();
+    });
+}
+
+/// The same node: connections held from before a policy change (the kernel path, no agent in
+/// them) that it now denies are closed in the pod's namespace, counted and logged.
+#[test]
+fn on_one_node_connections_a_policy_change_denies_are_closed_counted_and_logged() {
+    in_netns(|| {
+        let one = OneNode::start("authz-close");
+        let (agent, front, other) = (&one.agent, &one.front, &one.other);
+        // Whether this kernel can close a socket on request (inet_diag with
+        // CONFIG_INET_DIAG_DESTROY).
+        let closes = agent.config_dump()["authorization"]["closes_established"].clone();
+        if closes != true {
+            println!("SKIP: this kernel cannot close sockets on request: {closes}");
+            one.stop();
+            return;
+        }
+        let closed = |check: &str, policy: &str| agent.metric("mesh_policy_closed_total", &[("check", check), ("policy", policy)]);
+        let (mut held_other, mut held_front) =
+            (other.hold_from("127.0.0.61:5432", "127.0.0.63:0"), front.hold_from("127.0.0.61:5432", "127.0.0.62:0"));
+        assert_eq!(held_other.send("one")["answer"], "db:one");
+        assert_eq!(held_front.send("one")["answer"], "db:one");
+
+        // db takes shop's pods only: other's connection from before is closed, front's stays.
+        agent.write_file("policy.yaml", &policy("db-from-shop", DB_FROM_SHOP));
+        wait_until(
+            || closed("authorization", "none") == 1.0,
+            || format!("other's connection closed:\n{}\n{}", agent.metrics(), agent.log()),
+        );
+        let answer = held_other.send("two");
+        assert!(answer["error"] == "ECONNRESET" || answer["error"] == "EOF", "other's connection was reset: {answer}");
+        assert_eq!(held_front.send("two")["answer"], "db:two", "front's stays open");
+        let line = flow_events(&one.flow_log, "tcp_policy_closed").into_iter().next().expect("the close in the flow log");
+        assert_eq!(
+            (line["source_workload"].as_str(), line["destination_workload"].as_str(), line["check"].as_str()),
+            (Some("lab/other"), Some("shop/db"), Some("authorization")),
+            "{line}"
+        );
+
+        // STRICT: front's plaintext connection from before is closed too.
+        agent.write_file("policy.yaml", SHOP_STRICT);
+        wait_until(|| closed("peer_authentication", "shop/strict") == 1.0, || format!("{}\n{}", agent.metrics(), agent.log()));
+        assert!(held_front.send("three").get("error").is_some(), "front's plaintext connection was closed");
+        one.stop();
     });
 }

@@ -85,8 +85,7 @@ impl RequestAuthz {
             if applicable.is_empty() && applicable.audit.is_empty() {
                 continue;
             }
-            let keys: Vec<ObjectKey> =
-                applicable.deciding().chain(&applicable.audit).map(|p| p.key.clone()).collect();
+            let keys: Vec<ObjectKey> = applicable.deciding().chain(&applicable.audit).map(|p| p.key.clone()).collect();
             if !found.iter().any(|(_, _, k)| *k == keys) {
                 found.push((workload.clone(), *endpoint, keys));
             }
