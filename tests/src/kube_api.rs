@@ -619,6 +619,12 @@ fn watch_response(shared: &Arc<Shared>, target: &Target, params: &BTreeMap<Strin
         loop {
             let batch: Result<Vec<Value>, u64> = {
                 let inner = shared.inner.lock().unwrap();
+                // Down: this watch's connection is being cut. A change made after going down
+                // must not slip out on it before the cut lands (set_down marks down before it
+                // returns, so a change made since is seen here with it).
+                if *shared.down.borrow() {
+                    return;
+                }
                 if let Some(oldest) = expired {
                     Err(oldest)
                 } else {
